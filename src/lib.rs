@@ -1,0 +1,9 @@
+//! forkd: copy-on-write KVM sandboxes for running untrusted code.
+
+pub mod api;
+
+/// The guest<->host contract, generated from `guest/contract.h`.
+#[allow(dead_code)]
+pub mod contract {
+    include!(concat!(env!("OUT_DIR"), "/contract.rs"));
+}
