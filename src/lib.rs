@@ -1,6 +1,7 @@
 //! forkd: copy-on-write KVM sandboxes for running untrusted code.
 
 pub mod api;
+pub mod vmm;
 
 /// The guest<->host contract, generated from `guest/contract.h`.
 #[allow(dead_code)]

@@ -1,0 +1,12 @@
+//! The virtual machine monitor: each module owns one thing (Firecracker's
+//! layout): memory, vm, vcpu, boot, cpuid, devices, kick, snapshot.
+
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod kick;
+pub mod layout;
+pub mod memory;
+pub mod snapshot;
+pub mod vcpu;
+pub mod vm;

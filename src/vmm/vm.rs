@@ -1,0 +1,145 @@
+//! A KVM VM: its fd, its one memory slot, the in-kernel irqchip and PIT, and
+//! saving/restoring VM-wide state.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+use super::memory::GuestRam;
+
+/// Where KVM puts the real-mode TSS (3 pages) — below the 4 GiB boundary,
+/// away from RAM and from the doorbell.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR failed: {0}")]
+    SetTssAddress(kvm_ioctls::Error),
+    #[error("KVM_SET_IDENTITY_MAP_ADDR failed: {0}")]
+    SetIdentityMap(kvm_ioctls::Error),
+    #[error("KVM_CREATE_IRQCHIP failed: {0}")]
+    CreateIrqChip(kvm_ioctls::Error),
+    #[error("KVM_CREATE_PIT2 failed: {0}")]
+    CreatePit(kvm_ioctls::Error),
+    #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
+    SetMemoryRegion(kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG failed: {0}")]
+    GetDirtyLog(kvm_ioctls::Error),
+    #[error("KVM_IRQFD failed: {0}")]
+    RegisterIrqFd(kvm_ioctls::Error),
+    #[error("KVM_GET_IRQCHIP failed: {0}")]
+    GetIrqChip(kvm_ioctls::Error),
+    #[error("KVM_SET_IRQCHIP failed: {0}")]
+    SetIrqChip(kvm_ioctls::Error),
+    #[error("KVM_GET_PIT2 failed: {0}")]
+    GetPit(kvm_ioctls::Error),
+    #[error("KVM_SET_PIT2 failed: {0}")]
+    SetPit(kvm_ioctls::Error),
+    #[error("KVM_GET_CLOCK failed: {0}")]
+    GetClock(kvm_ioctls::Error),
+    #[error("KVM_SET_CLOCK failed: {0}")]
+    SetClock(kvm_ioctls::Error),
+    #[error("eventfd for the serial IRQ failed: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// VM-wide device state that lives in KVM (irqchips, PIT, kvmclock).
+#[derive(Clone)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+pub struct Vm {
+    fd: VmFd,
+    ram_size: u64,
+    dirty_logging: bool,
+}
+
+impl Vm {
+    /// Creates a VM with the in-kernel irqchip (PIC + IOAPIC + LAPIC) and PIT.
+    pub fn new(kvm: &Kvm) -> Result<Vm, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(VmError::SetIdentityMap)?;
+        fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(VmError::CreatePit)?;
+        Ok(Vm { fd, ram_size: 0, dirty_logging: false })
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Maps `ram` as slot 0 at guest address 0. With `log_dirty`, KVM records
+    /// every page the guest writes (read back with [`Vm::take_dirty_log`]).
+    pub fn set_ram(&mut self, ram: &GuestRam, log_dirty: bool) -> Result<(), VmError> {
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: 0,
+            memory_size: ram.size() as u64,
+            userspace_addr: ram.host_addr(),
+        };
+        // SAFETY: the mapping outlives the slot: callers keep `ram` alive as long
+        // as this VM (the engine stores both in one sandbox struct).
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(VmError::SetMemoryRegion)?;
+        self.ram_size = ram.size() as u64;
+        self.dirty_logging = log_dirty;
+        Ok(())
+    }
+
+    /// Returns and clears KVM's bitmap of pages written since the last call.
+    pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
+        self.fd.get_dirty_log(0, self.ram_size as usize).map_err(VmError::GetDirtyLog)
+    }
+
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty_logging
+    }
+
+    /// Wires an eventfd to a GSI (used for the serial IRQ).
+    pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(evt, gsi).map_err(VmError::RegisterIrqFd)
+    }
+
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |id| -> Result<kvm_irqchip, VmError> {
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.fd.get_irqchip(&mut c).map_err(VmError::GetIrqChip)?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(VmError::GetPit)?,
+            clock: self.fd.get_clock().map_err(VmError::GetClock)?,
+        })
+    }
+
+    /// Restores VM-wide state. Order (Firecracker's): PIT, then kvmclock, then
+    /// the three irqchips. Done before any vCPU state is restored.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        self.fd.set_pit2(&state.pit).map_err(VmError::SetPit)?;
+        // Only the clock value is restored; flags from GET_CLOCK (e.g.
+        // KVM_CLOCK_TSC_STABLE) are refused by SET_CLOCK.
+        let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+        self.fd.set_clock(&clock).map_err(VmError::SetClock)?;
+        self.fd.set_irqchip(&state.pic_master).map_err(VmError::SetIrqChip)?;
+        self.fd.set_irqchip(&state.pic_slave).map_err(VmError::SetIrqChip)?;
+        self.fd.set_irqchip(&state.ioapic).map_err(VmError::SetIrqChip)?;
+        Ok(())
+    }
+}
