@@ -1,0 +1,4 @@
+// Removes the previous build so stale files never ship.
+import { rmSync } from "node:fs";
+
+rmSync(new URL("../dist", import.meta.url), { recursive: true, force: true });

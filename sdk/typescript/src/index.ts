@@ -1,0 +1,28 @@
+/**
+ * forkd: run untrusted code in throwaway KVM sandboxes.
+ *
+ * ```ts
+ * import { Sandbox } from "@forkd/sdk";
+ * const out = await new Sandbox(process.env.FORKD_API_KEY).run("print(1 + 1)"); // "2"
+ * ```
+ */
+export { Sandbox, checkResult, parseRetryAfter, VERSION, DEFAULT_BASE_URL, SERVER_DEFAULT_EXEC_TIMEOUT } from "./client.js";
+export type { SandboxOptions, RunOptions, BatchItem } from "./client.js";
+export { isOk, parseExecResult } from "./models.js";
+export type { ExecResult, ExecRequestBody, ErrorInfo, Health, Language } from "./models.js";
+export { SandboxTool, formatResult, MAX_TOOL_OUTPUT_CHARS } from "./tool.js";
+export type { ToolFormat, ToolOptions, Executor } from "./tool.js";
+export {
+  ForkdError,
+  NetworkError,
+  ProtocolError,
+  APIError,
+  BadRequest,
+  AuthError,
+  RateLimitError,
+  ServerBusy,
+  SandboxError,
+  SandboxTimeout,
+  ExecError,
+} from "./errors.js";
+export type { ErrorDetails } from "./errors.js";
