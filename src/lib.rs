@@ -1,6 +1,8 @@
 //! forkd: copy-on-write KVM sandboxes for running untrusted code.
 
 pub mod api;
+pub mod engine;
+pub mod template;
 pub mod vmm;
 
 /// The guest<->host contract, generated from `guest/contract.h`.

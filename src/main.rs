@@ -1,4 +1,135 @@
-fn main() {
-    eprintln!("forkd: CLI not wired yet");
-    std::process::exit(2);
+//! `forkd`: build templates, run code in sandboxes, benchmark forks, serve the API.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use forkd::api::{CancelToken, ExecRequest, Language};
+use forkd::template::{self, BuildOptions};
+
+#[derive(Parser)]
+#[command(name = "forkd", version, about = "Copy-on-write KVM sandboxes for running untrusted code")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build or describe templates (a booted, snapshotted guest per language).
+    Template {
+        #[command(subcommand)]
+        command: TemplateCmd,
+    },
+    /// Run code in a fresh fork of the template and print its output.
+    Run {
+        #[arg(long, default_value = "python")]
+        language: String,
+        /// Wall-clock limit in seconds.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Template directory (default: the cached one for the language).
+        #[arg(long)]
+        template: Option<PathBuf>,
+        /// The code, or `-` to read it from standard input.
+        code: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Build the kernel, root filesystem and template (cached by input hash).
+    Build {
+        #[arg(long, default_value = "python")]
+        language: String,
+        /// Output directory (default: the cache).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 512)]
+        ram_mib: u64,
+        /// Show the guest console while it boots.
+        #[arg(long)]
+        verbose: bool,
+        /// Give up if the guest is not ready after this many seconds.
+        #[arg(long, default_value_t = 1800)]
+        boot_timeout: u64,
+        /// Build even if a cached template exists.
+        #[arg(long)]
+        rebuild: bool,
+    },
+    /// Print a template's metadata.
+    Inspect { dir: PathBuf },
+}
+
+fn parse_language(s: &str) -> Result<Language, String> {
+    Language::from_wire(s).ok_or_else(|| format!("unknown language {s:?} (python, node)"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("forkd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Cmd::Template { command: TemplateCmd::Build { language, out, ram_mib, verbose, boot_timeout, rebuild } } => {
+            let opts = BuildOptions {
+                language: parse_language(&language)?,
+                out,
+                ram_mib,
+                verbose,
+                boot_timeout: Duration::from_secs(boot_timeout),
+                rebuild,
+            };
+            let dir = template::build(&opts).map_err(|e| e.to_string())?;
+            println!("{}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Template { command: TemplateCmd::Inspect { dir } } => {
+            print!("{}", template::describe(&dir).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run { language, timeout, template: dir, code } => {
+            let language = parse_language(&language)?;
+            let code = if code == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+                s
+            } else {
+                code
+            };
+            if !(timeout.is_finite() && timeout > 0.0) {
+                return Err("--timeout must be a positive number of seconds".into());
+            }
+            let dir = match dir {
+                Some(d) => d,
+                None => template::find_cached(language).ok_or_else(|| template::TemplateError::Missing(language.as_str().into()).to_string())?,
+            };
+            let t = template::Template::load(&dir).map_err(|e| e.to_string())?;
+            let mut lane = forkd::engine::pool::Pool::new(std::sync::Arc::new(t), forkd::engine::pool::PoolConfig { max_idle: 1, ..Default::default() }).map_err(|e| e.to_string())?;
+            let req = ExecRequest { code, language, timeout: Duration::from_secs_f64(timeout), cancel: CancelToken::new() };
+            let r = lane.exec(&req);
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&r.stdout);
+            let _ = std::io::stderr().write_all(&r.stderr);
+            if r.stdout_truncated {
+                eprintln!("forkd: stdout truncated");
+            }
+            if let Some(f) = &r.failure {
+                eprintln!("forkd: {}", forkd::engine::describe_failure(f));
+                return Ok(ExitCode::from(124));
+            }
+            Ok(ExitCode::from((r.exit_code & 0xff) as u8))
+        }
+    }
 }

@@ -43,6 +43,8 @@ pub enum Sharing {
     Shared,
     /// Writes are copy-on-write and private to this mapping (forks).
     Private,
+    /// Read-only view of a sealed template (the source of copy-back resets).
+    ReadOnly,
 }
 
 /// A 2 MiB-aligned host mapping of guest RAM starting at guest address 0.
@@ -111,15 +113,19 @@ impl GuestRam {
         let start = raw as usize;
         let aligned = (start + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1);
         let flags = match sharing {
-            Sharing::Shared => libc::MAP_SHARED,
+            Sharing::Shared | Sharing::ReadOnly => libc::MAP_SHARED,
             Sharing::Private => libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         } | libc::MAP_FIXED;
+        let prot = match sharing {
+            Sharing::ReadOnly => libc::PROT_READ,
+            _ => libc::PROT_READ | libc::PROT_WRITE,
+        };
         // SAFETY: MAP_FIXED over a range inside our own reservation.
         let mapped = unsafe {
             libc::mmap(
                 aligned as *mut libc::c_void,
                 size,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 flags,
                 file.as_raw_fd(),
                 0,
@@ -169,6 +175,27 @@ impl GuestRam {
         self.base.as_ptr()
     }
 
+    /// Copies whole pages `pages` from `source` (same size) into this mapping:
+    /// the copy-back reset of a pooled sandbox. Keeps every mapping in place,
+    /// so the guest's next touch of those pages costs no new fault.
+    pub fn copy_pages_from(&self, source: &GuestRam, pages: impl Iterator<Item = u64>) -> usize {
+        assert_eq!(self.size, source.size);
+        let npages = (self.size / PAGE_SIZE) as u64;
+        let mut n = 0;
+        for p in pages {
+            if p >= npages {
+                continue;
+            }
+            let off = (p as usize) * PAGE_SIZE;
+            // SAFETY: `p` is a page index inside both mappings of equal size.
+            unsafe {
+                std::ptr::copy_nonoverlapping(source.as_ptr().add(off), self.as_ptr().add(off), PAGE_SIZE)
+            };
+            n += 1;
+        }
+        n
+    }
+
     fn check(&self, addr: u64, len: usize) -> Result<usize, MemoryError> {
         let end = addr.checked_add(len as u64);
         match end {
@@ -179,6 +206,7 @@ impl GuestRam {
 
     /// Copies `data` into guest RAM at `addr` (bounds-checked).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        assert!(self.sharing != Sharing::ReadOnly, "write to a read-only template view");
         let off = self.check(addr, data.len())?;
         // SAFETY: range checked against the mapping size above.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(off), data.len()) };
@@ -218,7 +246,7 @@ impl GuestRam {
     pub fn vm_memory_view(&self) -> Result<GuestMemoryMmap, MemoryError> {
         let prot = libc::PROT_READ | libc::PROT_WRITE;
         let flags = match self.sharing {
-            Sharing::Shared => libc::MAP_SHARED,
+            Sharing::Shared | Sharing::ReadOnly => libc::MAP_SHARED,
             Sharing::Private => libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         };
         // SAFETY: the pointer and size describe our live mapping; the region is

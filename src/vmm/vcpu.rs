@@ -16,6 +16,8 @@ const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Offset of the LVT Timer register in the LAPIC register page.
 const APIC_LVT_TIMER: usize = 0x320;
 const APIC_LVT_MASKED: u32 = 1 << 16;
+const APIC_TMICT: usize = 0x380;
+const APIC_TMCCT: usize = 0x390;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -321,9 +323,25 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Writes the LAPIC only (used to unmask the timer of a long exec).
-    pub fn set_lapic(&self, lapic: &kvm_lapic_state) -> Result<(), VcpuError> {
-        self.fd.set_lapic(lapic).map_err(VcpuError::SetLapic)
+    /// Gives a fork that was restored with its timer masked the template's
+    /// LVT timer back, and makes the timer fire at once: an expiry missed
+    /// while masked is not replayed by the LAPIC, and a guest kernel waiting
+    /// for it would otherwise never tick again.
+    pub fn resume_lapic_timer(&self, template_lapic: &kvm_lapic_state) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(VcpuError::GetLapic)?;
+        let lvt = lapic_reg(template_lapic, APIC_LVT_TIMER);
+        set_lapic_reg(&mut lapic, APIC_LVT_TIMER, lvt);
+        let tsc_deadline_mode = (lvt >> 17) & 3 == 2;
+        if !tsc_deadline_mode {
+            set_lapic_reg(&mut lapic, APIC_TMICT, 1);
+            set_lapic_reg(&mut lapic, APIC_TMCCT, 1);
+        }
+        self.fd.set_lapic(&lapic).map_err(VcpuError::SetLapic)?;
+        if tsc_deadline_mode {
+            // Any deadline in the past fires immediately.
+            self.restore_msrs(&[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: 1, ..Default::default() }])?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,147 @@
+//! A lane's pool of pre-created sandboxes for one template.
+//!
+//! A pool belongs to one worker thread (no locks). Acquiring a sandbox is the
+//! "fork": an idle one is reset by dirty-page copy-back (fast path); with none
+//! idle a fresh VM is created and restored (fallback). A sandbox that
+//! misbehaved (timeout, crash, bad response) is destroyed, never reused.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvm_ioctls::Kvm;
+
+use super::sandbox::{Limits, Sandbox, SandboxError};
+use crate::api::{ExecFailure, ExecRequest, ExecResult, LaneStats};
+use crate::template::Template;
+use crate::vmm::kick::ThreadTimer;
+
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Most idle sandboxes kept for reuse.
+    pub max_idle: usize,
+    /// Sandboxes created up front.
+    pub prewarm: usize,
+    pub limits: Limits,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { max_idle: 4, prewarm: 1, limits: Limits::default() }
+    }
+}
+
+pub struct Pool {
+    kvm: Kvm,
+    template: Arc<Template>,
+    idle: Vec<Sandbox>,
+    /// Kick timer of the thread that runs this pool's vCPUs (made lazily on
+    /// that thread, remade if the pool moves to another thread).
+    timer: Option<(libc::pid_t, ThreadTimer)>,
+    cfg: PoolConfig,
+    stats: LaneStats,
+}
+
+impl Pool {
+    pub fn new(template: Arc<Template>, cfg: PoolConfig) -> Result<Pool, SandboxError> {
+        let kvm = Kvm::new().map_err(|e| SandboxError::Vm(crate::vmm::vm::VmError::CreateVm(e)))?;
+        let mut pool = Pool { kvm, template, idle: Vec::new(), timer: None, cfg, stats: LaneStats::default() };
+        for _ in 0..pool.cfg.prewarm.min(pool.cfg.max_idle) {
+            let sb = Sandbox::fork_fresh(&pool.kvm, &pool.template, true)?;
+            pool.idle.push(sb);
+        }
+        pool.stats.pooled_vms = pool.idle.len();
+        pool.stats.live_vms = pool.idle.len();
+        Ok(pool)
+    }
+
+    pub fn template(&self) -> &Arc<Template> {
+        &self.template
+    }
+
+    fn timer(&mut self) -> Result<&ThreadTimer, SandboxError> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        if self.timer.as_ref().map(|(t, _)| *t) != Some(tid) {
+            self.timer = Some((tid, ThreadTimer::for_current_thread()?));
+        }
+        Ok(&self.timer.as_ref().expect("set above").1)
+    }
+
+    /// Gets a runnable sandbox: reset an idle one, or fork a fresh VM.
+    /// Returns it with whether it came from the pool.
+    pub fn acquire(&mut self) -> Result<(Sandbox, bool), SandboxError> {
+        while let Some(mut sb) = self.idle.pop() {
+            if !sb.used() {
+                return Ok((sb, true));
+            }
+            match sb.reset(&self.template) {
+                Ok(_) => return Ok((sb, true)),
+                Err(_) => {
+                    // A sandbox that cannot be reset is destroyed; try the next.
+                    self.stats.destroyed_vms += 1;
+                    self.stats.live_vms = self.stats.live_vms.saturating_sub(1);
+                }
+            }
+        }
+        let sb = Sandbox::fork_fresh(&self.kvm, &self.template, self.cfg.max_idle > 0)?;
+        self.stats.fresh_vm_forks += 1;
+        self.stats.live_vms += 1;
+        Ok((sb, false))
+    }
+
+    /// Returns a sandbox after use: kept if healthy and there is room.
+    pub fn release(&mut self, sb: Sandbox) {
+        if sb.reusable() && self.idle.len() < self.cfg.max_idle {
+            self.idle.push(sb);
+        } else {
+            drop(sb);
+            self.stats.destroyed_vms += 1;
+            self.stats.live_vms = self.stats.live_vms.saturating_sub(1);
+        }
+        self.stats.pooled_vms = self.idle.len();
+    }
+
+    /// Resets every used idle sandbox now (off the request path).
+    pub fn reset_idle(&mut self) {
+        let t = self.template.clone();
+        self.idle.retain_mut(|sb| !sb.used() || sb.reset(&t).is_ok());
+        self.stats.pooled_vms = self.idle.len();
+    }
+
+    /// Fork + exec + release, with timings.
+    pub fn exec(&mut self, req: &ExecRequest) -> ExecResult {
+        let started = Instant::now();
+        let mut sb = match self.acquire() {
+            Ok((sb, _)) => sb,
+            Err(e) => {
+                return ExecResult {
+                    exit_code: -1,
+                    failure: Some(ExecFailure::Internal(format!("fork failed: {e}"))),
+                    total_time: started.elapsed(),
+                    ..Default::default()
+                }
+            }
+        };
+        let fork_time = started.elapsed();
+        self.stats.forks += 1;
+        let limits = self.cfg.limits;
+        let template = self.template.clone();
+        let mut result = match self.timer() {
+            Ok(timer) => sb.exec(&template, req, &limits, timer),
+            Err(e) => ExecResult { exit_code: -1, failure: Some(ExecFailure::Internal(e.to_string())), ..Default::default() },
+        };
+        match &result.failure {
+            Some(ExecFailure::Timeout) => self.stats.timeouts += 1,
+            Some(ExecFailure::GuestCrashed(_)) | Some(ExecFailure::BadResponse(_)) => self.stats.guest_errors += 1,
+            _ => {}
+        }
+        self.release(sb);
+        result.fork_time = fork_time;
+        result.total_time = started.elapsed();
+        result
+    }
+
+    pub fn stats(&self) -> LaneStats {
+        self.stats.clone()
+    }
+}
