@@ -112,6 +112,7 @@ pub fn render(path: &Path, title: &str, series: &[Series<'_>], font: Option<&Pat
     let mut chart = ChartBuilder::on(&root)
         .caption(title, (FONT_FAMILY, 24))
         .margin(20)
+        .margin_right(40)
         .x_label_area_size(50)
         .y_label_area_size(80)
         .build_cartesian_2d(0.0..x_max, 0.0..y_max)
