@@ -120,11 +120,15 @@ def test_unknown_fields_are_kept_in_raw(fake, fake_client):
 
 @pytest.mark.parametrize("status, code, error_class", [
     (400, "unknown_language", BadRequest),
-    (400, "bad_timeout", BadRequest),
-    (413, "payload_too_large", BadRequest),
+    (400, "invalid_timeout", BadRequest),
+    (400, "batch_too_large", BadRequest),
+    (413, "body_too_large", BadRequest),
+    (431, "headers_too_large", BadRequest),
     (401, "unauthorized", AuthError),
     (404, "not_found", APIError),
     (405, "method_not_allowed", APIError),
+    (408, "request_timeout", APIError),
+    (500, "internal", APIError),
 ])
 def test_error_status_maps_to_its_class_and_is_not_retried(fake, fake_client, status, code,
                                                           error_class):
@@ -301,6 +305,25 @@ def test_one_client_serves_many_threads(fake, fake_client):
     for t in threads:
         t.join()
     assert errors == [] and results == ["same"] * 16
+
+
+def test_health_of_a_draining_server_is_returned_not_retried(fake, fake_client):
+    fake.script({"status": 503, "json": {"status": "draining", "templates": [], "shards": []}})
+    assert fake_client.health()["status"] == "draining"
+    assert len(fake.requests) == 1 and fake_client.slept == []
+
+
+def test_health_503_without_a_health_body_raises(fake, fake_client):
+    fake.script({"status": 503, "body": b"Service Unavailable"})
+    with pytest.raises(ServerBusy):
+        fake_client.health()
+    assert len(fake.requests) == 1
+
+
+def test_metrics_text(fake, fake_client):
+    fake.script({"body": b"# TYPE forkd_x counter\nforkd_x 1\n"})
+    assert fake_client.metrics() == "# TYPE forkd_x counter\nforkd_x 1\n"
+    assert (fake.requests[0].method, fake.requests[0].path) == ("GET", "/v1/metrics")
 
 
 def test_closed_client_refuses_calls(fake):

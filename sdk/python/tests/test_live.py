@@ -138,7 +138,7 @@ def test_bad_language_is_a_bad_request(sandbox):
 def test_bad_timeout_is_a_bad_request(sandbox):
     with pytest.raises(BadRequest) as info:
         sandbox.exec("print(1)", timeout=0)
-    assert (info.value.status, info.value.code) == (400, "bad_timeout")
+    assert (info.value.status, info.value.code) == (400, "invalid_timeout")
 
 
 def test_bad_item_fails_the_whole_batch(sandbox):
@@ -150,7 +150,8 @@ def test_health(sandbox):
     health = sandbox.health()
     assert health["status"] == "ok"
     assert isinstance(health["templates"], list) and health["templates"]
-    assert isinstance(health["shards"], list)
+    assert isinstance(health["shards"], list) and health["shards"]
+    assert "python" in health["languages"]
 
 
 def test_metrics_are_prometheus_text(sandbox):

@@ -151,9 +151,14 @@ export class Sandbox {
     return data.results.map(parseExecResult);
   }
 
-  /** `GET /v1/health`. */
+  /**
+   * `GET /v1/health`. Not retried: a draining server answers 503 with
+   * `"status": "draining"`, which is returned like any other state.
+   */
   async health(options: { signal?: AbortSignal } = {}): Promise<Health> {
-    const data = parseJson(await this.call("GET", "/v1/health", undefined, this.timeout ?? HEALTH_TIMEOUT, options.signal));
+    const answer = await this.send("GET", "/v1/health", undefined, this.timeout ?? HEALTH_TIMEOUT, options.signal);
+    if (answer.status !== 200 && !(answer.status === 503 && isHealthBody(answer.body))) throw errorFromAnswer(answer);
+    const data = parseJson(answer);
     if (typeof data !== "object" || data === null || Array.isArray(data)) {
       throw new ProtocolError(`health answer is ${describe(data)}, not an object`);
     }
@@ -276,8 +281,11 @@ function errorFromAnswer(answer: Answer): ForkdError {
   const details = { status: answer.status, code };
   switch (answer.status) {
     case 400:
+    case 411:
     case 413:
+    case 417:
     case 422:
+    case 431:
       return new BadRequest(text, details);
     case 401:
     case 403:
@@ -326,6 +334,15 @@ function parseJson(answer: Answer): unknown {
     return JSON.parse(answer.body);
   } catch (error) {
     throw new ProtocolError(`HTTP ${answer.status} answer is not JSON: ${JSON.stringify(answer.body.slice(0, 200))}`, { cause: error });
+  }
+}
+
+function isHealthBody(body: string): boolean {
+  try {
+    const data = JSON.parse(body) as { status?: unknown } | null;
+    return typeof data?.status === "string";
+  } catch {
+    return false;
   }
 }
 

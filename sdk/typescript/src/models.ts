@@ -42,7 +42,10 @@ export interface ExecResult {
 
 /** `GET /v1/health`; fields beyond `status` depend on the server version. */
 export interface Health {
+  /** `"ok"`, or `"draining"` (answered with HTTP 503) while shutting down. */
   status: string;
+  /** Languages with a loaded template. */
+  languages: string[];
   templates: unknown[];
   shards: unknown[];
   [field: string]: unknown;

@@ -86,15 +86,16 @@ test("bad language -> BadRequest unknown_language", async () => {
   await assert.rejects(sandbox().run("print(1)", { language: "cobol" }), (e) => e instanceof BadRequest && e.status === 400 && e.code === "unknown_language");
 });
 
-test("bad timeout -> BadRequest bad_timeout", async () => {
-  await assert.rejects(sandbox().exec("print(1)", { timeout: 0 }), (e) => e instanceof BadRequest && e.code === "bad_timeout");
+test("bad timeout -> BadRequest invalid_timeout", async () => {
+  await assert.rejects(sandbox().exec("print(1)", { timeout: 0 }), (e) => e instanceof BadRequest && e.status === 400 && e.code === "invalid_timeout");
 });
 
 test("health", async () => {
   const health = await sandbox().health();
   assert.equal(health.status, "ok");
   assert.ok(Array.isArray(health.templates) && health.templates.length > 0);
-  assert.ok(Array.isArray(health.shards));
+  assert.ok(Array.isArray(health.shards) && health.shards.length > 0);
+  assert.ok(health.languages.includes("python"));
 });
 
 test("metrics are Prometheus text", async () => {

@@ -129,11 +129,15 @@ describe("wire format", () => {
 describe("error mapping", () => {
   for (const [status, code, ErrorClass] of [
     [400, "unknown_language", BadRequest],
-    [400, "bad_timeout", BadRequest],
-    [413, "payload_too_large", BadRequest],
+    [400, "invalid_timeout", BadRequest],
+    [400, "batch_too_large", BadRequest],
+    [413, "body_too_large", BadRequest],
+    [431, "headers_too_large", BadRequest],
     [401, "unauthorized", AuthError],
     [404, "not_found", APIError],
     [405, "method_not_allowed", APIError],
+    [408, "request_timeout", APIError],
+    [500, "internal", APIError],
   ]) {
     test(`${status} ${code} -> ${ErrorClass.name}, not retried`, async () => {
       fake.script(errorReply(status, code, "details here"));
@@ -281,6 +285,28 @@ describe("retry and backoff", () => {
   test("parseRetryAfter reads an HTTP date", () => {
     const seconds = parseRetryAfter(new Date(Date.now() + 30_000).toUTCString());
     assert.ok(seconds >= 25 && seconds <= 31, `${seconds}`);
+  });
+});
+
+describe("health and metrics", () => {
+  test("the health of a draining server is returned, not retried", async () => {
+    fake.script({ status: 503, json: { status: "draining", templates: [], shards: [] } });
+    const { sb, slept } = client();
+    assert.equal((await sb.health()).status, "draining");
+    assert.equal(fake.requests.length, 1);
+    assert.deepEqual(slept, []);
+  });
+
+  test("a 503 without a health body rejects", async () => {
+    fake.script({ status: 503, body: "Service Unavailable" });
+    await assert.rejects(client().sb.health(), ServerBusy);
+    assert.equal(fake.requests.length, 1);
+  });
+
+  test("metrics text", async () => {
+    fake.script({ body: "# TYPE forkd_x counter\nforkd_x 1\n" });
+    assert.equal(await client().sb.metrics(), "# TYPE forkd_x counter\nforkd_x 1\n");
+    assert.deepEqual([fake.requests[0].method, fake.requests[0].path], ["GET", "/v1/metrics"]);
   });
 });
 

@@ -100,8 +100,15 @@ class Sandbox:
         return [ExecResult.from_wire(r) for r in results]
 
     def health(self) -> Dict[str, Any]:
-        """``GET /v1/health``: ``{"status": "ok", "templates": [...], "shards": [...], ...}``."""
-        data = _json(self._call("GET", "/v1/health", None, self.timeout or _HEALTH_TIMEOUT))
+        """``GET /v1/health``: ``{"status": "ok", "templates": [...], "shards": [...], ...}``.
+
+        Not retried: a draining server answers 503 with ``"status": "draining"``,
+        which is returned like any other state.
+        """
+        resp = self._transport.request("GET", "/v1/health", None, self.timeout or _HEALTH_TIMEOUT)
+        if resp.status != 200 and not (resp.status == 503 and _is_health_body(resp.body)):
+            raise error_from_response(resp)
+        data = _json(resp)
         if not isinstance(data, dict):
             raise ProtocolError("health answer is not a JSON object")
         return data
@@ -222,7 +229,7 @@ def error_from_response(resp: Response) -> ForkdError:
         message = resp.body.decode("utf-8", "replace").strip()[:500] or "no details"
     text = f"HTTP {resp.status}{f' {code}' if code else ''}: {message}"
     status = resp.status
-    if status in (400, 413, 422):
+    if status in (400, 411, 413, 417, 422, 431):
         return BadRequest(text, status=status, code=code)
     if status in (401, 403):
         return AuthError(text, status=status, code=code)
@@ -258,6 +265,14 @@ def _json(resp: Response) -> Any:
         return json.loads(resp.body)
     except ValueError as exc:
         raise ProtocolError(f"HTTP {resp.status} answer is not JSON: {resp.body[:200]!r}") from exc
+
+
+def _is_health_body(body: bytes) -> bool:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and isinstance(data.get("status"), str)
 
 
 def _last_line(stderr: str) -> str:
