@@ -89,8 +89,16 @@ def test_unicode_round_trip(sandbox):
     assert sandbox.run(f"print({text!r})") == text
 
 
+# The fields docs/API.md and docs/openapi.yaml promise in every exec result.
+DOCUMENTED_RESULT_FIELDS = {
+    "id", "stdout", "stderr", "exit_code", "fork_time_ms", "exec_time_ms", "total_time_ms",
+    "output", "duration_ms", "timed_out", "stdout_truncated", "stderr_truncated", "error",
+}
+
+
 def test_result_fields(sandbox):
     result = sandbox.exec("print('x')")
+    assert DOCUMENTED_RESULT_FIELDS <= set(result.raw), DOCUMENTED_RESULT_FIELDS - set(result.raw)
     assert result.id
     assert result.raw["output"] == result.stdout
     assert result.raw["duration_ms"] == pytest.approx(result.total_time_ms)
