@@ -1,0 +1,215 @@
+//! API keys (Bearer tokens) and per-key rate limiting.
+//!
+//! Keys are compared as SHA-256 digests in constant time, so neither the
+//! content nor the length of a stored key leaks through response timing.
+//! Rate limits are token buckets kept by each shard for itself: no state is
+//! shared between cores, so a key's limit applies independently per shard.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("reading API keys file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing API keys file {path} (expected a JSON array of strings or {{\"key\", \"rate_limit\"?, \"rate_burst\"?}} objects): {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("API keys file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum KeyEntryIn {
+    Plain(String),
+    Detailed { key: String, rate_limit: Option<f64>, rate_burst: Option<f64> },
+}
+
+/// Rate of a token bucket: `rate` tokens per second, at most `burst` stored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RateLimit {
+    pub rate: f64,
+    pub burst: f64,
+}
+
+struct KeyEntry {
+    digest: [u8; 32],
+    limit: RateLimit,
+}
+
+/// The loaded key set; index into it identifies a key in rate limiting.
+pub struct ApiKeys {
+    keys: Vec<KeyEntry>,
+}
+
+impl ApiKeys {
+    /// Loads keys from `path`. A missing file means auth is off (`Ok(None)`);
+    /// a file that exists but does not parse is an error.
+    pub fn load(path: &Path, default_limit: RateLimit) -> Result<Option<ApiKeys>, AuthError> {
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(AuthError::Read { path: path.into(), source }),
+        };
+        let entries: Vec<KeyEntryIn> =
+            serde_json::from_slice(&text).map_err(|source| AuthError::Parse { path: path.into(), source })?;
+        let invalid = |reason: &str| AuthError::Invalid { path: path.into(), reason: reason.into() };
+        if entries.is_empty() {
+            return Err(invalid("the key list is empty; remove the file to turn auth off"));
+        }
+        let mut keys = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let (key, rate, burst) = match entry {
+                KeyEntryIn::Plain(key) => (key, None, None),
+                KeyEntryIn::Detailed { key, rate_limit, rate_burst } => (key, rate_limit, rate_burst),
+            };
+            if key.trim().is_empty() || key.trim() != key {
+                return Err(invalid("keys must be non-empty and have no surrounding whitespace"));
+            }
+            let rate = rate.unwrap_or(default_limit.rate);
+            let burst = burst.unwrap_or(if rate == default_limit.rate { default_limit.burst } else { rate.max(1.0) });
+            if !(rate.is_finite() && rate >= 0.0 && burst.is_finite() && burst >= 1.0) {
+                return Err(invalid("rate_limit must be >= 0 and rate_burst >= 1"));
+            }
+            keys.push(KeyEntry { digest: Sha256::digest(key.as_bytes()).into(), limit: RateLimit { rate, burst } });
+        }
+        Ok(Some(ApiKeys { keys }))
+    }
+
+    #[allow(clippy::len_without_is_empty)] // a loaded key set is never empty
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Index of the key equal to `token`. Every stored key is compared, with
+    /// no early exit, so the time taken does not depend on which one matched.
+    pub fn lookup(&self, token: &[u8]) -> Option<usize> {
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        let mut found = u32::MAX;
+        for (i, key) in self.keys.iter().enumerate() {
+            found.conditional_assign(&(i as u32), key.digest.ct_eq(&digest));
+        }
+        (found != u32::MAX).then_some(found as usize)
+    }
+
+    pub fn limit(&self, index: usize) -> RateLimit {
+        self.keys[index].limit
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// One shard's token buckets, one per key. Owned by the shard thread.
+pub struct RateLimiter {
+    limits: Vec<RateLimit>,
+    buckets: Vec<Option<Bucket>>,
+}
+
+impl RateLimiter {
+    pub fn new(keys: Option<&ApiKeys>) -> Self {
+        let limits: Vec<RateLimit> = keys.map(|k| (0..k.len()).map(|i| k.limit(i)).collect()).unwrap_or_default();
+        RateLimiter { buckets: vec![None; limits.len()], limits }
+    }
+
+    /// Takes one token for `key`; on refusal returns how long until one is
+    /// available. A rate of 0 disables limiting for the key.
+    pub fn try_acquire(&mut self, key: usize, now: Instant) -> Result<(), Duration> {
+        let limit = self.limits[key];
+        if limit.rate <= 0.0 {
+            return Ok(());
+        }
+        let bucket = self.buckets[key].get_or_insert(Bucket { tokens: limit.burst, updated: now });
+        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * limit.rate).min(limit.burst);
+        bucket.updated = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / limit.rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT: RateLimit = RateLimit { rate: 100.0, burst: 100.0 };
+
+    fn write_keys(text: &str) -> (tempfile_path::TempPath, Result<Option<ApiKeys>, AuthError>) {
+        let path = tempfile_path::TempPath::new(text);
+        let keys = ApiKeys::load(path.path(), DEFAULT);
+        (path, keys)
+    }
+
+    /// A file in the temp dir removed on drop (no extra crate for one test).
+    mod tempfile_path {
+        use std::path::{Path, PathBuf};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        pub struct TempPath(PathBuf);
+        impl TempPath {
+            pub fn new(text: &str) -> Self {
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let path = std::env::temp_dir().join(format!(
+                    "forkd-keys-{}-{}.json",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&path, text).unwrap();
+                TempPath(path)
+            }
+            pub fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn loads_strings_and_objects() {
+        let (_p, keys) = write_keys(r#"["alpha", {"key": "beta", "rate_limit": 5}]"#);
+        let keys = keys.unwrap().unwrap();
+        assert_eq!(keys.lookup(b"alpha"), Some(0));
+        assert_eq!(keys.lookup(b"beta"), Some(1));
+        assert_eq!(keys.lookup(b"alph"), None);
+        assert_eq!(keys.lookup(b""), None);
+        assert_eq!(keys.limit(1), RateLimit { rate: 5.0, burst: 5.0 });
+        assert_eq!(keys.limit(0), DEFAULT);
+    }
+
+    #[test]
+    fn missing_file_turns_auth_off_but_bad_file_is_an_error() {
+        let missing = ApiKeys::load(Path::new("/nonexistent/forkd-keys.json"), DEFAULT).unwrap();
+        assert!(missing.is_none());
+        assert!(matches!(write_keys("{\"a\":1}").1, Err(AuthError::Parse { .. })));
+        assert!(matches!(write_keys("[]").1, Err(AuthError::Invalid { .. })));
+        assert!(matches!(write_keys("[\" a\"]").1, Err(AuthError::Invalid { .. })));
+    }
+
+    #[test]
+    fn token_bucket_refills_at_the_rate() {
+        let (_p, keys) = write_keys(r#"[{"key": "k", "rate_limit": 2, "rate_burst": 2}]"#);
+        let keys = keys.unwrap().unwrap();
+        let mut limiter = RateLimiter::new(Some(&keys));
+        let t0 = Instant::now();
+        assert!(limiter.try_acquire(0, t0).is_ok());
+        assert!(limiter.try_acquire(0, t0).is_ok());
+        let wait = limiter.try_acquire(0, t0).unwrap_err();
+        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+        assert!(limiter.try_acquire(0, t0 + Duration::from_millis(500)).is_ok());
+        assert!(limiter.try_acquire(0, t0 + Duration::from_millis(500)).is_err());
+    }
+}

@@ -1,0 +1,208 @@
+//! Server configuration and its command-line form.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::auth::RateLimit;
+
+/// Everything `serve` needs besides the lane factory.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// Event-loop threads, each with its own listener, ring and workers.
+    pub shards: usize,
+    /// Threads per shard running execs (each owns one lane).
+    pub workers_per_shard: usize,
+    /// Execs a shard accepts beyond its busy workers before answering 503.
+    pub queue_depth: usize,
+    /// Most executions in one batch request.
+    pub max_batch: usize,
+    /// Requests per second per API key (0 = unlimited), enforced per shard.
+    pub rate_limit: f64,
+    pub rate_burst: f64,
+    /// JSON array of keys; a missing file turns auth off.
+    pub api_keys_file: PathBuf,
+    pub force_epoll: bool,
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    /// A connection with no request in progress is closed after this long.
+    pub idle_timeout: Duration,
+    /// A request's head and body must arrive within this long of its first byte.
+    pub request_timeout: Duration,
+    /// A response that makes no progress towards the client for this long
+    /// closes the connection.
+    pub send_timeout: Duration,
+    /// On shutdown, in-flight execs get this long before they are cancelled.
+    pub drain_timeout: Duration,
+    /// Seconds sent in `Retry-After` with 503 (queue full / draining).
+    pub retry_after_busy: u32,
+}
+
+/// The environment variable naming the API keys file.
+pub const API_KEYS_ENV: &str = "FORKD_API_KEYS_FILE";
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            workers_per_shard: 2,
+            queue_depth: 64,
+            max_batch: 64,
+            rate_limit: 100.0,
+            rate_burst: 100.0,
+            api_keys_file: default_api_keys_file(),
+            force_epoll: false,
+            max_head_bytes: 16 * 1024,
+            max_headers: 64,
+            max_body_bytes: 4 * 1024 * 1024,
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(30),
+            send_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(60),
+            retry_after_busy: 1,
+        }
+    }
+}
+
+impl ServeConfig {
+    pub fn rate(&self) -> RateLimit {
+        RateLimit { rate: self.rate_limit, burst: self.rate_burst }
+    }
+
+    /// Checks values that would make the server misbehave rather than fail.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.workers_per_shard == 0 || self.queue_depth == 0 {
+            return Err("shards, workers-per-shard and queue-depth must be at least 1".into());
+        }
+        if self.max_batch == 0 || self.max_batch > self.queue_depth {
+            // A larger batch could never be admitted whole.
+            return Err(format!("max batch must be between 1 and queue-depth ({})", self.queue_depth));
+        }
+        if !(self.rate_limit.is_finite() && self.rate_limit >= 0.0 && self.rate_burst.is_finite() && self.rate_burst >= 1.0) {
+            return Err("rate-limit must be >= 0 and rate-burst >= 1".into());
+        }
+        if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
+            return Err("the default exec timeout must be > 0 and <= the maximum".into());
+        }
+        if self.max_head_bytes < 256 || self.max_headers == 0 {
+            return Err("header limits are too small".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_api_keys_file() -> PathBuf {
+    std::env::var_os(API_KEYS_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("api_keys.json"))
+}
+
+/// `forkd serve` options; flatten into the CLI with `#[command(flatten)]`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (every shard binds it with SO_REUSEPORT).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Event-loop shards, one pinned thread each [default: number of cores].
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// Exec worker threads per shard; each owns a VM pool.
+    #[arg(long, default_value_t = 2)]
+    pub workers_per_shard: usize,
+    /// Queued execs per shard beyond busy workers before answering 503.
+    #[arg(long, default_value_t = 64)]
+    pub queue_depth: usize,
+    /// Requests per second per API key (0 = unlimited); enforced by each shard independently.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate_limit: f64,
+    /// Token-bucket burst per API key [default: the rate limit].
+    #[arg(long)]
+    pub rate_burst: Option<f64>,
+    /// JSON array of API keys [default: $FORKD_API_KEYS_FILE, else api_keys.json]; no file = auth off.
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Serve with epoll even where io_uring works.
+    #[arg(long)]
+    pub force_epoll: bool,
+    /// Largest request body in bytes (413 above).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest accepted timeout_seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub max_timeout_seconds: f64,
+    /// Seconds in-flight execs get to finish after SIGTERM.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain_timeout_seconds: f64,
+}
+
+impl ServeArgs {
+    pub fn to_config(&self) -> Result<ServeConfig, String> {
+        let mut config = ServeConfig { listen: self.listen, ..ServeConfig::default() };
+        if let Some(shards) = self.shards {
+            config.shards = shards;
+        }
+        config.workers_per_shard = self.workers_per_shard;
+        config.queue_depth = self.queue_depth;
+        config.max_batch = config.max_batch.min(self.queue_depth.max(1));
+        config.rate_limit = self.rate_limit;
+        config.rate_burst = self.rate_burst.unwrap_or(self.rate_limit.max(1.0));
+        if let Some(path) = &self.api_keys_file {
+            config.api_keys_file = path.clone();
+        }
+        config.force_epoll = self.force_epoll;
+        config.max_body_bytes = self.max_body_bytes;
+        config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
+        config.default_timeout = config.default_timeout.min(config.max_timeout);
+        config.drain_timeout = seconds("drain-timeout-seconds", self.drain_timeout_seconds)?;
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+fn seconds(name: &str, value: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("--{name} must be a positive number of seconds"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        ServeConfig::default().validate().unwrap();
+        let cli = Cli::parse_from(["forkd"]);
+        let config = cli.serve.to_config().unwrap();
+        assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(config.rate_burst, 100.0);
+    }
+
+    #[test]
+    fn flags_reach_the_config() {
+        let cli = Cli::parse_from([
+            "forkd", "--listen", "127.0.0.1:0", "--shards", "3", "--workers-per-shard", "4", "--queue-depth", "8",
+            "--rate-limit", "5", "--rate-burst", "10", "--api-keys-file", "/k.json", "--force-epoll",
+        ]);
+        let config = cli.serve.to_config().unwrap();
+        assert_eq!((config.shards, config.workers_per_shard, config.queue_depth), (3, 4, 8));
+        assert_eq!(config.max_batch, 8);
+        assert_eq!((config.rate_limit, config.rate_burst), (5.0, 10.0));
+        assert_eq!(config.api_keys_file, PathBuf::from("/k.json"));
+        assert!(config.force_epoll);
+        assert!(Cli::parse_from(["forkd", "--shards", "0"]).serve.to_config().is_err());
+    }
+}

@@ -1,0 +1,339 @@
+//! The HTTP front end: a thread-per-core server for the /v1 API.
+//!
+//! Each shard is a thread pinned to a core with its own `SO_REUSEPORT`
+//! listener, its own event loop (io_uring, or epoll where io_uring is
+//! unavailable), its own exec workers (each owning a [`Lane`]) and its own
+//! statistics. Execs go to the shard's bounded queue; workers run them and
+//! post completions back through an eventfd the loop waits on, so a guest run
+//! never blocks the loop. Nothing on the request path locks across shards:
+//! metrics scrapes lock each shard's statistics briefly, and health answers
+//! from a per-shard snapshot refreshed at most once a second.
+//!
+//! [`Lane`]: crate::api::Lane
+
+mod auth;
+mod bufring;
+mod config;
+mod conn;
+mod epoll;
+mod event;
+mod http;
+mod metrics;
+mod shard;
+mod uring;
+mod wire;
+mod workers;
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+pub use auth::{AuthError, RateLimit};
+pub use config::{ServeArgs, ServeConfig, API_KEYS_ENV};
+pub use shard::Backend;
+pub use workers::WorkerError;
+
+use crate::api::LaneFactory;
+use auth::ApiKeys;
+use metrics::ShardMetrics;
+use shard::{ShardCtx, Shared};
+use wire::DecodeRules;
+use workers::{WorkerPool, Waker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("creating the wake-up eventfd: {0}")]
+    Waker(io::Error),
+    #[error("setting up io_uring for shard {shard}: {source}")]
+    Ring { shard: usize, source: io::Error },
+    #[error("setting up the event loop of shard {shard}: {source}")]
+    LoopSetup { shard: usize, source: LoopError },
+    #[error(transparent)]
+    Workers(#[from] WorkerError),
+    #[error("spawning the thread of shard {shard}: {source}")]
+    Spawn { shard: usize, source: io::Error },
+    #[error("installing SIGTERM/SIGINT handlers: {0}")]
+    Signals(io::Error),
+    #[error("event loop of shard {shard} failed: {source}")]
+    Loop { shard: usize, source: LoopError },
+    #[error("the thread of shard {0} panicked")]
+    ShardPanicked(usize),
+}
+
+/// Failures of a running event loop.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    #[error("epoll_create1: {0}")]
+    EpollCreate(io::Error),
+    #[error("epoll_ctl: {0}")]
+    EpollCtl(io::Error),
+    #[error("epoll_wait: {0}")]
+    EpollWait(io::Error),
+    #[error("configuring the listener: {0}")]
+    Listener(io::Error),
+    #[error("io_uring_enter: {0}")]
+    Submit(io::Error),
+    #[error("reading the wake-up eventfd: {0}")]
+    Waker(io::Error),
+}
+
+enum ShardLoop {
+    Uring(uring::UringLoop),
+    Epoll(epoll::EpollLoop),
+}
+
+impl ShardLoop {
+    fn run(self) -> Result<(), LoopError> {
+        match self {
+            ShardLoop::Uring(l) => l.run(),
+            ShardLoop::Epoll(l) => l.run(),
+        }
+    }
+}
+
+/// A running server. Dropping it without [`ServerHandle::wait`] stops the
+/// server immediately (cancelling in-flight execs).
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    threads: Vec<JoinHandle<Result<(), LoopError>>>,
+}
+
+impl ServerHandle {
+    /// The bound address (with the real port when the config asked for 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.shared.backend
+    }
+
+    /// Starts draining: stop accepting, finish in-flight requests (cancelling
+    /// execs still running after the drain timeout), then the shards exit.
+    pub fn shutdown(&self) {
+        self.shared.request_shutdown(false);
+    }
+
+    /// Cancels in-flight execs and closes every connection now.
+    pub fn force_shutdown(&self) {
+        self.shared.request_shutdown(true);
+    }
+
+    /// Blocks until every shard has exited.
+    pub fn wait(mut self) -> Result<(), ServerError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), ServerError> {
+        let mut first_error = None;
+        for (shard, thread) in self.threads.drain(..).enumerate() {
+            let outcome = match thread.join() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(source)) => Err(ServerError::Loop { shard, source }),
+                Err(_) => Err(ServerError::ShardPanicked(shard)),
+            };
+            if let Err(e) = outcome {
+                // Take the others down too rather than serve with a hole.
+                self.shared.request_shutdown(true);
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.shared.request_shutdown(true);
+            let _ = self.join();
+        }
+    }
+}
+
+/// Runs the server until SIGTERM or SIGINT, then drains and returns.
+/// A second signal cancels what is still running.
+pub fn serve(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<(), ServerError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let signal_handle = signals.handle();
+    let server = start(config, factory)?;
+    let shared = server.shared.clone();
+    let watcher = std::thread::Builder::new()
+        .name("forkd-signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    eprintln!("forkd serve: signal {signal}: draining (send again to stop now)");
+                    shared.request_shutdown(false);
+                } else {
+                    eprintln!("forkd serve: signal {signal}: cancelling in-flight executions");
+                    shared.request_shutdown(true);
+                }
+            }
+        })
+        .map_err(ServerError::Signals)?;
+    let result = server.wait();
+    signal_handle.close();
+    let _ = watcher.join();
+    if result.is_ok() {
+        eprintln!("forkd serve: drained, exiting");
+    }
+    result
+}
+
+/// Starts the server in background threads and returns once it accepts
+/// connections.
+pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<ServerHandle, ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    let keys = ApiKeys::load(&config.api_keys_file, config.rate())?;
+    match &keys {
+        Some(keys) => eprintln!(
+            "forkd serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key per shard)",
+            keys.len(),
+            config.api_keys_file.display(),
+            config.rate_limit,
+            config.rate_burst
+        ),
+        None => eprintln!(
+            "forkd serve: WARNING: auth OFF: no API keys file at {} (set {} or --api-keys-file)",
+            config.api_keys_file.display(),
+            API_KEYS_ENV
+        ),
+    }
+    let backend = choose_backend(config.force_epoll);
+    let languages = factory.languages();
+    if languages.is_empty() {
+        eprintln!("forkd serve: WARNING: no template is loaded; every exec will be refused");
+    }
+    let listeners = bind_listeners(config.listen, config.shards)?;
+    let local_addr = listeners[0].local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+
+    let metrics: Vec<Arc<ShardMetrics>> =
+        (0..config.shards).map(|_| ShardMetrics::new(config.workers_per_shard)).collect();
+    let wakers = (0..config.shards)
+        .map(|_| Waker::new(backend == Backend::Epoll).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServerError::Waker)?;
+    let rules = DecodeRules {
+        default_timeout: config.default_timeout,
+        max_timeout: config.max_timeout,
+        max_batch: config.max_batch,
+        languages,
+    };
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        factory: factory.clone(),
+        keys,
+        shards: metrics.clone(),
+        wakers: wakers.clone(),
+        backend,
+        rules,
+        started: Instant::now(),
+        shutdown: AtomicBool::new(false),
+        force: AtomicBool::new(false),
+    });
+
+    // Build every shard before starting any, so set-up errors return here.
+    let mut loops = Vec::with_capacity(config.shards);
+    for (shard, listener) in listeners.into_iter().enumerate() {
+        let pool = WorkerPool::start(
+            shard,
+            config.workers_per_shard,
+            config.queue_depth,
+            factory.clone(),
+            metrics[shard].clone(),
+            wakers[shard].clone(),
+        )?;
+        let ctx = ShardCtx::new(shard, shared.clone(), pool);
+        let shard_loop = match backend {
+            Backend::IoUring => {
+                let setup = uring::RingSetup::new().map_err(|source| ServerError::Ring { shard, source })?;
+                ShardLoop::Uring(uring::UringLoop::new(setup, listener, wakers[shard].clone(), ctx))
+            }
+            Backend::Epoll => ShardLoop::Epoll(
+                epoll::EpollLoop::new(listener, wakers[shard].clone(), ctx)
+                    .map_err(|source| ServerError::LoopSetup { shard, source })?,
+            ),
+        };
+        loops.push(shard_loop);
+    }
+
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handle = ServerHandle { shared: shared.clone(), local_addr, threads: Vec::with_capacity(loops.len()) };
+    for (shard, shard_loop) in loops.into_iter().enumerate() {
+        let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
+        let thread = std::thread::Builder::new()
+            .name(format!("forkd-shard{shard}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    if !core_affinity::set_for_current(core) {
+                        eprintln!("forkd serve: shard {shard}: could not pin to core {}", core.id);
+                    }
+                }
+                shard_loop.run()
+            })
+            .map_err(|source| ServerError::Spawn { shard, source })?;
+        handle.threads.push(thread);
+    }
+    eprintln!(
+        "forkd serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
+        backend.name(),
+        config.shards,
+        config.workers_per_shard,
+        config.queue_depth
+    );
+    Ok(handle)
+}
+
+/// Probes io_uring once per process start and says why when falling back.
+fn choose_backend(force_epoll: bool) -> Backend {
+    if force_epoll {
+        eprintln!("forkd serve: using epoll (--force-epoll)");
+        return Backend::Epoll;
+    }
+    match uring::probe() {
+        Ok(()) => Backend::IoUring,
+        Err(reason) => {
+            eprintln!("forkd serve: io_uring unavailable ({reason}); serving with epoll");
+            Backend::Epoll
+        }
+    }
+}
+
+/// One `SO_REUSEPORT` listener per shard on the same address; with port 0
+/// the first listener's port is reused for the rest.
+fn bind_listeners(addr: SocketAddr, shards: usize) -> Result<Vec<TcpListener>, ServerError> {
+    let mut listeners = Vec::with_capacity(shards);
+    let mut bound = addr;
+    for _ in 0..shards {
+        let listener = bind_reuseport(bound).map_err(|source| ServerError::Bind { addr: bound, source })?;
+        if bound.port() == 0 {
+            bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}

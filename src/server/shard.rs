@@ -1,0 +1,407 @@
+//! Per-shard application state: routing, auth, rate limits, admission to
+//! the worker queue and building responses. Shared by both event loops;
+//! owned and used by the shard's thread only.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::auth::{ApiKeys, RateLimiter};
+use super::config::ServeConfig;
+use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
+use super::metrics::{self, Endpoint, ShardMetrics};
+use super::wire::{self, ApiError, DecodeRules, ExecSpec};
+use super::workers::{Completion, ConnKey, Job, WorkerPool, Waker};
+use crate::api::{CancelToken, ExecFailure, ExecRequest, ExecResult, LaneFactory};
+
+/// Which event loop serves requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    IoUring,
+    Epoll,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::IoUring => "io_uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+/// Read-only state common to all shards, plus the shutdown flags.
+pub struct Shared {
+    pub config: ServeConfig,
+    pub factory: Arc<dyn LaneFactory>,
+    pub keys: Option<ApiKeys>,
+    pub shards: Vec<Arc<ShardMetrics>>,
+    pub wakers: Vec<Arc<Waker>>,
+    pub backend: Backend,
+    pub rules: DecodeRules,
+    pub started: Instant,
+    /// Stop accepting and drain.
+    pub shutdown: AtomicBool,
+    /// Cancel whatever is still running and exit now.
+    pub force: AtomicBool,
+}
+
+impl Shared {
+    pub fn request_shutdown(&self, force: bool) {
+        if force {
+            self.force.store(true, Ordering::Release);
+        }
+        self.shutdown.store(true, Ordering::Release);
+        for waker in &self.wakers {
+            waker.wake();
+        }
+    }
+}
+
+/// What the server routes a request to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Exec,
+    ExecBatch,
+    Health,
+    Metrics,
+}
+
+/// Executions of one request that are queued or running.
+pub struct PendingExec {
+    pub endpoint: Endpoint,
+    pub batch: bool,
+    pub results: Vec<Option<ExecResult>>,
+    pub remaining: usize,
+    pub tokens: Vec<CancelToken>,
+}
+
+impl PendingExec {
+    pub fn cancel(&self) {
+        for token in &self.tokens {
+            token.cancel();
+        }
+    }
+}
+
+/// A request's answer: now, or once its executions complete.
+pub enum Dispatch {
+    Respond(Response),
+    Pending(PendingExec),
+}
+
+/// The HTTP status used in metrics for a request whose client left first.
+pub const STATUS_CLIENT_CLOSED: u16 = 499;
+
+pub struct ShardCtx {
+    pub shard: usize,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<ShardMetrics>,
+    pub pool: WorkerPool,
+    rate: RateLimiter,
+    ids: IdGenerator,
+    health_cache: Option<(Instant, Vec<u8>)>,
+    /// Jobs submitted whose completion has not come back yet.
+    pub jobs_in_flight: usize,
+    pub draining: bool,
+}
+
+impl ShardCtx {
+    pub fn new(shard: usize, shared: Arc<Shared>, pool: WorkerPool) -> Self {
+        let metrics = shared.shards[shard].clone();
+        let rate = RateLimiter::new(shared.keys.as_ref());
+        ShardCtx {
+            shard,
+            metrics,
+            pool,
+            rate,
+            ids: IdGenerator::new(shard),
+            health_cache: None,
+            jobs_in_flight: 0,
+            draining: false,
+            shared,
+        }
+    }
+
+    pub fn config(&self) -> &ServeConfig {
+        &self.shared.config
+    }
+
+    /// Routes a parsed head and applies auth and rate limits before the body
+    /// is read, so refused clients need not send it.
+    pub fn admit(&mut self, head: &RequestHead, now: Instant) -> Result<Route, (Endpoint, Response)> {
+        let (route, allow) = match head.path.as_str() {
+            "/v1/exec" => (Route::Exec, "POST"),
+            "/v1/exec/batch" => (Route::ExecBatch, "POST"),
+            "/v1/health" => (Route::Health, "GET, HEAD"),
+            "/v1/metrics" => (Route::Metrics, "GET, HEAD"),
+            _ => {
+                let err = ApiError::new(404, "not_found", format!("no route for {}", head.path));
+                return Err((Endpoint::Other, error_response(&err)));
+            }
+        };
+        let endpoint = endpoint_of(route);
+        let method_ok = match route {
+            Route::Exec | Route::ExecBatch => head.method == Method::Post,
+            Route::Health | Route::Metrics => matches!(head.method, Method::Get | Method::Head),
+        };
+        if !method_ok {
+            let err = ApiError::new(405, "method_not_allowed", format!("{} allows {allow}", head.path));
+            return Err((endpoint, error_response(&err).with_header("Allow", allow)));
+        }
+        if matches!(route, Route::Exec | Route::ExecBatch) {
+            if let Some(keys) = &self.shared.keys {
+                let Some(key) = head.bearer.as_deref().and_then(|token| keys.lookup(token)) else {
+                    let err = ApiError::new(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)");
+                    return Err((endpoint, error_response(&err).with_header("WWW-Authenticate", "Bearer")));
+                };
+                if let Err(wait) = self.rate.try_acquire(key, now) {
+                    let err = ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
+                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    return Err((endpoint, error_response(&err).with_header("Retry-After", secs.to_string())));
+                }
+            }
+            if self.draining {
+                return Err((endpoint, self.busy("shutting_down", "the server is shutting down")));
+            }
+        }
+        Ok(route)
+    }
+
+    /// Handles a complete request.
+    pub fn dispatch(&mut self, route: Route, body: &[u8], conn: ConnKey, now: Instant) -> Dispatch {
+        match route {
+            Route::Health => Dispatch::Respond(self.health(now)),
+            Route::Metrics => {
+                let text = metrics::render(&self.shared.shards, self.shared.backend.name());
+                Dispatch::Respond(Response {
+                    status: 200,
+                    content_type: PROMETHEUS_TEXT,
+                    headers: Vec::new(),
+                    body: text.into_bytes(),
+                })
+            }
+            Route::Exec => match wire::decode_exec(body, &self.shared.rules) {
+                Ok(spec) => self.submit(Endpoint::Exec, false, vec![spec], conn),
+                Err(err) => Dispatch::Respond(error_response(&err)),
+            },
+            Route::ExecBatch => match wire::decode_batch(body, &self.shared.rules) {
+                Ok(specs) if specs.is_empty() => Dispatch::Respond(Response::json(200, br#"{"results":[]}"#.to_vec())),
+                Ok(specs) => self.submit(Endpoint::ExecBatch, true, specs, conn),
+                Err(err) => Dispatch::Respond(error_response(&err)),
+            },
+        }
+    }
+
+    fn submit(&mut self, endpoint: Endpoint, batch: bool, specs: Vec<ExecSpec>, conn: ConnKey) -> Dispatch {
+        if self.pool.room() < specs.len() {
+            return Dispatch::Respond(self.busy("queue_full", "all workers are busy and the queue is full; retry later"));
+        }
+        let n = specs.len();
+        let mut tokens = Vec::with_capacity(n);
+        for (slot, spec) in specs.into_iter().enumerate() {
+            let cancel = CancelToken::new();
+            tokens.push(cancel.clone());
+            let req = ExecRequest { code: spec.code, language: spec.language, timeout: spec.timeout, cancel };
+            if self.pool.submit(Job { conn, slot, req }).is_err() {
+                // Cannot happen after the room check (single producer); fail
+                // the whole request rather than answer with holes.
+                for token in &tokens {
+                    token.cancel();
+                }
+                self.jobs_in_flight += slot;
+                self.metrics.stats().execs_in_flight += slot as u64;
+                return Dispatch::Respond(self.busy("queue_full", "the exec queue is closed or full"));
+            }
+        }
+        self.jobs_in_flight += n;
+        self.metrics.stats().execs_in_flight += n as u64;
+        Dispatch::Pending(PendingExec { endpoint, batch, results: vec![None; n], remaining: n, tokens })
+    }
+
+    /// Accounts for a finished job, whether or not its connection is still open.
+    pub fn job_finished(&mut self, completion: &Completion) {
+        self.jobs_in_flight -= 1;
+        let mut stats = self.metrics.stats();
+        stats.execs_in_flight = stats.execs_in_flight.saturating_sub(1);
+        if completion.ran {
+            stats.record_exec(&completion.result);
+        } else {
+            stats.cancelled += 1;
+        }
+    }
+
+    /// Builds the response once all of a request's executions are back.
+    pub fn finish(&mut self, pending: PendingExec) -> Response {
+        let results: Vec<ExecResult> = pending.results.into_iter().map(Option::unwrap_or_default).collect();
+        if !pending.batch {
+            let result = &results[0];
+            // Failures that are about the request rather than the run.
+            let refused = match &result.failure {
+                Some(ExecFailure::Rejected(m)) => Some(ApiError::new(400, "rejected", m.clone())),
+                Some(ExecFailure::NoTemplate) => {
+                    Some(ApiError::new(400, "unknown_language", "no template is loaded for this language"))
+                }
+                Some(ExecFailure::Internal(m)) => Some(ApiError::new(500, "internal", m.clone())),
+                _ => None,
+            };
+            if let Some(err) = refused {
+                return error_response(&err);
+            }
+            let mut body = Vec::with_capacity(256 + result.stdout.len() * 2 + result.stderr.len());
+            wire::write_exec_result(&mut body, &self.ids.next(), result);
+            return Response::json(200, body);
+        }
+        let mut body = Vec::with_capacity(256 * results.len());
+        body.extend_from_slice(br#"{"results":["#);
+        for (i, result) in results.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            wire::write_exec_result(&mut body, &self.ids.next(), result);
+        }
+        body.extend_from_slice(b"]}");
+        Response::json(200, body)
+    }
+
+    pub fn request_started(&mut self) {
+        self.metrics.stats().requests_in_flight += 1;
+    }
+
+    /// Counts an answered request; `started` says whether
+    /// [`ShardCtx::request_started`] was called for it.
+    pub fn request_done(&mut self, endpoint: Endpoint, status: u16, started: bool) {
+        let mut stats = self.metrics.stats();
+        *stats.requests.entry((endpoint, status)).or_default() += 1;
+        if started {
+            stats.requests_in_flight = stats.requests_in_flight.saturating_sub(1);
+        }
+    }
+
+    pub fn connection_opened(&mut self) {
+        let mut stats = self.metrics.stats();
+        stats.connections_open += 1;
+        stats.connections_accepted += 1;
+    }
+
+    pub fn connection_closed(&mut self) {
+        let mut stats = self.metrics.stats();
+        stats.connections_open = stats.connections_open.saturating_sub(1);
+    }
+
+    fn busy(&self, code: &'static str, message: &str) -> Response {
+        let err = ApiError::new(503, code, message);
+        error_response(&err).with_header("Retry-After", self.config().retry_after_busy.to_string())
+    }
+
+    /// Health is cached for a second per shard so that frequent probes do
+    /// not lock every shard's statistics on each request.
+    fn health(&mut self, now: Instant) -> Response {
+        let status = if self.draining { 503 } else { 200 };
+        if let Some((at, body)) = &self.health_cache {
+            if now.saturating_duration_since(*at) < Duration::from_secs(1) && status == 200 {
+                return Response::json(status, body.clone());
+            }
+        }
+        let snap = metrics::snapshot(&self.shared.shards);
+        let body = serde_json::json!({
+            "status": if self.draining { "draining" } else { "ok" },
+            "io_backend": self.shared.backend.name(),
+            "uptime_seconds": now.saturating_duration_since(self.shared.started).as_secs(),
+            "auth": self.shared.keys.is_some(),
+            "languages": self.shared.rules.languages.iter().map(|l| l.as_str()).collect::<Vec<_>>(),
+            "templates": self.shared.factory.templates(),
+            "pool": snap.lanes,
+            "queue": {
+                "queued": snap.queued,
+                "execs_in_flight": snap.stats.execs_in_flight,
+                "capacity_per_shard": self.config().queue_depth,
+                "workers_per_shard": self.config().workers_per_shard,
+            },
+            "connections_open": snap.stats.connections_open,
+            "shards": snap.per_shard,
+        });
+        let body = serde_json::to_vec(&body).expect("serialising a JSON value cannot fail");
+        self.health_cache = Some((now, body.clone()));
+        Response::json(status, body)
+    }
+}
+
+fn endpoint_of(route: Route) -> Endpoint {
+    match route {
+        Route::Exec => Endpoint::Exec,
+        Route::ExecBatch => Endpoint::ExecBatch,
+        Route::Health => Endpoint::Health,
+        Route::Metrics => Endpoint::Metrics,
+    }
+}
+
+pub fn route_endpoint(route: Route) -> Endpoint {
+    endpoint_of(route)
+}
+
+pub fn error_response(err: &ApiError) -> Response {
+    Response::json(err.status, err.to_json())
+}
+
+/// Unique, unguessable-enough exec ids shaped like UUIDs: a random per-shard
+/// prefix and a bijective scramble of a counter.
+struct IdGenerator {
+    prefix: u64,
+    salt: u64,
+    counter: u64,
+}
+
+impl IdGenerator {
+    fn new(shard: usize) -> Self {
+        let mut seed = [0u64; 2];
+        // SAFETY: getrandom writes at most 16 bytes into the live array.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), 16, 0) };
+        if n != 16 {
+            // Uniqueness still holds (shard + counter); only guessability suffers.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            seed = [nanos, nanos.rotate_left(17) ^ std::process::id() as u64];
+        }
+        // The shard number in the top byte keeps shards' ids apart.
+        IdGenerator { prefix: (seed[0] >> 8) | ((shard as u64 & 0xff) << 56), salt: seed[1], counter: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.counter += 1;
+        let lo = splitmix64(self.counter ^ self.salt);
+        let hi = self.prefix;
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            hi >> 32,
+            (hi >> 16) & 0xffff,
+            hi & 0xffff,
+            lo >> 48,
+            lo & 0xffff_ffff_ffff
+        )
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_uuid_shaped() {
+        let mut ids = IdGenerator::new(3);
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(a.matches('-').count(), 4);
+    }
+}

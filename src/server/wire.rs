@@ -1,0 +1,323 @@
+//! JSON bodies of the /v1 API: decoding exec requests and encoding results
+//! and errors. Zeroboot-compatible field names.
+//!
+//! Exec response shape (also inside `{"results": [...]}` for batches):
+//!
+//! ```json
+//! {"id": "…", "stdout": "…", "stderr": "…", "exit_code": 0,
+//!  "fork_time_ms": 0.8, "exec_time_ms": 12.1, "total_time_ms": 13.0,
+//!  "output": "<same as stdout>", "duration_ms": 13.0,
+//!  "timed_out": false, "stdout_truncated": false, "stderr_truncated": false,
+//!  "error": null}
+//! ```
+//!
+//! A run that hits its timeout is still a 200 response: `timed_out: true`,
+//! `exit_code: -1`, `error: {"code": "timeout", "message": …}`, with whatever
+//! output the guest produced before it was stopped. Guest failures (crash,
+//! bad response, memory limit) likewise answer 200 with `exit_code: -1` and
+//! `error.code` one of `guest_crashed`, `bad_response`, `memory_limit`,
+//! `cancelled`, `rejected`, `no_template`, `internal`.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{ExecFailure, ExecResult, Language};
+
+/// An error answered as `{"error": {"code", "message"}}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(400, code, message)
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        error_json(self.code, &self.message)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorEnvelope<'a> {
+    error: ErrorBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+pub fn error_json(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&ErrorEnvelope { error: ErrorBody { code, message } })
+        .expect("serialising strings cannot fail")
+}
+
+/// Rules applied while decoding exec requests.
+#[derive(Clone, Debug)]
+pub struct DecodeRules {
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub max_batch: usize,
+    /// Languages with a loaded template.
+    pub languages: Vec<Language>,
+}
+
+/// A validated exec request, before it gets a cancel token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecSpec {
+    pub code: String,
+    pub language: Language,
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct ExecIn {
+    code: Option<String>,
+    language: Option<String>,
+    timeout_seconds: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct BatchIn {
+    executions: Option<Vec<serde_json::Value>>,
+}
+
+pub fn decode_exec(body: &[u8], rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
+    let parsed: ExecIn = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    validate(parsed, rules)
+}
+
+pub fn decode_batch(body: &[u8], rules: &DecodeRules) -> Result<Vec<ExecSpec>, ApiError> {
+    let parsed: BatchIn = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
+    let items = parsed
+        .executions
+        .ok_or_else(|| ApiError::bad_request("missing_executions", "field `executions` is required"))?;
+    if items.len() > rules.max_batch {
+        return Err(ApiError::bad_request(
+            "batch_too_large",
+            format!("a batch holds at most {} executions, got {}", rules.max_batch, items.len()),
+        ));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let parsed: ExecIn = serde_json::from_value(item).map_err(|e| {
+                ApiError::bad_request("invalid_json", format!("executions[{i}]: {e}"))
+            })?;
+            validate(parsed, rules).map_err(|mut e| {
+                e.message = format!("executions[{i}]: {}", e.message);
+                e
+            })
+        })
+        .collect()
+}
+
+fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
+    let code = parsed
+        .code
+        .ok_or_else(|| ApiError::bad_request("missing_code", "field `code` is required"))?;
+    let language = match parsed.language.as_deref() {
+        None => Language::Python,
+        Some(name) => Language::from_wire(name).ok_or_else(|| {
+            ApiError::bad_request("unknown_language", format!("unknown language `{name}`"))
+        })?,
+    };
+    if !rules.languages.contains(&language) {
+        return Err(ApiError::bad_request(
+            "unknown_language",
+            format!("no template is loaded for language `{}`", language.as_str()),
+        ));
+    }
+    let timeout = match parsed.timeout_seconds {
+        None => rules.default_timeout,
+        // Below a millisecond a timeout cannot be enforced meaningfully.
+        Some(secs) if secs.is_finite() && secs >= 0.001 && secs <= rules.max_timeout.as_secs_f64() => {
+            Duration::from_secs_f64(secs)
+        }
+        Some(secs) => {
+            return Err(ApiError::bad_request(
+                "invalid_timeout",
+                format!(
+                    "timeout_seconds must be a number from 0.001 to {}, got {secs}",
+                    rules.max_timeout.as_secs_f64()
+                ),
+            ))
+        }
+    };
+    Ok(ExecSpec { code, language, timeout })
+}
+
+#[derive(Serialize)]
+struct ExecOut<'a> {
+    id: &'a str,
+    stdout: &'a str,
+    stderr: &'a str,
+    exit_code: i32,
+    fork_time_ms: f64,
+    exec_time_ms: f64,
+    total_time_ms: f64,
+    output: &'a str,
+    duration_ms: f64,
+    timed_out: bool,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+    error: Option<ErrorBody<'a>>,
+}
+
+/// `error.code` and message for a failed run.
+pub fn failure_code(failure: &ExecFailure) -> (&'static str, Cow<'_, str>) {
+    match failure {
+        ExecFailure::Timeout => ("timeout", "the execution exceeded its timeout and was stopped".into()),
+        ExecFailure::Cancelled => ("cancelled", "the execution was cancelled".into()),
+        ExecFailure::GuestCrashed(m) => ("guest_crashed", m.as_str().into()),
+        ExecFailure::BadResponse(m) => ("bad_response", m.as_str().into()),
+        ExecFailure::MemoryLimit => ("memory_limit", "the sandbox exceeded its memory limit".into()),
+        ExecFailure::Rejected(m) => ("rejected", m.as_str().into()),
+        ExecFailure::NoTemplate => ("no_template", "no template is loaded for this language".into()),
+        ExecFailure::Internal(m) => ("internal", m.as_str().into()),
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    // Microsecond resolution keeps the JSON short.
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// Serialises one exec result as a JSON object into `out`.
+pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult) {
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    let error = result.failure.as_ref().map(failure_code);
+    let exec = ExecOut {
+        id,
+        stdout: &stdout,
+        stderr: &stderr,
+        exit_code: if result.failure.is_some() { -1 } else { result.exit_code },
+        fork_time_ms: millis(result.fork_time),
+        exec_time_ms: millis(result.exec_time),
+        total_time_ms: millis(result.total_time),
+        output: &stdout,
+        duration_ms: millis(result.total_time),
+        timed_out: result.failure == Some(ExecFailure::Timeout),
+        stdout_truncated: result.stdout_truncated,
+        stderr_truncated: result.stderr_truncated,
+        error: error.as_ref().map(|(code, message)| ErrorBody { code, message }),
+    };
+    serde_json::to_writer(out, &exec).expect("serialising into a Vec cannot fail");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rules() -> DecodeRules {
+        DecodeRules {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(300),
+            max_batch: 4,
+            languages: vec![Language::Python],
+        }
+    }
+
+    #[test]
+    fn decodes_defaults() {
+        let spec = decode_exec(br#"{"code":"print(1)","extra":true}"#, &rules()).unwrap();
+        assert_eq!(spec.code, "print(1)");
+        assert_eq!(spec.language, Language::Python);
+        assert_eq!(spec.timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn error_codes() {
+        let r = rules();
+        assert_eq!(decode_exec(b"{", &r).unwrap_err().code, "invalid_json");
+        assert_eq!(decode_exec(b"{}", &r).unwrap_err().code, "missing_code");
+        assert_eq!(decode_exec(br#"{"code":1}"#, &r).unwrap_err().code, "invalid_json");
+        assert_eq!(decode_exec(br#"{"code":"x","language":"cobol"}"#, &r).unwrap_err().code, "unknown_language");
+        assert_eq!(decode_exec(br#"{"code":"x","language":"node"}"#, &r).unwrap_err().code, "unknown_language");
+        for t in ["0", "-1", "301", "1e400", "\"5\""] {
+            let body = format!(r#"{{"code":"x","timeout_seconds":{t}}}"#);
+            let err = decode_exec(body.as_bytes(), &r).unwrap_err();
+            assert!(err.code == "invalid_timeout" || err.code == "invalid_json", "{t}: {err:?}");
+            assert_eq!(err.status, 400);
+        }
+        let ok = decode_exec(br#"{"code":"x","timeout_seconds":0.5}"#, &r).unwrap();
+        assert_eq!(ok.timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn batch_decoding() {
+        let r = rules();
+        let specs = decode_batch(br#"{"executions":[{"code":"a"},{"code":"b","language":"py"}]}"#, &r).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[1].code, "b");
+        let err = decode_batch(br#"{"executions":[{"code":"a"},{}]}"#, &r).unwrap_err();
+        assert_eq!(err.code, "missing_code");
+        assert!(err.message.starts_with("executions[1]"), "{}", err.message);
+        assert_eq!(decode_batch(b"{}", &r).unwrap_err().code, "missing_executions");
+        let big = format!(r#"{{"executions":[{}]}}"#, vec![r#"{"code":"a"}"#; 5].join(","));
+        assert_eq!(decode_batch(big.as_bytes(), &r).unwrap_err().code, "batch_too_large");
+    }
+
+    #[test]
+    fn timeout_result_shape() {
+        let result = ExecResult {
+            stdout: b"partial".to_vec(),
+            exit_code: 0,
+            failure: Some(ExecFailure::Timeout),
+            total_time: Duration::from_millis(1500),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_exec_result(&mut out, "id1", &result);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["timed_out"], true);
+        assert_eq!(v["exit_code"], -1);
+        assert_eq!(v["output"], "partial");
+        assert_eq!(v["duration_ms"], 1500.0);
+        assert_eq!(v["error"]["code"], "timeout");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let r = rules();
+            let _ = decode_exec(&bytes, &r);
+            let _ = decode_batch(&bytes, &r);
+        }
+
+        #[test]
+        fn decoders_never_panic_on_json_like(
+            code in proptest::option::of("[ -~]{0,20}"),
+            lang in proptest::option::of("[a-z]{0,8}"),
+            timeout in proptest::option::of(any::<f64>()),
+        ) {
+            let mut obj = serde_json::Map::new();
+            if let Some(c) = code { obj.insert("code".into(), c.into()); }
+            if let Some(l) = lang { obj.insert("language".into(), l.into()); }
+            if let Some(t) = timeout {
+                if let Some(n) = serde_json::Number::from_f64(t) { obj.insert("timeout_seconds".into(), n.into()); }
+            }
+            let body = serde_json::to_vec(&serde_json::Value::Object(obj)).unwrap();
+            if let Ok(spec) = decode_exec(&body, &rules()) {
+                prop_assert!(spec.timeout > Duration::ZERO && spec.timeout <= Duration::from_secs(300));
+            }
+        }
+    }
+}
