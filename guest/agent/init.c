@@ -1,0 +1,94 @@
+/* PID 1 duties: file systems, console, environment, boot options. */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "agent.h"
+
+struct mount_spec {
+    const char *source;
+    const char *target;
+    const char *type;
+    unsigned long flags;
+    const char *data;
+};
+
+static const struct mount_spec mounts[] = {
+    {"proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL},
+    {"sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL},
+    {"devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"},
+    {"tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
+    {"tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755"},
+};
+
+static void attach_console(void)
+{
+    int fd = open("/dev/console", O_RDWR | O_NOCTTY);
+    if (fd < 0)
+        return; /* keep whatever the kernel gave us; logging may be lost */
+    for (int target = 0; target <= 2; target++)
+        if (fd != target)
+            dup2(fd, target);
+    if (fd > 2)
+        close(fd);
+}
+
+void forkd_init_system(void)
+{
+    umask(022);
+    for (size_t i = 0; i < sizeof mounts / sizeof mounts[0]; i++) {
+        const struct mount_spec *m = &mounts[i];
+        if (mkdir(m->target, 0755) != 0 && errno != EEXIST)
+            forkd_fatal("mkdir %s: %s", m->target, strerror(errno));
+        if (mount(m->source, m->target, m->type, m->flags, m->data) != 0 && errno != EBUSY)
+            forkd_fatal("mount %s on %s: %s", m->type, m->target, strerror(errno));
+    }
+    attach_console();
+    setvbuf(stdout, NULL, _IOLBF, 0);
+
+    /* The kernel hands init a few stray variables; start clean. */
+    clearenv();
+    setenv("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin", 1);
+    setenv("HOME", "/root", 1);
+    setenv("LANG", "C.UTF-8", 1);
+    setenv("TMPDIR", "/tmp", 1);
+    setenv("PYTHONDONTWRITEBYTECODE", "1", 1);
+    if (chdir("/tmp") != 0)
+        forkd_fatal("chdir /tmp: %s", strerror(errno));
+}
+
+void forkd_read_boot_options(struct forkd_boot_options *options)
+{
+    options->selftest = false;
+    options->mailbox_gpa = FORKD_MAILBOX_GPA;
+
+    char cmdline[4096];
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        forkd_fatal("open /proc/cmdline: %s", strerror(errno));
+    ssize_t n = read(fd, cmdline, sizeof cmdline - 1);
+    close(fd);
+    if (n < 0)
+        forkd_fatal("read /proc/cmdline: %s", strerror(errno));
+    cmdline[n] = '\0';
+
+    char *save = NULL;
+    for (char *word = strtok_r(cmdline, " \t\n", &save); word != NULL;
+         word = strtok_r(NULL, " \t\n", &save)) {
+        if (strcmp(word, "forkd.selftest=1") == 0) {
+            options->selftest = true;
+        } else if (strncmp(word, "forkd.mailbox=", 14) == 0) {
+            char *end = NULL;
+            errno = 0;
+            unsigned long long gpa = strtoull(word + 14, &end, 0);
+            if (errno != 0 || end == word + 14 || *end != '\0' || gpa % 4096 != 0)
+                forkd_fatal("bad %s (want a page-aligned address)", word);
+            options->mailbox_gpa = gpa;
+        }
+    }
+}

@@ -1,0 +1,378 @@
+/* The embedded interpreter and the request path.
+ *
+ * Exec semantics live in forkd_runner.py; this file moves bytes between the
+ * mailbox and runner.run() and enforces the contract's bounds. Everything
+ * reachable from forkd_handle_request runs in a fork: no syscalls there.
+ */
+#include <Python.h>
+
+#include <stdio.h>
+#include <string.h>
+
+#include "agent.h"
+
+#define RUNNER_DIR "/usr/lib/forkd"
+#define RUNNER_MODULE "forkd_runner"
+#define WARMUP_SEQ_BASE 0x7761726d00000000ULL /* "warm": never a host seq */
+
+static PyObject *runner_module;
+static PyObject *runner_run;
+
+static void check_status(PyStatus status, const char *what)
+{
+    if (PyStatus_Exception(status))
+        forkd_fatal("%s: %s%s%s", what, status.func ? status.func : "",
+                    status.func ? ": " : "", status.err_msg ? status.err_msg : "failed");
+}
+
+/* Formats the pending Python exception as "Type: message" into buf. */
+static void describe_python_error(char *buf, size_t len)
+{
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    const char *type_name = type ? ((PyTypeObject *)type)->tp_name : "unknown error";
+    const char *text = "";
+    PyObject *str = value ? PyObject_Str(value) : NULL;
+    if (str != NULL)
+        text = PyUnicode_AsUTF8(str);
+    if (text == NULL) {
+        PyErr_Clear();
+        text = "";
+    }
+    snprintf(buf, len, "%s: %s", type_name, text);
+    Py_XDECREF(str);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+}
+
+__attribute__((noreturn)) static void fatal_python(const char *what)
+{
+    char detail[2048];
+    describe_python_error(detail, sizeof detail);
+    forkd_fatal("%s: %s", what, detail);
+}
+
+static void configure_interpreter(void)
+{
+    PyPreConfig preconfig;
+    PyPreConfig_InitIsolatedConfig(&preconfig);
+    preconfig.utf8_mode = 1;
+    check_status(Py_PreInitialize(&preconfig), "Python pre-initialisation");
+
+    PyConfig config;
+    PyConfig_InitIsolatedConfig(&config);
+    /* Like `python -c`: site (exit(), dist-packages), no user site, no
+     * bytecode writes (the rootfs ships precompiled .pyc files). */
+    config.site_import = 1;
+    config.user_site_directory = 0;
+    config.write_bytecode = 0;
+    config.parse_argv = 0;
+    config.install_signal_handlers = 1;
+    wchar_t *argv[] = {L"-c"};
+    check_status(PyConfig_SetArgv(&config, 1, argv), "PyConfig argv");
+    check_status(PyConfig_SetString(&config, &config.home, L"/usr"), "PyConfig home");
+    check_status(PyConfig_SetString(&config, &config.program_name, L"/usr/bin/python3.11"),
+                 "PyConfig program_name");
+    check_status(PyConfig_SetString(&config, &config.executable, L"/usr/bin/python3.11"),
+                 "PyConfig executable");
+    check_status(PyConfig_SetString(&config, &config.stdio_encoding, L"utf-8"),
+                 "PyConfig stdio_encoding");
+    check_status(PyConfig_SetString(&config, &config.stdio_errors, L"backslashreplace"),
+                 "PyConfig stdio_errors");
+    config.module_search_paths_set = 1;
+    check_status(PyWideStringList_Append(&config.module_search_paths, L"/usr/lib/python3.11"),
+                 "PyConfig module_search_paths");
+    check_status(
+        PyWideStringList_Append(&config.module_search_paths, L"/usr/lib/python3.11/lib-dynload"),
+        "PyConfig module_search_paths");
+    check_status(Py_InitializeFromConfig(&config), "Python initialisation");
+    PyConfig_Clear(&config);
+}
+
+static void load_runner(void)
+{
+    /* Import from its own directory without leaving it on sys.path. */
+    PyObject *path = PySys_GetObject("path"); /* borrowed */
+    PyObject *dir = PyUnicode_FromString(RUNNER_DIR);
+    if (path == NULL || dir == NULL || PyList_Insert(path, 0, dir) != 0)
+        fatal_python("sys.path");
+    runner_module = PyImport_ImportModule(RUNNER_MODULE);
+    Py_ssize_t index = PySequence_Index(path, dir);
+    if (index >= 0)
+        PySequence_DelItem(path, index);
+    Py_DECREF(dir);
+    if (runner_module == NULL)
+        fatal_python("import " RUNNER_DIR "/" RUNNER_MODULE ".py");
+    runner_run = PyObject_GetAttrString(runner_module, "run");
+    if (runner_run == NULL)
+        fatal_python(RUNNER_MODULE ".run");
+}
+
+static void import_template_modules(void)
+{
+    PyObject *names = PyObject_GetAttrString(runner_module, "TEMPLATE_MODULES");
+    if (names == NULL || !PyTuple_Check(names))
+        fatal_python(RUNNER_MODULE ".TEMPLATE_MODULES");
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(names, i));
+        if (name == NULL)
+            fatal_python("TEMPLATE_MODULES entry");
+        double started = forkd_uptime_seconds();
+        PyObject *module = PyImport_ImportModule(name);
+        if (module == NULL) {
+            char what[256];
+            snprintf(what, sizeof what, "import %s", name);
+            fatal_python(what);
+        }
+        Py_DECREF(module);
+        double took = forkd_uptime_seconds() - started;
+        if (took >= 1.0)
+            forkd_log("import %s: %.1f s", name, took);
+    }
+    Py_DECREF(names);
+}
+
+void forkd_python_start(void)
+{
+    double started = forkd_uptime_seconds();
+    configure_interpreter();
+    forkd_log("python initialised in %.1f s", forkd_uptime_seconds() - started);
+    started = forkd_uptime_seconds();
+    load_runner();
+    import_template_modules();
+    forkd_log("runner and template modules imported in %.1f s", forkd_uptime_seconds() - started);
+}
+
+void forkd_put_request(struct forkd_mailbox *mb, uint64_t seq, uint32_t language,
+                       const char *code, size_t code_len, uint32_t stdout_cap,
+                       uint32_t stderr_cap)
+{
+    size_t copied = code_len < FORKD_MB_CODE_MAX ? code_len : FORKD_MB_CODE_MAX;
+    memcpy(mb->base + FORKD_MB_CODE_OFF, code, copied);
+    forkd_mb_write32(mb, FORKD_MB_REQ_LANGUAGE_OFF, language);
+    forkd_mb_write32(mb, FORKD_MB_REQ_FLAGS_OFF, 0);
+    forkd_mb_write32(mb, FORKD_MB_REQ_TIMEOUT_MS_OFF, 0);
+    forkd_mb_write32(mb, FORKD_MB_REQ_CODE_LEN_OFF, (uint32_t)code_len);
+    forkd_mb_write32(mb, FORKD_MB_REQ_STDOUT_CAP_OFF, stdout_cap);
+    forkd_mb_write32(mb, FORKD_MB_REQ_STDERR_CAP_OFF, stderr_cap);
+    forkd_mb_write64(mb, FORKD_MB_REQ_SEQ_OFF, seq);
+}
+
+/* ---- the hot path ---- */
+
+struct response {
+    uint32_t status;
+    int32_t exit_code;
+    uint32_t stdout_len;
+    uint32_t stderr_len;
+    uint32_t flags;
+    uint64_t exec_ns;
+};
+
+static uint32_t min_u32(uint32_t a, uint32_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Copies at most cap bytes, cutting on a UTF-8 character boundary so the
+ * host can decode a truncated stream cleanly. Returns the bytes written. */
+static uint32_t copy_capped(uint8_t *dst, uint32_t cap, const char *src, size_t len,
+                            bool *truncated)
+{
+    *truncated = len > cap;
+    size_t n = len;
+    if (*truncated) {
+        n = cap;
+        /* src[n] is the first byte left out; back off while it continues a
+         * character that started inside the copied part (at most 3 bytes). */
+        for (int i = 0; i < 3 && n > 0 && ((uint8_t)src[n] & 0xC0) == 0x80; i++)
+            n--;
+        if (((uint8_t)src[n] & 0xC0) == 0x80)
+            n = cap; /* not UTF-8 after all: cut at the cap */
+    }
+    memcpy(dst, src, n);
+    return (uint32_t)n;
+}
+
+static void write_message(struct forkd_mailbox *mb, struct response *resp, uint32_t stderr_cap,
+                          const char *message)
+{
+    bool truncated;
+    resp->stderr_len = copy_capped(mb->base + FORKD_MB_STDERR_OFF, stderr_cap, message,
+                                   strlen(message), &truncated);
+    if (truncated)
+        resp->flags |= FORKD_RESP_FLAG_STDERR_TRUNCATED;
+}
+
+static void run_python(struct forkd_mailbox *mb, uint32_t code_len, uint32_t stdout_cap,
+                       uint32_t stderr_cap, struct response *resp)
+{
+    PyObject *code = PyBytes_FromStringAndSize((const char *)mb->base + FORKD_MB_CODE_OFF,
+                                               code_len);
+    PyObject *seed = PyBytes_FromStringAndSize((const char *)mb->base + FORKD_MB_FORK_SEED_OFF,
+                                               FORKD_MB_SEED_LEN);
+    PyObject *result = NULL;
+    uint64_t started = forkd_rdtsc();
+    if (code != NULL && seed != NULL)
+        result = PyObject_CallFunctionObjArgs(runner_run, code, seed, NULL);
+    resp->exec_ns = forkd_tsc_to_ns(forkd_rdtsc() - started);
+    Py_XDECREF(code);
+    Py_XDECREF(seed);
+
+    if (result == NULL || !PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 3 ||
+        !PyBytes_Check(PyTuple_GET_ITEM(result, 0)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(result, 1)) ||
+        !PyLong_Check(PyTuple_GET_ITEM(result, 2))) {
+        char message[1024] = "forkd agent: runner returned a malformed result";
+        if (PyErr_Occurred()) {
+            char detail[960];
+            describe_python_error(detail, sizeof detail);
+            snprintf(message, sizeof message, "forkd agent: runner failed: %s", detail);
+        }
+        Py_XDECREF(result);
+        resp->status = FORKD_STATUS_AGENT_ERROR;
+        write_message(mb, resp, stderr_cap, message);
+        return;
+    }
+
+    PyObject *out = PyTuple_GET_ITEM(result, 0);
+    PyObject *err = PyTuple_GET_ITEM(result, 1);
+    bool truncated;
+    resp->stdout_len = copy_capped(mb->base + FORKD_MB_STDOUT_OFF, stdout_cap,
+                                   PyBytes_AS_STRING(out), (size_t)PyBytes_GET_SIZE(out),
+                                   &truncated);
+    if (truncated)
+        resp->flags |= FORKD_RESP_FLAG_STDOUT_TRUNCATED;
+    resp->stderr_len = copy_capped(mb->base + FORKD_MB_STDERR_OFF, stderr_cap,
+                                   PyBytes_AS_STRING(err), (size_t)PyBytes_GET_SIZE(err),
+                                   &truncated);
+    if (truncated)
+        resp->flags |= FORKD_RESP_FLAG_STDERR_TRUNCATED;
+    resp->exit_code = (int32_t)PyLong_AsLong(PyTuple_GET_ITEM(result, 2));
+    resp->status = FORKD_STATUS_OK;
+    Py_DECREF(result);
+}
+
+void forkd_handle_request(struct forkd_mailbox *mb)
+{
+    forkd_mb_write32(mb, FORKD_MB_AGENT_STATE_OFF, FORKD_STATE_RUNNING);
+    uint64_t seq = forkd_mb_read64(mb, FORKD_MB_REQ_SEQ_OFF);
+    uint32_t language = forkd_mb_read32(mb, FORKD_MB_REQ_LANGUAGE_OFF);
+    uint32_t code_len = forkd_mb_read32(mb, FORKD_MB_REQ_CODE_LEN_OFF);
+    uint32_t stdout_cap = min_u32(forkd_mb_read32(mb, FORKD_MB_REQ_STDOUT_CAP_OFF),
+                                  FORKD_MB_STDOUT_MAX);
+    uint32_t stderr_cap = min_u32(forkd_mb_read32(mb, FORKD_MB_REQ_STDERR_CAP_OFF),
+                                  FORKD_MB_STDERR_MAX);
+    struct response resp = {0};
+
+    if (language != FORKD_LANG_PYTHON) {
+        char message[128];
+        snprintf(message, sizeof message,
+                 "forkd agent: unsupported language %u (this template runs python)\n",
+                 language);
+        resp.status = FORKD_STATUS_BAD_REQUEST;
+        write_message(mb, &resp, stderr_cap, message);
+    } else if (code_len > FORKD_MB_CODE_MAX) {
+        char message[128];
+        snprintf(message, sizeof message,
+                 "forkd agent: code is %u bytes, the limit is %u\n", code_len,
+                 (unsigned)FORKD_MB_CODE_MAX);
+        resp.status = FORKD_STATUS_BAD_REQUEST;
+        write_message(mb, &resp, stderr_cap, message);
+    } else {
+        run_python(mb, code_len, stdout_cap, stderr_cap, &resp);
+    }
+
+    forkd_mb_write32(mb, FORKD_MB_RESP_STATUS_OFF, resp.status);
+    forkd_mb_write32(mb, FORKD_MB_RESP_EXIT_CODE_OFF, (uint32_t)resp.exit_code);
+    forkd_mb_write32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF, resp.stdout_len);
+    forkd_mb_write32(mb, FORKD_MB_RESP_STDERR_LEN_OFF, resp.stderr_len);
+    forkd_mb_write32(mb, FORKD_MB_RESP_FLAGS_OFF, resp.flags);
+    forkd_mb_write64(mb, FORKD_MB_RESP_EXEC_NS_OFF, resp.exec_ns);
+    /* Last, so a response with the right seq is always complete. */
+    forkd_mb_write64(mb, FORKD_MB_RESP_SEQ_OFF, seq);
+    forkd_mb_write32(mb, FORKD_MB_AGENT_STATE_OFF, FORKD_STATE_DONE);
+}
+
+/* ---- warm-up ---- */
+
+static const char *utf8_of(PyObject *tuple, Py_ssize_t index, Py_ssize_t *len)
+{
+    const char *text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(tuple, index), len);
+    if (text == NULL)
+        fatal_python(RUNNER_MODULE ".WARMUP entry");
+    return text;
+}
+
+/* A short, printable excerpt of mailbox bytes for error messages. */
+static void excerpt(char *dst, size_t dst_len, const uint8_t *src, size_t len)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < len && o + 5 < dst_len; i++) {
+        uint8_t c = src[i];
+        if (c >= 0x20 && c < 0x7f && c != '\\')
+            dst[o++] = (char)c;
+        else
+            o += (size_t)snprintf(dst + o, dst_len - o, "\\x%02x", c);
+    }
+    dst[o < dst_len ? o : dst_len - 1] = '\0';
+}
+
+static void check_warmup_result(struct forkd_mailbox *mb, Py_ssize_t index, const char *code,
+                                const char *expected_out, Py_ssize_t expected_len,
+                                long expected_exit)
+{
+    uint32_t status = forkd_mb_read32(mb, FORKD_MB_RESP_STATUS_OFF);
+    int32_t exit_code = (int32_t)forkd_mb_read32(mb, FORKD_MB_RESP_EXIT_CODE_OFF);
+    uint32_t out_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF);
+    uint32_t err_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDERR_LEN_OFF);
+    uint32_t flags = forkd_mb_read32(mb, FORKD_MB_RESP_FLAGS_OFF);
+    size_t want_len = (size_t)expected_len < FORKD_MB_STDOUT_MAX ? (size_t)expected_len
+                                                                 : FORKD_MB_STDOUT_MAX;
+    bool want_truncated = (size_t)expected_len > FORKD_MB_STDOUT_MAX;
+    bool out_ok = out_len == want_len &&
+                  memcmp(mb->base + FORKD_MB_STDOUT_OFF, expected_out, want_len) == 0 &&
+                  ((flags & FORKD_RESP_FLAG_STDOUT_TRUNCATED) != 0) == want_truncated;
+    if (status == FORKD_STATUS_OK && exit_code == expected_exit && out_ok)
+        return;
+    char got_out[300], got_err[600];
+    excerpt(got_out, sizeof got_out, mb->base + FORKD_MB_STDOUT_OFF, out_len < 200 ? out_len : 200);
+    excerpt(got_err, sizeof got_err, mb->base + FORKD_MB_STDERR_OFF, err_len < 400 ? err_len : 400);
+    forkd_fatal("warm-up snippet %zd failed: %.200s\n  status %u exit %d (want %ld)\n"
+                "  stdout %u bytes: %s\n  stderr: %s",
+                index, code, status, exit_code, expected_exit, out_len, got_out, got_err);
+}
+
+void forkd_python_warm_up(struct forkd_mailbox *mb)
+{
+    double started = forkd_uptime_seconds();
+    PyObject *snippets = PyObject_GetAttrString(runner_module, "WARMUP");
+    if (snippets == NULL || !PyTuple_Check(snippets))
+        fatal_python(RUNNER_MODULE ".WARMUP");
+    Py_ssize_t count = PyTuple_GET_SIZE(snippets);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *entry = PyTuple_GET_ITEM(snippets, i);
+        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3)
+            forkd_fatal(RUNNER_MODULE ".WARMUP[%zd] is not (code, stdout, exit)", i);
+        Py_ssize_t code_len, out_len;
+        const char *code = utf8_of(entry, 0, &code_len);
+        const char *expected_out = utf8_of(entry, 1, &out_len);
+        long expected_exit = PyLong_AsLong(PyTuple_GET_ITEM(entry, 2));
+        forkd_put_request(mb, WARMUP_SEQ_BASE + (uint64_t)i, FORKD_LANG_PYTHON, code,
+                          (size_t)code_len, FORKD_MB_STDOUT_MAX, FORKD_MB_STDERR_MAX);
+        forkd_handle_request(mb);
+        check_warmup_result(mb, i, code, expected_out, out_len, expected_exit);
+    }
+    Py_DECREF(snippets);
+    forkd_log("warm-up: %zd snippets passed in %.1f s", count, forkd_uptime_seconds() - started);
+}
+
+void forkd_python_prepare_template(void)
+{
+    PyObject *result = PyObject_CallMethod(runner_module, "prepare_template", NULL);
+    if (result == NULL)
+        fatal_python(RUNNER_MODULE ".prepare_template");
+    Py_DECREF(result);
+}

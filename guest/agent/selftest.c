@@ -1,0 +1,180 @@
+/* Self-test: built-in requests through the real request path, for running
+ * the agent without forkd's VMM (QEMU probe, host chroot). The agent plays
+ * the host's part by writing requests into the mailbox itself. */
+#include <stdio.h>
+#include <string.h>
+
+#include "agent.h"
+
+#define SELFTEST_SEQ_BASE 0x7465737400000000ULL /* "test" */
+#define NO_EXPECTATION (-1000)
+
+struct selftest_case {
+    const char *name;
+    const char *code;
+    uint32_t language;
+    uint32_t code_len_override; /* 0: strlen(code) */
+    uint32_t stdout_cap;
+    uint32_t stderr_cap;
+    uint32_t expect_status;
+    int expect_exit;            /* NO_EXPECTATION to skip */
+    const char *expect_stdout;  /* exact, NULL to skip */
+    const char *expect_stderr_contains;
+    uint32_t expect_flags;
+    int32_t expect_stdout_len;  /* -1 to skip */
+};
+
+static const struct selftest_case cases[] = {
+    {"print", "print(1+1)", FORKD_LANG_PYTHON, 0, 4096, 4096, FORKD_STATUS_OK, 0, "2\n", NULL, 0, -1},
+    {"sum", "print(sum(range(10**6)))", FORKD_LANG_PYTHON, 0, 4096, 4096, FORKD_STATUS_OK, 0,
+     "499999500000\n", NULL, 0, -1},
+    {"numpy-mean", "import numpy as np\nprint(np.arange(10).mean())", FORKD_LANG_PYTHON, 0, 4096,
+     4096, FORKD_STATUS_OK, 0, "4.5\n", NULL, 0, -1},
+    {"exception", "x = 1\n1/0", FORKD_LANG_PYTHON, 0, 4096, 4096, FORKD_STATUS_OK, 1, "",
+     "Traceback (most recent call last):\n  File \"<string>\", line 2, in <module>\n"
+     "ZeroDivisionError: division by zero\n",
+     0, -1},
+    {"syntax-error", "print(", FORKD_LANG_PYTHON, 0, 4096, 4096, FORKD_STATUS_OK, 1, "",
+     "SyntaxError", 0, -1},
+    {"sys-exit", "import sys\nprint('bye')\nsys.exit(3)", FORKD_LANG_PYTHON, 0, 4096, 4096,
+     FORKD_STATUS_OK, 3, "bye\n", NULL, 0, -1},
+    {"stderr", "import sys\nprint('to err', file=sys.stderr)", FORKD_LANG_PYTHON, 0, 4096, 4096,
+     FORKD_STATUS_OK, 0, "", "to err\n", 0, -1},
+    {"big-output-truncated", "print('x' * 100000)", FORKD_LANG_PYTHON, 0, 1000, 4096,
+     FORKD_STATUS_OK, 0, NULL, NULL, FORKD_RESP_FLAG_STDOUT_TRUNCATED, 1000},
+    {"utf8-cut", "print('é' * 10)", FORKD_LANG_PYTHON, 0, 5, 4096, FORKD_STATUS_OK, 0, "éé",
+     NULL, FORKD_RESP_FLAG_STDOUT_TRUNCATED, 4},
+    {"bad-language", "console.log(1)", FORKD_LANG_NODE, 0, 4096, 4096, FORKD_STATUS_BAD_REQUEST,
+     NO_EXPECTATION, "", "unsupported language", 0, -1},
+    {"code-too-long", "print(1)", FORKD_LANG_PYTHON, FORKD_MB_CODE_MAX + 1, 4096, 4096,
+     FORKD_STATUS_BAD_REQUEST, NO_EXPECTATION, "", "limit", 0, -1},
+};
+
+static void printable(char *dst, size_t dst_len, const uint8_t *src, size_t len)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < len && o + 5 < dst_len; i++) {
+        uint8_t c = src[i];
+        if (c >= 0x20 && c < 0x7f && c != '\\')
+            dst[o++] = (char)c;
+        else
+            o += (size_t)snprintf(dst + o, dst_len - o, "\\x%02x", c);
+    }
+    dst[o < dst_len ? o : dst_len - 1] = '\0';
+}
+
+static bool contains(const uint8_t *hay, size_t hay_len, const char *needle)
+{
+    size_t n = strlen(needle);
+    for (size_t i = 0; n <= hay_len && i <= hay_len - n; i++)
+        if (memcmp(hay + i, needle, n) == 0)
+            return true;
+    return false;
+}
+
+/* Runs one request the way a fork would and reports it on the console. */
+static void run_case(struct forkd_mailbox *mb, uint64_t seq, const char *name, uint32_t language,
+                     const char *code, uint32_t code_len, uint32_t stdout_cap,
+                     uint32_t stderr_cap)
+{
+    forkd_put_request(mb, seq, language, code, strlen(code), stdout_cap, stderr_cap);
+    forkd_mb_write32(mb, FORKD_MB_REQ_CODE_LEN_OFF, code_len);
+    long faults_before = forkd_minor_faults();
+    double started = forkd_uptime_seconds();
+    forkd_handle_request(mb);
+    double wall_ms = (forkd_uptime_seconds() - started) * 1e3;
+    long faults = forkd_minor_faults() - faults_before;
+    char out[200];
+    uint32_t out_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF);
+    printable(out, sizeof out, mb->base + FORKD_MB_STDOUT_OFF, out_len < 40 ? out_len : 40);
+    forkd_log("selftest %-20s wall %8.3f ms  exec %8.3f ms  page faults %3ld  status %u exit %d "
+              "stdout %u bytes \"%s\"",
+              name, wall_ms,
+              (double)forkd_mb_read64(mb, FORKD_MB_RESP_EXEC_NS_OFF) / 1e6, faults,
+              forkd_mb_read32(mb, FORKD_MB_RESP_STATUS_OFF),
+              (int32_t)forkd_mb_read32(mb, FORKD_MB_RESP_EXIT_CODE_OFF), out_len, out);
+}
+
+static bool check_case(struct forkd_mailbox *mb, uint64_t seq, const struct selftest_case *c)
+{
+    const uint8_t *out = mb->base + FORKD_MB_STDOUT_OFF;
+    const uint8_t *err = mb->base + FORKD_MB_STDERR_OFF;
+    uint32_t out_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF);
+    uint32_t err_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDERR_LEN_OFF);
+    uint32_t status = forkd_mb_read32(mb, FORKD_MB_RESP_STATUS_OFF);
+    int32_t exit_code = (int32_t)forkd_mb_read32(mb, FORKD_MB_RESP_EXIT_CODE_OFF);
+    uint32_t flags = forkd_mb_read32(mb, FORKD_MB_RESP_FLAGS_OFF);
+    const char *problem = NULL;
+
+    if (forkd_mb_read64(mb, FORKD_MB_RESP_SEQ_OFF) != seq)
+        problem = "response seq does not echo the request";
+    else if (forkd_mb_read32(mb, FORKD_MB_AGENT_STATE_OFF) != FORKD_STATE_DONE)
+        problem = "agent state is not DONE";
+    else if (status != c->expect_status)
+        problem = "unexpected status";
+    else if (c->expect_exit != NO_EXPECTATION && exit_code != c->expect_exit)
+        problem = "unexpected exit code";
+    else if (c->expect_stdout != NULL &&
+             (out_len != strlen(c->expect_stdout) || memcmp(out, c->expect_stdout, out_len) != 0))
+        problem = "unexpected stdout";
+    else if (c->expect_stdout_len >= 0 && out_len != (uint32_t)c->expect_stdout_len)
+        problem = "unexpected stdout length";
+    else if (c->expect_stderr_contains != NULL && !contains(err, err_len, c->expect_stderr_contains))
+        problem = "stderr lacks the expected text";
+    else if (flags != c->expect_flags)
+        problem = "unexpected flags";
+    else if (out_len > c->stdout_cap || err_len > c->stderr_cap)
+        problem = "output exceeds the request's cap";
+    if (problem == NULL)
+        return true;
+    char err_text[600];
+    printable(err_text, sizeof err_text, err, err_len < 300 ? err_len : 300);
+    forkd_log("selftest %s FAILED: %s (flags %#x, stderr \"%s\")", c->name, problem, flags,
+              err_text);
+    return false;
+}
+
+/* Same fork seed -> same random streams; a different seed -> different. */
+static bool check_reseeding(struct forkd_mailbox *mb, uint64_t seq)
+{
+    static const char code[] =
+        "import random, numpy\nprint(random.random(), numpy.random.rand())";
+    char outputs[3][128];
+    static const uint8_t seed_bytes[3] = {0x11, 0x11, 0x22};
+    for (int i = 0; i < 3; i++) {
+        memset(mb->base + FORKD_MB_FORK_SEED_OFF, seed_bytes[i], FORKD_MB_SEED_LEN);
+        run_case(mb, seq + (uint64_t)i, "fork-reseed", FORKD_LANG_PYTHON, code,
+                 (uint32_t)strlen(code), 4096, 4096);
+        uint32_t len = forkd_mb_read32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF);
+        if (forkd_mb_read32(mb, FORKD_MB_RESP_STATUS_OFF) != FORKD_STATUS_OK || len == 0 ||
+            len >= sizeof outputs[i]) {
+            forkd_log("selftest fork-reseed FAILED: request %d did not run", i);
+            return false;
+        }
+        memcpy(outputs[i], mb->base + FORKD_MB_STDOUT_OFF, len);
+        outputs[i][len] = '\0';
+    }
+    memset(mb->base + FORKD_MB_FORK_SEED_OFF, 0, FORKD_MB_SEED_LEN);
+    if (strcmp(outputs[0], outputs[1]) != 0 || strcmp(outputs[0], outputs[2]) == 0) {
+        forkd_log("selftest fork-reseed FAILED: outputs %s / %s / %s", outputs[0], outputs[1],
+                  outputs[2]);
+        return false;
+    }
+    return true;
+}
+
+bool forkd_selftest_run(struct forkd_mailbox *mb)
+{
+    bool passed = true;
+    uint64_t seq = SELFTEST_SEQ_BASE;
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++, seq++) {
+        const struct selftest_case *c = &cases[i];
+        uint32_t code_len = c->code_len_override ? c->code_len_override
+                                                 : (uint32_t)strlen(c->code);
+        run_case(mb, seq, c->name, c->language, c->code, code_len, c->stdout_cap,
+                 c->stderr_cap);
+        passed &= check_case(mb, seq, c);
+    }
+    passed &= check_reseeding(mb, seq);
+    return passed;
+}
