@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs the Python and TypeScript SDK test suites against a live forkd server.
 #
-#   FORKD_URL=http://127.0.0.1:8080 [FORKD_TEST_API_KEY=<key>] sdk/run-tests.sh [python|typescript]...
+#   FORKD_URL=http://127.0.0.1:8080 [FORKD_TEST_API_KEY=<key>] sdk/run-tests.sh [python|typescript|examples]...
 #
-# With no argument both suites run; the exit status is non-zero if either fails.
+# With no argument all three run (examples: the agent loops in examples/, which
+# need the TypeScript build); the exit status is non-zero if any fails.
 set -uo pipefail
 
 if [[ -z "${FORKD_URL:-}" ]]; then
@@ -12,7 +13,7 @@ if [[ -z "${FORKD_URL:-}" ]]; then
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 suites=("$@")
-[[ ${#suites[@]} -eq 0 ]] && suites=(python typescript)
+[[ ${#suites[@]} -eq 0 ]] && suites=(python typescript examples)
 
 run_python() {
   if ! python3 -c 'import pytest' 2>/dev/null; then
@@ -36,11 +37,36 @@ run_typescript() {
     node --test test/*.test.mjs test/*.test.cjs)
 }
 
+run_example() {
+  local name=$1 log
+  shift
+  log=$(mktemp)
+  if FORKD_API_KEY="${FORKD_TEST_API_KEY:-}" "$@" >"$log" 2>&1; then
+    echo "$name: ok"
+    rm -f "$log"
+    return 0
+  fi
+  echo "$name: FAILED"
+  cat "$log"
+  rm -f "$log"
+  return 1
+}
+
+run_examples() {
+  if [[ ! -f "$here/typescript/dist/esm/index.js" ]]; then
+    (cd "$here/typescript" && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build) || return 1
+  fi
+  local rc=0
+  run_example examples/agent_loop.py python3 "$here/../examples/agent_loop.py" || rc=1
+  run_example examples/agent_loop.mjs node "$here/../examples/agent_loop.mjs" || rc=1
+  return "$rc"
+}
+
 status=0
 for suite in "${suites[@]}"; do
   case "$suite" in
-    python | typescript) ;;
-    *) echo "sdk/run-tests.sh: unknown suite '$suite' (python or typescript)" >&2; exit 2 ;;
+    python | typescript | examples) ;;
+    *) echo "sdk/run-tests.sh: unknown suite '$suite' (python, typescript or examples)" >&2; exit 2 ;;
   esac
   echo "=== SDK suite: $suite against $FORKD_URL ==="
   if ! "run_$suite"; then
