@@ -152,7 +152,8 @@ def run(code, seed):
     stderr = _text_stream(err_buffer)
     stdin = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
     main = _fresh_main()
-    saved = (sys.stdin, sys.stdout, sys.stderr, sys.modules.get("__main__"), os._exit)
+    saved = (sys.stdin, sys.stdout, sys.stderr, sys.modules.get("__main__"), os._exit,
+             sys.excepthook, sys.unraisablehook, sys.displayhook)
     sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
     sys.modules["__main__"] = main
     os._exit = _hard_exit
@@ -175,7 +176,8 @@ def run(code, seed):
         except BaseException as exc:
             _print_exception(exc, stderr)
     finally:
-        sys.stdin, sys.stdout, sys.stderr, previous_main, os._exit = saved
+        (sys.stdin, sys.stdout, sys.stderr, previous_main, os._exit,
+         sys.excepthook, sys.unraisablehook, sys.displayhook) = saved
         if previous_main is not None:
             sys.modules["__main__"] = previous_main
     return _drain(stdout, out_buffer), _drain(stderr, err_buffer), status
