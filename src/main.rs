@@ -60,6 +60,12 @@ enum TemplateCmd {
         /// Build even if a cached template exists.
         #[arg(long)]
         rebuild: bool,
+        /// Development: boot this vmlinux instead of the guest/kernel build.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Development: boot this initramfs instead of the guest/rootfs build.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
     },
     /// Print a template's metadata.
     Inspect { dir: PathBuf },
@@ -82,7 +88,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        Cmd::Template { command: TemplateCmd::Build { language, out, ram_mib, verbose, boot_timeout, rebuild } } => {
+        Cmd::Template { command: TemplateCmd::Build { language, out, ram_mib, verbose, boot_timeout, rebuild, kernel, initrd } } => {
             let opts = BuildOptions {
                 language: parse_language(&language)?,
                 out,
@@ -90,6 +96,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 verbose,
                 boot_timeout: Duration::from_secs(boot_timeout),
                 rebuild,
+                kernel,
+                initrd,
             };
             let dir = template::build(&opts).map_err(|e| e.to_string())?;
             println!("{}", dir.display());

@@ -92,13 +92,20 @@ impl Template {
             return Err(TemplateError::WrongHost { found: meta.cpu_vendor.clone(), here: vendor });
         }
         let memfd = snapshot::load_memory(&dir.join(&meta.memory.file), &meta.memory)?;
+        Template::from_parts(dir.to_path_buf(), meta, state, memfd)
+    }
+
+    /// Assembles a template from a machine state and the memfd holding its
+    /// RAM (sealed here). Used by `load` and by tests with tiny guests.
+    pub fn from_parts(dir: PathBuf, meta: TemplateMeta, state: MachineState, memfd: File) -> Result<Template, TemplateError> {
+        GuestRam::seal(&memfd)?;
         let source = GuestRam::map(&memfd, meta.ram_size as usize, Sharing::ReadOnly)?;
         let fork_lapic = if std::env::var_os("FORKD_KEEP_TIMER").is_some() {
             state.vcpu.lapic
         } else {
             state.vcpu.lapic_timer_masked()
         };
-        Ok(Template { dir: dir.to_path_buf(), meta, state, memfd, source, fork_lapic })
+        Ok(Template { dir, meta, state, memfd, source, fork_lapic })
     }
 
     pub fn language(&self) -> Option<Language> {
@@ -115,6 +122,10 @@ pub struct BuildOptions {
     pub verbose: bool,
     pub boot_timeout: Duration,
     pub rebuild: bool,
+    /// Use this vmlinux instead of building guest/kernel (development).
+    pub kernel: Option<PathBuf>,
+    /// Use this initramfs instead of building guest/rootfs (development).
+    pub initrd: Option<PathBuf>,
 }
 
 /// The `guest/` directory with the kernel and rootfs recipes.
@@ -181,6 +192,10 @@ pub fn kernel_cmdline(host: HostKind) -> String {
         words.push(read_words(&kdir.join("cmdline.pvm")));
     }
     words.push(format!("forkd.mailbox={:#x}", c::MAILBOX_GPA));
+    // Development: try extra kernel parameters without editing guest/kernel.
+    if let Ok(extra) = std::env::var("FORKD_EXTRA_CMDLINE") {
+        words.push(extra);
+    }
     words.retain(|w| !w.is_empty());
     words.join(" ")
 }
@@ -213,10 +228,22 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
     let host = HostKind::detect();
     p.say("host", &format!("KVM kind: {}", host.as_str()));
     let gdir = guest_dir();
-    let kernel_dir = run_script(&p, "kernel", &gdir.join("kernel/build.sh"), &[])?;
-    let rootfs_dir = run_script(&p, "rootfs", &gdir.join("rootfs/build.sh"), &["--language", opts.language.as_str()])?;
-    let kernel = kernel_dir.join("vmlinux");
-    let initrd = rootfs_dir.join("initramfs.cpio");
+    let (kernel_dir, kernel) = match &opts.kernel {
+        Some(k) => (k.parent().map(Path::to_path_buf).unwrap_or_default(), k.clone()),
+        None => {
+            let d = run_script(&p, "kernel", &gdir.join("kernel/build.sh"), &[])?;
+            let k = d.join("vmlinux");
+            (d, k)
+        }
+    };
+    let (rootfs_dir, initrd) = match &opts.initrd {
+        Some(i) => (i.parent().map(Path::to_path_buf).unwrap_or_default(), i.clone()),
+        None => {
+            let d = run_script(&p, "rootfs", &gdir.join("rootfs/build.sh"), &["--language", opts.language.as_str()])?;
+            let i = d.join("initramfs.cpio");
+            (d, i)
+        }
+    };
     let cmdline = kernel_cmdline(host);
     let ram_size = opts.ram_mib << 20;
 
@@ -224,6 +251,8 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
     for part in [
         dir_key(&kernel_dir),
         dir_key(&rootfs_dir),
+        format!("{}:{}", kernel.display(), file_size(&kernel)),
+        format!("{}:{}", initrd.display(), file_size(&initrd)),
         cmdline.clone(),
         ram_size.to_string(),
         snapshot::FORMAT_VERSION.to_string(),

@@ -143,6 +143,16 @@ impl Sandbox {
         Ok(())
     }
 
+    /// The vCPU (tests inspect registers after a reset).
+    pub fn vcpu(&self) -> &Vcpu {
+        &self.vcpu
+    }
+
+    /// The sandbox's private view of guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
     /// The guest console output of this sandbox (tail).
     pub fn console_tail(&self, lines: usize) -> String {
         self.devices.console().tail_text(lines)

@@ -402,6 +402,5 @@ pub fn load_memory(path: &Path, info: &MemoryInfo) -> Result<File, SnapshotError
     if found != info.crc32 || nonzero != info.nonzero_pages {
         return Err(SnapshotError::Checksum { path: name, found, expected: info.crc32 });
     }
-    GuestRam::seal(&memfd)?;
     Ok(memfd)
 }
