@@ -111,6 +111,17 @@ def test_non_json_success_is_a_protocol_error(fake, fake_client):
         fake_client.exec("pass")
 
 
+@pytest.mark.parametrize("broken", [
+    {"stdout": "x"},                                   # no exit_code
+    exec_answer(fork_time_ms="fast"),                  # not a number
+    exec_answer(stdout=5),                             # not a string
+])
+def test_malformed_result_is_a_protocol_error(fake, fake_client, broken):
+    fake.script({"json": broken})
+    with pytest.raises(ProtocolError):
+        fake_client.exec("pass")
+
+
 def test_unknown_fields_are_kept_in_raw(fake, fake_client):
     fake.script({"json": exec_answer("x", shard=3)})
     assert fake_client.exec("pass").raw["shard"] == 3

@@ -7,10 +7,13 @@ Each call runs the thread-safe synchronous client in a worker thread
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from .client import Sandbox
 from .models import BatchItem, ExecResult
+
+if TYPE_CHECKING:
+    from .tool import AsyncSandboxTool
 
 
 class AsyncSandbox:
@@ -42,7 +45,8 @@ class AsyncSandbox:
         return await asyncio.to_thread(self.sync.metrics)
 
     def as_tool(self, name: str = "run_code", description: Optional[str] = None,
-                languages: Sequence[str] = ("python", "node"), timeout: Optional[float] = None):
+                languages: Sequence[str] = ("python", "node"),
+                timeout: Optional[float] = None) -> "AsyncSandboxTool":
         """An :class:`~forkd.tool.AsyncSandboxTool` (its call is awaitable)."""
         from .tool import AsyncSandboxTool
 

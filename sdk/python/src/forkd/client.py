@@ -7,13 +7,16 @@ import json
 import os
 import random
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import __version__
 from .errors import (APIError, AuthError, BadRequest, ExecError, ForkdError, NetworkError,
                      ProtocolError, RateLimitError, SandboxError, SandboxTimeout, ServerBusy)
 from .models import BatchItem, ExecRequest, ExecResult
 from .transport import Response, Transport
+
+if TYPE_CHECKING:
+    from .tool import SandboxTool
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 #: The server's own default for ``timeout_seconds``.
@@ -119,7 +122,8 @@ class Sandbox:
         return resp.body.decode("utf-8", "replace")
 
     def as_tool(self, name: str = "run_code", description: Optional[str] = None,
-                languages: Sequence[str] = ("python", "node"), timeout: Optional[float] = None):
+                languages: Sequence[str] = ("python", "node"),
+                timeout: Optional[float] = None) -> "SandboxTool":
         """A :class:`~forkd.tool.SandboxTool` that lets an LLM call this sandbox."""
         from .tool import SandboxTool
 
@@ -180,7 +184,7 @@ class Sandbox:
             attempt += 1
 
     def _backoff_delay(self, attempt: int) -> float:
-        ceiling = min(self.max_backoff, self.backoff * (2 ** attempt))
+        ceiling = min(self.max_backoff, self.backoff * (2.0 ** attempt))
         # Half fixed, half random: keeps growth but spreads clients that were
         # refused at the same moment.
         return ceiling / 2 + random.uniform(0, ceiling / 2)

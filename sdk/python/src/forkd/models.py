@@ -83,9 +83,9 @@ class ExecResult:
                 stdout=_text(obj.get("stdout", obj.get("output", ""))),
                 stderr=_text(obj.get("stderr", "")),
                 exit_code=int(obj["exit_code"]),
-                fork_time_ms=float(obj.get("fork_time_ms", 0.0)),
-                exec_time_ms=float(obj.get("exec_time_ms", 0.0)),
-                total_time_ms=float(obj.get("total_time_ms", obj.get("duration_ms", 0.0))),
+                fork_time_ms=_number(obj.get("fork_time_ms", 0.0)),
+                exec_time_ms=_number(obj.get("exec_time_ms", 0.0)),
+                total_time_ms=_number(obj.get("total_time_ms", obj.get("duration_ms", 0.0))),
                 timed_out=bool(obj.get("timed_out", False)),
                 stdout_truncated=bool(obj.get("stdout_truncated", False)),
                 stderr_truncated=bool(obj.get("stderr_truncated", False)),
@@ -95,6 +95,12 @@ class ExecResult:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed exec result: {exc!r}") from exc
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _text(value: Any) -> str:
