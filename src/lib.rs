@@ -1,6 +1,7 @@
 //! forkd: copy-on-write KVM sandboxes for running untrusted code.
 
 pub mod api;
+pub mod bench;
 pub mod server;
 pub mod engine;
 pub mod template;

@@ -24,6 +24,11 @@ enum Cmd {
         #[command(subcommand)]
         command: TemplateCmd,
     },
+    /// Benchmarks (percentiles, side by side with the alternatives).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
     /// Run code in a fresh fork of the template and print its output.
     Run {
         #[arg(long, default_value = "python")]
@@ -36,6 +41,25 @@ enum Cmd {
         template: Option<PathBuf>,
         /// The code, or `-` to read it from standard input.
         code: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Fork and fork+exec latency (pooled reset vs fresh VM) and memory per sandbox.
+    Fork {
+        #[arg(long, default_value = "python")]
+        language: String,
+        #[arg(long)]
+        template: Option<PathBuf>,
+        #[arg(long, default_value_t = 500)]
+        iterations: usize,
+        /// Comma-separated numbers of sandboxes alive at once.
+        #[arg(long, default_value = "1,10,100,1000")]
+        alive: String,
+        /// Code to exec (default: the language's print(1+1)).
+        #[arg(long)]
+        code: Option<String>,
     },
 }
 
@@ -75,6 +99,14 @@ fn parse_language(s: &str) -> Result<Language, String> {
     Language::from_wire(s).ok_or_else(|| format!("unknown language {s:?} (python, node)"))
 }
 
+fn load_template(language: Language, dir: Option<PathBuf>) -> Result<template::Template, String> {
+    let dir = match dir {
+        Some(d) => d,
+        None => template::find_cached(language).ok_or_else(|| template::TemplateError::Missing(language.as_str().into()).to_string())?,
+    };
+    template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -103,6 +135,23 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Bench { command: BenchCmd::Fork { language, template: dir, iterations, alive, code } } => {
+            let language = parse_language(&language)?;
+            let t = load_template(language, dir)?;
+            let alive_counts = alive
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--alive: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let code = code.unwrap_or_else(|| match language {
+                Language::Python => "print(1+1)".into(),
+                Language::Node => "console.log(1+1)".into(),
+            });
+            let opts = forkd::bench::BenchOptions { iterations, alive_counts, code, language };
+            let report = forkd::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Template { command: TemplateCmd::Inspect { dir } } => {
             print!("{}", template::describe(&dir).map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
@@ -119,11 +168,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             if !(timeout.is_finite() && timeout > 0.0) {
                 return Err("--timeout must be a positive number of seconds".into());
             }
-            let dir = match dir {
-                Some(d) => d,
-                None => template::find_cached(language).ok_or_else(|| template::TemplateError::Missing(language.as_str().into()).to_string())?,
-            };
-            let t = template::Template::load(&dir).map_err(|e| e.to_string())?;
+            let t = load_template(language, dir)?;
             let mut lane = forkd::engine::pool::Pool::new(std::sync::Arc::new(t), forkd::engine::pool::PoolConfig { max_idle: 1, ..Default::default() }).map_err(|e| e.to_string())?;
             let req = ExecRequest { code, language, timeout: Duration::from_secs_f64(timeout), cancel: CancelToken::new() };
             let r = lane.exec(&req);

@@ -1,0 +1,184 @@
+//! `forkd bench fork`: fork-to-runnable and fork+exec latency of the pooled
+//! copy-back reset against the fresh-VM-per-fork method (Zeroboot's), measured
+//! side by side in one run, plus host memory per live sandbox.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use kvm_ioctls::Kvm;
+
+use crate::api::{CancelToken, ExecRequest, Language};
+use crate::engine::pool::{Pool, PoolConfig};
+use crate::engine::sandbox::{Limits, Sandbox};
+use crate::template::Template;
+use crate::vmm::kick::ThreadTimer;
+
+pub struct BenchOptions {
+    pub iterations: usize,
+    pub alive_counts: Vec<usize>,
+    pub code: String,
+    pub language: Language,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn us(d: Duration) -> u64 {
+    (d.as_nanos() / 1000).max(1) as u64
+}
+
+fn row(name: &str, h: &Histogram<u64>) -> String {
+    format!(
+        "{name:<40} {:>9} {:>9} {:>9} {:>9} {:>9}  (n={})",
+        fmt_us(h.value_at_quantile(0.5)),
+        fmt_us(h.value_at_quantile(0.9)),
+        fmt_us(h.value_at_quantile(0.99)),
+        fmt_us(h.max()),
+        fmt_us(h.mean() as u64),
+        h.len()
+    )
+}
+
+fn fmt_us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1}ms", v as f64 / 1000.0)
+    } else {
+        format!("{v}µs")
+    }
+}
+
+fn meminfo_available_kb() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kb() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises the open-file limit to its hard maximum (each live sandbox holds
+/// a VM fd, a vCPU fd and an eventfd).
+pub fn raise_nofile_limit() {
+    // SAFETY: plain getrlimit/setrlimit on a stack struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Runs the benchmark and returns the report text.
+pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, String> {
+    raise_nofile_limit();
+    let mut out = String::new();
+    use std::fmt::Write;
+    let req = || ExecRequest {
+        code: opts.code.clone(),
+        language: opts.language,
+        timeout: Duration::from_secs(30),
+        cancel: CancelToken::new(),
+    };
+    let _ = writeln!(out, "forkd bench fork — template {} ({}), host KVM: {}", t.dir.display(), t.meta.language, t.meta.host_kind.as_str());
+    let _ = writeln!(out, "code: {:?}, {} iterations per method\n", opts.code, opts.iterations);
+    let _ = writeln!(out, "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9}", "", "p50", "p90", "p99", "max", "mean");
+
+    // Pooled: one pre-created VM, reset by dirty-page copy-back each round.
+    let mut pool = Pool::new(t.clone(), PoolConfig { max_idle: 1, prewarm: 1, limits: Limits::default() })
+        .map_err(|e| e.to_string())?;
+    let first = pool.exec(&req());
+    if first.failure.is_some() || first.exit_code != 0 {
+        return Err(format!(
+            "warm-up exec failed: {:?} exit {} stderr {}",
+            first.failure,
+            first.exit_code,
+            String::from_utf8_lossy(&first.stderr)
+        ));
+    }
+    let (mut pool_fork, mut pool_total, mut pool_exec) = (hist(), hist(), hist());
+    for _ in 0..opts.iterations {
+        let r = pool.exec(&req());
+        if r.failure.is_some() {
+            return Err(format!("pooled exec failed: {:?}", r.failure));
+        }
+        let _ = pool_fork.record(us(r.fork_time));
+        let _ = pool_exec.record(us(r.exec_time));
+        let _ = pool_total.record(us(r.total_time));
+    }
+    let stats = pool.stats();
+    drop(pool);
+
+    // Fresh VM per fork: create VM + vCPU, map the template, restore state.
+    let kvm = Kvm::new().map_err(|e| e.to_string())?;
+    let timer = ThreadTimer::for_current_thread().map_err(|e| e.to_string())?;
+    let (mut fresh_fork, mut fresh_total) = (hist(), hist());
+    for _ in 0..opts.iterations {
+        let start = Instant::now();
+        let mut sb = Sandbox::fork_fresh(&kvm, &t, false).map_err(|e| e.to_string())?;
+        let forked = start.elapsed();
+        let r = sb.exec(&t, &req(), &Limits::default(), &timer);
+        let total = start.elapsed();
+        if r.failure.is_some() {
+            return Err(format!("fresh-VM exec failed: {:?}", r.failure));
+        }
+        let _ = fresh_fork.record(us(forked));
+        let _ = fresh_total.record(us(total));
+        drop(sb);
+    }
+    let _ = writeln!(out, "{}", row("fork to runnable, pooled reset", &pool_fork));
+    let _ = writeln!(out, "{}", row("fork to runnable, fresh VM", &fresh_fork));
+    let _ = writeln!(out, "{}", row("exec only (guest run), pooled", &pool_exec));
+    let _ = writeln!(out, "{}", row("fork + exec, pooled reset", &pool_total));
+    let _ = writeln!(out, "{}", row("fork + exec, fresh VM", &fresh_total));
+    let ratio = |a: &Histogram<u64>, b: &Histogram<u64>| a.value_at_quantile(0.5) as f64 / b.value_at_quantile(0.5).max(1) as f64;
+    let _ = writeln!(
+        out,
+        "\nfresh VM / pooled, p50: fork {:.1}x, fork+exec {:.1}x   (pool: {} forks, {} fresh fallbacks)",
+        ratio(&fresh_fork, &pool_fork),
+        ratio(&fresh_total, &pool_total),
+        stats.forks,
+        stats.fresh_vm_forks
+    );
+
+    // Memory per live sandbox: N sandboxes alive at once, each has run the code.
+    let _ = writeln!(out, "\n{:<12} {:>14} {:>16} {:>14}", "alive", "RSS/sandbox", "MemAvail/sandbox", "create+exec");
+    for &n in &opts.alive_counts {
+        let avail0 = meminfo_available_kb();
+        let rss0 = rss_kb();
+        let start = Instant::now();
+        let mut alive = Vec::with_capacity(n);
+        for i in 0..n {
+            let mut sb = Sandbox::fork_fresh(&kvm, &t, true).map_err(|e| format!("sandbox {i} of {n}: {e}"))?;
+            let r = sb.exec(&t, &req(), &Limits::default(), &timer);
+            if r.failure.is_some() {
+                return Err(format!("sandbox {i} of {n}: exec failed: {:?}", r.failure));
+            }
+            alive.push(sb);
+        }
+        let took = start.elapsed();
+        let rss = rss_kb().saturating_sub(rss0);
+        let avail = avail0.saturating_sub(meminfo_available_kb());
+        let _ = writeln!(
+            out,
+            "{:<12} {:>11.0} KiB {:>13.0} KiB {:>12.2}s",
+            n,
+            rss as f64 / n as f64,
+            avail as f64 / n as f64,
+            took.as_secs_f64()
+        );
+        drop(alive);
+    }
+    Ok(out)
+}
