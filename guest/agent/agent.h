@@ -132,8 +132,9 @@ void forkd_put_request(struct forkd_mailbox *mb, uint64_t seq, uint32_t language
 
 /* ---- selftest.c ---- */
 
-/* Built-in requests through the request path; returns true when all pass. */
-bool forkd_selftest_run(struct forkd_mailbox *mb);
+/* Built-in requests through the request path; returns true when all pass.
+ * measure_dirty: also count the pages each request dirties (fork-based). */
+bool forkd_selftest_run(struct forkd_mailbox *mb, bool measure_dirty);
 
 /* ---- log helpers ---- */
 

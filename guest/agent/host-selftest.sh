@@ -17,4 +17,7 @@ INITRAMFS=${1:-$("$ROOTFS_DIR/build.sh")/initramfs.cpio}
 tree=$(mktemp -d /tmp/forkd-agent-selftest.XXXXXX)
 trap 'rm -rf "$tree"' EXIT
 python3 "$ROOTFS_DIR/rootfs_tool.py" extract "$INITRAMFS" "$tree"
+# /proc for the self-test's page-fault and dirty-page accounting.
+mount -t proc proc "$tree/proc"
+trap 'umount "$tree/proc"; rm -rf "$tree"' EXIT
 chroot "$tree" /init --selftest

@@ -38,8 +38,10 @@ int forkd_mailbox_map_devmem(struct forkd_mailbox *mb, uint64_t mailbox_gpa)
 
 int forkd_mailbox_map_anonymous(struct forkd_mailbox *mb)
 {
+    /* Shared, like the real mailbox: the self-test runs requests in fork()ed
+     * children and reads their responses. */
     void *base = mmap(NULL, FORKD_MAILBOX_SIZE, PROT_READ | PROT_WRITE,
-                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+                      MAP_SHARED | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (base == MAP_FAILED)
         return -errno;
     mb->base = base;

@@ -76,7 +76,7 @@ static int run_as_pid1(void)
         serve(&mailbox);
     forkd_log("template ready after %.1f s of uptime; running the self-test",
               forkd_uptime_seconds());
-    forkd_selftest_finish(forkd_selftest_run(&mailbox));
+    forkd_selftest_finish(forkd_selftest_run(&mailbox, false));
 }
 
 static int run_host_selftest(void)
@@ -88,7 +88,7 @@ static int run_host_selftest(void)
     forkd_fatal_setup(FORKD_MODE_HOST_SELFTEST, &mailbox);
     forkd_memory_configure();
     boot_python(&mailbox);
-    forkd_selftest_finish(forkd_selftest_run(&mailbox));
+    forkd_selftest_finish(forkd_selftest_run(&mailbox, true));
 }
 
 int main(int argc, char **argv)

@@ -1,8 +1,12 @@
 /* Self-test: built-in requests through the real request path, for running
  * the agent without forkd's VMM (QEMU probe, host chroot). The agent plays
  * the host's part by writing requests into the mailbox itself. */
+#include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "agent.h"
 
@@ -72,6 +76,103 @@ static bool contains(const uint8_t *hay, size_t hay_len, const char *needle)
     return false;
 }
 
+/* Pages a request writes = pages a fork dirties = what the VMM copies back
+ * on reset. Measured the way forkd forks, with copy-on-write: the request
+ * runs in a fork()ed child, which then counts its pages that are no longer
+ * shared with the parent (pagemap bit 56, "exclusively mapped"). Host
+ * self-test only (a guest fork() would cost seconds of emulated kernel
+ * work). Static buffers: the count must not allocate. */
+#define PAGEMAP_PRESENT (1ULL << 63)
+#define PAGEMAP_EXCLUSIVE (1ULL << 56)
+
+static long exclusive_pages(void)
+{
+    static char maps[256 * 1024];
+    static uint64_t entries[512];
+    int maps_fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
+    int pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    long count = -1;
+    size_t len = 0;
+    ssize_t n;
+    if (maps_fd < 0 || pagemap_fd < 0)
+        goto out;
+    while (len < sizeof maps - 1 && (n = read(maps_fd, maps + len, sizeof maps - 1 - len)) > 0)
+        len += (size_t)n;
+    maps[len] = '\0';
+    count = 0;
+    for (char *line = maps; line != NULL && *line != '\0';) {
+        char *next = strchr(line, '\n');
+        char *cursor;
+        unsigned long start = strtoul(line, &cursor, 16);
+        unsigned long end = strtoul(cursor + 1, NULL, 16);
+        for (unsigned long page = start / 4096; page < end / 4096 && end < (1UL << 47);) {
+            size_t want = end / 4096 - page < 512 ? end / 4096 - page : 512;
+            n = pread(pagemap_fd, entries, want * 8, (off_t)(page * 8));
+            if (n <= 0)
+                break;
+            for (ssize_t i = 0; i < n / 8; i++)
+                count += (entries[i] & (PAGEMAP_PRESENT | PAGEMAP_EXCLUSIVE)) ==
+                         (PAGEMAP_PRESENT | PAGEMAP_EXCLUSIVE);
+            page += (unsigned long)n / 8;
+        }
+        line = next ? next + 1 : NULL;
+    }
+out:
+    if (maps_fd >= 0)
+        close(maps_fd);
+    if (pagemap_fd >= 0)
+        close(pagemap_fd);
+    return count;
+}
+
+/* Runs the request (or nothing) in a child; returns its private pages. */
+static long pages_dirtied_in_child(struct forkd_mailbox *mb, bool run_request)
+{
+    int fds[2];
+    if (pipe(fds) != 0)
+        return -1;
+    pid_t child = fork();
+    if (child == 0) {
+        if (run_request)
+            forkd_handle_request(mb);
+        long count = exclusive_pages();
+        ssize_t ignored = write(fds[1], &count, sizeof count);
+        (void)ignored;
+        _exit(0);
+    }
+    long count = -1;
+    if (child > 0 && read(fds[0], &count, sizeof count) != sizeof count)
+        count = -1;
+    if (child > 0)
+        waitpid(child, NULL, 0);
+    close(fds[0]);
+    close(fds[1]);
+    return count;
+}
+
+/* Second pass, after every fault count is taken: fork() write-protects
+ * the parent's pages, so its later requests would fault again. */
+static void report_dirtied_pages(struct forkd_mailbox *mb, uint64_t seq)
+{
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++, seq++) {
+        const struct selftest_case *c = &cases[i];
+        uint32_t code_len = c->code_len_override ? c->code_len_override
+                                                 : (uint32_t)strlen(c->code);
+        forkd_put_request(mb, seq, c->language, c->code, strlen(c->code), c->stdout_cap,
+                          c->stderr_cap);
+        forkd_mb_write32(mb, FORKD_MB_REQ_CODE_LEN_OFF, code_len);
+        /* The child's own bookkeeping (stack, buffers) is the baseline. */
+        long baseline = pages_dirtied_in_child(mb, false);
+        long total = pages_dirtied_in_child(mb, true);
+        if (baseline < 0 || total < 0) {
+            forkd_log("selftest %-20s dirtied pages: unavailable (no /proc?)", c->name);
+            return;
+        }
+        forkd_log("selftest %-20s dirtied %4ld pages (%ld KiB) outside the mailbox", c->name,
+                  total - baseline, (total - baseline) * 4);
+    }
+}
+
 /* Runs one request the way a fork would and reports it on the console. */
 static void run_case(struct forkd_mailbox *mb, uint64_t seq, const char *name, uint32_t language,
                      const char *code, uint32_t code_len, uint32_t stdout_cap,
@@ -87,8 +188,8 @@ static void run_case(struct forkd_mailbox *mb, uint64_t seq, const char *name, u
     char out[200];
     uint32_t out_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF);
     printable(out, sizeof out, mb->base + FORKD_MB_STDOUT_OFF, out_len < 40 ? out_len : 40);
-    forkd_log("selftest %-20s wall %8.3f ms  exec %8.3f ms  page faults %3ld  status %u exit %d "
-              "stdout %u bytes \"%s\"",
+    forkd_log("selftest %-20s wall %8.3f ms  exec %8.3f ms  page faults %3ld  "
+              "status %u exit %d stdout %u bytes \"%s\"",
               name, wall_ms,
               (double)forkd_mb_read64(mb, FORKD_MB_RESP_EXEC_NS_OFF) / 1e6, faults,
               forkd_mb_read32(mb, FORKD_MB_RESP_STATUS_OFF),
@@ -163,7 +264,7 @@ static bool check_reseeding(struct forkd_mailbox *mb, uint64_t seq)
     return true;
 }
 
-bool forkd_selftest_run(struct forkd_mailbox *mb)
+bool forkd_selftest_run(struct forkd_mailbox *mb, bool measure_dirty)
 {
     bool passed = true;
     uint64_t seq = SELFTEST_SEQ_BASE;
@@ -176,5 +277,7 @@ bool forkd_selftest_run(struct forkd_mailbox *mb)
         passed &= check_case(mb, seq, c);
     }
     passed &= check_reseeding(mb, seq);
+    if (measure_dirty)
+        report_dirtied_pages(mb, seq + 3);
     return passed;
 }
