@@ -9,6 +9,7 @@ pub mod report;
 pub mod schedule;
 pub mod stats;
 pub mod target;
+pub mod timer;
 pub mod worker;
 pub mod workload;
 

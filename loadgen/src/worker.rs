@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::http::ResponseParser;
 use crate::schedule::{closed_next, Arrival, ClosedNext, OpenSchedule, Phases, Tickets};
 use crate::stats::{ErrorKind, Recorder};
+use crate::timer::{minimize_timer_slack, ArrivalTimer};
 use crate::workload::{Picker, Template};
 
 /// Wait before reusing a connection slot whose connect failed, so a dead
@@ -34,6 +35,8 @@ pub enum WorkerError {
     Poll(io::Error),
     #[error("cannot register a socket with epoll: {0}")]
     Register(io::Error),
+    #[error("cannot set up the open-loop arrival timer: {0}")]
+    Timer(io::Error),
 }
 
 /// Everything a worker needs; shared parts are behind `Arc`.
@@ -91,6 +94,10 @@ struct Conn {
     parser: ResponseParser,
 }
 
+/// Connection tokens never reach this value (index and generation are 32-bit each
+/// but the index is far below 2^32 - 1).
+const TIMER_TOKEN: Token = Token(usize::MAX);
+
 fn token(index: usize, generation: u32) -> Token {
     Token(index | (generation as usize) << 32)
 }
@@ -123,6 +130,8 @@ pub struct Worker {
     last_measured_end: Option<Instant>,
     read_buffer: Vec<u8>,
     closed_loop_done: bool,
+    /// Open loop only: wakes the loop exactly when the next arrival is due.
+    arrival_timer: Option<ArrivalTimer>,
 }
 
 impl Worker {
@@ -143,6 +152,13 @@ impl Worker {
         let disconnected = (0..setup.connections).rev().collect();
         let picker = Picker::new(&setup.weights);
         let recorder = Recorder::new(setup.templates.len());
+        let arrival_timer = match setup.load {
+            Load::Open(_) => {
+                minimize_timer_slack();
+                Some(ArrivalTimer::new(poll.registry(), TIMER_TOKEN).map_err(WorkerError::Timer)?)
+            }
+            Load::Closed(_) => None,
+        };
         Ok(Worker {
             setup,
             poll,
@@ -157,6 +173,7 @@ impl Worker {
             last_measured_end: None,
             read_buffer: vec![0; READ_BUFFER_BYTES],
             closed_loop_done: false,
+            arrival_timer,
         })
     }
 
@@ -175,8 +192,9 @@ impl Worker {
                 break;
             }
             let mut wake = next_sweep;
-            if let Load::Open(schedule) = &self.setup.load {
+            if let (Load::Open(schedule), Some(timer)) = (&self.setup.load, &mut self.arrival_timer) {
                 if let Some(due) = schedule.next_due() {
+                    timer.arm(due, Instant::now()).map_err(WorkerError::Timer)?;
                     wake = wake.min(due);
                 }
             }
@@ -187,6 +205,12 @@ impl Worker {
                 Err(e) => return Err(WorkerError::Poll(e)),
             }
             for event in events.iter() {
+                if event.token() == TIMER_TOKEN {
+                    if let Some(timer) = &mut self.arrival_timer {
+                        timer.acknowledge();
+                    }
+                    continue;
+                }
                 let (index, generation) = split_token(event.token());
                 if self.conns[index].generation == generation && self.conns[index].stream.is_some() {
                     self.on_event(index, event.is_readable() || event.is_read_closed() || event.is_error())?;
