@@ -246,8 +246,8 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
         force: AtomicBool::new(false),
     });
 
-    // Build every shard before starting any, so set-up errors return here.
-    let mut loops = Vec::with_capacity(config.shards);
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handle = ServerHandle { shared: shared.clone(), local_addr, threads: Vec::with_capacity(config.shards) };
     for (shard, listener) in listeners.into_iter().enumerate() {
         let pool = WorkerPool::start(
             shard,
@@ -258,23 +258,9 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
             wakers[shard].clone(),
         )?;
         let ctx = ShardCtx::new(shard, shared.clone(), pool);
-        let shard_loop = match backend {
-            Backend::IoUring => {
-                let setup = uring::RingSetup::new().map_err(|source| ServerError::Ring { shard, source })?;
-                ShardLoop::Uring(uring::UringLoop::new(setup, listener, wakers[shard].clone(), ctx))
-            }
-            Backend::Epoll => ShardLoop::Epoll(
-                epoll::EpollLoop::new(listener, wakers[shard].clone(), ctx)
-                    .map_err(|source| ServerError::LoopSetup { shard, source })?,
-            ),
-        };
-        loops.push(shard_loop);
-    }
-
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut handle = ServerHandle { shared: shared.clone(), local_addr, threads: Vec::with_capacity(loops.len()) };
-    for (shard, shard_loop) in loops.into_iter().enumerate() {
+        let waker = wakers[shard].clone();
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), ServerError>>(1);
         let thread = std::thread::Builder::new()
             .name(format!("forkd-shard{shard}"))
             .spawn(move || {
@@ -283,10 +269,31 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
                         eprintln!("forkd serve: shard {shard}: could not pin to core {}", core.id);
                     }
                 }
-                shard_loop.run()
+                // The ring is created by the thread that uses it: io_uring
+                // ties completion work to the submitting task.
+                let shard_loop = match backend {
+                    Backend::IoUring => uring::RingSetup::new()
+                        .map(|setup| ShardLoop::Uring(uring::UringLoop::new(setup, listener, waker, ctx)))
+                        .map_err(|source| ServerError::Ring { shard, source }),
+                    Backend::Epoll => epoll::EpollLoop::new(listener, waker, ctx)
+                        .map(ShardLoop::Epoll)
+                        .map_err(|source| ServerError::LoopSetup { shard, source }),
+                };
+                match shard_loop {
+                    Ok(shard_loop) => {
+                        let _ = ready_tx.send(Ok(()));
+                        shard_loop.run()
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        Ok(())
+                    }
+                }
             })
             .map_err(|source| ServerError::Spawn { shard, source })?;
         handle.threads.push(thread);
+        // Dropping `handle` on error stops the shards already running.
+        ready_rx.recv().map_err(|_| ServerError::ShardPanicked(shard))??;
     }
     eprintln!(
         "forkd serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
@@ -304,7 +311,14 @@ fn choose_backend(force_epoll: bool) -> Backend {
         eprintln!("forkd serve: using epoll (--force-epoll)");
         return Backend::Epoll;
     }
-    match uring::probe() {
+    // Probed on a thread of its own so that no io_uring work is ever tied
+    // to the caller's thread.
+    let probed = std::thread::Builder::new()
+        .name("forkd-uring-probe".into())
+        .spawn(uring::probe)
+        .map_err(|e| format!("spawning the probe thread: {e}"))
+        .and_then(|t| t.join().unwrap_or_else(|_| Err("the io_uring probe panicked".into())));
+    match probed {
         Ok(()) => Backend::IoUring,
         Err(reason) => {
             eprintln!("forkd serve: io_uring unavailable ({reason}); serving with epoll");

@@ -89,7 +89,20 @@ fn probe_multishot_recv(mut ring: IoUring, bufs: &BufRing) -> Result<(), String>
     (&b).write_all(b"x").map_err(|e| format!("socketpair write: {e}"))?;
     ring.submit_and_wait(1).map_err(|e| format!("io_uring_enter: {e}"))?;
     let cqe = ring.completion().next().ok_or("no completion from the multishot receive probe")?;
-    if cqe.result() != 1 || !cqueue::more(cqe.flags()) {
+    let supported = cqe.result() == 1 && cqueue::more(cqe.flags());
+    if supported {
+        // End the receive before the ring goes away: a request cancelled by
+        // ring teardown would interrupt this (the caller's) thread's next
+        // blocking socket call with EINTR.
+        drop(b);
+        loop {
+            ring.submit_and_wait(1).map_err(|e| format!("io_uring_enter: {e}"))?;
+            if ring.completion().any(|c| !cqueue::more(c.flags())) {
+                break;
+            }
+        }
+    }
+    if !supported {
         return Err(format!(
             "multishot receive unsupported (result {}, kernel older than 6.0?)",
             cqe.result()
