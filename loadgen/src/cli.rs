@@ -128,16 +128,24 @@ pub enum CliError {
 /// Parses `250ms`, `30s`, `2m`, `1h`, or a bare number of seconds (`1.5`).
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let raw = raw.trim();
-    let split = raw.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(raw.len());
+    let split = raw
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{raw:?} is not a duration like 30s or 250ms"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 30s or 250ms"))?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
         "us" => value / 1_000_000.0,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            ))
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{raw:?}: {e}"))
 }
@@ -157,19 +165,32 @@ impl Args {
         let headers = Headers {
             host: target.host_header.clone(),
             api_key: self.api_key.clone(),
-            extra: self.headers.iter().map(|h| workload::parse_header(h)).collect::<Result<_, _>>()?,
+            extra: self
+                .headers
+                .iter()
+                .map(|h| workload::parse_header(h))
+                .collect::<Result<_, _>>()?,
         };
-        let templates = specs.iter().map(|spec| workload::build_template(spec, &headers)).collect::<Result<_, _>>()?;
+        let templates = specs
+            .iter()
+            .map(|spec| workload::build_template(spec, &headers))
+            .collect::<Result<_, _>>()?;
         let mode = match self.rate {
             Some(rate) if rate.is_finite() && rate > 0.0 => Mode::Open { rate },
-            Some(rate) => return Err(CliError::Invalid(format!("--rate {rate} must be a positive number"))),
+            Some(rate) => {
+                return Err(CliError::Invalid(format!(
+                    "--rate {rate} must be a positive number"
+                )))
+            }
             None => Mode::Closed,
         };
         let duration = match (self.duration, self.requests) {
             (None, None) => Some(DEFAULT_DURATION),
             (duration, _) => duration,
         };
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         Ok(Config {
             target,
             templates,
@@ -177,7 +198,10 @@ impl Args {
             connections: self.connections,
             threads: self.threads.unwrap_or(cores).min(self.connections.max(1)),
             mode,
-            bounds: Bounds { duration, requests: self.requests },
+            bounds: Bounds {
+                duration,
+                requests: self.requests,
+            },
             warmup: self.warmup,
             timeout: self.timeout,
         })
@@ -185,15 +209,22 @@ impl Args {
 
     /// The custom request, if any custom flag was given.
     fn custom_request(&self) -> Result<Option<RequestSpec>, CliError> {
-        let described = self.body_file.is_some() || self.method.is_some() || self.path != "/v1/exec";
+        let described =
+            self.body_file.is_some() || self.method.is_some() || self.path != "/v1/exec";
         if !described {
             return Ok(None);
         }
         let body = match &self.body_file {
-            Some(path) => std::fs::read(path).map_err(|source| WorkloadError::BodyFile { path: path.clone(), source })?,
+            Some(path) => std::fs::read(path).map_err(|source| WorkloadError::BodyFile {
+                path: path.clone(),
+                source,
+            })?,
             None => Vec::new(),
         };
-        let method = self.method.clone().unwrap_or_else(|| if body.is_empty() { "GET" } else { "POST" }.to_string());
+        let method = self
+            .method
+            .clone()
+            .unwrap_or_else(|| if body.is_empty() { "GET" } else { "POST" }.to_string());
         Ok(Some(RequestSpec {
             name: CUSTOM_NAME.to_string(),
             method: method.to_ascii_uppercase(),
@@ -225,7 +256,13 @@ mod tests {
         let args = Args::parse_from(["loadgen"]);
         let config = args.to_config().unwrap();
         assert_eq!(config.mode, Mode::Closed);
-        assert_eq!(config.bounds, Bounds { duration: Some(DEFAULT_DURATION), requests: None });
+        assert_eq!(
+            config.bounds,
+            Bounds {
+                duration: Some(DEFAULT_DURATION),
+                requests: None
+            }
+        );
         assert_eq!(config.mix.len(), 1);
         assert_eq!(config.mix[0].name, "print");
         assert_eq!(config.target.addr.port(), 8080);
@@ -233,25 +270,50 @@ mod tests {
 
     #[test]
     fn requests_alone_means_no_duration_bound() {
-        let config = Args::parse_from(["loadgen", "-n", "5", "--rate", "10"]).to_config().unwrap();
-        assert_eq!(config.bounds, Bounds { duration: None, requests: Some(5) });
+        let config = Args::parse_from(["loadgen", "-n", "5", "--rate", "10"])
+            .to_config()
+            .unwrap();
+        assert_eq!(
+            config.bounds,
+            Bounds {
+                duration: None,
+                requests: Some(5)
+            }
+        );
         assert_eq!(config.mode, Mode::Open { rate: 10.0 });
     }
 
     #[test]
     fn custom_request_from_flags() {
-        let config = Args::parse_from(["loadgen", "--method", "delete", "--path", "/x"]).to_config().unwrap();
+        let config = Args::parse_from(["loadgen", "--method", "delete", "--path", "/x"])
+            .to_config()
+            .unwrap();
         assert_eq!(config.mix[0].name, "custom");
-        assert!(config.templates[0].bytes.starts_with(b"DELETE /x HTTP/1.1\r\n"));
-        let missing = Args::parse_from(["loadgen", "--body-file", "/nonexistent/body.json"]).to_config();
-        assert!(matches!(missing, Err(CliError::Workload(WorkloadError::BodyFile { .. }))));
+        assert!(config.templates[0]
+            .bytes
+            .starts_with(b"DELETE /x HTTP/1.1\r\n"));
+        let missing =
+            Args::parse_from(["loadgen", "--body-file", "/nonexistent/body.json"]).to_config();
+        assert!(matches!(
+            missing,
+            Err(CliError::Workload(WorkloadError::BodyFile { .. }))
+        ));
     }
 
     #[test]
     fn bad_rate_and_remote_target_are_refused() {
-        assert!(Args::parse_from(["loadgen", "--rate", "0"]).to_config().is_err());
+        assert!(Args::parse_from(["loadgen", "--rate", "0"])
+            .to_config()
+            .is_err());
         let remote = Args::parse_from(["loadgen", "http://10.9.8.7:80"]).to_config();
-        assert!(matches!(remote, Err(CliError::Target(TargetError::NotLoopback { .. }))));
-        assert!(Args::parse_from(["loadgen", "--allow-remote", "http://10.9.8.7:80"]).to_config().is_ok());
+        assert!(matches!(
+            remote,
+            Err(CliError::Target(TargetError::NotLoopback { .. }))
+        ));
+        assert!(
+            Args::parse_from(["loadgen", "--allow-remote", "http://10.9.8.7:80"])
+                .to_config()
+                .is_ok()
+        );
     }
 }

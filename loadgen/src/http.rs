@@ -45,9 +45,13 @@ pub struct Response {
 enum ChunkState {
     /// Waiting for a `size[;ext]\r\n` line.
     Size,
-    Data { remaining: u64 },
+    Data {
+        remaining: u64,
+    },
     /// The CRLF after a chunk's data; `seen` bytes of it already consumed.
-    DataEnd { seen: u8 },
+    DataEnd {
+        seen: u8,
+    },
     /// After the last (zero) chunk: trailer lines until an empty line.
     Trailers,
 }
@@ -247,7 +251,11 @@ impl ResponseParser {
             return Ok(head_len);
         }
         self.status = status;
-        self.keep_alive = if http11 { !conn_close } else { conn_keep_alive && !conn_close };
+        self.keep_alive = if http11 {
+            !conn_close
+        } else {
+            conn_keep_alive && !conn_close
+        };
         let bodiless = self.head_request || status == 204 || status == 304;
         self.state = if bodiless {
             State::Done
@@ -335,7 +343,9 @@ impl ResponseParser {
 }
 
 fn find_subslice(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|window| window == needle)
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
 }
 
 #[cfg(test)]
@@ -352,7 +362,11 @@ mod tests {
             let mut parser = ResponseParser::new();
             parser.reset(head_request);
             assert_eq!(parser.feed(&bytes[..split]).unwrap(), None, "split {split}");
-            assert_eq!(parser.feed(&bytes[split..]).unwrap(), Some(expected), "split {split}");
+            assert_eq!(
+                parser.feed(&bytes[split..]).unwrap(),
+                Some(expected),
+                "split {split}"
+            );
         }
         // Byte by byte.
         let mut parser = ResponseParser::new();
@@ -376,7 +390,14 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Type: text/plain\r\n\r\nhello world",
             false,
         );
-        assert_eq!(response, Response { status: 200, keep_alive: true, body_bytes: 11 });
+        assert_eq!(
+            response,
+            Response {
+                status: 200,
+                keep_alive: true,
+                body_bytes: 11
+            }
+        );
     }
 
     #[test]
@@ -384,14 +405,28 @@ mod tests {
         let bytes = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
             5;name=value\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: yes\r\n\r\n";
         let response = parse_split_everywhere(bytes, false);
-        assert_eq!(response, Response { status: 200, keep_alive: true, body_bytes: 11 });
+        assert_eq!(
+            response,
+            Response {
+                status: 200,
+                keep_alive: true,
+                body_bytes: 11
+            }
+        );
     }
 
     #[test]
     fn chunked_body_without_trailers() {
         let bytes = b"HTTP/1.1 201 Created\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
         let response = parse_split_everywhere(bytes, false);
-        assert_eq!(response, Response { status: 201, keep_alive: true, body_bytes: 3 });
+        assert_eq!(
+            response,
+            Response {
+                status: 201,
+                keep_alive: true,
+                body_bytes: 3
+            }
+        );
     }
 
     #[test]
@@ -401,7 +436,8 @@ mod tests {
             false,
         );
         assert!(!close.keep_alive);
-        let http10 = parse_split_everywhere(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
+        let http10 =
+            parse_split_everywhere(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", false);
         assert!(!http10.keep_alive);
         let http10_ka = parse_split_everywhere(
             b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok",
@@ -414,10 +450,20 @@ mod tests {
     fn body_until_close() {
         let mut parser = ResponseParser::new();
         parser.reset(false);
-        assert_eq!(parser.feed(b"HTTP/1.0 200 OK\r\n\r\npartial body").unwrap(), None);
+        assert_eq!(
+            parser.feed(b"HTTP/1.0 200 OK\r\n\r\npartial body").unwrap(),
+            None
+        );
         assert_eq!(parser.feed(b" more").unwrap(), None);
         let response = parser.finish_on_eof().unwrap().unwrap();
-        assert_eq!(response, Response { status: 200, keep_alive: false, body_bytes: 17 });
+        assert_eq!(
+            response,
+            Response {
+                status: 200,
+                keep_alive: false,
+                body_bytes: 17
+            }
+        );
     }
 
     #[test]
@@ -443,14 +489,18 @@ mod tests {
     fn garbage_is_an_error() {
         let mut parser = ResponseParser::new();
         parser.reset(false);
-        assert!(matches!(parser.feed(b"\x00\x01garbage\r\n\r\n"), Err(HttpError::Head(_))));
+        assert!(matches!(
+            parser.feed(b"\x00\x01garbage\r\n\r\n"),
+            Err(HttpError::Head(_))
+        ));
     }
 
     #[test]
     fn conflicting_content_lengths_are_refused() {
         let mut parser = ResponseParser::new();
         parser.reset(false);
-        let result = parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok");
+        let result =
+            parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok");
         assert_eq!(result, Err(HttpError::ContentLength));
     }
 
@@ -479,8 +529,13 @@ mod tests {
         parser.reset(false);
         assert_eq!(parser.finish_on_eof(), Ok(None));
         parser.reset(false);
-        parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc").unwrap();
-        assert!(matches!(parser.finish_on_eof(), Err(HttpError::Truncated(_))));
+        parser
+            .feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            .unwrap();
+        assert!(matches!(
+            parser.finish_on_eof(),
+            Err(HttpError::Truncated(_))
+        ));
     }
 
     #[test]

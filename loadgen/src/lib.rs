@@ -52,7 +52,10 @@ pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("cannot start load thread {thread}: {source}")]
-    Spawn { thread: usize, source: std::io::Error },
+    Spawn {
+        thread: usize,
+        source: std::io::Error,
+    },
     #[error("load thread {thread} failed: {source}")]
     Worker { thread: usize, source: WorkerError },
     #[error("load thread {thread} panicked")]
@@ -110,12 +113,18 @@ pub fn run(config: &Config) -> Result<RunResult, RunError> {
     let phases = Phases::new(start, config.warmup, config.bounds.duration);
     let mut handles = Vec::with_capacity(threads);
     for thread in 0..threads {
-        let connections = config.connections / threads + usize::from(thread < config.connections % threads);
+        let connections =
+            config.connections / threads + usize::from(thread < config.connections % threads);
         let load = match config.mode {
             Mode::Closed => Load::Closed(Arc::clone(&tickets)),
-            Mode::Open { rate } => {
-                Load::Open(OpenSchedule::new(start, rate, config.warmup, config.bounds, thread, threads))
-            }
+            Mode::Open { rate } => Load::Open(OpenSchedule::new(
+                start,
+                rate,
+                config.warmup,
+                config.bounds,
+                thread,
+                threads,
+            )),
         };
         let setup = WorkerSetup {
             addr: config.target.addr,
@@ -153,20 +162,30 @@ pub fn run(config: &Config) -> Result<RunResult, RunError> {
         return Err(error);
     }
     let end = last_end.unwrap_or_else(Instant::now);
-    Ok(RunResult { recorder: merged, elapsed: end.saturating_duration_since(phases.measure_start), threads })
+    Ok(RunResult {
+        recorder: merged,
+        elapsed: end.saturating_duration_since(phases.measure_start),
+        threads,
+    })
 }
 
 /// Raises the soft open-files limit to the hard limit (1000 connections need
 /// more than the usual 1024 soft limit once stdio and epoll are counted).
 /// Returns the resulting soft limit.
 pub fn raise_nofile_limit() -> std::io::Result<u64> {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the valid rlimit we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     if limit.rlim_cur < limit.rlim_max {
-        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
         // SAFETY: setrlimit only reads the valid rlimit we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             limit = raised;

@@ -47,16 +47,27 @@ fn main() -> ExitCode {
         let title = format!(
             "{} {} - {:.0} req/s, {} connections",
             report.config.target,
-            if report.config.rate.is_some() { "open loop" } else { "closed loop" },
+            if report.config.rate.is_some() {
+                "open loop"
+            } else {
+                "closed loop"
+            },
             report.throughput_rps,
             report.config.connections
         );
         let mut series = vec![plot::Series {
-            label: if matches!(config.mode, Mode::Open { .. }) { "latency (from intended send)" } else { "latency" },
+            label: if matches!(config.mode, Mode::Open { .. }) {
+                "latency (from intended send)"
+            } else {
+                "latency"
+            },
             histogram: &result.recorder.latency,
         }];
         if matches!(config.mode, Mode::Open { .. }) {
-            series.push(plot::Series { label: "service time (from actual send)", histogram: &result.recorder.service_time });
+            series.push(plot::Series {
+                label: "service time (from actual send)",
+                histogram: &result.recorder.service_time,
+            });
         }
         if let Err(e) = plot::render(path, &title, &series, args.plot_font.as_deref()) {
             eprintln!("loadgen: {e}");

@@ -31,7 +31,10 @@ pub enum PlotError {
     #[error("no TrueType font found (tried {}); install Debian's fonts-dejavu-core or pass --plot-font", FONT_CANDIDATES.join(", "))]
     NoFont,
     #[error("cannot read font {path}: {source}")]
-    ReadFont { path: PathBuf, source: std::io::Error },
+    ReadFont {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0} is not a usable TrueType font")]
     BadFont(PathBuf),
     #[error("a font was already registered from {0}; one font per process")]
@@ -55,12 +58,23 @@ static REGISTERED_FONT: OnceLock<PathBuf> = OnceLock::new();
 pub fn load_font(explicit: Option<&Path>) -> Result<PathBuf, PlotError> {
     let path = match explicit {
         Some(path) => path.to_path_buf(),
-        None => FONT_CANDIDATES.iter().map(PathBuf::from).find(|p| p.is_file()).ok_or(PlotError::NoFont)?,
+        None => FONT_CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or(PlotError::NoFont)?,
     };
     if let Some(registered) = REGISTERED_FONT.get() {
-        return if *registered == path { Ok(path) } else { Err(PlotError::FontAlreadySet(registered.clone())) };
+        return if *registered == path {
+            Ok(path)
+        } else {
+            Err(PlotError::FontAlreadySet(registered.clone()))
+        };
     }
-    let bytes = std::fs::read(&path).map_err(|source| PlotError::ReadFont { path: path.clone(), source })?;
+    let bytes = std::fs::read(&path).map_err(|source| PlotError::ReadFont {
+        path: path.clone(),
+        source,
+    })?;
     // plotters keeps fonts for the process lifetime; leaking once is the intent.
     let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
     plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, bytes)
@@ -95,16 +109,35 @@ pub fn curve(histogram: &Histogram<u64>) -> Vec<(f64, f64)> {
 }
 
 /// Draws the percentile curves of `series` into a PNG at `path`.
-pub fn render(path: &Path, title: &str, series: &[Series<'_>], font: Option<&Path>) -> Result<(), PlotError> {
+pub fn render(
+    path: &Path,
+    title: &str,
+    series: &[Series<'_>],
+    font: Option<&Path>,
+) -> Result<(), PlotError> {
     load_font(font)?;
-    let curves: Vec<(&str, Vec<(f64, f64)>)> =
-        series.iter().map(|s| (s.label, curve(s.histogram))).filter(|(_, c)| !c.is_empty()).collect();
+    let curves: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|s| (s.label, curve(s.histogram)))
+        .filter(|(_, c)| !c.is_empty())
+        .collect();
     if curves.is_empty() {
         return Err(PlotError::Empty);
     }
-    let draw_error = |e: &dyn std::fmt::Display| PlotError::Draw { path: path.to_path_buf(), message: e.to_string() };
-    let x_max = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.0)).fold(1.0, f64::max).ceil();
-    let y_max = curves.iter().flat_map(|(_, c)| c.iter().map(|p| p.1)).fold(0.0, f64::max) * 1.08;
+    let draw_error = |e: &dyn std::fmt::Display| PlotError::Draw {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let x_max = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.0))
+        .fold(1.0, f64::max)
+        .ceil();
+    let y_max = curves
+        .iter()
+        .flat_map(|(_, c)| c.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        * 1.08;
     let y_max = if y_max > 0.0 { y_max } else { 1.0 };
 
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
@@ -128,14 +161,21 @@ pub fn render(path: &Path, title: &str, series: &[Series<'_>], font: Option<&Pat
         .axis_desc_style((FONT_FAMILY, 18))
         .draw()
         .map_err(|e| draw_error(&e))?;
-    let colors = [RGBColor(200, 40, 40), RGBColor(40, 80, 200), RGBColor(30, 150, 60), RGBColor(150, 90, 20)];
+    let colors = [
+        RGBColor(200, 40, 40),
+        RGBColor(40, 80, 200),
+        RGBColor(30, 150, 60),
+        RGBColor(150, 90, 20),
+    ];
     for (i, (label, points)) in curves.into_iter().enumerate() {
         let color = colors[i % colors.len()];
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(|e| draw_error(&e))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -169,7 +209,9 @@ mod tests {
             histogram.record(us).unwrap();
         }
         let points = curve(&histogram);
-        assert!(points.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
+        assert!(points
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
         let last = points.last().unwrap();
         assert!((last.0 - 4.0).abs() < 1e-9);
         assert!((last.1 - 10.0).abs() < 0.01, "{last:?}");

@@ -85,9 +85,18 @@ impl Report {
     pub fn new(config: &Config, result: &RunResult) -> Report {
         let recorder = &result.recorder;
         let elapsed_s = result.elapsed.as_secs_f64();
-        let per_second = |count: u64| if elapsed_s > 0.0 { count as f64 / elapsed_s } else { 0.0 };
-        let status_errors: BTreeMap<String, u64> =
-            recorder.status_errors().into_iter().map(|(status, count)| (status.to_string(), count)).collect();
+        let per_second = |count: u64| {
+            if elapsed_s > 0.0 {
+                count as f64 / elapsed_s
+            } else {
+                0.0
+            }
+        };
+        let status_errors: BTreeMap<String, u64> = recorder
+            .status_errors()
+            .into_iter()
+            .map(|(status, count)| (status.to_string(), count))
+            .collect();
         let status_error_total: u64 = status_errors.values().sum();
         Report {
             schema: SCHEMA,
@@ -120,7 +129,11 @@ impl Report {
             ok_rps: per_second(recorder.ok),
             latency: LatencySummary::of(&recorder.latency),
             service_time: LatencySummary::of(&recorder.service_time),
-            status: recorder.status.iter().map(|(status, count)| (status.to_string(), *count)).collect(),
+            status: recorder
+                .status
+                .iter()
+                .map(|(status, count)| (status.to_string(), *count))
+                .collect(),
             errors: ErrorReport {
                 total: status_error_total + recorder.errors.total(),
                 by_status: status_errors,
@@ -153,14 +166,22 @@ impl Report {
             Some(rate) => format!("open loop at {rate} req/s"),
             None => "closed loop".to_string(),
         };
-        let _ = writeln!(out, "target       {}  ({mode}, {} connections, {} threads)", c.target, c.connections, c.threads);
+        let _ = writeln!(
+            out,
+            "target       {}  ({mode}, {} connections, {} threads)",
+            c.target, c.connections, c.threads
+        );
         let r = &self.requests;
         let _ = writeln!(
             out,
             "requests     sent {}  completed {}  ok {}  failed {}  in {:.2} s",
             r.sent, r.completed, r.ok, r.failed, self.elapsed_s
         );
-        let _ = writeln!(out, "throughput   {:.1} req/s  (ok {:.1} req/s)", self.throughput_rps, self.ok_rps);
+        let _ = writeln!(
+            out,
+            "throughput   {:.1} req/s  (ok {:.1} req/s)",
+            self.throughput_rps, self.ok_rps
+        );
         let _ = writeln!(out, "latency      {}", format_summary(&self.latency));
         if c.rate.is_some() {
             let _ = writeln!(out, "service time {}", format_summary(&self.service_time));

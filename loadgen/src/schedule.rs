@@ -27,7 +27,11 @@ pub struct Phases {
 impl Phases {
     pub fn new(start: Instant, warmup: Duration, duration: Option<Duration>) -> Phases {
         let measure_start = start + warmup;
-        Phases { start, measure_start, end: duration.map(|d| measure_start + d) }
+        Phases {
+            start,
+            measure_start,
+            end: duration.map(|d| measure_start + d),
+        }
     }
 }
 
@@ -40,7 +44,10 @@ pub struct Tickets {
 
 impl Tickets {
     pub fn new(limit: Option<u64>) -> Tickets {
-        Tickets { limit, taken: AtomicU64::new(0) }
+        Tickets {
+            limit,
+            taken: AtomicU64::new(0),
+        }
     }
 
     /// Takes one measured request from the budget; false once it is spent.
@@ -56,7 +63,9 @@ impl Tickets {
 /// What a closed-loop connection should do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClosedNext {
-    Send { measured: bool },
+    Send {
+        measured: bool,
+    },
     /// Measured phase over (time or budget): the connection stays idle.
     Stop,
 }
@@ -97,18 +106,34 @@ pub struct OpenSchedule {
 }
 
 impl OpenSchedule {
-    pub fn new(start: Instant, rate: f64, warmup: Duration, bounds: Bounds, thread: usize, threads: usize) -> OpenSchedule {
+    pub fn new(
+        start: Instant,
+        rate: f64,
+        warmup: Duration,
+        bounds: Bounds,
+        thread: usize,
+        threads: usize,
+    ) -> OpenSchedule {
         assert!(rate > 0.0 && rate.is_finite(), "rate must be positive");
         let arrivals_within = |seconds: f64| (seconds * rate - 1e-9).ceil().max(0.0) as u64;
         let warmup_arrivals = arrivals_within(warmup.as_secs_f64());
-        let by_duration = bounds.duration.map(|d| warmup_arrivals + arrivals_within(d.as_secs_f64()));
+        let by_duration = bounds
+            .duration
+            .map(|d| warmup_arrivals + arrivals_within(d.as_secs_f64()));
         let by_count = bounds.requests.map(|n| warmup_arrivals + n);
         let end_arrival = match (by_duration, by_count) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => u64::MAX,
         };
-        OpenSchedule { start, rate, stride: threads as u64, next: thread as u64, warmup_arrivals, end_arrival }
+        OpenSchedule {
+            start,
+            rate,
+            stride: threads as u64,
+            next: thread as u64,
+            warmup_arrivals,
+            end_arrival,
+        }
     }
 
     fn intended(&self, index: u64) -> Instant {
@@ -130,7 +155,10 @@ impl OpenSchedule {
         if due > now {
             return None;
         }
-        let arrival = Arrival { intended: due, measured: self.next >= self.warmup_arrivals };
+        let arrival = Arrival {
+            intended: due,
+            measured: self.next >= self.warmup_arrivals,
+        };
         self.next += self.stride;
         Some(arrival)
     }
@@ -147,13 +175,17 @@ mod tests {
     #[test]
     fn open_schedule_counts_are_exact_and_split_across_threads() {
         let start = Instant::now();
-        let bounds = Bounds { duration: Some(Duration::from_secs(2)), requests: None };
+        let bounds = Bounds {
+            duration: Some(Duration::from_secs(2)),
+            requests: None,
+        };
         let far = start + Duration::from_secs(100);
         let mut total = 0;
         let mut measured = 0;
         let mut all: Vec<Instant> = Vec::new();
         for thread in 0..3 {
-            let mut schedule = OpenSchedule::new(start, 100.0, Duration::from_millis(500), bounds, thread, 3);
+            let mut schedule =
+                OpenSchedule::new(start, 100.0, Duration::from_millis(500), bounds, thread, 3);
             let arrivals = drain(&mut schedule, far);
             assert!(schedule.finished());
             total += arrivals.len();
@@ -166,19 +198,31 @@ mod tests {
         // Evenly spaced at 10 ms.
         for pair in all.windows(2) {
             let gap = pair[1] - pair[0];
-            assert!(gap >= Duration::from_micros(9_999) && gap <= Duration::from_micros(10_001), "{gap:?}");
+            assert!(
+                gap >= Duration::from_micros(9_999) && gap <= Duration::from_micros(10_001),
+                "{gap:?}"
+            );
         }
     }
 
     #[test]
     fn open_schedule_releases_only_due_arrivals() {
         let start = Instant::now();
-        let bounds = Bounds { duration: None, requests: Some(1000) };
+        let bounds = Bounds {
+            duration: None,
+            requests: Some(1000),
+        };
         let mut schedule = OpenSchedule::new(start, 1000.0, Duration::ZERO, bounds, 0, 1);
         // At start + 10 ms exactly arrivals 0..=10 are due.
-        assert_eq!(drain(&mut schedule, start + Duration::from_millis(10)).len(), 11);
+        assert_eq!(
+            drain(&mut schedule, start + Duration::from_millis(10)).len(),
+            11
+        );
         assert_eq!(schedule.next_due(), Some(start + Duration::from_millis(11)));
-        assert_eq!(drain(&mut schedule, start + Duration::from_secs(10)).len(), 989);
+        assert_eq!(
+            drain(&mut schedule, start + Duration::from_secs(10)).len(),
+            989
+        );
         assert!(schedule.finished());
         assert_eq!(schedule.next_due(), None);
     }
@@ -186,9 +230,15 @@ mod tests {
     #[test]
     fn request_bound_wins_when_smaller() {
         let start = Instant::now();
-        let bounds = Bounds { duration: Some(Duration::from_secs(10)), requests: Some(7) };
+        let bounds = Bounds {
+            duration: Some(Duration::from_secs(10)),
+            requests: Some(7),
+        };
         let mut schedule = OpenSchedule::new(start, 50.0, Duration::ZERO, bounds, 0, 1);
-        assert_eq!(drain(&mut schedule, start + Duration::from_secs(100)).len(), 7);
+        assert_eq!(
+            drain(&mut schedule, start + Duration::from_secs(100)).len(),
+            7
+        );
     }
 
     #[test]
@@ -198,11 +248,17 @@ mod tests {
         let tickets = Tickets::new(Some(3));
         // Warm-up requests never use tickets.
         for _ in 0..10 {
-            assert_eq!(closed_next(&phases, &tickets, start), ClosedNext::Send { measured: false });
+            assert_eq!(
+                closed_next(&phases, &tickets, start),
+                ClosedNext::Send { measured: false }
+            );
         }
         let later = start + Duration::from_secs(2);
         for _ in 0..3 {
-            assert_eq!(closed_next(&phases, &tickets, later), ClosedNext::Send { measured: true });
+            assert_eq!(
+                closed_next(&phases, &tickets, later),
+                ClosedNext::Send { measured: true }
+            );
         }
         assert_eq!(closed_next(&phases, &tickets, later), ClosedNext::Stop);
     }
@@ -212,7 +268,13 @@ mod tests {
         let start = Instant::now();
         let phases = Phases::new(start, Duration::ZERO, Some(Duration::from_secs(1)));
         let tickets = Tickets::new(None);
-        assert_eq!(closed_next(&phases, &tickets, start), ClosedNext::Send { measured: true });
-        assert_eq!(closed_next(&phases, &tickets, start + Duration::from_secs(1)), ClosedNext::Stop);
+        assert_eq!(
+            closed_next(&phases, &tickets, start),
+            ClosedNext::Send { measured: true }
+        );
+        assert_eq!(
+            closed_next(&phases, &tickets, start + Duration::from_secs(1)),
+            ClosedNext::Stop
+        );
     }
 }

@@ -14,7 +14,8 @@ const HIST_HIGH_US: u64 = 3_600_000_000;
 const HIST_SIGFIG: u8 = 3;
 
 pub fn new_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(HIST_LOW_US, HIST_HIGH_US, HIST_SIGFIG).expect("static histogram bounds are valid")
+    Histogram::new_with_bounds(HIST_LOW_US, HIST_HIGH_US, HIST_SIGFIG)
+        .expect("static histogram bounds are valid")
 }
 
 /// Why a request got no HTTP response.
@@ -72,7 +73,12 @@ pub struct RequestKindStats {
 
 impl RequestKindStats {
     fn new() -> Self {
-        RequestKindStats { completed: 0, ok: 0, failed: 0, latency: new_histogram() }
+        RequestKindStats {
+            completed: 0,
+            ok: 0,
+            failed: 0,
+            latency: new_histogram(),
+        }
     }
 }
 
@@ -104,7 +110,9 @@ impl Recorder {
         Recorder {
             latency: new_histogram(),
             service_time: new_histogram(),
-            per_request: (0..request_kinds).map(|_| RequestKindStats::new()).collect(),
+            per_request: (0..request_kinds)
+                .map(|_| RequestKindStats::new())
+                .collect(),
             status: BTreeMap::new(),
             errors: ErrorCounts::default(),
             sent: 0,
@@ -114,7 +122,13 @@ impl Recorder {
         }
     }
 
-    pub fn record_response(&mut self, kind: usize, status: u16, latency: Duration, service_time: Duration) {
+    pub fn record_response(
+        &mut self,
+        kind: usize,
+        status: u16,
+        latency: Duration,
+        service_time: Duration,
+    ) {
         self.completed += 1;
         *self.status.entry(status).or_insert(0) += 1;
         let stats = &mut self.per_request[kind];
@@ -137,13 +151,19 @@ impl Recorder {
     }
 
     pub fn merge(&mut self, other: &Recorder) {
-        self.latency.add(&other.latency).expect("histograms share bounds");
-        self.service_time.add(&other.service_time).expect("histograms share bounds");
+        self.latency
+            .add(&other.latency)
+            .expect("histograms share bounds");
+        self.service_time
+            .add(&other.service_time)
+            .expect("histograms share bounds");
         for (mine, theirs) in self.per_request.iter_mut().zip(&other.per_request) {
             mine.completed += theirs.completed;
             mine.ok += theirs.ok;
             mine.failed += theirs.failed;
-            mine.latency.add(&theirs.latency).expect("histograms share bounds");
+            mine.latency
+                .add(&theirs.latency)
+                .expect("histograms share bounds");
         }
         for (status, count) in &other.status {
             *self.status.entry(*status).or_insert(0) += count;
@@ -157,12 +177,18 @@ impl Recorder {
 
     /// Non-2xx responses.
     pub fn status_errors(&self) -> BTreeMap<u16, u64> {
-        self.status.iter().filter(|(status, _)| !(200..300).contains(*status)).map(|(s, c)| (*s, *c)).collect()
+        self.status
+            .iter()
+            .filter(|(status, _)| !(200..300).contains(*status))
+            .map(|(s, c)| (*s, *c))
+            .collect()
     }
 }
 
 fn micros(duration: Duration) -> u64 {
-    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX).max(HIST_LOW_US)
+    u64::try_from(duration.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(HIST_LOW_US)
 }
 
 /// Percentile summary of a histogram, in milliseconds.
@@ -240,7 +266,12 @@ mod tests {
     fn one_outlier_only_shows_at_the_top() {
         let mut recorder = Recorder::new(1);
         for _ in 0..999 {
-            recorder.record_response(0, 200, Duration::from_micros(100), Duration::from_micros(100));
+            recorder.record_response(
+                0,
+                200,
+                Duration::from_micros(100),
+                Duration::from_micros(100),
+            );
         }
         recorder.record_response(0, 200, Duration::from_secs(2), Duration::from_secs(2));
         let summary = LatencySummary::of(&recorder.latency);
@@ -260,8 +291,19 @@ mod tests {
         assert_eq!(recorder.completed, 3);
         assert_eq!(recorder.ok, 1);
         assert_eq!(recorder.latency.len(), 1);
-        assert_eq!(recorder.status_errors(), BTreeMap::from([(429, 1), (500, 1)]));
-        assert_eq!(recorder.errors, ErrorCounts { connect: 0, timeout: 1, parse: 0, closed: 1 });
+        assert_eq!(
+            recorder.status_errors(),
+            BTreeMap::from([(429, 1), (500, 1)])
+        );
+        assert_eq!(
+            recorder.errors,
+            ErrorCounts {
+                connect: 0,
+                timeout: 1,
+                parse: 0,
+                closed: 1
+            }
+        );
         assert_eq!(recorder.per_request[1].failed, 3);
     }
 

@@ -16,7 +16,10 @@ pub enum TargetError {
     #[error("target {url:?}: the base URL takes no path, use --path (got {path:?})")]
     Path { url: String, path: String },
     #[error("cannot resolve {host:?}: {source}")]
-    Resolve { host: String, source: std::io::Error },
+    Resolve {
+        host: String,
+        source: std::io::Error,
+    },
     #[error("{host:?} resolved to no address")]
     NoAddress { host: String },
     #[error(
@@ -48,24 +51,45 @@ impl Target {
             None => (rest, ""),
         };
         if !path.is_empty() && path != "/" {
-            return Err(TargetError::Path { url: url.to_string(), path: path.to_string() });
+            return Err(TargetError::Path {
+                url: url.to_string(),
+                path: path.to_string(),
+            });
         }
-        let (host, port) = split_host_port(authority).ok_or_else(|| TargetError::Port { url: url.to_string() })?;
+        let (host, port) = split_host_port(authority).ok_or_else(|| TargetError::Port {
+            url: url.to_string(),
+        })?;
         if host.is_empty() {
             return Err(TargetError::NoHost(url.to_string()));
         }
         let addrs: Vec<SocketAddr> = (host, port)
             .to_socket_addrs()
-            .map_err(|source| TargetError::Resolve { host: host.to_string(), source })?
+            .map_err(|source| TargetError::Resolve {
+                host: host.to_string(),
+                source,
+            })?
             .collect();
-        let first = *addrs.first().ok_or_else(|| TargetError::NoAddress { host: host.to_string() })?;
+        let first = *addrs.first().ok_or_else(|| TargetError::NoAddress {
+            host: host.to_string(),
+        })?;
         if !allow_remote {
             if let Some(remote) = addrs.iter().find(|addr| !is_loopback(addr.ip())) {
-                return Err(TargetError::NotLoopback { host: host.to_string(), addr: remote.ip() });
+                return Err(TargetError::NotLoopback {
+                    host: host.to_string(),
+                    addr: remote.ip(),
+                });
             }
         }
-        let host_header = if port == 80 { authority_host(authority).to_string() } else { authority.to_string() };
-        Ok(Target { url: url.to_string(), host_header, addr: first })
+        let host_header = if port == 80 {
+            authority_host(authority).to_string()
+        } else {
+            authority.to_string()
+        };
+        Ok(Target {
+            url: url.to_string(),
+            host_header,
+            addr: first,
+        })
     }
 }
 
@@ -73,7 +97,9 @@ impl Target {
 pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -106,21 +132,39 @@ mod tests {
 
     #[test]
     fn loopback_targets_are_accepted() {
-        for url in ["http://127.0.0.1:8080", "http://127.1.2.3:1/", "http://[::1]:9000", "http://localhost:8080"] {
+        for url in [
+            "http://127.0.0.1:8080",
+            "http://127.1.2.3:1/",
+            "http://[::1]:9000",
+            "http://localhost:8080",
+        ] {
             let target = Target::resolve(url, false).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(is_loopback(target.addr.ip()), "{url}");
         }
         let target = Target::resolve("http://127.0.0.1", false).unwrap();
         assert_eq!(target.addr.port(), 80);
         assert_eq!(target.host_header, "127.0.0.1");
-        assert_eq!(Target::resolve("http://127.0.0.1:8080", false).unwrap().host_header, "127.0.0.1:8080");
+        assert_eq!(
+            Target::resolve("http://127.0.0.1:8080", false)
+                .unwrap()
+                .host_header,
+            "127.0.0.1:8080"
+        );
     }
 
     #[test]
     fn remote_targets_are_refused_without_allow_remote() {
-        for url in ["http://10.0.0.1:80", "http://192.168.1.1", "http://0.0.0.0:8080", "http://[2001:db8::1]:80"] {
+        for url in [
+            "http://10.0.0.1:80",
+            "http://192.168.1.1",
+            "http://0.0.0.0:8080",
+            "http://[2001:db8::1]:80",
+        ] {
             let err = Target::resolve(url, false).unwrap_err();
-            assert!(matches!(err, TargetError::NotLoopback { .. }), "{url}: {err}");
+            assert!(
+                matches!(err, TargetError::NotLoopback { .. }),
+                "{url}: {err}"
+            );
             assert!(err.to_string().contains("--allow-remote"));
             Target::resolve(url, true).unwrap_or_else(|e| panic!("{url} with allow_remote: {e}"));
         }
@@ -134,10 +178,25 @@ mod tests {
 
     #[test]
     fn malformed_urls_are_refused() {
-        assert!(matches!(Target::resolve("https://127.0.0.1", false), Err(TargetError::Scheme(_))));
-        assert!(matches!(Target::resolve("127.0.0.1:80", false), Err(TargetError::Scheme(_))));
-        assert!(matches!(Target::resolve("http://127.0.0.1:99999", false), Err(TargetError::Port { .. })));
-        assert!(matches!(Target::resolve("http://:80", false), Err(TargetError::NoHost(_))));
-        assert!(matches!(Target::resolve("http://127.0.0.1/v1/exec", false), Err(TargetError::Path { .. })));
+        assert!(matches!(
+            Target::resolve("https://127.0.0.1", false),
+            Err(TargetError::Scheme(_))
+        ));
+        assert!(matches!(
+            Target::resolve("127.0.0.1:80", false),
+            Err(TargetError::Scheme(_))
+        ));
+        assert!(matches!(
+            Target::resolve("http://127.0.0.1:99999", false),
+            Err(TargetError::Port { .. })
+        ));
+        assert!(matches!(
+            Target::resolve("http://:80", false),
+            Err(TargetError::NoHost(_))
+        ));
+        assert!(matches!(
+            Target::resolve("http://127.0.0.1/v1/exec", false),
+            Err(TargetError::Path { .. })
+        ));
     }
 }

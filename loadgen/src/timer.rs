@@ -18,14 +18,22 @@ pub struct ArrivalTimer {
 impl ArrivalTimer {
     pub fn new(registry: &Registry, token: Token) -> io::Result<ArrivalTimer> {
         // SAFETY: plain syscall with constant flags; the result is checked below.
-        let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK | libc::TFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a freshly created descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         registry.register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE)?;
-        Ok(ArrivalTimer { fd, armed_for: None })
+        Ok(ArrivalTimer {
+            fd,
+            armed_for: None,
+        })
     }
 
     /// Makes the timer fire at `due` (no-op if already armed for it).
@@ -34,16 +42,23 @@ impl ArrivalTimer {
             return Ok(());
         }
         // A zero it_value would disarm the timer; 1 ns fires at once.
-        let wait = due.saturating_duration_since(now).max(Duration::from_nanos(1));
+        let wait = due
+            .saturating_duration_since(now)
+            .max(Duration::from_nanos(1));
         let spec = libc::itimerspec {
-            it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
             it_value: libc::timespec {
                 tv_sec: wait.as_secs() as libc::time_t,
                 tv_nsec: wait.subsec_nanos() as libc::c_long,
             },
         };
         // SAFETY: `fd` is our open timerfd and `spec` is a valid itimerspec.
-        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+        if unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) }
+            != 0
+        {
             return Err(io::Error::last_os_error());
         }
         self.armed_for = Some(due);
@@ -55,7 +70,11 @@ impl ArrivalTimer {
         let mut expirations = 0u64;
         // SAFETY: reads at most 8 bytes into a local u64; EAGAIN is harmless.
         let _ = unsafe {
-            libc::read(self.fd.as_raw_fd(), (&mut expirations as *mut u64).cast(), std::mem::size_of::<u64>())
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut expirations as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
         };
     }
 }
@@ -81,7 +100,8 @@ mod tests {
             let now = Instant::now();
             timer.arm(now + Duration::from_millis(2), now).unwrap();
             // Generous bound: only checks that the event arrives at all.
-            poll.poll(&mut events, Some(Duration::from_secs(10))).unwrap();
+            poll.poll(&mut events, Some(Duration::from_secs(10)))
+                .unwrap();
             assert!(events.iter().any(|e| e.token() == Token(7)));
             assert!(Instant::now() >= now + Duration::from_millis(2));
             timer.acknowledge();

@@ -179,7 +179,8 @@ impl Worker {
 
     pub fn run(mut self) -> Result<WorkerOutcome, WorkerError> {
         let mut events = Events::with_capacity(1024);
-        let sweep_interval = (self.setup.timeout / 20).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL);
+        let sweep_interval =
+            (self.setup.timeout / 20).clamp(MIN_SWEEP_INTERVAL, MAX_SWEEP_INTERVAL);
         let mut next_sweep = Instant::now() + sweep_interval;
         loop {
             let now = Instant::now();
@@ -192,7 +193,8 @@ impl Worker {
                 break;
             }
             let mut wake = next_sweep;
-            if let (Load::Open(schedule), Some(timer)) = (&self.setup.load, &mut self.arrival_timer) {
+            if let (Load::Open(schedule), Some(timer)) = (&self.setup.load, &mut self.arrival_timer)
+            {
                 if let Some(due) = schedule.next_due() {
                     timer.arm(due, Instant::now()).map_err(WorkerError::Timer)?;
                     wake = wake.min(due);
@@ -212,12 +214,19 @@ impl Worker {
                     continue;
                 }
                 let (index, generation) = split_token(event.token());
-                if self.conns[index].generation == generation && self.conns[index].stream.is_some() {
-                    self.on_event(index, event.is_readable() || event.is_read_closed() || event.is_error())?;
+                if self.conns[index].generation == generation && self.conns[index].stream.is_some()
+                {
+                    self.on_event(
+                        index,
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                    )?;
                 }
             }
         }
-        Ok(WorkerOutcome { recorder: self.recorder, last_measured_end: self.last_measured_end })
+        Ok(WorkerOutcome {
+            recorder: self.recorder,
+            last_measured_end: self.last_measured_end,
+        })
     }
 
     fn finished(&self) -> bool {
@@ -242,12 +251,19 @@ impl Worker {
         };
         if let Some(tickets) = tickets {
             while !self.closed_loop_done {
-                let Some(index) = self.idle.pop().or_else(|| self.disconnected.pop()) else { break };
+                let Some(index) = self.idle.pop().or_else(|| self.disconnected.pop()) else {
+                    break;
+                };
                 match closed_next(&self.setup.phases, &tickets, now) {
                     ClosedNext::Send { measured } => {
                         let kind = self.picker.next_index();
-                        let request =
-                            InFlight { kind, origin: None, sent_at: None, deadline: now + self.setup.timeout, measured };
+                        let request = InFlight {
+                            kind,
+                            origin: None,
+                            sent_at: None,
+                            deadline: now + self.setup.timeout,
+                            measured,
+                        };
                         self.attach(index, request, now)?;
                     }
                     ClosedNext::Stop => {
@@ -258,7 +274,9 @@ impl Worker {
             }
         }
         while !self.backlog.is_empty() {
-            let Some(index) = self.idle.pop().or_else(|| self.disconnected.pop()) else { break };
+            let Some(index) = self.idle.pop().or_else(|| self.disconnected.pop()) else {
+                break;
+            };
             let (arrival, kind) = self.backlog.pop_front().expect("backlog checked non-empty");
             let request = InFlight {
                 kind,
@@ -291,7 +309,8 @@ impl Worker {
         conn.request = Some(request);
         conn.written = 0;
         conn.readable_pending = false;
-        conn.parser.reset(self.setup.templates[request.kind].is_head);
+        conn.parser
+            .reset(self.setup.templates[request.kind].is_head);
         if conn.stream.is_some() {
             conn.phase = Phase::Writing;
             return self.write(index, now);
@@ -301,7 +320,11 @@ impl Worker {
                 conn.generation = conn.generation.wrapping_add(1);
                 self.poll
                     .registry()
-                    .register(&mut stream, token(index, conn.generation), Interest::READABLE | Interest::WRITABLE)
+                    .register(
+                        &mut stream,
+                        token(index, conn.generation),
+                        Interest::READABLE | Interest::WRITABLE,
+                    )
                     .map_err(WorkerError::Register)?;
                 conn.stream = Some(stream);
                 conn.phase = Phase::Connecting;
@@ -318,7 +341,10 @@ impl Worker {
         let now = Instant::now();
         match self.conns[index].phase {
             Phase::Connecting => {
-                let stream = self.conns[index].stream.as_ref().expect("connecting conn has a stream");
+                let stream = self.conns[index]
+                    .stream
+                    .as_ref()
+                    .expect("connecting conn has a stream");
                 match stream.take_error() {
                     Ok(None) => {}
                     Ok(Some(_)) | Err(_) => {
@@ -394,12 +420,18 @@ impl Worker {
             let stream = conn.stream.as_mut().expect("reading conn has a stream");
             let outcome = match stream.read(&mut self.read_buffer) {
                 Ok(0) => match conn.parser.finish_on_eof() {
-                    Ok(Some(response)) => Finish::Response { status: response.status, keep_alive: false },
+                    Ok(Some(response)) => Finish::Response {
+                        status: response.status,
+                        keep_alive: false,
+                    },
                     // Closed before a byte of the response: a keep-alive race or a crash.
                     Ok(None) | Err(_) => Finish::Failed(ErrorKind::Closed),
                 },
                 Ok(n) => match conn.parser.feed(&self.read_buffer[..n]) {
-                    Ok(Some(response)) => Finish::Response { status: response.status, keep_alive: response.keep_alive },
+                    Ok(Some(response)) => Finish::Response {
+                        status: response.status,
+                        keep_alive: response.keep_alive,
+                    },
                     Ok(None) => continue,
                     Err(_) => Finish::Failed(ErrorKind::Parse),
                 },
@@ -459,7 +491,13 @@ impl Worker {
             }
             self.last_measured_end = Some(self.last_measured_end.map_or(now, |t| t.max(now)));
         }
-        let keep = matches!(finish, Finish::Response { keep_alive: true, .. });
+        let keep = matches!(
+            finish,
+            Finish::Response {
+                keep_alive: true,
+                ..
+            }
+        );
         if keep {
             conn.phase = Phase::Free;
             self.idle.push(index);
@@ -479,7 +517,11 @@ impl Worker {
             let conn = &self.conns[index];
             if let Some(request) = conn.request {
                 if now >= request.deadline {
-                    let kind = if conn.phase == Phase::Connecting { ErrorKind::Connect } else { ErrorKind::Timeout };
+                    let kind = if conn.phase == Phase::Connecting {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::Timeout
+                    };
                     self.finish(index, Finish::Failed(kind), now);
                 }
             }

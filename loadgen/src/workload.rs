@@ -21,7 +21,10 @@ pub enum WorkloadError {
     #[error("--mix is empty")]
     EmptyMix,
     #[error("cannot read body file {path}: {source}")]
-    BodyFile { path: PathBuf, source: std::io::Error },
+    BodyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("header {0:?} is not NAME: VALUE")]
     Header(String),
     #[error("header {0:?} is managed by loadgen and cannot be set")]
@@ -101,10 +104,15 @@ pub struct Template {
 
 /// Parses `--header "Name: value"`.
 pub fn parse_header(raw: &str) -> Result<(String, String), WorkloadError> {
-    let (name, value) = raw.split_once(':').ok_or_else(|| WorkloadError::Header(raw.to_string()))?;
+    let (name, value) = raw
+        .split_once(':')
+        .ok_or_else(|| WorkloadError::Header(raw.to_string()))?;
     let name = name.trim();
     let value = value.trim();
-    let valid_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
+    let valid_name = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b));
     if !valid_name || value.bytes().any(|b| b == b'\r' || b == b'\n') {
         return Err(WorkloadError::Header(raw.to_string()));
     }
@@ -119,7 +127,10 @@ pub fn parse_header(raw: &str) -> Result<(String, String), WorkloadError> {
 
 fn check_token(what: &'static str, value: &str) -> Result<(), WorkloadError> {
     if value.is_empty() || value.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(WorkloadError::RequestLine { what, value: value.to_string() });
+        return Err(WorkloadError::RequestLine {
+            what,
+            value: value.to_string(),
+        });
     }
     Ok(())
 }
@@ -138,7 +149,10 @@ pub fn build_template(spec: &RequestSpec, headers: &Headers) -> Result<Template,
     if let Some(key) = &headers.api_key {
         head.push_str(&format!("Authorization: Bearer {key}\r\n"));
     }
-    let user_content_type = headers.extra.iter().any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
+    let user_content_type = headers
+        .extra
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"));
     for (name, value) in &headers.extra {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -154,7 +168,11 @@ pub fn build_template(spec: &RequestSpec, headers: &Headers) -> Result<Template,
     head.push_str("\r\n");
     let mut bytes = head.into_bytes();
     bytes.extend_from_slice(&spec.body);
-    Ok(Template { name: spec.name.clone(), bytes: bytes.into(), is_head: spec.method == "HEAD" })
+    Ok(Template {
+        name: spec.name.clone(),
+        bytes: bytes.into(),
+        is_head: spec.method == "HEAD",
+    })
 }
 
 /// One `--mix` entry.
@@ -167,10 +185,17 @@ pub struct MixEntry {
 /// Parses `print=8,numpy=1,health=1`; a bare name means weight 1.
 pub fn parse_mix(raw: &str) -> Result<Vec<MixEntry>, WorkloadError> {
     let mut entries: Vec<MixEntry> = Vec::new();
-    for part in raw.split(',').map(str::trim).filter(|part| !part.is_empty()) {
+    for part in raw
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
         let (name, weight) = match part.split_once('=') {
             Some((name, weight)) => {
-                let weight: u32 = weight.trim().parse().map_err(|_| WorkloadError::MixWeight(part.to_string()))?;
+                let weight: u32 = weight
+                    .trim()
+                    .parse()
+                    .map_err(|_| WorkloadError::MixWeight(part.to_string()))?;
                 (name.trim(), weight)
             }
             None => (part, 1),
@@ -184,7 +209,10 @@ pub fn parse_mix(raw: &str) -> Result<Vec<MixEntry>, WorkloadError> {
         if entries.iter().any(|entry| entry.name == name) {
             return Err(WorkloadError::DuplicateRequest(name.to_string()));
         }
-        entries.push(MixEntry { name: name.to_string(), weight });
+        entries.push(MixEntry {
+            name: name.to_string(),
+            weight,
+        });
     }
     if entries.is_empty() {
         return Err(WorkloadError::EmptyMix);
@@ -193,7 +221,10 @@ pub fn parse_mix(raw: &str) -> Result<Vec<MixEntry>, WorkloadError> {
 }
 
 /// Resolves mix names to specs: built-ins plus the optional custom request.
-pub fn resolve_mix(mix: &[MixEntry], custom: Option<&RequestSpec>) -> Result<Vec<RequestSpec>, WorkloadError> {
+pub fn resolve_mix(
+    mix: &[MixEntry],
+    custom: Option<&RequestSpec>,
+) -> Result<Vec<RequestSpec>, WorkloadError> {
     mix.iter()
         .map(|entry| {
             if entry.name == CUSTOM_NAME {
@@ -206,7 +237,10 @@ pub fn resolve_mix(mix: &[MixEntry], custom: Option<&RequestSpec>) -> Result<Vec
                 if custom.is_some() {
                     known.push(CUSTOM_NAME);
                 }
-                WorkloadError::UnknownRequest { name: entry.name.clone(), known: known.join(", ") }
+                WorkloadError::UnknownRequest {
+                    name: entry.name.clone(),
+                    known: known.join(", "),
+                }
             })
         })
         .collect()
@@ -227,7 +261,11 @@ impl Picker {
         assert!(!weights.is_empty(), "picker needs at least one entry");
         let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w)).collect();
         let total = weights.iter().sum();
-        Picker { current: vec![0; weights.len()], weights, total }
+        Picker {
+            current: vec![0; weights.len()],
+            weights,
+            total,
+        }
     }
 
     /// Index of the next entry.
@@ -254,9 +292,18 @@ mod tests {
         assert_eq!(
             mix,
             vec![
-                MixEntry { name: "print".into(), weight: 8 },
-                MixEntry { name: "numpy".into(), weight: 1 },
-                MixEntry { name: "health".into(), weight: 1 },
+                MixEntry {
+                    name: "print".into(),
+                    weight: 8
+                },
+                MixEntry {
+                    name: "numpy".into(),
+                    weight: 1
+                },
+                MixEntry {
+                    name: "health".into(),
+                    weight: 1
+                },
             ]
         );
     }
@@ -264,12 +311,24 @@ mod tests {
     #[test]
     fn bad_mixes_are_refused() {
         assert!(matches!(parse_mix(""), Err(WorkloadError::EmptyMix)));
-        assert!(matches!(parse_mix("print=0"), Err(WorkloadError::MixWeight(_))));
-        assert!(matches!(parse_mix("print=x"), Err(WorkloadError::MixWeight(_))));
+        assert!(matches!(
+            parse_mix("print=0"),
+            Err(WorkloadError::MixWeight(_))
+        ));
+        assert!(matches!(
+            parse_mix("print=x"),
+            Err(WorkloadError::MixWeight(_))
+        ));
         assert!(matches!(parse_mix("=3"), Err(WorkloadError::MixEntry(_))));
-        assert!(matches!(parse_mix("print,print=2"), Err(WorkloadError::DuplicateRequest(_))));
+        assert!(matches!(
+            parse_mix("print,print=2"),
+            Err(WorkloadError::DuplicateRequest(_))
+        ));
         let mix = parse_mix("nope=1").unwrap();
-        assert!(matches!(resolve_mix(&mix, None), Err(WorkloadError::UnknownRequest { .. })));
+        assert!(matches!(
+            resolve_mix(&mix, None),
+            Err(WorkloadError::UnknownRequest { .. })
+        ));
         let mix = parse_mix("custom").unwrap();
         assert!(resolve_mix(&mix, None).is_err());
     }
@@ -285,14 +344,23 @@ mod tests {
         // Smooth: the rare entries are not adjacent within one round.
         let mut picker = Picker::new(&[8, 1, 1]);
         let round: Vec<usize> = (0..10).map(|_| picker.next_index()).collect();
-        let rare: Vec<usize> = round.iter().enumerate().filter(|(_, &i)| i != 0).map(|(pos, _)| pos).collect();
+        let rare: Vec<usize> = round
+            .iter()
+            .enumerate()
+            .filter(|(_, &i)| i != 0)
+            .map(|(pos, _)| pos)
+            .collect();
         assert_eq!(rare.len(), 2);
         assert!(rare[1] - rare[0] > 1, "{round:?}");
     }
 
     #[test]
     fn builtin_exec_request_is_valid_http_and_json() {
-        let headers = Headers { host: "127.0.0.1:8080".into(), api_key: Some("k1".into()), extra: vec![] };
+        let headers = Headers {
+            host: "127.0.0.1:8080".into(),
+            api_key: Some("k1".into()),
+            extra: vec![],
+        };
         let template = build_template(&RequestSpec::builtin("print").unwrap(), &headers).unwrap();
         let text = std::str::from_utf8(&template.bytes).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
@@ -307,7 +375,10 @@ mod tests {
             let template = build_template(&RequestSpec::builtin(name).unwrap(), &headers).unwrap();
             let mut parsed_headers = [httparse::EMPTY_HEADER; 16];
             let mut request = httparse::Request::new(&mut parsed_headers);
-            assert!(request.parse(&template.bytes).unwrap().is_complete(), "{name}");
+            assert!(
+                request.parse(&template.bytes).unwrap().is_complete(),
+                "{name}"
+            );
         }
     }
 
@@ -327,8 +398,14 @@ mod tests {
     fn headers_are_validated() {
         assert!(parse_header("NoColon").is_err());
         assert!(parse_header("Bad Name: x").is_err());
-        assert!(matches!(parse_header("Content-Length: 3"), Err(WorkloadError::ManagedHeader(_))));
-        let bad_path = RequestSpec { path: "/a b".into(), ..RequestSpec::builtin("health").unwrap() };
+        assert!(matches!(
+            parse_header("Content-Length: 3"),
+            Err(WorkloadError::ManagedHeader(_))
+        ));
+        let bad_path = RequestSpec {
+            path: "/a b".into(),
+            ..RequestSpec::builtin("health").unwrap()
+        };
         assert!(build_template(&bad_path, &Headers::default()).is_err());
     }
 }

@@ -7,7 +7,10 @@ use std::process::Command;
 use common::{ok_response, status_response, Action, TestServer};
 
 fn loadgen(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_loadgen")).args(args).output().expect("run loadgen binary")
+    Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(args)
+        .output()
+        .expect("run loadgen binary")
 }
 
 #[test]
@@ -16,9 +19,29 @@ fn help_documents_every_flag() {
     assert!(output.status.success());
     let help = String::from_utf8(output.stdout).unwrap();
     for flag in [
-        "--connections", "--threads", "--rate", "--duration", "--requests", "--warmup", "--timeout", "--mix",
-        "--body-file", "--method", "--path", "--content-type", "--header", "--api-key", "--json", "--plot",
-        "--plot-font", "--allow-remote", "coordinated omission", "print", "numpy", "cpu", "health",
+        "--connections",
+        "--threads",
+        "--rate",
+        "--duration",
+        "--requests",
+        "--warmup",
+        "--timeout",
+        "--mix",
+        "--body-file",
+        "--method",
+        "--path",
+        "--content-type",
+        "--header",
+        "--api-key",
+        "--json",
+        "--plot",
+        "--plot-font",
+        "--allow-remote",
+        "coordinated omission",
+        "print",
+        "numpy",
+        "cpu",
+        "health",
     ] {
         assert!(help.contains(flag), "--help does not mention {flag}");
     }
@@ -29,15 +52,29 @@ fn remote_target_is_refused_before_any_connection() {
     let output = loadgen(&["-n", "1", "http://10.255.255.1:80"]);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("not a loopback address") && stderr.contains("--allow-remote"), "{stderr}");
+    assert!(
+        stderr.contains("not a loopback address") && stderr.contains("--allow-remote"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn json_report_follows_the_documented_schema() {
-    let server = TestServer::start(|n| if n % 10 == 0 { Action::Respond(status_response(503)) } else { Action::Respond(ok_response()) });
+    let server = TestServer::start(|n| {
+        if n % 10 == 0 {
+            Action::Respond(status_response(503))
+        } else {
+            Action::Respond(ok_response())
+        }
+    });
     let output = loadgen(&["-c", "2", "-n", "50", "--json", &server.url()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
     assert_eq!(json["schema"], "forkd-loadgen/v1");
     assert_eq!(json["config"]["mode"], "closed");
     assert_eq!(json["config"]["connections"], 2);
@@ -53,9 +90,15 @@ fn json_report_follows_the_documented_schema() {
     for kind in ["connect", "timeout", "parse", "closed"] {
         assert_eq!(json["errors"]["by_kind"][kind], 0, "{kind}");
     }
-    for field in ["count", "min_ms", "mean_ms", "stdev_ms", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms", "max_ms"] {
+    for field in [
+        "count", "min_ms", "mean_ms", "stdev_ms", "p50_ms", "p90_ms", "p99_ms", "p99_9_ms",
+        "max_ms",
+    ] {
         assert!(json["latency"][field].is_number(), "latency.{field}");
-        assert!(json["service_time"][field].is_number(), "service_time.{field}");
+        assert!(
+            json["service_time"][field].is_number(),
+            "service_time.{field}"
+        );
     }
     assert_eq!(json["latency"]["count"], 45);
     assert!(json["throughput_rps"].as_f64().unwrap() > 0.0);
@@ -78,8 +121,22 @@ fn plot_writes_a_png() {
     let server = TestServer::start(|_| Action::Respond(ok_response()));
     let path = std::env::temp_dir().join(format!("loadgen-plot-test-{}.png", std::process::id()));
     let _ = std::fs::remove_file(&path);
-    let output = loadgen(&["-c", "4", "--rate", "500", "-d", "1s", "--plot", path.to_str().unwrap(), &server.url()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = loadgen(&[
+        "-c",
+        "4",
+        "--rate",
+        "500",
+        "-d",
+        "1s",
+        "--plot",
+        path.to_str().unwrap(),
+        &server.url(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let png = std::fs::read(&path).expect("plot file written");
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     // 1200x720 in the IHDR chunk.

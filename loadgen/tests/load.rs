@@ -23,8 +23,15 @@ fn run_args(args: &[&str]) -> (Report, RunResult) {
 /// Counts that must hold for every run: each request ends exactly once.
 fn assert_accounting(report: &Report) {
     let r = &report.requests;
-    assert_eq!(r.sent, r.completed + report.errors.by_kind.connect + report.errors.by_kind.timeout
-        + report.errors.by_kind.parse + report.errors.by_kind.closed, "{report:#?}");
+    assert_eq!(
+        r.sent,
+        r.completed
+            + report.errors.by_kind.connect
+            + report.errors.by_kind.timeout
+            + report.errors.by_kind.parse
+            + report.errors.by_kind.closed,
+        "{report:#?}"
+    );
     assert_eq!(r.failed, r.sent - r.ok);
     assert_eq!(report.latency.count, r.ok);
     let per_request_ok: u64 = report.by_request.iter().map(|b| b.ok).sum();
@@ -51,9 +58,15 @@ fn closed_loop_sends_exactly_the_requested_count_over_keep_alive() {
 fn chunked_slow_and_connection_close_responses_are_parsed() {
     let server = TestServer::start(|n| match n % 4 {
         0 => Action::Respond(chunked_response()),
-        1 => Action::RespondSlowly { bytes: chunked_response(), piece: 3 },
+        1 => Action::RespondSlowly {
+            bytes: chunked_response(),
+            piece: 3,
+        },
         2 => Action::RespondAndClose(close_response()),
-        _ => Action::RespondSlowly { bytes: ok_response(), piece: 5 },
+        _ => Action::RespondSlowly {
+            bytes: ok_response(),
+            piece: 5,
+        },
     });
     let (report, _) = run_args(&["-c", "3", "-n", "200", "--timeout", "20s", &server.url()]);
     assert_accounting(&report);
@@ -61,7 +74,11 @@ fn chunked_slow_and_connection_close_responses_are_parsed() {
     assert_eq!(report.errors.total, 0);
     // Every "Connection: close" answer forces one reconnect.
     assert!(server.accepted() >= 50, "accepted {}", server.accepted());
-    assert!(server.accepted() <= 50 + 3, "accepted {}", server.accepted());
+    assert!(
+        server.accepted() <= 50 + 3,
+        "accepted {}",
+        server.accepted()
+    );
 }
 
 #[test]
@@ -104,7 +121,13 @@ fn closed_connections_and_garbage_are_counted_by_kind_and_reconnected() {
 
 #[test]
 fn unanswered_requests_time_out_and_the_run_goes_on() {
-    let server = TestServer::start(|n| if n % 25 == 0 { Action::Silent } else { Action::Respond(ok_response()) });
+    let server = TestServer::start(|n| {
+        if n % 25 == 0 {
+            Action::Silent
+        } else {
+            Action::Respond(ok_response())
+        }
+    });
     let (report, _) = run_args(&["-c", "4", "-n", "100", "--timeout", "300ms", &server.url()]);
     assert_accounting(&report);
     assert_eq!(report.errors.by_kind.timeout, 4, "{report:#?}");
@@ -114,7 +137,11 @@ fn unanswered_requests_time_out_and_the_run_goes_on() {
 #[test]
 fn refused_connections_are_connect_errors() {
     // A port that was free a moment ago: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let (report, result) = run_args(&["-c", "2", "-n", "20", &format!("http://127.0.0.1:{port}")]);
     assert_accounting(&report);
     assert_eq!(report.errors.by_kind.connect, 20, "{report:#?}");
@@ -134,7 +161,16 @@ fn warmup_requests_are_sent_but_not_counted() {
 fn mix_weights_paths_and_api_key_reach_the_server() {
     let server = TestServer::start(|_| Action::Respond(ok_response()));
     let (report, _) = run_args(&[
-        "-c", "3", "--threads", "1", "-n", "100", "--mix", "print=8,health=1,numpy=1", "--api-key", "sk-test",
+        "-c",
+        "3",
+        "--threads",
+        "1",
+        "-n",
+        "100",
+        "--mix",
+        "print=8,health=1,numpy=1",
+        "--api-key",
+        "sk-test",
         &server.url(),
     ]);
     assert_accounting(&report);
@@ -142,11 +178,25 @@ fn mix_weights_paths_and_api_key_reach_the_server() {
     assert_eq!(seen.len(), 100);
     let exec: Vec<_> = seen.iter().filter(|s| s.path == "/v1/exec").collect();
     assert_eq!(exec.len(), 90);
-    assert_eq!(seen.iter().filter(|s| s.method == "GET" && s.path == "/v1/health").count(), 10);
-    let numpy = exec.iter().filter(|s| String::from_utf8_lossy(&s.body).contains("numpy")).count();
+    assert_eq!(
+        seen.iter()
+            .filter(|s| s.method == "GET" && s.path == "/v1/health")
+            .count(),
+        10
+    );
+    let numpy = exec
+        .iter()
+        .filter(|s| String::from_utf8_lossy(&s.body).contains("numpy"))
+        .count();
     assert_eq!(numpy, 10);
-    assert!(seen.iter().all(|s| s.authorization.as_deref() == Some("Bearer sk-test")));
-    let names: Vec<_> = report.by_request.iter().map(|b| (b.name.as_str(), b.ok)).collect();
+    assert!(seen
+        .iter()
+        .all(|s| s.authorization.as_deref() == Some("Bearer sk-test")));
+    let names: Vec<_> = report
+        .by_request
+        .iter()
+        .map(|b| (b.name.as_str(), b.ok))
+        .collect();
     assert_eq!(names, vec![("print", 80), ("health", 10), ("numpy", 10)]);
 }
 
@@ -167,22 +217,47 @@ fn open_loop_charges_a_server_stall_to_every_request_scheduled_during_it() {
     // Request 100 (about 0.5 s in at 200 req/s) stalls the whole server.
     let server = TestServer::start(|n| {
         if n == 100 {
-            Action::StallEveryone { stall: Duration::from_millis(STALL_MS), bytes: ok_response() }
+            Action::StallEveryone {
+                stall: Duration::from_millis(STALL_MS),
+                bytes: ok_response(),
+            }
         } else {
             Action::Respond(ok_response())
         }
     });
-    let (report, result) = run_args(&["--rate", "200", "-d", "2s", "-c", "8", "--timeout", "10s", &server.url()]);
+    let (report, result) = run_args(&[
+        "--rate",
+        "200",
+        "-d",
+        "2s",
+        "-c",
+        "8",
+        "--timeout",
+        "10s",
+        &server.url(),
+    ]);
     assert_accounting(&report);
     assert_eq!(report.requests.sent, 400);
     assert_eq!(report.requests.ok, 400);
     let threshold_us = STALL_MS * 1000 / 2;
-    let corrected_high = result.recorder.latency.count_between(threshold_us, u64::MAX);
-    let service_high = result.recorder.service_time.count_between(threshold_us, u64::MAX);
+    let corrected_high = result
+        .recorder
+        .latency
+        .count_between(threshold_us, u64::MAX);
+    let service_high = result
+        .recorder
+        .service_time
+        .count_between(threshold_us, u64::MAX);
     // ~60 requests are due in the first half of the stall: each waited at
     // least half the stall counted from its intended send time. Measured from
     // the actual send, only the few in flight when it began look slow.
-    assert!(corrected_high >= 40, "corrected {corrected_high}, service {service_high}");
-    assert!(service_high <= 16, "corrected {corrected_high}, service {service_high}");
+    assert!(
+        corrected_high >= 40,
+        "corrected {corrected_high}, service {service_high}"
+    );
+    assert!(
+        service_high <= 16,
+        "corrected {corrected_high}, service {service_high}"
+    );
     assert!(report.latency.p90_ms > report.service_time.p90_ms);
 }

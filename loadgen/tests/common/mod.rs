@@ -94,7 +94,11 @@ impl TestServer {
                 std::thread::spawn(move || serve(stream, &shared));
             }
         });
-        TestServer { addr, shared, acceptor: Some(acceptor) }
+        TestServer {
+            addr,
+            shared,
+            acceptor: Some(acceptor),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -155,14 +159,14 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
             }
         }
         let keep = match action {
-            Action::Respond(bytes) | Action::StallEveryone { bytes, .. } => stream.write_all(&bytes).is_ok(),
-            Action::RespondSlowly { bytes, piece } => {
-                bytes.chunks(piece).all(|part| {
-                    let ok = stream.write_all(part).and_then(|_| stream.flush()).is_ok();
-                    std::thread::sleep(Duration::from_millis(1));
-                    ok
-                })
+            Action::Respond(bytes) | Action::StallEveryone { bytes, .. } => {
+                stream.write_all(&bytes).is_ok()
             }
+            Action::RespondSlowly { bytes, piece } => bytes.chunks(piece).all(|part| {
+                let ok = stream.write_all(part).and_then(|_| stream.flush()).is_ok();
+                std::thread::sleep(Duration::from_millis(1));
+                ok
+            }),
             Action::RespondAndClose(bytes) => {
                 let _ = stream.write_all(&bytes);
                 false
@@ -190,7 +194,10 @@ fn parse_request(buffer: &[u8]) -> Option<(Seen, usize)> {
     let head_len = match request.parse(buffer) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return None,
-        Err(e) => panic!("loadgen sent an invalid request: {e}: {:?}", String::from_utf8_lossy(buffer)),
+        Err(e) => panic!(
+            "loadgen sent an invalid request: {e}: {:?}",
+            String::from_utf8_lossy(buffer)
+        ),
     };
     let header = |name: &str| {
         request
@@ -199,7 +206,9 @@ fn parse_request(buffer: &[u8]) -> Option<(Seen, usize)> {
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .map(|h| String::from_utf8_lossy(h.value).to_string())
     };
-    let length: usize = header("content-length").map(|v| v.parse().unwrap()).unwrap_or(0);
+    let length: usize = header("content-length")
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(0);
     if buffer.len() < head_len + length {
         return None;
     }
