@@ -29,6 +29,24 @@ enum Cmd {
         #[command(subcommand)]
         command: BenchCmd,
     },
+    /// Serve the HTTP API (builds the default Python template first if none is cached).
+    Serve {
+        #[command(flatten)]
+        server: forkd::server::ServeArgs,
+        /// Template directories to serve (default: every cached template; the
+        /// Python one is built if missing).
+        #[arg(long)]
+        template: Vec<PathBuf>,
+        /// Idle pre-created VMs kept per worker and template.
+        #[arg(long, default_value_t = 2)]
+        pool_size: usize,
+        /// Most guest memory one exec may dirty, in MiB (copy-on-write host memory).
+        #[arg(long, default_value_t = 256)]
+        max_sandbox_dirty_mib: usize,
+        /// Most bytes of stdout (and of stderr) returned per exec.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_output_bytes: u32,
+    },
     /// Run code in a fresh fork of the template and print its output.
     Run {
         #[arg(long, default_value = "python")]
@@ -107,6 +125,32 @@ fn load_template(language: Language, dir: Option<PathBuf>) -> Result<template::T
     template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
 }
 
+/// Every cached template; the Python one is built (with progress) if missing.
+fn default_templates() -> Result<Vec<PathBuf>, String> {
+    let mut dirs = Vec::new();
+    match template::find_cached(Language::Python) {
+        Some(d) => dirs.push(d),
+        None => {
+            eprintln!("forkd: no Python template cached yet; building it (one-time, minutes on PVM hosts)");
+            let opts = BuildOptions {
+                language: Language::Python,
+                out: None,
+                ram_mib: 512,
+                verbose: false,
+                boot_timeout: Duration::from_secs(3600),
+                rebuild: false,
+                kernel: None,
+                initrd: None,
+            };
+            dirs.push(template::build(&opts).map_err(|e| e.to_string())?);
+        }
+    }
+    if let Some(d) = template::find_cached(Language::Node) {
+        dirs.push(d);
+    }
+    Ok(dirs)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -150,6 +194,26 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let opts = forkd::bench::BenchOptions { iterations, alive_counts, code, language };
             let report = forkd::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
             print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Serve { server, template: dirs, pool_size, max_sandbox_dirty_mib, max_output_bytes } => {
+            let config = server.to_config()?;
+            let dirs = if dirs.is_empty() { default_templates()? } else { dirs };
+            let mut templates = Vec::new();
+            for dir in dirs {
+                let t = template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))?;
+                eprintln!("forkd: serving {} template {}", t.meta.language, dir.display());
+                templates.push(t);
+            }
+            forkd::bench::raise_nofile_limit();
+            let limits = forkd::engine::sandbox::Limits {
+                stdout_cap: max_output_bytes,
+                stderr_cap: max_output_bytes,
+                max_dirty_pages: max_sandbox_dirty_mib * 256,
+            };
+            let pool = forkd::engine::pool::PoolConfig { max_idle: pool_size, prewarm: pool_size.min(1), limits };
+            let engine = forkd::engine::lane::Engine::new(templates, pool);
+            forkd::server::serve(config, std::sync::Arc::new(engine)).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Template { command: TemplateCmd::Inspect { dir } } => {

@@ -1,2 +1,3 @@
 //! Helpers shared by integration tests.
+pub mod real_template;
 pub mod tiny_guest;
