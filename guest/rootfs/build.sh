@@ -70,6 +70,15 @@ resolve_packages() {
     die "cannot resolve the package closure"
 }
 
+# Changes whenever apt's package lists or the requested packages change.
+resolution_fingerprint() {
+    {
+        echo "$COMMON_PACKAGES $LANGUAGE_PACKAGES"
+        declare -f language_build_packages
+        find /var/lib/apt/lists -maxdepth 1 -type f -name '*Packages*' -printf '%f %s %T@\n' | LC_ALL=C sort
+    } | sha256sum | cut -c1-24
+}
+
 deb_file() { # name version arch -> file name apt-get download uses
     echo "${1}_${2//:/%3a}_${3}.deb"
 }
@@ -134,7 +143,8 @@ common_fixup() {
 build_agent() {
     local root=$1 dev=$2 libdir=$1/usr/lib/x86_64-linux-gnu
     # shellcheck disable=SC2046
-    gcc -O2 -g0 -Wall -Wextra -Werror -std=gnu11 \
+    # NDEBUG: Python's header asserts would embed the (temporary) build path.
+    gcc -O2 -g0 -DNDEBUG -ffile-prefix-map="$work"=/build -Wall -Wextra -Werror -std=gnu11 \
         -I"$GUEST_DIR" $(language_agent_cflags "$dev") \
         -o "$root/init" "$AGENT_DIR"/*.c \
         -L"$libdir" $(language_agent_libs) -Wl,-rpath-link,"$libdir" -Wl,--build-id=none ||
@@ -164,12 +174,22 @@ main() {
     work=$(mktemp -d "$CACHE_DIR/rootfs/.build-XXXXXX")
     trap '[ -z "$work" ] || rm -rf "$work"' EXIT
 
-    log "resolving the package closure of: $COMMON_PACKAGES $LANGUAGE_PACKAGES"
-    resolve_packages "$work/packages"
-    language_build_packages "$work/packages" | while IFS== read -r name version; do
-        apt-cache show "$name=$version" >/dev/null 2>&1 || die "$name=$version is not available"
-        echo "$name $version $(dpkg --print-architecture)"
-    done >"$work/build-packages"
+    # Resolving takes apt seconds; reuse it while the apt lists are unchanged.
+    local resolved
+    resolved=$CACHE_DIR/rootfs/resolved/$(resolution_fingerprint)
+    if [ -f "$resolved/packages" ] && [ -f "$resolved/build-packages" ]; then
+        cp "$resolved/packages" "$resolved/build-packages" "$work/"
+    else
+        log "resolving the package closure of: $COMMON_PACKAGES $LANGUAGE_PACKAGES"
+        resolve_packages "$work/packages"
+        language_build_packages "$work/packages" | while IFS== read -r name version; do
+            apt-cache show "$name=$version" >/dev/null 2>&1 || die "$name=$version is not available"
+            echo "$name $version $(dpkg --print-architecture)"
+        done >"$work/build-packages"
+        resolved=$CACHE_DIR/rootfs/resolved/$(resolution_fingerprint)
+        mkdir -p "$resolved"
+        cp "$work/packages" "$work/build-packages" "$resolved/"
+    fi
 
     local key out
     key=$(cache_key "$work/packages" "$work/build-packages")
