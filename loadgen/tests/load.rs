@@ -261,3 +261,33 @@ fn open_loop_charges_a_server_stall_to_every_request_scheduled_during_it() {
     );
     assert!(report.latency.p90_ms > report.service_time.p90_ms);
 }
+
+#[test]
+fn a_thousand_connections_are_outstanding_at_once() {
+    const CONNECTIONS: usize = 1000;
+    // Client and server sockets both live in this process.
+    let limit = loadgen::raise_nofile_limit().expect("read RLIMIT_NOFILE");
+    assert!(
+        limit >= 2 * CONNECTIONS as u64 + 100,
+        "open-files limit {limit} too low for this test; raise ulimit -n"
+    );
+    let server = TestServer::start(|_| Action::RespondOnceReceived {
+        count: CONNECTIONS,
+        bytes: ok_response(),
+    });
+    let connections = CONNECTIONS.to_string();
+    let total = CONNECTIONS.to_string();
+    let (report, _) = run_args(&[
+        "-c",
+        &connections,
+        "-n",
+        &total,
+        "--timeout",
+        "60s",
+        &server.url(),
+    ]);
+    assert_accounting(&report);
+    // Every response waited for all 1000 requests: they were in flight together.
+    assert_eq!(report.requests.ok, CONNECTIONS as u64, "{report:#?}");
+    assert_eq!(server.accepted(), CONNECTIONS);
+}

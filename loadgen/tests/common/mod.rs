@@ -26,6 +26,9 @@ pub enum Action {
     Silent,
     /// Make every connection wait `stall` before answering (this one too), then respond.
     StallEveryone { stall: Duration, bytes: Vec<u8> },
+    /// Hold the answer until `count` requests are in (or 30 s passed): proves
+    /// that many requests were outstanding at once.
+    RespondOnceReceived { count: usize, bytes: Vec<u8> },
 }
 
 pub fn ok_response() -> Vec<u8> {
@@ -91,7 +94,11 @@ impl TestServer {
                 let Ok(stream) = stream else { continue };
                 acceptor_shared.accepted.fetch_add(1, Ordering::SeqCst);
                 let shared = Arc::clone(&acceptor_shared);
-                std::thread::spawn(move || serve(stream, &shared));
+                // Small stacks: some tests hold 1000 connections.
+                std::thread::Builder::new()
+                    .stack_size(128 * 1024)
+                    .spawn(move || serve(stream, &shared))
+                    .expect("spawn test server connection thread");
             }
         });
         TestServer {
@@ -160,6 +167,13 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         }
         let keep = match action {
             Action::Respond(bytes) | Action::StallEveryone { bytes, .. } => {
+                stream.write_all(&bytes).is_ok()
+            }
+            Action::RespondOnceReceived { count, bytes } => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while shared.requests.load(Ordering::SeqCst) < count && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 stream.write_all(&bytes).is_ok()
             }
             Action::RespondSlowly { bytes, piece } => bytes.chunks(piece).all(|part| {
