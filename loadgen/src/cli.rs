@@ -32,7 +32,8 @@ timeout, parse, closed) are counted separately. Only loopback targets are allowe
     after_help = "Examples:\n  \
 loadgen -c 256 -d 30s http://127.0.0.1:8080\n  \
 loadgen --rate 200 -c 64 -d 60s --warmup 5s --mix print=8,numpy=1,health=1 --api-key KEY --json\n  \
-loadgen -n 1000 --body-file req.json --path /v1/exec/batch --plot latency.png"
+loadgen -n 1000 --body-file req.json --path /v1/exec/batch --plot latency.png\n\n\
+Exit status: 0 after a run with at least one 2xx response, 1 if none succeeded, 2 on a usage or setup error."
 )]
 pub struct Args {
     /// Base URL of the server (http only; loopback only unless --allow-remote).
