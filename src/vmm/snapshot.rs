@@ -404,3 +404,101 @@ pub fn load_memory(path: &Path, info: &MemoryInfo) -> Result<File, SnapshotError
     }
     Ok(memfd)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::cpuid::HostKind;
+
+    fn sample() -> (TemplateMeta, MachineState) {
+        let mut regs = kvm_regs::default();
+        regs.rip = 0x4242;
+        let vcpu = VcpuState {
+            cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: 7, ..Default::default() }],
+            mp_state: kvm_mp_state::default(),
+            regs,
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: None,
+            debugregs: kvm_debugregs::default(),
+            lapic: kvm_lapic_state::default(),
+            msrs: vec![kvm_msr_entry { index: 0x10, data: 99, ..Default::default() }],
+            events: kvm_vcpu_events::default(),
+        };
+        let vm = VmState {
+            pic_master: kvm_irqchip::default(),
+            pic_slave: kvm_irqchip::default(),
+            ioapic: kvm_irqchip::default(),
+            pit: kvm_pit_state2::default(),
+            clock: kvm_clock_data::default(),
+        };
+        let none = ArtifactInfo { path: String::new(), cache_key: String::new(), size: 0 };
+        let meta = TemplateMeta {
+            language: "python".into(),
+            forkd_version: "0".into(),
+            host_kind: HostKind::Pvm,
+            cpu_vendor: "v".into(),
+            cpu_model: "m".into(),
+            ram_size: 1 << 20,
+            cmdline: String::new(),
+            kernel: none.clone(),
+            rootfs: none,
+            packages: vec![],
+            boot_to_ready_seconds: 1.0,
+            built_at_unix: 0,
+            snapshot_rip: 0x4242,
+            snapshot_cpl: 3,
+            memory: MemoryInfo::default(),
+            xsave_size: 0,
+        };
+        (meta, MachineState { vcpu, vm, serial: SerialState::default() })
+    }
+
+    fn reseal(bytes: &mut Vec<u8>) {
+        let n = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..n]);
+        bytes[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn state_roundtrips() {
+        let (meta, m) = sample();
+        let bytes = encode_state(&meta, &m);
+        let (meta2, m2) = decode_state("s", &bytes).unwrap();
+        assert_eq!(meta2.snapshot_rip, 0x4242);
+        assert_eq!(m2.vcpu.regs.rip, 0x4242);
+        assert_eq!(m2.vcpu.msrs[0].data, 99);
+        assert_eq!(m2.vcpu.cpuid[0].eax, 7);
+        assert!(m2.vcpu.xcrs.is_none());
+    }
+
+    #[test]
+    fn corrupt_truncated_and_foreign_snapshots_are_refused() {
+        let (meta, m) = sample();
+        let good = encode_state(&meta, &m);
+        let mut flipped = good.clone();
+        flipped[100] ^= 0xff;
+        assert!(matches!(decode_state("s", &flipped), Err(SnapshotError::Checksum { .. })));
+        for cut in [0, 7, 15, 19, good.len() / 2, good.len() - 1] {
+            assert!(decode_state("s", &good[..cut]).is_err(), "truncated at {cut} was accepted");
+        }
+        let mut magic = good.clone();
+        magic[0] = b'X';
+        assert!(matches!(decode_state("s", &magic), Err(SnapshotError::BadMagic(_))));
+        let mut version = good.clone();
+        version[8..12].copy_from_slice(&99u32.to_le_bytes());
+        reseal(&mut version);
+        assert!(matches!(decode_state("s", &version), Err(SnapshotError::Version { found: 99, .. })));
+        // A section of the wrong size (as from another KVM header version).
+        let mut wrong = good.clone();
+        let meta_len = u32::from_le_bytes(wrong[20..24].try_into().unwrap()) as usize;
+        let regs_len_at = 24 + meta_len + 4;
+        let regs_len = u32::from_le_bytes(wrong[regs_len_at..regs_len_at + 4].try_into().unwrap());
+        assert_eq!(regs_len as usize, std::mem::size_of::<kvm_regs>());
+        wrong.remove(regs_len_at + 4);
+        wrong[regs_len_at..regs_len_at + 4].copy_from_slice(&(regs_len - 1).to_le_bytes());
+        reseal(&mut wrong);
+        let err = decode_state("s", &wrong).err().expect("wrong section size accepted");
+        assert!(matches!(err, SnapshotError::Incompatible(_)), "{err}");
+    }
+}
