@@ -158,7 +158,7 @@ cache_key() {
         cd "$GUEST_DIR"
         echo "language $LANGUAGE"
         for f in rootfs/build.sh rootfs/rootfs_tool.py $(ls rootfs/languages/"$LANGUAGE"[._]*) contract.h \
-            $(cd "$GUEST_DIR" && ls agent/*.c agent/*.h agent/*.py | LC_ALL=C sort); do
+            $(cd "$GUEST_DIR" && ls agent/*.c agent/*.h agent/forkd_runner.py | LC_ALL=C sort); do
             echo "== $f"
             cat "$f"
         done
