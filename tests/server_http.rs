@@ -114,7 +114,7 @@ fn batch_runs_in_parallel_and_answers_in_order() {
         assert_eq!((empty.status, empty.json()["results"].as_array().unwrap().len()), (200, 0));
         let bad = server.request("POST", "/v1/exec/batch", Some(r#"{"executions":[{"code":"echo:a"},{"language":"python"}]}"#));
         assert_eq!((bad.status, bad.error_code().as_str()), (400, "missing_code"));
-        let too_many = format!(r#"{{"executions":[{}]}}"#, vec![r#"{"code":"echo:a"}"#; 9].join(","));
+        let too_many = format!(r#"{{"executions":[{}]}}"#, [r#"{"code":"echo:a"}"#; 9].join(","));
         let resp = server.request("POST", "/v1/exec/batch", Some(&too_many));
         assert_eq!((resp.status, resp.error_code().as_str()), (400, "batch_too_large"));
     });
@@ -303,7 +303,7 @@ fn expect_100_continue() {
 
         // Refused before the body: the final status comes instead of 100, then close.
         let mut c = server.connect();
-        c.write(format!("POST /nope HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n").as_bytes());
+        c.write(b"POST /nope HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n");
         let resp = c.read_response();
         assert_eq!(resp.status, 404);
         assert!(resp.closes());

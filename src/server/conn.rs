@@ -265,7 +265,7 @@ impl HttpConn {
         let keep_alive = skippable && head.content_length <= ctx.config().max_body_bytes as u64;
         let remaining = head.content_length;
         self.respond(ctx, &head, endpoint, response, keep_alive, now);
-        if keep_alive && remaining > 0 {
+        if !self.is_closing() && remaining > 0 {
             self.state = State::Discard { remaining };
             self.request_started = Some(now);
         }
@@ -296,5 +296,181 @@ impl HttpConn {
         shard::error_response(err).write_to(&mut self.out, false, false);
         self.state = State::Closed;
         self.inbuf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::api::{ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language};
+    use crate::server::config::ServeConfig;
+    use crate::server::metrics::ShardMetrics;
+    use crate::server::shard::{Backend, Shared};
+    use crate::server::wire::DecodeRules;
+    use crate::server::workers::{WorkerPool, Waker};
+
+    /// TEST-ONLY lanes that echo the code back.
+    struct EchoFactory;
+    struct EchoLane;
+    impl Lane for EchoLane {
+        fn exec(&mut self, req: &ExecRequest) -> ExecResult {
+            ExecResult { stdout: req.code.clone().into_bytes(), ..Default::default() }
+        }
+        fn stats(&self) -> LaneStats {
+            LaneStats::default()
+        }
+    }
+    impl LaneFactory for EchoFactory {
+        fn new_lane(&self, _shard: usize) -> Result<Box<dyn Lane>, String> {
+            Ok(Box::new(EchoLane))
+        }
+        fn languages(&self) -> Vec<Language> {
+            vec![Language::Python]
+        }
+        fn templates(&self) -> Vec<serde_json::Value> {
+            Vec::new()
+        }
+    }
+
+    fn test_ctx() -> ShardCtx {
+        let config = ServeConfig {
+            max_head_bytes: 512,
+            max_headers: 16,
+            max_body_bytes: 256,
+            queue_depth: 4,
+            max_batch: 4,
+            api_keys_file: "/nonexistent/forkd-keys.json".into(),
+            ..ServeConfig::default()
+        };
+        let factory: Arc<dyn LaneFactory> = Arc::new(EchoFactory);
+        let metrics = vec![ShardMetrics::new(1)];
+        let waker = Arc::new(Waker::new(true).unwrap());
+        let rules = DecodeRules {
+            default_timeout: config.default_timeout,
+            max_timeout: config.max_timeout,
+            max_batch: config.max_batch,
+            languages: vec![Language::Python],
+        };
+        let pool = WorkerPool::start(0, 1, config.queue_depth, factory.clone(), metrics[0].clone(), waker.clone()).unwrap();
+        let shared = Arc::new(Shared {
+            config,
+            factory,
+            keys: None,
+            shards: metrics,
+            wakers: vec![waker],
+            backend: Backend::Epoll,
+            rules,
+            started: Instant::now(),
+            shutdown: AtomicBool::new(false),
+            force: AtomicBool::new(false),
+        });
+        ShardCtx::new(0, shared, pool)
+    }
+
+    const KEY: ConnKey = ConnKey { index: 0, generation: 1 };
+
+    /// Feeds `chunks`, delivering completions as they arrive; returns the output.
+    fn run(ctx: &mut ShardCtx, chunks: &[Vec<u8>], wait_for_execs: bool) -> (HttpConn, Vec<u8>) {
+        let now = Instant::now();
+        let mut conn = HttpConn::new(KEY, now);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            conn.on_data(ctx, chunk, now);
+            out.append(&mut conn.out);
+            while let Some(c) = ctx.pool.try_completion() {
+                ctx.job_finished(&c);
+                conn.on_completion(ctx, c, now);
+                out.append(&mut conn.out);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while wait_for_execs && ctx.jobs_in_flight > 0 && Instant::now() < deadline {
+            if let Some(c) = ctx.pool.try_completion() {
+                ctx.job_finished(&c);
+                conn.on_completion(ctx, c, now);
+                out.append(&mut conn.out);
+            } else {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        (conn, out)
+    }
+
+    #[test]
+    fn pipelined_requests_in_odd_chunks_answer_in_order() {
+        let mut ctx = test_ctx();
+        let mut stream = Vec::new();
+        for i in 0..6 {
+            let body = format!(r#"{{"code":"c{i}"}}"#);
+            stream.extend(format!("POST /v1/exec HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).bytes());
+        }
+        let chunks: Vec<Vec<u8>> = stream.chunks(7).map(<[u8]>::to_vec).collect();
+        let (_, out) = run(&mut ctx, &chunks, true);
+        let text = String::from_utf8(out).unwrap();
+        let positions: Vec<usize> = (0..6).map(|i| text.find(&format!(r#""stdout":"c{i}""#)).unwrap()).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
+        assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 6);
+    }
+
+    /// A request and whether its Content-Length is honest.
+    fn request_like() -> impl Strategy<Value = (Vec<u8>, bool)> {
+        let method = prop_oneof![Just("GET"), Just("POST"), Just("HEAD"), Just("PUT")];
+        let path = prop_oneof![Just("/v1/exec"), Just("/v1/exec/batch"), Just("/v1/health"), Just("/x")];
+        let body = prop_oneof![
+            Just(r#"{"code":"x"}"#.to_string()),
+            Just(r#"{"executions":[{"code":"a"},{"code":"b"}]}"#.to_string()),
+            "[ -~]{0,40}",
+        ];
+        let extra = prop_oneof![
+            Just(String::new()),
+            Just("Expect: 100-continue\r\n".to_string()),
+            Just("Connection: close\r\n".to_string()),
+            Just("Transfer-Encoding: chunked\r\n".to_string()),
+        ];
+        (method, path, body, extra, any::<i8>()).prop_map(|(m, p, b, e, skew)| {
+            // Content-Length sometimes lies, to exercise framing errors.
+            let len = (b.len() as i64 + i64::from(skew % 3)).max(0);
+            let honest = len as usize == b.len();
+            (format!("{m} {p} HTTP/1.1\r\n{e}Content-Length: {len}\r\n\r\n{b}").into_bytes(), honest)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn arbitrary_bytes_never_panic(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8)) {
+            let mut ctx = test_ctx();
+            let (mut conn, out) = run(&mut ctx, &chunks, false);
+            prop_assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 "));
+            let later = Instant::now() + Duration::from_secs(3600);
+            let _ = conn.on_timer(&mut ctx, later, false);
+            conn.on_drain();
+            conn.cancel_execs();
+            conn.on_peer_closed(&mut ctx);
+        }
+
+        #[test]
+        fn request_streams_never_panic(
+            requests in proptest::collection::vec(request_like(), 1..6),
+            split in 1usize..64,
+        ) {
+            let mut ctx = test_ctx();
+            let stream: Vec<u8> = requests.iter().flat_map(|(r, _)| r.clone()).collect();
+            let honest = requests.iter().all(|(_, honest)| *honest);
+            let chunks: Vec<Vec<u8>> = stream.chunks(split).map(<[u8]>::to_vec).collect();
+            let (_, out) = run(&mut ctx, &chunks, true);
+            // Empty when the first body is still incomplete (a lying length).
+            prop_assert!(out.is_empty() || out.starts_with(b"HTTP/1.1 "), "{}", String::from_utf8_lossy(&out));
+            let text = String::from_utf8_lossy(&out);
+            let finals = text.matches("HTTP/1.1 ").count() - text.matches("HTTP/1.1 100 Continue").count();
+            // A lying length makes the rest of the stream look like more requests.
+            prop_assert!(!honest || finals <= requests.len(), "more answers than requests: {text}");
+        }
     }
 }

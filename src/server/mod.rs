@@ -87,8 +87,8 @@ pub enum LoopError {
 }
 
 enum ShardLoop {
-    Uring(uring::UringLoop),
-    Epoll(epoll::EpollLoop),
+    Uring(Box<uring::UringLoop>),
+    Epoll(Box<epoll::EpollLoop>),
 }
 
 impl ShardLoop {
@@ -273,10 +273,10 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
                 // ties completion work to the submitting task.
                 let shard_loop = match backend {
                     Backend::IoUring => uring::RingSetup::new()
-                        .map(|setup| ShardLoop::Uring(uring::UringLoop::new(setup, listener, waker, ctx)))
+                        .map(|setup| ShardLoop::Uring(Box::new(uring::UringLoop::new(setup, listener, waker, ctx))))
                         .map_err(|source| ServerError::Ring { shard, source }),
                     Backend::Epoll => epoll::EpollLoop::new(listener, waker, ctx)
-                        .map(ShardLoop::Epoll)
+                        .map(|l| ShardLoop::Epoll(Box::new(l)))
                         .map_err(|source| ServerError::LoopSetup { shard, source }),
                 };
                 match shard_loop {

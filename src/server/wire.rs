@@ -270,7 +270,7 @@ mod tests {
         assert_eq!(err.code, "missing_code");
         assert!(err.message.starts_with("executions[1]"), "{}", err.message);
         assert_eq!(decode_batch(b"{}", &r).unwrap_err().code, "missing_executions");
-        let big = format!(r#"{{"executions":[{}]}}"#, vec![r#"{"code":"a"}"#; 5].join(","));
+        let big = format!(r#"{{"executions":[{}]}}"#, [r#"{"code":"a"}"#; 5].join(","));
         assert_eq!(decode_batch(big.as_bytes(), &r).unwrap_err().code, "batch_too_large");
     }
 
