@@ -205,6 +205,7 @@ impl Args {
             },
             warmup: self.warmup,
             timeout: self.timeout,
+            stop: Default::default(),
         })
     }
 

@@ -13,6 +13,7 @@ pub mod timer;
 pub mod worker;
 pub mod workload;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,6 +46,8 @@ pub struct Config {
     pub bounds: Bounds,
     pub warmup: Duration,
     pub timeout: Duration,
+    /// Setting this ends the run early: no new requests, in-flight ones finish.
+    pub stop: Arc<AtomicBool>,
 }
 
 #[derive(Debug, Error)]
@@ -70,6 +73,8 @@ pub struct RunResult {
     pub elapsed: Duration,
     /// Threads actually used (never more than connections).
     pub threads: usize,
+    /// The run was stopped through [`Config::stop`].
+    pub interrupted: bool,
 }
 
 impl Config {
@@ -134,6 +139,7 @@ pub fn run(config: &Config) -> Result<RunResult, RunError> {
             timeout: config.timeout,
             phases,
             load,
+            stop: Arc::clone(&config.stop),
         };
         let handle = std::thread::Builder::new()
             .name(format!("loadgen-{thread}"))
@@ -166,7 +172,34 @@ pub fn run(config: &Config) -> Result<RunResult, RunError> {
         recorder: merged,
         elapsed: end.saturating_duration_since(phases.measure_start),
         threads,
+        interrupted: config.stop.load(Ordering::Relaxed),
     })
+}
+
+static INTERRUPT_FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+extern "C" fn on_interrupt(_signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    if let Some(flag) = INTERRUPT_FLAG.get() {
+        flag.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Makes the first SIGINT/SIGTERM set `flag` (the run winds down and still
+/// reports); the handler resets itself, so a second one kills as usual.
+pub fn stop_on_interrupt(flag: &Arc<AtomicBool>) -> std::io::Result<()> {
+    let _ = INTERRUPT_FLAG.set(Arc::clone(flag));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: zeroed sigaction is a valid "no flags, empty mask" value we then fill in.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_interrupt as *const () as libc::sighandler_t;
+        action.sa_flags = libc::SA_RESETHAND | libc::SA_RESTART;
+        // SAFETY: installs a handler that only does an atomic store; `action` is valid.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Raises the soft open-files limit to the hard limit (1000 connections need

@@ -30,6 +30,9 @@ fn main() -> ExitCode {
         Ok(_) => {}
         Err(e) => eprintln!("loadgen: cannot read the open-files limit: {e}"),
     }
+    if let Err(e) = loadgen::stop_on_interrupt(&config.stop) {
+        eprintln!("loadgen: cannot install the SIGINT handler: {e}");
+    }
     let result = match loadgen::run(&config) {
         Ok(result) => result,
         Err(e) => {

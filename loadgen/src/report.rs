@@ -19,6 +19,8 @@ pub struct Report {
     pub config: ConfigReport,
     /// Seconds from the end of warm-up to the end of the last measured request.
     pub elapsed_s: f64,
+    /// The run was cut short by SIGINT/SIGTERM.
+    pub interrupted: bool,
     pub requests: RequestCounts,
     /// Complete HTTP responses (any status) per second.
     pub throughput_rps: f64,
@@ -119,6 +121,7 @@ impl Report {
                 mix: config.mix.clone(),
             },
             elapsed_s,
+            interrupted: result.interrupted,
             requests: RequestCounts {
                 sent: recorder.sent,
                 completed: recorder.completed,
@@ -172,6 +175,12 @@ impl Report {
             c.target, c.connections, c.threads
         );
         let r = &self.requests;
+        if self.interrupted {
+            let _ = writeln!(
+                out,
+                "interrupted  the run was stopped early; counts cover what was sent"
+            );
+        }
         let _ = writeln!(
             out,
             "requests     sent {}  completed {}  ok {}  failed {}  in {:.2} s",

@@ -149,6 +149,11 @@ impl OpenSchedule {
         self.next >= self.end_arrival
     }
 
+    /// Ends the schedule early (the run was interrupted).
+    pub fn stop(&mut self) {
+        self.end_arrival = self.next;
+    }
+
     /// Pops the next arrival if it is due at `now`.
     pub fn pop_due(&mut self, now: Instant) -> Option<Arrival> {
         let due = self.next_due()?;

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,8 @@ pub struct WorkerSetup {
     pub timeout: Duration,
     pub phases: Phases,
     pub load: Load,
+    /// Set (e.g. by SIGINT) to stop sending; in-flight requests still finish.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// Closed loop shares a ticket budget; open loop owns a slice of the schedule.
@@ -184,6 +187,9 @@ impl Worker {
         let mut next_sweep = Instant::now() + sweep_interval;
         loop {
             let now = Instant::now();
+            if self.setup.stop.load(Ordering::Relaxed) {
+                self.stop_sending();
+            }
             if now >= next_sweep {
                 self.sweep(now);
                 next_sweep = now + sweep_interval;
@@ -227,6 +233,15 @@ impl Worker {
             recorder: self.recorder,
             last_measured_end: self.last_measured_end,
         })
+    }
+
+    /// No new requests; queued ones were never sent and are dropped uncounted.
+    fn stop_sending(&mut self) {
+        self.closed_loop_done = true;
+        if let Load::Open(schedule) = &mut self.setup.load {
+            schedule.stop();
+        }
+        self.backlog.clear();
     }
 
     fn finished(&self) -> bool {

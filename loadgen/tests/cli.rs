@@ -144,3 +144,40 @@ fn plot_writes_a_png() {
     assert_eq!(u32::from_be_bytes(png[20..24].try_into().unwrap()), 720);
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn sigint_ends_the_run_early_with_a_report() {
+    let server = TestServer::start(|_| Action::Respond(ok_response()));
+    let child = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args([
+            "-c",
+            "2",
+            "--rate",
+            "200",
+            "-d",
+            "120s",
+            "--json",
+            &server.url(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start loadgen");
+    // Wait until load is flowing, then interrupt.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.requests() < 20 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: signals our own child process by its pid.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let output = child.wait_with_output().expect("loadgen exits");
+    assert!(output.status.success(), "{:?}", output.status);
+    let json: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("a JSON report after SIGINT");
+    assert_eq!(json["interrupted"], true);
+    let sent = json["requests"]["sent"].as_u64().unwrap();
+    assert!(sent >= 20 && sent < 200 * 120, "sent {sent}");
+    assert_eq!(json["requests"]["ok"].as_u64().unwrap(), sent);
+}
