@@ -205,6 +205,10 @@ impl HttpConn {
                 }
                 State::Head => {
                     if self.inbuf.is_empty() {
+                        if ctx.draining {
+                            // Idle after finishing (or skipping) a request while draining.
+                            self.state = State::Closed;
+                        }
                         return;
                     }
                     self.request_started.get_or_insert(now);
@@ -419,6 +423,21 @@ mod tests {
     }
 
     /// A request and whether its Content-Length is honest.
+    #[test]
+    fn a_connection_skipping_a_body_closes_after_it_when_draining() {
+        let mut ctx = test_ctx();
+        let now = Instant::now();
+        let mut conn = HttpConn::new(KEY, now);
+        conn.on_data(&mut ctx, b"POST /nope HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe", now);
+        assert!(conn.out.starts_with(b"HTTP/1.1 404 "));
+        assert!(!conn.is_closing());
+        ctx.draining = true;
+        conn.on_drain();
+        assert!(!conn.is_closing(), "still skipping the body");
+        conn.on_data(&mut ctx, b"llo", now);
+        assert!(conn.is_closing());
+    }
+
     fn request_like() -> impl Strategy<Value = (Vec<u8>, bool)> {
         let method = prop_oneof![Just("GET"), Just("POST"), Just("HEAD"), Just("PUT")];
         let path = prop_oneof![Just("/v1/exec"), Just("/v1/exec/batch"), Just("/v1/health"), Just("/x")];
