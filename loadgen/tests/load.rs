@@ -128,7 +128,7 @@ fn unanswered_requests_time_out_and_the_run_goes_on() {
             Action::Respond(ok_response())
         }
     });
-    let (report, _) = run_args(&["-c", "4", "-n", "100", "--timeout", "300ms", &server.url()]);
+    let (report, _) = run_args(&["-c", "4", "-n", "100", "--timeout", "2s", &server.url()]);
     assert_accounting(&report);
     assert_eq!(report.errors.by_kind.timeout, 4, "{report:#?}");
     assert_eq!(report.requests.ok, 96);
