@@ -22,6 +22,9 @@ pub struct Report {
     /// The run was cut short by SIGINT/SIGTERM.
     pub interrupted: bool,
     pub requests: RequestCounts,
+    /// TCP connections opened for measured requests; above `config.connections`
+    /// means the server closed connections (or they failed) and loadgen reconnected.
+    pub connections_opened: u64,
     /// Complete HTTP responses (any status) per second.
     pub throughput_rps: f64,
     /// 2xx responses per second.
@@ -128,6 +131,7 @@ impl Report {
                 ok: recorder.ok,
                 failed: recorder.sent - recorder.ok,
             },
+            connections_opened: recorder.connections_opened,
             throughput_rps: per_second(recorder.completed),
             ok_rps: per_second(recorder.ok),
             latency: LatencySummary::of(&recorder.latency),
@@ -183,8 +187,8 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "requests     sent {}  completed {}  ok {}  failed {}  in {:.2} s",
-            r.sent, r.completed, r.ok, r.failed, self.elapsed_s
+            "requests     sent {}  completed {}  ok {}  failed {}  in {:.2} s  ({} connects)",
+            r.sent, r.completed, r.ok, r.failed, self.elapsed_s, self.connections_opened
         );
         let _ = writeln!(
             out,

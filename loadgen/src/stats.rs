@@ -101,8 +101,9 @@ pub struct Recorder {
     pub completed: u64,
     /// 2xx responses.
     pub ok: u64,
-    /// Open loop: arrivals that never got a connection before the run ended.
-    pub not_sent: u64,
+    /// TCP connections established for measured requests (1 per connection
+    /// with keep-alive; more means the server closed connections).
+    pub connections_opened: u64,
 }
 
 impl Recorder {
@@ -118,7 +119,7 @@ impl Recorder {
             sent: 0,
             completed: 0,
             ok: 0,
-            not_sent: 0,
+            connections_opened: 0,
         }
     }
 
@@ -172,7 +173,7 @@ impl Recorder {
         self.sent += other.sent;
         self.completed += other.completed;
         self.ok += other.ok;
-        self.not_sent += other.not_sent;
+        self.connections_opened += other.connections_opened;
     }
 
     /// Non-2xx responses.

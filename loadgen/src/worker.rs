@@ -371,6 +371,9 @@ impl Worker {
                     Ok(_) => {
                         // Small requests must not wait for Nagle.
                         let _ = stream.set_nodelay(true);
+                        if self.conns[index].request.is_some_and(|r| r.measured) {
+                            self.recorder.connections_opened += 1;
+                        }
                         self.conns[index].phase = Phase::Writing;
                         self.write(index, now)?;
                     }

@@ -103,6 +103,7 @@ fn json_report_follows_the_documented_schema() {
     assert_eq!(json["latency"]["count"], 45);
     assert!(json["throughput_rps"].as_f64().unwrap() > 0.0);
     assert!(json["elapsed_s"].as_f64().unwrap() > 0.0);
+    assert!((1..=2).contains(&json["connections_opened"].as_u64().unwrap()));
     assert_eq!(json["by_request"][0]["ok"], 45);
 }
 

@@ -50,6 +50,11 @@ fn closed_loop_sends_exactly_the_requested_count_over_keep_alive() {
     assert_eq!(server.requests(), 300);
     // Keep-alive: never more connections than asked for.
     assert!(server.accepted() <= 4, "accepted {}", server.accepted());
+    assert!(
+        (1..=4).contains(&report.connections_opened),
+        "{}",
+        report.connections_opened
+    );
     assert!(report.throughput_rps > 0.0);
     assert!(report.latency.p50_ms > 0.0 && report.latency.p50_ms <= report.latency.max_ms);
 }
@@ -79,6 +84,7 @@ fn chunked_slow_and_connection_close_responses_are_parsed() {
         "accepted {}",
         server.accepted()
     );
+    assert_eq!(report.connections_opened as usize, server.accepted());
 }
 
 #[test]
