@@ -406,7 +406,9 @@ impl Worker {
         let request = conn.request.as_mut().expect("writing conn has a request");
         let bytes = &self.setup.templates[request.kind].bytes;
         if request.sent_at.is_none() {
-            request.sent_at = Some(now);
+            // Fresh clock: `now` is shared by a whole batch of writes, and
+            // a late write must not be charged for the ones before it.
+            request.sent_at = Some(Instant::now());
         }
         let stream = conn.stream.as_mut().expect("writing conn has a stream");
         while conn.written < bytes.len() {
