@@ -69,9 +69,15 @@ impl Target {
                 source,
             })?
             .collect();
-        let first = *addrs.first().ok_or_else(|| TargetError::NoAddress {
-            host: host.to_string(),
-        })?;
+        // Prefer IPv4: servers (forkd included) usually listen on 127.0.0.1,
+        // while `localhost` often resolves to ::1 first.
+        let first = *addrs
+            .iter()
+            .find(|addr| addr.is_ipv4())
+            .or(addrs.first())
+            .ok_or_else(|| TargetError::NoAddress {
+                host: host.to_string(),
+            })?;
         if !allow_remote {
             if let Some(remote) = addrs.iter().find(|addr| !is_loopback(addr.ip())) {
                 return Err(TargetError::NotLoopback {
@@ -141,6 +147,15 @@ mod tests {
             let target = Target::resolve(url, false).unwrap_or_else(|e| panic!("{url}: {e}"));
             assert!(is_loopback(target.addr.ip()), "{url}");
         }
+        // localhost may resolve to ::1 first; the IPv4 address wins.
+        let localhost = Target::resolve("http://localhost:8080", false).unwrap();
+        assert!(
+            localhost.addr.is_ipv4()
+                || !"localhost:8080"
+                    .to_socket_addrs()
+                    .unwrap()
+                    .any(|a| a.is_ipv4())
+        );
         let target = Target::resolve("http://127.0.0.1", false).unwrap();
         assert_eq!(target.addr.port(), 80);
         assert_eq!(target.host_header, "127.0.0.1");
