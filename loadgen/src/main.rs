@@ -1,5 +1,6 @@
 //! `loadgen` binary: parse flags, run, print the report, draw the plot.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -41,10 +42,14 @@ fn main() -> ExitCode {
         }
     };
     let report = Report::new(&config, &result);
-    if args.json {
-        println!("{}", report.to_json());
-    } else {
-        print!("{}", report.to_text());
+    let text = if args.json { report.to_json() + "\n" } else { report.to_text() };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("loadgen: cannot write the report: {e}");
+            return ExitCode::from(2);
+        }
     }
     if let Some(path) = &args.plot {
         let title = format!(
