@@ -300,6 +300,18 @@ def test_connection_closed_by_server_while_idle_is_reopened(fake, fake_client):
     assert len(fake.requests) == 2
 
 
+def test_server_dropping_every_connection_is_a_network_error(fake, fake_client):
+    def drop(handler):
+        handler.close_connection = True  # no response at all
+
+    fake.script({"json": exec_answer("pooled")}, drop)
+    assert fake_client.run("one") == "pooled"  # leaves a kept-alive connection in the pool
+    with pytest.raises(NetworkError) as info:
+        fake_client.run("two")  # reused connection fails, the fresh one too
+    assert info.value.sent is True
+    assert len(fake.requests) == 3 and fake_client.slept == []
+
+
 def test_one_client_serves_many_threads(fake, fake_client):
     fake.script({"json": exec_answer("same")})
     results, errors = [], []

@@ -57,16 +57,22 @@ class Transport:
         except _STALE_CONNECTION as exc:
             conn.close()
             if not reused:
-                raise NetworkError(f"connection to {self._host}:{self._port} broke: {exc}") from exc
+                raise self._broken(exc) from exc
         except BaseException:
             conn.close()
             raise
         conn = self._connect(timeout)
         try:
             return self._send(conn, method, path, body)
+        except _STALE_CONNECTION as exc:
+            conn.close()
+            raise self._broken(exc) from exc
         except BaseException:
             conn.close()
             raise
+
+    def _broken(self, exc: BaseException) -> NetworkError:
+        return NetworkError(f"connection to {self._host}:{self._port} broke: {exc!r}")
 
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
               body: Optional[bytes]) -> Response:
