@@ -261,6 +261,15 @@ describe("retry and backoff", () => {
     assert.equal(slept.length, 2);
   });
 
+  test("a server that drops the connection gives a NetworkError with sent=true, not retried", async () => {
+    fake.script((req, res) => { res.socket.destroy(); });
+    const { sb, slept } = client();
+    const error = await sb.exec("pass").catch((e) => e);
+    assert.ok(error instanceof NetworkError, `${error}`);
+    assert.equal(error.sent, true);
+    assert.deepEqual(slept, []);
+  });
+
   test("an HTTP timeout is a NetworkError and is not retried", async () => {
     fake.script((req, res) => { setTimeout(() => send(res, { json: execAnswer() }), 1500); });
     const error = await client({ timeout: 0.3 }).sb.exec("pass").catch((e) => e);
