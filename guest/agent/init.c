@@ -58,6 +58,9 @@ void forkd_init_system(void)
     setenv("LANG", "C.UTF-8", 1);
     setenv("TMPDIR", "/tmp", 1);
     setenv("PYTHONDONTWRITEBYTECODE", "1", 1);
+    /* The stdlib is a zip, so python3 subprocesses cannot find their prefix
+     * from a landmark file; tell them. */
+    setenv("PYTHONHOME", "/usr", 1);
     if (chdir("/tmp") != 0)
         forkd_fatal("chdir /tmp: %s", strerror(errno));
 }

@@ -81,8 +81,9 @@ static void configure_interpreter(void)
                  "PyConfig stdio_encoding");
     check_status(PyConfig_SetString(&config, &config.stdio_errors, L"backslashreplace"),
                  "PyConfig stdio_errors");
+    /* The rootfs keeps the pure-Python stdlib in the (deflated) zip. */
     config.module_search_paths_set = 1;
-    check_status(PyWideStringList_Append(&config.module_search_paths, L"/usr/lib/python3.11"),
+    check_status(PyWideStringList_Append(&config.module_search_paths, L"/usr/lib/python311.zip"),
                  "PyConfig module_search_paths");
     check_status(
         PyWideStringList_Append(&config.module_search_paths, L"/usr/lib/python3.11/lib-dynload"),

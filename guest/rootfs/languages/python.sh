@@ -60,21 +60,26 @@ language_prune() {
     find "$root/usr/bin" -mindepth 1 \( -name 'python3*' -o -name busybox \) -prune -o -exec rm -f {} +
 }
 
-# Precompile what the template imports, with the guest's own interpreter
-# (Debian's python3.11 binary run through the tree's dynamic loader, before
-# it is replaced). Only those modules: every MB of initramfs costs seconds
-# of emulated unpacking at boot, while compiling a module some fork imports
-# later is user-mode work. The .py sources stay for tracebacks. Then point
-# python3.11 at the agent, which shares libpython instead of carrying a
-# second, statically linked 7 MB copy.
+# Bytecode and stdlib packing, with the guest's own interpreter (Debian's
+# python3.11 binary run through the tree's dynamic loader, before it is
+# replaced): python_template_files.py lists the modules the template
+# imports (and checks every warm-up snippet); only those are precompiled,
+# because every MB of initramfs costs seconds of emulated copying at boot
+# while compiling a module some fork imports later is user-mode work. The
+# stdlib goes into a deflated python311.zip (sources kept for tracebacks).
+# Finally python3.11 points at the agent, which shares libpython instead of
+# carrying a second, statically linked 7 MB copy.
 language_finish() {
     local root=$1 lib=$1/usr/lib/x86_64-linux-gnu list=$1.template-files
     local python=("$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$root/usr/bin/python3.11" -S)
     PYTHONHOME=$root/usr "${python[@]}" "$HERE/languages/python_template_files.py" "$root" >"$list" ||
         die "the runner failed its warm-up check against the guest's Python"
-    log "precompiling $(wc -l <"$list") modules the template imports"
-    sed "s|^|$root|" "$list" | PYTHONHOME=$root/usr "${python[@]}" -m compileall -q \
-        --invalidation-mode unchecked-hash -s "$root" -p / -i - >&2 || die "compileall failed"
+    log "precompiling $(wc -l <"$list") modules the template imports; zipping the stdlib"
+    grep -v '^/usr/lib/python3.11/' "$list" | sed "s|^|$root|" |
+        PYTHONHOME=$root/usr "${python[@]}" -m compileall -q \
+            --invalidation-mode unchecked-hash -s "$root" -p / -i - >&2 || die "compileall failed"
+    PYTHONHOME=$root/usr "${python[@]}" "$HERE/languages/python_stdlib_zip.py" "$root" "$list" >&2 ||
+        die "packing the stdlib failed"
     rm -f "$list"
     ln -sfn /init "$root/usr/bin/python3.11"
 }
