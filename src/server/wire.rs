@@ -144,15 +144,15 @@ fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
     }
     let timeout = match parsed.timeout_seconds {
         None => rules.default_timeout,
-        // Below a millisecond a timeout cannot be enforced meaningfully.
-        Some(secs) if secs.is_finite() && secs >= 0.001 && secs <= rules.max_timeout.as_secs_f64() => {
-            Duration::from_secs_f64(secs)
+        Some(secs) if secs.is_finite() && secs > 0.0 && secs <= rules.max_timeout.as_secs_f64() => {
+            // Below a millisecond a timeout cannot be enforced meaningfully.
+            Duration::from_secs_f64(secs).max(Duration::from_millis(1))
         }
         Some(secs) => {
             return Err(ApiError::bad_request(
                 "invalid_timeout",
                 format!(
-                    "timeout_seconds must be a number from 0.001 to {}, got {secs}",
+                    "timeout_seconds must be a number > 0 and <= {}, got {secs}",
                     rules.max_timeout.as_secs_f64()
                 ),
             ))
@@ -258,6 +258,8 @@ mod tests {
         }
         let ok = decode_exec(br#"{"code":"x","timeout_seconds":0.5}"#, &r).unwrap();
         assert_eq!(ok.timeout, Duration::from_millis(500));
+        let tiny = decode_exec(br#"{"code":"x","timeout_seconds":1e-9}"#, &r).unwrap();
+        assert_eq!(tiny.timeout, Duration::from_millis(1));
     }
 
     #[test]
