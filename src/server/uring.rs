@@ -413,8 +413,11 @@ impl UringLoop {
                     .user_data(user_data(OP_CANCEL, NO_CONN));
                 // SAFETY: cancel requests reference no user memory.
                 unsafe { self.push(cancel)? };
+                // Submit now: the accept op holds a reference to the listening
+                // socket, which must be gone before idle clients see their
+                // connections close (or they might reconnect to this shard).
+                self.ring.submit().map_err(LoopError::Submit)?;
             }
-            // The accept op holds its own file reference until it is cancelled.
             self.listener = None;
             for key in self.conns.keys() {
                 if let Some(conn) = self.conns.get_mut(key) {
