@@ -26,7 +26,10 @@ fn health_reports_backend_templates_and_pools() {
         assert_eq!(health["auth"], false);
         assert_eq!(health["languages"], serde_json::json!(["python"]));
         assert_eq!(health["templates"][0]["ready"], true);
-        assert_eq!(health["pool"]["pooled_vms"], 2, "two workers, one pooled VM each");
+        assert_eq!(
+            health["pool"]["pooled_vms"], 2,
+            "two workers, one pooled VM each"
+        );
         assert_eq!(health["shards"].as_array().unwrap().len(), 1);
 
         let mut c = server.connect();
@@ -43,7 +46,11 @@ fn health_reports_backend_templates_and_pools() {
 fn exec_returns_the_zeroboot_shape() {
     for_each_backend(|backend| {
         let server = start(backend, None, |_| {});
-        let resp = server.request("POST", EXEC, Some(r#"{"code":"echo:hello\n","language":"python"}"#));
+        let resp = server.request(
+            "POST",
+            EXEC,
+            Some(r#"{"code":"echo:hello\n","language":"python"}"#),
+        );
         assert_eq!(resp.status, 200);
         let v = resp.json();
         assert_eq!(v["stdout"], "hello\n");
@@ -60,11 +67,22 @@ fn exec_returns_the_zeroboot_shape() {
         assert!(v["error"].is_null());
         assert_eq!(v["id"].as_str().unwrap().len(), 36);
 
-        let exit = server.request("POST", EXEC, Some(r#"{"code":"exit:3"}"#)).json();
-        assert_eq!((exit["exit_code"].as_i64(), exit["stderr"].as_str()), (Some(3), Some("bye")));
+        let exit = server
+            .request("POST", EXEC, Some(r#"{"code":"exit:3"}"#))
+            .json();
+        assert_eq!(
+            (exit["exit_code"].as_i64(), exit["stderr"].as_str()),
+            (Some(3), Some("bye"))
+        );
 
-        let big = server.request("POST", EXEC, Some(r#"{"code":"big:300000"}"#)).json();
-        assert_eq!(big["stdout"].as_str().unwrap().len(), 300_000, "large responses survive partial sends");
+        let big = server
+            .request("POST", EXEC, Some(r#"{"code":"big:300000"}"#))
+            .json();
+        assert_eq!(
+            big["stdout"].as_str().unwrap().len(),
+            300_000,
+            "large responses survive partial sends"
+        );
     });
 }
 
@@ -72,7 +90,11 @@ fn exec_returns_the_zeroboot_shape() {
 fn timeouts_and_guest_errors_are_normal_responses() {
     for_each_backend(|backend| {
         let server = start(backend, None, |_| {});
-        let resp = server.request("POST", EXEC, Some(r#"{"code":"sleep:5000","timeout_seconds":0.05}"#));
+        let resp = server.request(
+            "POST",
+            EXEC,
+            Some(r#"{"code":"sleep:5000","timeout_seconds":0.05}"#),
+        );
         assert_eq!(resp.status, 200);
         let v = resp.json();
         assert_eq!(v["timed_out"], true);
@@ -89,7 +111,10 @@ fn timeouts_and_guest_errors_are_normal_responses() {
         assert_eq!(v["timed_out"], false);
 
         let rejected = server.request("POST", EXEC, Some(r#"{"code":"nonsense"}"#));
-        assert_eq!((rejected.status, rejected.error_code().as_str()), (400, "rejected"));
+        assert_eq!(
+            (rejected.status, rejected.error_code().as_str()),
+            (400, "rejected")
+        );
     });
 }
 
@@ -107,16 +132,38 @@ fn batch_runs_in_parallel_and_answers_in_order() {
             assert_eq!(r["stdout"], "met", "{r}");
         }
         assert_eq!(results[3]["stdout"], "last");
-        let ids: std::collections::HashSet<_> = results.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
+        let ids: std::collections::HashSet<_> = results
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(ids.len(), 4, "ids are unique");
 
         let empty = server.request("POST", "/v1/exec/batch", Some(r#"{"executions":[]}"#));
-        assert_eq!((empty.status, empty.json()["results"].as_array().unwrap().len()), (200, 0));
-        let bad = server.request("POST", "/v1/exec/batch", Some(r#"{"executions":[{"code":"echo:a"},{"language":"python"}]}"#));
-        assert_eq!((bad.status, bad.error_code().as_str()), (400, "missing_code"));
-        let too_many = format!(r#"{{"executions":[{}]}}"#, [r#"{"code":"echo:a"}"#; 9].join(","));
+        assert_eq!(
+            (
+                empty.status,
+                empty.json()["results"].as_array().unwrap().len()
+            ),
+            (200, 0)
+        );
+        let bad = server.request(
+            "POST",
+            "/v1/exec/batch",
+            Some(r#"{"executions":[{"code":"echo:a"},{"language":"python"}]}"#),
+        );
+        assert_eq!(
+            (bad.status, bad.error_code().as_str()),
+            (400, "missing_code")
+        );
+        let too_many = format!(
+            r#"{{"executions":[{}]}}"#,
+            [r#"{"code":"echo:a"}"#; 9].join(",")
+        );
         let resp = server.request("POST", "/v1/exec/batch", Some(&too_many));
-        assert_eq!((resp.status, resp.error_code().as_str()), (400, "batch_too_large"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (400, "batch_too_large")
+        );
     });
 }
 
@@ -128,11 +175,23 @@ fn request_validation_errors() {
             ("{not json", "invalid_json"),
             (r#"{"code": 5}"#, "invalid_json"),
             (r#"{"language":"python"}"#, "missing_code"),
-            (r#"{"code":"echo:x","language":"cobol"}"#, "unknown_language"),
+            (
+                r#"{"code":"echo:x","language":"cobol"}"#,
+                "unknown_language",
+            ),
             (r#"{"code":"echo:x","language":"node"}"#, "unknown_language"),
-            (r#"{"code":"echo:x","timeout_seconds":0}"#, "invalid_timeout"),
-            (r#"{"code":"echo:x","timeout_seconds":-3}"#, "invalid_timeout"),
-            (r#"{"code":"echo:x","timeout_seconds":100000}"#, "invalid_timeout"),
+            (
+                r#"{"code":"echo:x","timeout_seconds":0}"#,
+                "invalid_timeout",
+            ),
+            (
+                r#"{"code":"echo:x","timeout_seconds":-3}"#,
+                "invalid_timeout",
+            ),
+            (
+                r#"{"code":"echo:x","timeout_seconds":100000}"#,
+                "invalid_timeout",
+            ),
         ] {
             let resp = server.request("POST", EXEC, Some(body));
             assert_eq!(resp.status, 400, "{body}");
@@ -148,9 +207,15 @@ fn routing_errors_404_405() {
     for_each_backend(|backend| {
         let server = start(backend, None, |_| {});
         let resp = server.request("GET", "/v2/nothing", None);
-        assert_eq!((resp.status, resp.error_code().as_str()), (404, "not_found"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (404, "not_found")
+        );
         let resp = server.request("GET", EXEC, None);
-        assert_eq!((resp.status, resp.error_code().as_str()), (405, "method_not_allowed"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (405, "method_not_allowed")
+        );
         assert_eq!(resp.header("allow"), Some("POST"));
         let resp = server.request("POST", "/v1/health", Some("{}"));
         assert_eq!(resp.status, 405);
@@ -176,16 +241,37 @@ fn auth_401_and_rate_limit_429() {
         let mut c = server.connect();
         c.send("POST", EXEC, &[], Some(body));
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (401, "unauthorized"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (401, "unauthorized")
+        );
         assert_eq!(resp.header("www-authenticate"), Some("Bearer"));
-        c.send("POST", EXEC, &[("Authorization", "Bearer wrong-key")], Some(body));
+        c.send(
+            "POST",
+            EXEC,
+            &[("Authorization", "Bearer wrong-key")],
+            Some(body),
+        );
         assert_eq!(c.read_response().status, 401);
-        c.send("POST", EXEC, &[("Authorization", "Bearer good-key")], Some(body));
+        c.send(
+            "POST",
+            EXEC,
+            &[("Authorization", "Bearer good-key")],
+            Some(body),
+        );
         assert_eq!(c.read_response().json()["stdout"], "hi");
-        c.send("POST", EXEC, &[("Authorization", "Basic Z29vZC1rZXk=")], Some(body));
+        c.send(
+            "POST",
+            EXEC,
+            &[("Authorization", "Basic Z29vZC1rZXk=")],
+            Some(body),
+        );
         assert_eq!(c.read_response().status, 401, "only Bearer is accepted");
         // Health and metrics stay open for probes and scrapers.
-        assert_eq!(server.request("GET", "/v1/health", None).json()["auth"], true);
+        assert_eq!(
+            server.request("GET", "/v1/health", None).json()["auth"],
+            true
+        );
         assert_eq!(server.request("GET", "/v1/metrics", None).status, 200);
 
         let slow = [("Authorization", "Bearer slow-key")];
@@ -195,11 +281,22 @@ fn auth_401_and_rate_limit_429() {
         }
         c.send("POST", EXEC, &slow, Some(body));
         let limited = c.read_response();
-        assert_eq!((limited.status, limited.error_code().as_str()), (429, "rate_limited"));
+        assert_eq!(
+            (limited.status, limited.error_code().as_str()),
+            (429, "rate_limited")
+        );
         let retry: u64 = limited.header("retry-after").unwrap().parse().unwrap();
-        assert!((1..=2).contains(&retry), "0.5 req/s -> retry within 2 s, got {retry}");
+        assert!(
+            (1..=2).contains(&retry),
+            "0.5 req/s -> retry within 2 s, got {retry}"
+        );
         // Other keys are unaffected.
-        c.send("POST", EXEC, &[("Authorization", "Bearer good-key")], Some(body));
+        c.send(
+            "POST",
+            EXEC,
+            &[("Authorization", "Bearer good-key")],
+            Some(body),
+        );
         assert_eq!(c.read_response().status, 200);
     });
 }
@@ -227,7 +324,11 @@ fn queue_full_503_with_retry_after() {
                 break;
             }
             // Raced ahead of the queued request: it ran nothing (gate holds the worker).
-            assert!(std::time::Instant::now() < deadline, "never saw 503, last {}", resp.status);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never saw 503, last {}",
+                resp.status
+            );
         }
         server.events.open_gate();
         assert_eq!(running.read_response().json()["stdout"], "gate opened");
@@ -241,7 +342,12 @@ fn keep_alive_and_connection_close() {
         let server = start(backend, None, |_| {});
         let mut c = server.connect();
         for i in 0..20 {
-            c.send("POST", EXEC, &[], Some(&format!(r#"{{"code":"echo:{i}"}}"#)));
+            c.send(
+                "POST",
+                EXEC,
+                &[],
+                Some(&format!(r#"{{"code":"echo:{i}"}}"#)),
+            );
             let resp = c.read_response();
             assert_eq!(resp.json()["stdout"], i.to_string());
             assert!(!resp.closes());
@@ -265,11 +371,26 @@ fn pipelined_requests_answer_in_order() {
         let server = start(backend, None, |_| {});
         let mut c = server.connect();
         let mut burst = Vec::new();
-        burst.extend(Client::request_bytes("POST", EXEC, &[], Some(r#"{"code":"sleep:50"}"#)));
+        burst.extend(Client::request_bytes(
+            "POST",
+            EXEC,
+            &[],
+            Some(r#"{"code":"sleep:50"}"#),
+        ));
         burst.extend(Client::request_bytes("GET", "/v1/health", &[], None));
-        burst.extend(Client::request_bytes("POST", EXEC, &[], Some(r#"{"code":"echo:third"}"#)));
+        burst.extend(Client::request_bytes(
+            "POST",
+            EXEC,
+            &[],
+            Some(r#"{"code":"echo:third"}"#),
+        ));
         burst.extend(Client::request_bytes("GET", "/missing", &[], None));
-        burst.extend(Client::request_bytes("POST", "/v1/exec/batch", &[], Some(r#"{"executions":[{"code":"echo:b"}]}"#)));
+        burst.extend(Client::request_bytes(
+            "POST",
+            "/v1/exec/batch",
+            &[],
+            Some(r#"{"executions":[{"code":"echo:b"}]}"#),
+        ));
         c.write(&burst);
         assert_eq!(c.read_response().json()["stdout"], "slept");
         assert_eq!(c.read_response().json()["status"], "ok");
@@ -311,7 +432,10 @@ fn expect_100_continue() {
         let mut c = server.connect();
         c.write(b"POST /v1/exec HTTP/1.1\r\nExpect: teapot\r\nContent-Length: 2\r\n\r\n{}");
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (417, "expectation_failed"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (417, "expectation_failed")
+        );
     });
 }
 
@@ -326,7 +450,10 @@ fn size_limits_413_431_and_chunked_411() {
         let mut c = server.connect();
         c.write(b"POST /v1/exec HTTP/1.1\r\nContent-Length: 5000\r\n\r\n");
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (413, "body_too_large"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (413, "body_too_large")
+        );
         assert!(resp.closes());
         assert!(c.at_eof());
 
@@ -335,19 +462,30 @@ fn size_limits_413_431_and_chunked_411() {
         head.extend(format!("X-Padding: {}\r\n\r\n", "a".repeat(2000)).bytes());
         c.write(&head);
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (431, "headers_too_large"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (431, "headers_too_large")
+        );
         assert!(resp.closes());
 
         let mut c = server.connect();
-        c.write(b"POST /v1/exec HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
+        c.write(
+            b"POST /v1/exec HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        );
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (411, "length_required"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (411, "length_required")
+        );
         assert!(resp.closes());
 
         let mut c = server.connect();
         c.write(b"\x16\x03\x01 this is not http\r\n\r\n");
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (400, "bad_request"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (400, "bad_request")
+        );
     });
 }
 
@@ -362,7 +500,10 @@ fn slow_and_idle_clients_are_timed_out() {
         let mut c = server.connect();
         c.write(b"POST /v1/exec HTTP/1.1\r\nContent-Le");
         let resp = c.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (408, "request_timeout"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (408, "request_timeout")
+        );
         assert!(resp.closes());
         assert!(c.at_eof());
 
@@ -391,7 +532,9 @@ fn shards_share_the_port() {
     // SO_REUSEPORT spreads connections by hash; enough of them reach both shards.
     let mut seen = std::collections::HashSet::new();
     for _ in 0..64 {
-        let v = server.request("POST", EXEC, Some(r#"{"code":"shard"}"#)).json();
+        let v = server
+            .request("POST", EXEC, Some(r#"{"code":"shard"}"#))
+            .json();
         seen.insert(v["stdout"].as_str().unwrap().to_string());
         if seen.len() == 2 {
             break;

@@ -20,7 +20,10 @@ const EXEC: &str = "/v1/exec";
 fn metric(server: &server_support::TestServer, line_prefix: &str) -> f64 {
     let text = String::from_utf8(server.request("GET", "/v1/metrics", None).body).unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix(line_prefix).map(|v| v.trim().parse::<f64>().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix(line_prefix)
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
         .unwrap_or(0.0)
 }
 
@@ -43,7 +46,10 @@ fn client_disconnect_cancels_running_and_queued_execs() {
         // Wait until the server has queued it, then leave.
         let deadline = Instant::now() + Duration::from_secs(10);
         while metric(&server, "forkd_exec_queue_depth ") < 1.0 {
-            assert!(Instant::now() < deadline, "the second exec never reached the queue");
+            assert!(
+                Instant::now() < deadline,
+                "the second exec never reached the queue"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(queued);
@@ -55,10 +61,24 @@ fn client_disconnect_cancels_running_and_queued_execs() {
             assert!(Instant::now() < deadline, "execs never finished");
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(server.events.started.load(Ordering::SeqCst), 2, "the abandoned queued exec did not run");
+        assert_eq!(
+            server.events.started.load(Ordering::SeqCst),
+            2,
+            "the abandoned queued exec did not run"
+        );
         assert_eq!(metric(&server, "forkd_exec_cancelled_total "), 2.0);
-        assert_eq!(metric(&server, "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"499\"} "), 2.0);
-        assert_eq!(metric(&server, "forkd_http_requests_in_flight "), 1.0, "only the scrape itself");
+        assert_eq!(
+            metric(
+                &server,
+                "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"499\"} "
+            ),
+            2.0
+        );
+        assert_eq!(
+            metric(&server, "forkd_http_requests_in_flight "),
+            1.0,
+            "only the scrape itself"
+        );
     });
 }
 
@@ -82,18 +102,33 @@ fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
         let resp = busy.read_response();
         assert_eq!(resp.status, 200);
         assert_eq!(resp.json()["stdout"], "gate opened");
-        assert!(resp.closes(), "answers during the drain close their connection");
+        assert!(
+            resp.closes(),
+            "answers during the drain close their connection"
+        );
         assert!(busy.at_eof());
-        server.handle.take().unwrap().wait().expect("clean exit after draining");
+        server
+            .handle
+            .take()
+            .unwrap()
+            .wait()
+            .expect("clean exit after draining");
     });
 }
 
 #[test]
 fn drain_deadline_cancels_running_execs() {
     for_each_backend(|backend| {
-        let mut server = start(backend, None, |c| c.drain_timeout = Duration::from_millis(200));
+        let mut server = start(backend, None, |c| {
+            c.drain_timeout = Duration::from_millis(200)
+        });
         let mut busy = server.connect();
-        busy.send("POST", "/v1/exec/batch", &[], Some(r#"{"executions":[{"code":"block"},{"code":"echo:done"}]}"#));
+        busy.send(
+            "POST",
+            "/v1/exec/batch",
+            &[],
+            Some(r#"{"executions":[{"code":"block"},{"code":"echo:done"}]}"#),
+        );
         server.events.wait_started(2);
         server.handle().shutdown();
         let resp = busy.read_response();
@@ -125,7 +160,10 @@ fn requests_arriving_while_draining_get_503() {
         std::thread::sleep(Duration::from_millis(50));
         late.write(b"Content-Length: 17\r\n\r\n{\"code\":\"echo:x\"}");
         let resp = late.read_response();
-        assert_eq!((resp.status, resp.error_code().as_str()), (503, "shutting_down"));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (503, "shutting_down")
+        );
         assert_eq!(resp.header("retry-after"), Some("1"));
         assert!(resp.closes());
         assert_eq!(server.events.started.load(Ordering::SeqCst), 0);
@@ -138,7 +176,8 @@ const CHILD_ENV: &str = "FORKD_SERVER_TEST_CHILD";
 #[test]
 #[ignore = "entry point of the child process started by sigterm_drains_a_served_process"]
 fn child_serve_until_signal() {
-    let backend = std::env::var(CHILD_ENV).expect("only run as the child of sigterm_drains_a_served_process");
+    let backend =
+        std::env::var(CHILD_ENV).expect("only run as the child of sigterm_drains_a_served_process");
     let events = Arc::new(server_support::Events::default());
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -160,7 +199,13 @@ fn child_serve_until_signal() {
 fn sigterm_drains_a_served_process() {
     for_each_backend(|backend| {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "child_serve_until_signal", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "child_serve_until_signal",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, backend.name())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -179,7 +224,15 @@ fn sigterm_drains_a_served_process() {
         };
         let listening = next_line("listening on http://");
         assert!(listening.contains(backend.name()), "{listening}");
-        let addr = listening.split("http://").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        let addr = listening
+            .split("http://")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         let mut c = server_support::Client::connect(addr);
         c.send("POST", EXEC, &[], Some(r#"{"code":"sleep:400"}"#));
         next_line("child: exec started");
@@ -188,7 +241,11 @@ fn sigterm_drains_a_served_process() {
         next_line("draining");
         let resp = c.read_response();
         assert_eq!(resp.status, 200);
-        assert_eq!(resp.json()["stdout"], "slept", "the in-flight exec finished");
+        assert_eq!(
+            resp.json()["stdout"],
+            "slept",
+            "the in-flight exec finished"
+        );
         assert!(resp.closes());
         next_line("drained, exiting");
         for line in lines {

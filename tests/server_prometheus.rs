@@ -15,7 +15,11 @@ use forkd::server::Backend;
 use server_support::{for_each_backend, start, TestServer};
 
 fn tool(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/bin", "/usr/local/bin"])
+    {
         let candidate = Path::new(dir).join(name);
         if candidate.is_file() {
             return candidate;
@@ -35,7 +39,11 @@ fn exercise(server: &TestServer) {
     ] {
         server.request("POST", "/v1/exec", Some(body));
     }
-    server.request("POST", "/v1/exec/batch", Some(r#"{"executions":[{"code":"echo:1"},{"code":"echo:2"}]}"#));
+    server.request(
+        "POST",
+        "/v1/exec/batch",
+        Some(r#"{"executions":[{"code":"echo:1"},{"code":"echo:2"}]}"#),
+    );
     server.request("GET", "/v1/health", None);
     server.request("GET", "/nowhere", None);
 }
@@ -48,7 +56,10 @@ fn promtool_accepts_the_exposition() {
         exercise(&server);
         let resp = server.request("GET", "/v1/metrics", None);
         assert_eq!(resp.status, 200);
-        assert_eq!(resp.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+        assert_eq!(
+            resp.header("content-type"),
+            Some("text/plain; version=0.0.4; charset=utf-8")
+        );
         let text = String::from_utf8(resp.body).unwrap();
 
         let mut check = Command::new(&promtool)
@@ -58,10 +69,22 @@ fn promtool_accepts_the_exposition() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
         let out = check.wait_with_output().unwrap();
-        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}\n---\n{text}");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && report.trim().is_empty(),
+            "promtool check metrics:\n{report}\n---\n{text}"
+        );
 
         // Content: 6 execs ran (the bad-JSON request never reached a worker).
         for expected in [
@@ -83,7 +106,10 @@ fn promtool_accepts_the_exposition() {
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
-        assert!(text.contains(&format!("forkd_io_backend_info{{backend=\"{}\"}} 1\n", backend.name())));
+        assert!(text.contains(&format!(
+            "forkd_io_backend_info{{backend=\"{}\"}} 1\n",
+            backend.name()
+        )));
     });
 }
 
@@ -102,14 +128,24 @@ impl Drop for PrometheusProcess {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// GET over a fresh connection with `Connection: close`; returns the body.
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8(raw).ok()?;
@@ -117,7 +153,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     if !head.starts_with("HTTP/1.1 200") {
         return None;
     }
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return Some(dechunk(body));
     }
     Some(body.to_string())
@@ -153,8 +192,14 @@ fn real_prometheus_scrapes_the_fork_histogram() {
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
     let process = PrometheusProcess {
         child: Command::new(prometheus)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={web}"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -188,8 +233,19 @@ fn real_prometheus_scrapes_the_fork_histogram() {
     assert_eq!(buckets.len(), 19, "18 bounds plus +Inf: {v}");
     assert!(buckets.iter().any(|b| b["metric"]["le"] == "+Inf"));
     let up = query("up").expect("up query");
-    assert_eq!(up["data"]["result"][0]["value"][1], "1", "the scrape target is healthy");
-    let quantile = query("histogram_quantile(0.5,forkd_fork_seconds_bucket)").expect("quantile query");
-    let median: f64 = quantile["data"]["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
-    assert!(median > 0.0001 && median <= 0.00025, "the test lane forks in 120 µs: median {median}");
+    assert_eq!(
+        up["data"]["result"][0]["value"][1], "1",
+        "the scrape target is healthy"
+    );
+    let quantile =
+        query("histogram_quantile(0.5,forkd_fork_seconds_bucket)").expect("quantile query");
+    let median: f64 = quantile["data"]["result"][0]["value"][1]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        median > 0.0001 && median <= 0.00025,
+        "the test lane forks in 120 µs: median {median}"
+    );
 }

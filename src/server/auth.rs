@@ -15,9 +15,15 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("reading API keys file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing API keys file {path} (expected a JSON array of strings or {{\"key\", \"rate_limit\"?, \"rate_burst\"?}} objects): {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("API keys file {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
 }
@@ -26,7 +32,11 @@ pub enum AuthError {
 #[serde(untagged)]
 enum KeyEntryIn {
     Plain(String),
-    Detailed { key: String, rate_limit: Option<f64>, rate_burst: Option<f64> },
+    Detailed {
+        key: String,
+        rate_limit: Option<f64>,
+        rate_burst: Option<f64>,
+    },
 }
 
 /// Rate of a token bucket: `rate` tokens per second, at most `burst` stored.
@@ -53,29 +63,55 @@ impl ApiKeys {
         let text = match std::fs::read(path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(AuthError::Read { path: path.into(), source }),
+            Err(source) => {
+                return Err(AuthError::Read {
+                    path: path.into(),
+                    source,
+                })
+            }
         };
         let entries: Vec<KeyEntryIn> =
-            serde_json::from_slice(&text).map_err(|source| AuthError::Parse { path: path.into(), source })?;
-        let invalid = |reason: &str| AuthError::Invalid { path: path.into(), reason: reason.into() };
+            serde_json::from_slice(&text).map_err(|source| AuthError::Parse {
+                path: path.into(),
+                source,
+            })?;
+        let invalid = |reason: &str| AuthError::Invalid {
+            path: path.into(),
+            reason: reason.into(),
+        };
         if entries.is_empty() {
-            return Err(invalid("the key list is empty; remove the file to turn auth off"));
+            return Err(invalid(
+                "the key list is empty; remove the file to turn auth off",
+            ));
         }
         let mut keys = Vec::with_capacity(entries.len());
         for entry in entries {
             let (key, rate, burst) = match entry {
                 KeyEntryIn::Plain(key) => (key, None, None),
-                KeyEntryIn::Detailed { key, rate_limit, rate_burst } => (key, rate_limit, rate_burst),
+                KeyEntryIn::Detailed {
+                    key,
+                    rate_limit,
+                    rate_burst,
+                } => (key, rate_limit, rate_burst),
             };
             if key.trim().is_empty() || key.trim() != key {
-                return Err(invalid("keys must be non-empty and have no surrounding whitespace"));
+                return Err(invalid(
+                    "keys must be non-empty and have no surrounding whitespace",
+                ));
             }
             let rate = rate.unwrap_or(default_limit.rate);
-            let burst = burst.unwrap_or(if rate == default_limit.rate { default_limit.burst } else { rate.max(1.0) });
+            let burst = burst.unwrap_or(if rate == default_limit.rate {
+                default_limit.burst
+            } else {
+                rate.max(1.0)
+            });
             if !(rate.is_finite() && rate >= 0.0 && burst.is_finite() && burst >= 1.0) {
                 return Err(invalid("rate_limit must be >= 0 and rate_burst >= 1"));
             }
-            keys.push(KeyEntry { digest: Sha256::digest(key.as_bytes()).into(), limit: RateLimit { rate, burst } });
+            keys.push(KeyEntry {
+                digest: Sha256::digest(key.as_bytes()).into(),
+                limit: RateLimit { rate, burst },
+            });
         }
         Ok(Some(ApiKeys { keys }))
     }
@@ -115,8 +151,13 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(keys: Option<&ApiKeys>) -> Self {
-        let limits: Vec<RateLimit> = keys.map(|k| (0..k.len()).map(|i| k.limit(i)).collect()).unwrap_or_default();
-        RateLimiter { buckets: vec![None; limits.len()], limits }
+        let limits: Vec<RateLimit> = keys
+            .map(|k| (0..k.len()).map(|i| k.limit(i)).collect())
+            .unwrap_or_default();
+        RateLimiter {
+            buckets: vec![None; limits.len()],
+            limits,
+        }
     }
 
     /// Takes one token for `key`; on refusal returns how long until one is
@@ -126,7 +167,10 @@ impl RateLimiter {
         if limit.rate <= 0.0 {
             return Ok(());
         }
-        let bucket = self.buckets[key].get_or_insert(Bucket { tokens: limit.burst, updated: now });
+        let bucket = self.buckets[key].get_or_insert(Bucket {
+            tokens: limit.burst,
+            updated: now,
+        });
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * limit.rate).min(limit.burst);
         bucket.updated = now;
@@ -143,7 +187,10 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
-    const DEFAULT: RateLimit = RateLimit { rate: 100.0, burst: 100.0 };
+    const DEFAULT: RateLimit = RateLimit {
+        rate: 100.0,
+        burst: 100.0,
+    };
 
     fn write_keys(text: &str) -> (tempfile_path::TempPath, Result<Option<ApiKeys>, AuthError>) {
         let path = tempfile_path::TempPath::new(text);
@@ -186,7 +233,13 @@ mod tests {
         assert_eq!(keys.lookup(b"beta"), Some(1));
         assert_eq!(keys.lookup(b"alph"), None);
         assert_eq!(keys.lookup(b""), None);
-        assert_eq!(keys.limit(1), RateLimit { rate: 5.0, burst: 5.0 });
+        assert_eq!(
+            keys.limit(1),
+            RateLimit {
+                rate: 5.0,
+                burst: 5.0
+            }
+        );
         assert_eq!(keys.limit(0), DEFAULT);
     }
 
@@ -194,9 +247,15 @@ mod tests {
     fn missing_file_turns_auth_off_but_bad_file_is_an_error() {
         let missing = ApiKeys::load(Path::new("/nonexistent/forkd-keys.json"), DEFAULT).unwrap();
         assert!(missing.is_none());
-        assert!(matches!(write_keys("{\"a\":1}").1, Err(AuthError::Parse { .. })));
+        assert!(matches!(
+            write_keys("{\"a\":1}").1,
+            Err(AuthError::Parse { .. })
+        ));
         assert!(matches!(write_keys("[]").1, Err(AuthError::Invalid { .. })));
-        assert!(matches!(write_keys("[\" a\"]").1, Err(AuthError::Invalid { .. })));
+        assert!(matches!(
+            write_keys("[\" a\"]").1,
+            Err(AuthError::Invalid { .. })
+        ));
     }
 
     #[test]
@@ -208,8 +267,15 @@ mod tests {
         assert!(limiter.try_acquire(0, t0).is_ok());
         assert!(limiter.try_acquire(0, t0).is_ok());
         let wait = limiter.try_acquire(0, t0).unwrap_err();
-        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
-        assert!(limiter.try_acquire(0, t0 + Duration::from_millis(500)).is_ok());
-        assert!(limiter.try_acquire(0, t0 + Duration::from_millis(500)).is_err());
+        assert!(
+            wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+            "{wait:?}"
+        );
+        assert!(limiter
+            .try_acquire(0, t0 + Duration::from_millis(500))
+            .is_ok());
+        assert!(limiter
+            .try_acquire(0, t0 + Duration::from_millis(500))
+            .is_err());
     }
 }

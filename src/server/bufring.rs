@@ -26,7 +26,10 @@ unsafe impl Send for BufRing {}
 impl BufRing {
     /// `entries` must be a power of two (kernel requirement).
     pub fn new(entries: u16, buf_size: usize, group: u16) -> io::Result<Self> {
-        assert!(entries.is_power_of_two(), "buffer ring size must be a power of two");
+        assert!(
+            entries.is_power_of_two(),
+            "buffer ring size must be a power of two"
+        );
         let ring_bytes = usize::from(entries) * std::mem::size_of::<BufRingEntry>();
         // SAFETY: anonymous private mapping with no address hint; checked below.
         let ptr = unsafe {
@@ -42,7 +45,8 @@ impl BufRing {
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let ring = NonNull::new(ptr.cast::<BufRingEntry>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
+        let ring = NonNull::new(ptr.cast::<BufRingEntry>())
+            .ok_or_else(|| io::Error::other("mmap returned null"))?;
         Ok(BufRing {
             ring,
             ring_bytes,
@@ -59,7 +63,12 @@ impl BufRing {
         // SAFETY: the mapping lives as long as self, and the shard loop drops
         // the IoUring (unregistering) before this BufRing.
         unsafe {
-            uring.submitter().register_buf_ring_with_flags(self.ring.as_ptr() as u64, self.entries, self.group, 0)?;
+            uring.submitter().register_buf_ring_with_flags(
+                self.ring.as_ptr() as u64,
+                self.entries,
+                self.group,
+                0,
+            )?;
         }
         for bid in 0..self.entries {
             self.push(bid);

@@ -49,7 +49,9 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            shards: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             workers_per_shard: 2,
             queue_depth: 64,
             max_batch: 64,
@@ -73,7 +75,10 @@ impl Default for ServeConfig {
 
 impl ServeConfig {
     pub fn rate(&self) -> RateLimit {
-        RateLimit { rate: self.rate_limit, burst: self.rate_burst }
+        RateLimit {
+            rate: self.rate_limit,
+            burst: self.rate_burst,
+        }
     }
 
     /// Checks values that would make the server misbehave rather than fail.
@@ -83,9 +88,16 @@ impl ServeConfig {
         }
         if self.max_batch == 0 || self.max_batch > self.queue_depth {
             // A larger batch could never be admitted whole.
-            return Err(format!("max batch must be between 1 and queue-depth ({})", self.queue_depth));
+            return Err(format!(
+                "max batch must be between 1 and queue-depth ({})",
+                self.queue_depth
+            ));
         }
-        if !(self.rate_limit.is_finite() && self.rate_limit >= 0.0 && self.rate_burst.is_finite() && self.rate_burst >= 1.0) {
+        if !(self.rate_limit.is_finite()
+            && self.rate_limit >= 0.0
+            && self.rate_burst.is_finite()
+            && self.rate_burst >= 1.0)
+        {
             return Err("rate-limit must be >= 0 and rate-burst >= 1".into());
         }
         if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
@@ -99,7 +111,9 @@ impl ServeConfig {
 }
 
 fn default_api_keys_file() -> PathBuf {
-    std::env::var_os(API_KEYS_ENV).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("api_keys.json"))
+    std::env::var_os(API_KEYS_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("api_keys.json"))
 }
 
 /// `forkd serve` options; flatten into the CLI with `#[command(flatten)]`.
@@ -142,7 +156,10 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     pub fn to_config(&self) -> Result<ServeConfig, String> {
-        let mut config = ServeConfig { listen: self.listen, ..ServeConfig::default() };
+        let mut config = ServeConfig {
+            listen: self.listen,
+            ..ServeConfig::default()
+        };
         if let Some(shards) = self.shards {
             config.shards = shards;
         }
@@ -194,15 +211,35 @@ mod tests {
     #[test]
     fn flags_reach_the_config() {
         let cli = Cli::parse_from([
-            "forkd", "--listen", "127.0.0.1:0", "--shards", "3", "--workers-per-shard", "4", "--queue-depth", "8",
-            "--rate-limit", "5", "--rate-burst", "10", "--api-keys-file", "/k.json", "--force-epoll",
+            "forkd",
+            "--listen",
+            "127.0.0.1:0",
+            "--shards",
+            "3",
+            "--workers-per-shard",
+            "4",
+            "--queue-depth",
+            "8",
+            "--rate-limit",
+            "5",
+            "--rate-burst",
+            "10",
+            "--api-keys-file",
+            "/k.json",
+            "--force-epoll",
         ]);
         let config = cli.serve.to_config().unwrap();
-        assert_eq!((config.shards, config.workers_per_shard, config.queue_depth), (3, 4, 8));
+        assert_eq!(
+            (config.shards, config.workers_per_shard, config.queue_depth),
+            (3, 4, 8)
+        );
         assert_eq!(config.max_batch, 8);
         assert_eq!((config.rate_limit, config.rate_burst), (5.0, 10.0));
         assert_eq!(config.api_keys_file, PathBuf::from("/k.json"));
         assert!(config.force_epoll);
-        assert!(Cli::parse_from(["forkd", "--shards", "0"]).serve.to_config().is_err());
+        assert!(Cli::parse_from(["forkd", "--shards", "0"])
+            .serve
+            .to_config()
+            .is_err());
     }
 }

@@ -18,7 +18,10 @@ enum State {
     /// A refused request's body is being skipped so the connection stays usable.
     Discard { remaining: u64 },
     /// Executions are queued or running for the current request.
-    Exec { head: RequestHead, pending: PendingExec },
+    Exec {
+        head: RequestHead,
+        pending: PendingExec,
+    },
     /// No further requests are read; close once the output is flushed.
     Closed,
 }
@@ -71,7 +74,9 @@ impl HttpConn {
     pub fn wants_read(&self, ctx: &ShardCtx) -> bool {
         match self.state {
             State::Closed => false,
-            State::Exec { .. } => self.inbuf.len() <= ctx.config().max_head_bytes + ctx.config().max_body_bytes,
+            State::Exec { .. } => {
+                self.inbuf.len() <= ctx.config().max_head_bytes + ctx.config().max_body_bytes
+            }
             _ => true,
         }
     }
@@ -103,7 +108,9 @@ impl HttpConn {
                 pending.cancel();
                 ctx.request_done(pending.endpoint, STATUS_CLIENT_CLOSED, true);
             }
-            State::Body { route, .. } => ctx.request_done(shard::route_endpoint(route), STATUS_CLIENT_CLOSED, true),
+            State::Body { route, .. } => {
+                ctx.request_done(shard::route_endpoint(route), STATUS_CLIENT_CLOSED, true)
+            }
             _ => {}
         }
         self.out.clear();
@@ -111,15 +118,21 @@ impl HttpConn {
     }
 
     pub fn on_completion(&mut self, ctx: &mut ShardCtx, completion: Completion, now: Instant) {
-        let State::Exec { pending, .. } = &mut self.state else { return };
-        let Some(slot) = pending.results.get_mut(completion.slot) else { return };
+        let State::Exec { pending, .. } = &mut self.state else {
+            return;
+        };
+        let Some(slot) = pending.results.get_mut(completion.slot) else {
+            return;
+        };
         if slot.replace(completion.result).is_none() {
             pending.remaining -= 1;
         }
         if pending.remaining > 0 {
             return;
         }
-        let State::Exec { head, pending } = std::mem::replace(&mut self.state, State::Head) else { unreachable!() };
+        let State::Exec { head, pending } = std::mem::replace(&mut self.state, State::Head) else {
+            unreachable!()
+        };
         let endpoint = pending.endpoint;
         let response = ctx.finish(pending);
         self.respond(ctx, &head, endpoint, response, true, now);
@@ -129,7 +142,10 @@ impl HttpConn {
     /// Server shutdown began: an idle connection closes now; others finish
     /// their current request (answered with `Connection: close`).
     pub fn on_drain(&mut self) {
-        if matches!(self.state, State::Head) && self.inbuf.is_empty() && self.request_started.is_none() {
+        if matches!(self.state, State::Head)
+            && self.inbuf.is_empty()
+            && self.request_started.is_none()
+        {
             self.state = State::Closed;
         }
     }
@@ -143,9 +159,18 @@ impl HttpConn {
 
     /// Applies idle, slow-client and send timeouts. `send_pending` tells
     /// whether the event loop still holds unsent response bytes.
-    pub fn on_timer(&mut self, ctx: &mut ShardCtx, now: Instant, send_pending: bool) -> TimerVerdict {
+    pub fn on_timer(
+        &mut self,
+        ctx: &mut ShardCtx,
+        now: Instant,
+        send_pending: bool,
+    ) -> TimerVerdict {
         let config = ctx.config();
-        let (idle, request, send) = (config.idle_timeout, config.request_timeout, config.send_timeout);
+        let (idle, request, send) = (
+            config.idle_timeout,
+            config.request_timeout,
+            config.send_timeout,
+        );
         let sending = send_pending || !self.out.is_empty();
         if sending && now.saturating_duration_since(self.last_send_progress) > send {
             return TimerVerdict::Close;
@@ -158,7 +183,11 @@ impl HttpConn {
                             State::Body { route, .. } => Some(shard::route_endpoint(*route)),
                             _ => None,
                         };
-                        let err = ApiError::new(408, "request_timeout", "the request was not received in time");
+                        let err = ApiError::new(
+                            408,
+                            "request_timeout",
+                            "the request was not received in time",
+                        );
                         self.respond_error(ctx, endpoint, &err);
                         return TimerVerdict::Keep;
                     }
@@ -190,16 +219,23 @@ impl HttpConn {
                     if self.inbuf.len() < len {
                         return;
                     }
-                    let State::Body { head, route } = std::mem::replace(&mut self.state, State::Head) else {
+                    let State::Body { head, route } =
+                        std::mem::replace(&mut self.state, State::Head)
+                    else {
                         unreachable!()
                     };
                     let dispatch = ctx.dispatch(route, &self.inbuf[..len], self.key, now);
                     self.inbuf.drain(..len);
                     self.request_started = None;
                     match dispatch {
-                        Dispatch::Respond(response) => {
-                            self.respond(ctx, &head, shard::route_endpoint(route), response, true, now)
-                        }
+                        Dispatch::Respond(response) => self.respond(
+                            ctx,
+                            &head,
+                            shard::route_endpoint(route),
+                            response,
+                            true,
+                            now,
+                        ),
                         Dispatch::Pending(pending) => self.state = State::Exec { head, pending },
                     }
                 }
@@ -220,12 +256,20 @@ impl HttpConn {
                         Ok(None) => {
                             if http::head_too_large(&self.inbuf, limits) {
                                 let err = http::HeadError::TooLarge(limits.max_head_bytes);
-                                self.respond_error(ctx, None, &ApiError::new(err.status(), err.code(), err.to_string()));
+                                self.respond_error(
+                                    ctx,
+                                    None,
+                                    &ApiError::new(err.status(), err.code(), err.to_string()),
+                                );
                             }
                             return;
                         }
                         Err(err) => {
-                            self.respond_error(ctx, None, &ApiError::new(err.status(), err.code(), err.to_string()));
+                            self.respond_error(
+                                ctx,
+                                None,
+                                &ApiError::new(err.status(), err.code(), err.to_string()),
+                            );
                             return;
                         }
                         Ok(Some(head)) => {
@@ -249,9 +293,20 @@ impl HttpConn {
             }
         };
         if head.content_length > max_body {
-            let err = ApiError::new(413, "body_too_large", format!("request bodies are limited to {max_body} bytes"));
+            let err = ApiError::new(
+                413,
+                "body_too_large",
+                format!("request bodies are limited to {max_body} bytes"),
+            );
             // The body is not read, so the connection cannot continue.
-            self.respond(ctx, &head, shard::route_endpoint(route), shard::error_response(&err), false, now);
+            self.respond(
+                ctx,
+                &head,
+                shard::route_endpoint(route),
+                shard::error_response(&err),
+                false,
+                now,
+            );
             return;
         }
         if head.expect_continue && (self.inbuf.len() as u64) < head.content_length {
@@ -263,7 +318,14 @@ impl HttpConn {
     /// Answers a request refused from its head alone, then skips its body
     /// (or closes, when the client is waiting for 100-continue or the body is
     /// too large to bother with).
-    fn refuse(&mut self, ctx: &mut ShardCtx, head: RequestHead, endpoint: Endpoint, response: Response, now: Instant) {
+    fn refuse(
+        &mut self,
+        ctx: &mut ShardCtx,
+        head: RequestHead,
+        endpoint: Endpoint,
+        response: Response,
+        now: Instant,
+    ) {
         let unread = head.content_length.saturating_sub(self.inbuf.len() as u64);
         let skippable = !head.expect_continue || unread == 0;
         let keep_alive = skippable && head.content_length <= ctx.config().max_body_bytes as u64;
@@ -296,7 +358,11 @@ impl HttpConn {
 
     /// Answers an error that ends the connection (unparsable input, timeouts).
     fn respond_error(&mut self, ctx: &mut ShardCtx, endpoint: Option<Endpoint>, err: &ApiError) {
-        ctx.request_done(endpoint.unwrap_or(Endpoint::Other), err.status, endpoint.is_some());
+        ctx.request_done(
+            endpoint.unwrap_or(Endpoint::Other),
+            err.status,
+            endpoint.is_some(),
+        );
         shard::error_response(err).write_to(&mut self.out, false, false);
         self.state = State::Closed;
         self.inbuf.clear();
@@ -317,14 +383,17 @@ mod tests {
     use crate::server::metrics::ShardMetrics;
     use crate::server::shard::{Backend, Shared};
     use crate::server::wire::DecodeRules;
-    use crate::server::workers::{WorkerPool, Waker};
+    use crate::server::workers::{Waker, WorkerPool};
 
     /// TEST-ONLY lanes that echo the code back.
     struct EchoFactory;
     struct EchoLane;
     impl Lane for EchoLane {
         fn exec(&mut self, req: &ExecRequest) -> ExecResult {
-            ExecResult { stdout: req.code.clone().into_bytes(), ..Default::default() }
+            ExecResult {
+                stdout: req.code.clone().into_bytes(),
+                ..Default::default()
+            }
         }
         fn stats(&self) -> LaneStats {
             LaneStats::default()
@@ -361,7 +430,15 @@ mod tests {
             max_batch: config.max_batch,
             languages: vec![Language::Python],
         };
-        let pool = WorkerPool::start(0, 1, config.queue_depth, factory.clone(), metrics[0].clone(), waker.clone()).unwrap();
+        let pool = WorkerPool::start(
+            0,
+            1,
+            config.queue_depth,
+            factory.clone(),
+            metrics[0].clone(),
+            waker.clone(),
+        )
+        .unwrap();
         let shared = Arc::new(Shared {
             config,
             factory,
@@ -377,7 +454,10 @@ mod tests {
         ShardCtx::new(0, shared, pool)
     }
 
-    const KEY: ConnKey = ConnKey { index: 0, generation: 1 };
+    const KEY: ConnKey = ConnKey {
+        index: 0,
+        generation: 1,
+    };
 
     /// Feeds `chunks`, delivering completions as they arrive; returns the output.
     fn run(ctx: &mut ShardCtx, chunks: &[Vec<u8>], wait_for_execs: bool) -> (HttpConn, Vec<u8>) {
@@ -412,12 +492,20 @@ mod tests {
         let mut stream = Vec::new();
         for i in 0..6 {
             let body = format!(r#"{{"code":"c{i}"}}"#);
-            stream.extend(format!("POST /v1/exec HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}", body.len()).bytes());
+            stream.extend(
+                format!(
+                    "POST /v1/exec HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .bytes(),
+            );
         }
         let chunks: Vec<Vec<u8>> = stream.chunks(7).map(<[u8]>::to_vec).collect();
         let (_, out) = run(&mut ctx, &chunks, true);
         let text = String::from_utf8(out).unwrap();
-        let positions: Vec<usize> = (0..6).map(|i| text.find(&format!(r#""stdout":"c{i}""#)).unwrap()).collect();
+        let positions: Vec<usize> = (0..6)
+            .map(|i| text.find(&format!(r#""stdout":"c{i}""#)).unwrap())
+            .collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
         assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 6);
     }
@@ -428,7 +516,11 @@ mod tests {
         let mut ctx = test_ctx();
         let now = Instant::now();
         let mut conn = HttpConn::new(KEY, now);
-        conn.on_data(&mut ctx, b"POST /nope HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe", now);
+        conn.on_data(
+            &mut ctx,
+            b"POST /nope HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe",
+            now,
+        );
         assert!(conn.out.starts_with(b"HTTP/1.1 404 "));
         assert!(!conn.is_closing());
         ctx.draining = true;
@@ -440,7 +532,12 @@ mod tests {
 
     fn request_like() -> impl Strategy<Value = (Vec<u8>, bool)> {
         let method = prop_oneof![Just("GET"), Just("POST"), Just("HEAD"), Just("PUT")];
-        let path = prop_oneof![Just("/v1/exec"), Just("/v1/exec/batch"), Just("/v1/health"), Just("/x")];
+        let path = prop_oneof![
+            Just("/v1/exec"),
+            Just("/v1/exec/batch"),
+            Just("/v1/health"),
+            Just("/x")
+        ];
         let body = prop_oneof![
             Just(r#"{"code":"x"}"#.to_string()),
             Just(r#"{"executions":[{"code":"a"},{"code":"b"}]}"#.to_string()),
@@ -456,7 +553,10 @@ mod tests {
             // Content-Length sometimes lies, to exercise framing errors.
             let len = (b.len() as i64 + i64::from(skew % 3)).max(0);
             let honest = len as usize == b.len();
-            (format!("{m} {p} HTTP/1.1\r\n{e}Content-Length: {len}\r\n\r\n{b}").into_bytes(), honest)
+            (
+                format!("{m} {p} HTTP/1.1\r\n{e}Content-Length: {len}\r\n\r\n{b}").into_bytes(),
+                honest,
+            )
         })
     }
 

@@ -42,7 +42,10 @@ fn token(key: ConnKey) -> u64 {
 }
 
 fn key_of(token: u64) -> ConnKey {
-    ConnKey { index: token as u32, generation: (token >> 32) as u32 }
+    ConnKey {
+        index: token as u32,
+        generation: (token >> 32) as u32,
+    }
 }
 
 impl EpollLoop {
@@ -54,7 +57,9 @@ impl EpollLoop {
         }
         // SAFETY: fd is a fresh descriptor we exclusively own.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        listener.set_nonblocking(true).map_err(LoopError::Listener)?;
+        listener
+            .set_nonblocking(true)
+            .map_err(LoopError::Listener)?;
         let this = EpollLoop {
             epoll,
             waker,
@@ -65,9 +70,22 @@ impl EpollLoop {
             touched: Vec::new(),
             listener: None,
         };
-        this.ctl(libc::EPOLL_CTL_ADD, listener.as_raw_fd(), libc::EPOLLIN as u32, LISTENER)?;
-        this.ctl(libc::EPOLL_CTL_ADD, this.waker.raw_fd(), libc::EPOLLIN as u32, WAKER)?;
-        Ok(EpollLoop { listener: Some(listener), ..this })
+        this.ctl(
+            libc::EPOLL_CTL_ADD,
+            listener.as_raw_fd(),
+            libc::EPOLLIN as u32,
+            LISTENER,
+        )?;
+        this.ctl(
+            libc::EPOLL_CTL_ADD,
+            this.waker.raw_fd(),
+            libc::EPOLLIN as u32,
+            WAKER,
+        )?;
+        Ok(EpollLoop {
+            listener: Some(listener),
+            ..this
+        })
     }
 
     fn ctl(&self, op: i32, fd: RawFd, events: u32, data: u64) -> Result<(), LoopError> {
@@ -85,10 +103,18 @@ impl EpollLoop {
         let mut next_tick = Instant::now() + tick;
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {
-            let timeout_ms = next_tick.saturating_duration_since(Instant::now()).as_millis().min(i32::MAX as u128) as i32;
+            let timeout_ms = next_tick
+                .saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128) as i32;
             // SAFETY: events is a live buffer of events.len() entries.
             let n = unsafe {
-                libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout_ms)
+                libc::epoll_wait(
+                    self.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    timeout_ms,
+                )
             };
             if n < 0 {
                 let err = io::Error::last_os_error();
@@ -122,7 +148,9 @@ impl EpollLoop {
     }
 
     fn accept(&mut self, now: Instant) {
-        let Some(listener) = &self.listener else { return };
+        let Some(listener) = &self.listener else {
+            return;
+        };
         loop {
             match listener.accept() {
                 Ok((stream, _)) => {
@@ -137,7 +165,10 @@ impl EpollLoop {
                         http: HttpConn::new(key, now),
                         interest: libc::EPOLLIN as u32,
                     });
-                    if self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token(key)).is_err() {
+                    if self
+                        .ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token(key))
+                        .is_err()
+                    {
                         self.conns.remove(key);
                         continue;
                     }
@@ -155,7 +186,9 @@ impl EpollLoop {
     }
 
     fn readable_or_writable(&mut self, key: ConnKey, flags: u32, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let hangup = flags & (libc::EPOLLHUP | libc::EPOLLERR) as u32 != 0;
         if flags & libc::EPOLLIN as u32 != 0 || hangup {
             let mut budget = READ_BUDGET;
@@ -197,7 +230,9 @@ impl EpollLoop {
 
     fn timers(&mut self, now: Instant) {
         for key in self.conns.keys() {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             if conn.http.on_timer(&mut self.ctx, now, false) == TimerVerdict::Close {
                 conn.http.on_peer_closed(&mut self.ctx);
             }
@@ -244,7 +279,9 @@ impl EpollLoop {
         touched.dedup();
         let now = Instant::now();
         for key in touched.drain(..) {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             let mut broken = false;
             while !conn.http.out.is_empty() {
                 match conn.stream.write(&conn.http.out) {

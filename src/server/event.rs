@@ -19,7 +19,11 @@ pub struct Slab<T> {
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { slots: Vec::new(), free: Vec::new(), len: 0 }
+        Slab {
+            slots: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
     }
 }
 
@@ -38,7 +42,10 @@ impl<T> Slab<T> {
         };
         let slot = &mut self.slots[index as usize];
         slot.0 = (slot.0 + 1) & GENERATION_MASK;
-        let key = ConnKey { index, generation: slot.0 };
+        let key = ConnKey {
+            index,
+            generation: slot.0,
+        };
         slot.1 = Some(make(key));
         self.len += 1;
         key
@@ -71,7 +78,10 @@ impl<T> Slab<T> {
             .iter()
             .enumerate()
             .filter(|(_, (_, value))| value.is_some())
-            .map(|(i, (generation, _))| ConnKey { index: i as u32, generation: *generation })
+            .map(|(i, (generation, _))| ConnKey {
+                index: i as u32,
+                generation: *generation,
+            })
             .collect()
     }
 }
@@ -130,7 +140,11 @@ impl Drain {
 
 /// How often a loop checks timeouts: fine enough for the shortest one.
 pub fn tick_interval(config: &ServeConfig) -> Duration {
-    let shortest = config.idle_timeout.min(config.request_timeout).min(config.send_timeout).min(config.drain_timeout);
+    let shortest = config
+        .idle_timeout
+        .min(config.request_timeout)
+        .min(config.send_timeout)
+        .min(config.drain_timeout);
     (shortest / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 

@@ -85,7 +85,9 @@ pub fn parse_head(buf: &[u8], limits: HeadLimits) -> Result<Option<RequestHead>,
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge(limits.max_head_bytes)),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::TooLarge(limits.max_head_bytes))
+        }
         Err(e) => return Err(HeadError::Malformed(e.to_string())),
     };
     if head_len > limits.max_head_bytes {
@@ -110,7 +112,9 @@ pub fn parse_head(buf: &[u8], limits: HeadLimits) -> Result<Option<RequestHead>,
         if name.eq_ignore_ascii_case("content-length") {
             let value = parse_content_length(h.value)?;
             if content_length.is_some_and(|prev| prev != value) {
-                return Err(HeadError::Malformed("conflicting Content-Length headers".into()));
+                return Err(HeadError::Malformed(
+                    "conflicting Content-Length headers".into(),
+                ));
             }
             content_length = Some(value);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
@@ -164,7 +168,9 @@ fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
     // A value that overflows is certainly above any body limit.
     Ok(value
         .iter()
-        .try_fold(0u64, |acc, &d| acc.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+        .try_fold(0u64, |acc, &d| {
+            acc.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+        })
         .unwrap_or(u64::MAX))
 }
 
@@ -223,7 +229,12 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Response { status, content_type: JSON, headers: Vec::new(), body }
+        Response {
+            status,
+            content_type: JSON,
+            headers: Vec::new(),
+            body,
+        }
     }
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Self {
@@ -263,7 +274,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const LIMITS: HeadLimits = HeadLimits { max_head_bytes: 8192, max_headers: 32 };
+    const LIMITS: HeadLimits = HeadLimits {
+        max_head_bytes: 8192,
+        max_headers: 32,
+    };
 
     #[test]
     fn parses_a_post_with_body_length_and_bearer() {
@@ -279,16 +293,25 @@ mod tests {
 
     #[test]
     fn partial_head_needs_more_bytes() {
-        assert_eq!(parse_head(b"GET /v1/health HTTP/1.1\r\nHost:", LIMITS), Ok(None));
+        assert_eq!(
+            parse_head(b"GET /v1/health HTTP/1.1\r\nHost:", LIMITS),
+            Ok(None)
+        );
     }
 
     #[test]
     fn connection_semantics_follow_the_version() {
-        let h = parse_head(b"GET / HTTP/1.0\r\n\r\n", LIMITS).unwrap().unwrap();
+        let h = parse_head(b"GET / HTTP/1.0\r\n\r\n", LIMITS)
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
-        let h = parse_head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", LIMITS).unwrap().unwrap();
+        let h = parse_head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", LIMITS)
+            .unwrap()
+            .unwrap();
         assert!(h.keep_alive);
-        let h = parse_head(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n", LIMITS).unwrap().unwrap();
+        let h = parse_head(b"GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n", LIMITS)
+            .unwrap()
+            .unwrap();
         assert!(!h.keep_alive);
     }
 
@@ -297,16 +320,27 @@ mod tests {
         let te = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
         assert_eq!(parse_head(te, LIMITS), Err(HeadError::LengthRequired));
         let bad = b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n";
-        assert!(matches!(parse_head(bad, LIMITS), Err(HeadError::Malformed(_))));
+        assert!(matches!(
+            parse_head(bad, LIMITS),
+            Err(HeadError::Malformed(_))
+        ));
         let two = b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n";
-        assert!(matches!(parse_head(two, LIMITS), Err(HeadError::Malformed(_))));
+        assert!(matches!(
+            parse_head(two, LIMITS),
+            Err(HeadError::Malformed(_))
+        ));
         let huge = b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
-        assert_eq!(parse_head(huge, LIMITS).unwrap().unwrap().content_length, u64::MAX);
+        assert_eq!(
+            parse_head(huge, LIMITS).unwrap().unwrap().content_length,
+            u64::MAX
+        );
     }
 
     #[test]
     fn expect_handling() {
-        let h = parse_head(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", LIMITS).unwrap().unwrap();
+        let h = parse_head(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", LIMITS)
+            .unwrap()
+            .unwrap();
         assert!(h.expect_continue);
         assert_eq!(
             parse_head(b"POST / HTTP/1.1\r\nExpect: something\r\n\r\n", LIMITS),
@@ -327,7 +361,9 @@ mod tests {
     #[test]
     fn response_serialisation() {
         let mut out = Vec::new();
-        Response::json(429, b"{}".to_vec()).with_header("Retry-After", "2").write_to(&mut out, false, false);
+        Response::json(429, b"{}".to_vec())
+            .with_header("Retry-After", "2")
+            .write_to(&mut out, false, false);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"));
         assert!(text.contains("Content-Length: 2\r\n"));

@@ -16,8 +16,8 @@ use crate::api::{ExecFailure, ExecResult, LaneStats};
 
 /// Upper bounds of the exported latency buckets, in seconds (50 µs .. 30 s).
 pub const BUCKETS_SECONDS: [f64; 18] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
 ];
 
 /// Which API endpoint a request hit (a closed set, so label cardinality is bounded).
@@ -62,7 +62,8 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     pub fn record(&mut self, d: Duration) {
         let micros = d.as_micros();
-        self.hist.saturating_record(micros.clamp(1, u128::from(u64::MAX)) as u64);
+        self.hist
+            .saturating_record(micros.clamp(1, u128::from(u64::MAX)) as u64);
         self.sum_micros += micros;
     }
 
@@ -116,7 +117,9 @@ impl ShardStats {
             Some(ExecFailure::Timeout) => self.timeouts += 1,
             Some(ExecFailure::Cancelled) => self.cancelled += 1,
             Some(
-                ExecFailure::GuestCrashed(_) | ExecFailure::BadResponse(_) | ExecFailure::MemoryLimit,
+                ExecFailure::GuestCrashed(_)
+                | ExecFailure::BadResponse(_)
+                | ExecFailure::MemoryLimit,
             ) => self.guest_errors += 1,
             _ => {}
         }
@@ -156,7 +159,9 @@ impl ShardMetrics {
     pub fn new(workers: usize) -> Arc<Self> {
         Arc::new(ShardMetrics {
             stats: Mutex::new(ShardStats::default()),
-            lanes: (0..workers).map(|_| Mutex::new(LaneStats::default())).collect(),
+            lanes: (0..workers)
+                .map(|_| Mutex::new(LaneStats::default()))
+                .collect(),
             queued: AtomicUsize::new(0),
             workers,
         })
@@ -232,7 +237,12 @@ pub fn snapshot(shards: &[Arc<ShardMetrics>]) -> Snapshot {
             pool,
         });
     }
-    Snapshot { stats, lanes, queued, per_shard }
+    Snapshot {
+        stats,
+        lanes,
+        queued,
+        per_shard,
+    }
 }
 
 /// Renders the Prometheus text exposition (format 0.0.4).
@@ -240,11 +250,31 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
     let snap = snapshot(shards);
     let s = &snap.stats;
     let mut out = String::with_capacity(8192);
-    histogram(&mut out, "forkd_fork_seconds", "Time to get a runnable sandbox (pooled reset or fresh VM restore).", &s.fork);
-    histogram(&mut out, "forkd_exec_seconds", "Time the guest ran the code.", &s.exec);
-    histogram(&mut out, "forkd_total_seconds", "Fork plus exec plus response decoding, per execution.", &s.total);
+    histogram(
+        &mut out,
+        "forkd_fork_seconds",
+        "Time to get a runnable sandbox (pooled reset or fresh VM restore).",
+        &s.fork,
+    );
+    histogram(
+        &mut out,
+        "forkd_exec_seconds",
+        "Time the guest ran the code.",
+        &s.exec,
+    );
+    histogram(
+        &mut out,
+        "forkd_total_seconds",
+        "Fork plus exec plus response decoding, per execution.",
+        &s.total,
+    );
 
-    header(&mut out, "forkd_http_requests_total", "counter", "HTTP requests answered, by endpoint and status.");
+    header(
+        &mut out,
+        "forkd_http_requests_total",
+        "counter",
+        "HTTP requests answered, by endpoint and status.",
+    );
     for ((endpoint, status), count) in &s.requests {
         let _ = writeln!(
             out,
@@ -254,23 +284,101 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
             count
         );
     }
-    gauge(&mut out, "forkd_http_requests_in_flight", "Requests received but not yet answered.", s.requests_in_flight);
-    gauge(&mut out, "forkd_http_connections_open", "Open client connections.", s.connections_open);
-    counter(&mut out, "forkd_http_connections_accepted_total", "Client connections accepted.", s.connections_accepted);
-    gauge(&mut out, "forkd_execs_in_flight", "Executions admitted and not yet finished (queued or running).", s.execs_in_flight);
-    gauge(&mut out, "forkd_exec_queue_depth", "Executions waiting for a worker.", snap.queued as u64);
-    counter(&mut out, "forkd_exec_timeouts_total", "Executions stopped by their timeout.", s.timeouts);
-    counter(&mut out, "forkd_guest_errors_total", "Executions that ended in a guest failure (crash, bad response, memory limit).", s.guest_errors);
-    counter(&mut out, "forkd_exec_cancelled_total", "Executions cancelled because the client left or the server drained.", s.cancelled);
+    gauge(
+        &mut out,
+        "forkd_http_requests_in_flight",
+        "Requests received but not yet answered.",
+        s.requests_in_flight,
+    );
+    gauge(
+        &mut out,
+        "forkd_http_connections_open",
+        "Open client connections.",
+        s.connections_open,
+    );
+    counter(
+        &mut out,
+        "forkd_http_connections_accepted_total",
+        "Client connections accepted.",
+        s.connections_accepted,
+    );
+    gauge(
+        &mut out,
+        "forkd_execs_in_flight",
+        "Executions admitted and not yet finished (queued or running).",
+        s.execs_in_flight,
+    );
+    gauge(
+        &mut out,
+        "forkd_exec_queue_depth",
+        "Executions waiting for a worker.",
+        snap.queued as u64,
+    );
+    counter(
+        &mut out,
+        "forkd_exec_timeouts_total",
+        "Executions stopped by their timeout.",
+        s.timeouts,
+    );
+    counter(
+        &mut out,
+        "forkd_guest_errors_total",
+        "Executions that ended in a guest failure (crash, bad response, memory limit).",
+        s.guest_errors,
+    );
+    counter(
+        &mut out,
+        "forkd_exec_cancelled_total",
+        "Executions cancelled because the client left or the server drained.",
+        s.cancelled,
+    );
 
-    header(&mut out, "forkd_pool_vms", "gauge", "VMs held by the worker pools, by state.");
-    let _ = writeln!(out, "forkd_pool_vms{{state=\"pooled\"}} {}", snap.lanes.pooled_vms);
-    let _ = writeln!(out, "forkd_pool_vms{{state=\"live\"}} {}", snap.lanes.live_vms);
-    counter(&mut out, "forkd_pool_forks_total", "Forks served by the worker pools.", snap.lanes.forks);
-    counter(&mut out, "forkd_pool_fresh_vm_forks_total", "Forks that needed a fresh VM.", snap.lanes.fresh_vm_forks);
-    counter(&mut out, "forkd_pool_destroyed_vms_total", "VMs destroyed by the worker pools.", snap.lanes.destroyed_vms);
-    gauge(&mut out, "forkd_shards", "Event-loop shards.", shards.len() as u64);
-    header(&mut out, "forkd_io_backend_info", "gauge", "The event-loop backend in use.");
+    header(
+        &mut out,
+        "forkd_pool_vms",
+        "gauge",
+        "VMs held by the worker pools, by state.",
+    );
+    let _ = writeln!(
+        out,
+        "forkd_pool_vms{{state=\"pooled\"}} {}",
+        snap.lanes.pooled_vms
+    );
+    let _ = writeln!(
+        out,
+        "forkd_pool_vms{{state=\"live\"}} {}",
+        snap.lanes.live_vms
+    );
+    counter(
+        &mut out,
+        "forkd_pool_forks_total",
+        "Forks served by the worker pools.",
+        snap.lanes.forks,
+    );
+    counter(
+        &mut out,
+        "forkd_pool_fresh_vm_forks_total",
+        "Forks that needed a fresh VM.",
+        snap.lanes.fresh_vm_forks,
+    );
+    counter(
+        &mut out,
+        "forkd_pool_destroyed_vms_total",
+        "VMs destroyed by the worker pools.",
+        snap.lanes.destroyed_vms,
+    );
+    gauge(
+        &mut out,
+        "forkd_shards",
+        "Event-loop shards.",
+        shards.len() as u64,
+    );
+    header(
+        &mut out,
+        "forkd_io_backend_info",
+        "gauge",
+        "The event-loop backend in use.",
+    );
     let _ = writeln!(out, "forkd_io_backend_info{{backend=\"{backend}\"}} 1");
     out
 }
@@ -321,17 +429,34 @@ mod tests {
     #[test]
     fn render_merges_shards() {
         let shards = vec![ShardMetrics::new(1), ShardMetrics::new(2)];
-        let result = ExecResult { fork_time: Duration::from_micros(300), ..Default::default() };
+        let result = ExecResult {
+            fork_time: Duration::from_micros(300),
+            ..Default::default()
+        };
         shards[0].stats().record_exec(&result);
-        shards[1].stats().record_exec(&ExecResult { failure: Some(ExecFailure::Timeout), ..result.clone() });
+        shards[1].stats().record_exec(&ExecResult {
+            failure: Some(ExecFailure::Timeout),
+            ..result.clone()
+        });
         shards[1].stats().requests.insert((Endpoint::Exec, 200), 3);
-        shards[1].set_lane_stats(1, LaneStats { pooled_vms: 4, ..Default::default() });
+        shards[1].set_lane_stats(
+            1,
+            LaneStats {
+                pooled_vms: 4,
+                ..Default::default()
+            },
+        );
         let text = render(&shards, "epoll");
-        assert!(text.contains("forkd_fork_seconds_bucket{le=\"0.0005\"} 2\n"), "{text}");
+        assert!(
+            text.contains("forkd_fork_seconds_bucket{le=\"0.0005\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("forkd_fork_seconds_count 2\n"));
         assert!(text.contains("forkd_fork_seconds_sum 0.0006\n"));
         assert!(text.contains("forkd_exec_timeouts_total 1\n"));
-        assert!(text.contains("forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"} 3\n"));
+        assert!(
+            text.contains("forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"} 3\n")
+        );
         assert!(text.contains("forkd_pool_vms{state=\"pooled\"} 4\n"));
         assert!(text.contains("forkd_io_backend_info{backend=\"epoll\"} 1\n"));
     }

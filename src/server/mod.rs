@@ -41,7 +41,7 @@ use auth::ApiKeys;
 use metrics::ShardMetrics;
 use shard::{ShardCtx, Shared};
 use wire::DecodeRules;
-use workers::{WorkerPool, Waker};
+use workers::{Waker, WorkerPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -165,7 +165,8 @@ impl Drop for ServerHandle {
 /// A second signal cancels what is still running.
 pub fn serve(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<(), ServerError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     let signal_handle = signals.handle();
     let server = start(config, factory)?;
     let shared = server.shared.clone();
@@ -196,7 +197,10 @@ pub fn serve(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<(), S
 
 /// Starts the server in background threads and returns once it accepts
 /// connections.
-pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<ServerHandle, ServerError> {
+pub fn start(
+    config: ServeConfig,
+    factory: Arc<dyn LaneFactory>,
+) -> Result<ServerHandle, ServerError> {
     config.validate().map_err(ServerError::Config)?;
     let keys = ApiKeys::load(&config.api_keys_file, config.rate())?;
     match &keys {
@@ -219,10 +223,16 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
         eprintln!("forkd serve: WARNING: no template is loaded; every exec will be refused");
     }
     let listeners = bind_listeners(config.listen, config.shards)?;
-    let local_addr = listeners[0].local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let local_addr = listeners[0]
+        .local_addr()
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
 
-    let metrics: Vec<Arc<ShardMetrics>> =
-        (0..config.shards).map(|_| ShardMetrics::new(config.workers_per_shard)).collect();
+    let metrics: Vec<Arc<ShardMetrics>> = (0..config.shards)
+        .map(|_| ShardMetrics::new(config.workers_per_shard))
+        .collect();
     let wakers = (0..config.shards)
         .map(|_| Waker::new(backend == Backend::Epoll).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()
@@ -247,7 +257,11 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
     });
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let mut handle = ServerHandle { shared: shared.clone(), local_addr, threads: Vec::with_capacity(config.shards) };
+    let mut handle = ServerHandle {
+        shared: shared.clone(),
+        local_addr,
+        threads: Vec::with_capacity(config.shards),
+    };
     for (shard, listener) in listeners.into_iter().enumerate() {
         let pool = WorkerPool::start(
             shard,
@@ -266,14 +280,21 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
             .spawn(move || {
                 if let Some(core) = core {
                     if !core_affinity::set_for_current(core) {
-                        eprintln!("forkd serve: shard {shard}: could not pin to core {}", core.id);
+                        eprintln!(
+                            "forkd serve: shard {shard}: could not pin to core {}",
+                            core.id
+                        );
                     }
                 }
                 // The ring is created by the thread that uses it: io_uring
                 // ties completion work to the submitting task.
                 let shard_loop = match backend {
                     Backend::IoUring => uring::RingSetup::new()
-                        .map(|setup| ShardLoop::Uring(Box::new(uring::UringLoop::new(setup, listener, waker, ctx))))
+                        .map(|setup| {
+                            ShardLoop::Uring(Box::new(uring::UringLoop::new(
+                                setup, listener, waker, ctx,
+                            )))
+                        })
                         .map_err(|source| ServerError::Ring { shard, source }),
                     Backend::Epoll => epoll::EpollLoop::new(listener, waker, ctx)
                         .map(|l| ShardLoop::Epoll(Box::new(l)))
@@ -293,7 +314,9 @@ pub fn start(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<Serve
             .map_err(|source| ServerError::Spawn { shard, source })?;
         handle.threads.push(thread);
         // Dropping `handle` on error stops the shards already running.
-        ready_rx.recv().map_err(|_| ServerError::ShardPanicked(shard))??;
+        ready_rx
+            .recv()
+            .map_err(|_| ServerError::ShardPanicked(shard))??;
     }
     eprintln!(
         "forkd serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
@@ -317,7 +340,10 @@ fn choose_backend(force_epoll: bool) -> Backend {
         .name("forkd-uring-probe".into())
         .spawn(uring::probe)
         .map_err(|e| format!("spawning the probe thread: {e}"))
-        .and_then(|t| t.join().unwrap_or_else(|_| Err("the io_uring probe panicked".into())));
+        .and_then(|t| {
+            t.join()
+                .unwrap_or_else(|_| Err("the io_uring probe panicked".into()))
+        });
     match probed {
         Ok(()) => Backend::IoUring,
         Err(reason) => {
@@ -333,9 +359,14 @@ fn bind_listeners(addr: SocketAddr, shards: usize) -> Result<Vec<TcpListener>, S
     let mut listeners = Vec::with_capacity(shards);
     let mut bound = addr;
     for _ in 0..shards {
-        let listener = bind_reuseport(bound).map_err(|source| ServerError::Bind { addr: bound, source })?;
+        let listener = bind_reuseport(bound).map_err(|source| ServerError::Bind {
+            addr: bound,
+            source,
+        })?;
         if bound.port() == 0 {
-            bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+            bound = listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?;
         }
         listeners.push(listener);
     }

@@ -11,7 +11,7 @@ use super::config::ServeConfig;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
 use super::wire::{self, ApiError, DecodeRules, ExecSpec};
-use super::workers::{Completion, ConnKey, Job, WorkerPool, Waker};
+use super::workers::{Completion, ConnKey, Job, Waker, WorkerPool};
 use crate::api::{CancelToken, ExecFailure, ExecRequest, ExecResult, LaneFactory};
 
 /// Which event loop serves requests.
@@ -129,7 +129,11 @@ impl ShardCtx {
 
     /// Routes a parsed head and applies auth and rate limits before the body
     /// is read, so refused clients need not send it.
-    pub fn admit(&mut self, head: &RequestHead, now: Instant) -> Result<Route, (Endpoint, Response)> {
+    pub fn admit(
+        &mut self,
+        head: &RequestHead,
+        now: Instant,
+    ) -> Result<Route, (Endpoint, Response)> {
         let (route, allow) = match head.path.as_str() {
             "/v1/exec" => (Route::Exec, "POST"),
             "/v1/exec/batch" => (Route::ExecBatch, "POST"),
@@ -146,23 +150,41 @@ impl ShardCtx {
             Route::Health | Route::Metrics => matches!(head.method, Method::Get | Method::Head),
         };
         if !method_ok {
-            let err = ApiError::new(405, "method_not_allowed", format!("{} allows {allow}", head.path));
+            let err = ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("{} allows {allow}", head.path),
+            );
             return Err((endpoint, error_response(&err).with_header("Allow", allow)));
         }
         if matches!(route, Route::Exec | Route::ExecBatch) {
             if let Some(keys) = &self.shared.keys {
                 let Some(key) = head.bearer.as_deref().and_then(|token| keys.lookup(token)) else {
-                    let err = ApiError::new(401, "unauthorized", "missing or invalid API key (Authorization: Bearer <key>)");
-                    return Err((endpoint, error_response(&err).with_header("WWW-Authenticate", "Bearer")));
+                    let err = ApiError::new(
+                        401,
+                        "unauthorized",
+                        "missing or invalid API key (Authorization: Bearer <key>)",
+                    );
+                    return Err((
+                        endpoint,
+                        error_response(&err).with_header("WWW-Authenticate", "Bearer"),
+                    ));
                 };
                 if let Err(wait) = self.rate.try_acquire(key, now) {
-                    let err = ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
+                    let err =
+                        ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
                     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                    return Err((endpoint, error_response(&err).with_header("Retry-After", secs.to_string())));
+                    return Err((
+                        endpoint,
+                        error_response(&err).with_header("Retry-After", secs.to_string()),
+                    ));
                 }
             }
             if self.draining {
-                return Err((endpoint, self.busy("shutting_down", "the server is shutting down")));
+                return Err((
+                    endpoint,
+                    self.busy("shutting_down", "the server is shutting down"),
+                ));
             }
         }
         Ok(route)
@@ -186,23 +208,39 @@ impl ShardCtx {
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
             Route::ExecBatch => match wire::decode_batch(body, &self.shared.rules) {
-                Ok(specs) if specs.is_empty() => Dispatch::Respond(Response::json(200, br#"{"results":[]}"#.to_vec())),
+                Ok(specs) if specs.is_empty() => {
+                    Dispatch::Respond(Response::json(200, br#"{"results":[]}"#.to_vec()))
+                }
                 Ok(specs) => self.submit(Endpoint::ExecBatch, true, specs, conn),
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
         }
     }
 
-    fn submit(&mut self, endpoint: Endpoint, batch: bool, specs: Vec<ExecSpec>, conn: ConnKey) -> Dispatch {
+    fn submit(
+        &mut self,
+        endpoint: Endpoint,
+        batch: bool,
+        specs: Vec<ExecSpec>,
+        conn: ConnKey,
+    ) -> Dispatch {
         if self.pool.room() < specs.len() {
-            return Dispatch::Respond(self.busy("queue_full", "all workers are busy and the queue is full; retry later"));
+            return Dispatch::Respond(self.busy(
+                "queue_full",
+                "all workers are busy and the queue is full; retry later",
+            ));
         }
         let n = specs.len();
         let mut tokens = Vec::with_capacity(n);
         for (slot, spec) in specs.into_iter().enumerate() {
             let cancel = CancelToken::new();
             tokens.push(cancel.clone());
-            let req = ExecRequest { code: spec.code, language: spec.language, timeout: spec.timeout, cancel };
+            let req = ExecRequest {
+                code: spec.code,
+                language: spec.language,
+                timeout: spec.timeout,
+                cancel,
+            };
             if self.pool.submit(Job { conn, slot, req }).is_err() {
                 // Cannot happen after the room check (single producer); fail
                 // the whole request rather than answer with holes.
@@ -211,12 +249,20 @@ impl ShardCtx {
                 }
                 self.jobs_in_flight += slot;
                 self.metrics.stats().execs_in_flight += slot as u64;
-                return Dispatch::Respond(self.busy("queue_full", "the exec queue is closed or full"));
+                return Dispatch::Respond(
+                    self.busy("queue_full", "the exec queue is closed or full"),
+                );
             }
         }
         self.jobs_in_flight += n;
         self.metrics.stats().execs_in_flight += n as u64;
-        Dispatch::Pending(PendingExec { endpoint, batch, results: vec![None; n], remaining: n, tokens })
+        Dispatch::Pending(PendingExec {
+            endpoint,
+            batch,
+            results: vec![None; n],
+            remaining: n,
+            tokens,
+        })
     }
 
     /// Accounts for a finished job, whether or not its connection is still open.
@@ -233,15 +279,21 @@ impl ShardCtx {
 
     /// Builds the response once all of a request's executions are back.
     pub fn finish(&mut self, pending: PendingExec) -> Response {
-        let results: Vec<ExecResult> = pending.results.into_iter().map(Option::unwrap_or_default).collect();
+        let results: Vec<ExecResult> = pending
+            .results
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect();
         if !pending.batch {
             let result = &results[0];
             // Failures that are about the request rather than the run.
             let refused = match &result.failure {
                 Some(ExecFailure::Rejected(m)) => Some(ApiError::new(400, "rejected", m.clone())),
-                Some(ExecFailure::NoTemplate) => {
-                    Some(ApiError::new(400, "unknown_language", "no template is loaded for this language"))
-                }
+                Some(ExecFailure::NoTemplate) => Some(ApiError::new(
+                    400,
+                    "unknown_language",
+                    "no template is loaded for this language",
+                )),
                 Some(ExecFailure::Internal(m)) => Some(ApiError::new(500, "internal", m.clone())),
                 _ => None,
             };
@@ -366,7 +418,11 @@ impl IdGenerator {
             seed = [nanos, nanos.rotate_left(17) ^ std::process::id() as u64];
         }
         // The shard number in the top byte keeps shards' ids apart.
-        IdGenerator { prefix: (seed[0] >> 8) | ((shard as u64 & 0xff) << 56), salt: seed[1], counter: 0 }
+        IdGenerator {
+            prefix: (seed[0] >> 8) | ((shard as u64 & 0xff) << 56),
+            salt: seed[1],
+            counter: 0,
+        }
     }
 
     fn next(&mut self) -> String {

@@ -38,10 +38,19 @@ fn user_data(op: u64, key: ConnKey) -> u64 {
 }
 
 fn split_user_data(data: u64) -> (u64, ConnKey) {
-    (data >> 56, ConnKey { index: data as u32, generation: ((data >> 32) as u32) & GENERATION_MASK })
+    (
+        data >> 56,
+        ConnKey {
+            index: data as u32,
+            generation: ((data >> 32) as u32) & GENERATION_MASK,
+        },
+    )
 }
 
-const NO_CONN: ConnKey = ConnKey { index: 0, generation: 0 };
+const NO_CONN: ConnKey = ConnKey {
+    index: 0,
+    generation: 0,
+};
 
 /// Checks that this kernel and process can run the io_uring loop: ring
 /// creation (fails under `kernel.io_uring_disabled` or seccomp), every opcode
@@ -49,13 +58,17 @@ const NO_CONN: ConnKey = ConnKey { index: 0, generation: 0 };
 /// receive (kernel 6.0+) on a socket pair. Returns why not on failure.
 pub fn probe() -> Result<(), String> {
     let ring = new_ring().map_err(|e| match e.raw_os_error() {
-        Some(libc::EPERM) => format!("io_uring_setup refused ({e}): kernel.io_uring_disabled or a seccomp filter"),
+        Some(libc::EPERM) => {
+            format!("io_uring_setup refused ({e}): kernel.io_uring_disabled or a seccomp filter")
+        }
         Some(libc::ENOSYS) => format!("io_uring_setup missing ({e}): kernel without io_uring"),
         Some(libc::ENOMEM) => format!("io_uring_setup failed ({e}): RLIMIT_MEMLOCK too small"),
         _ => format!("io_uring_setup failed: {e}"),
     })?;
     let mut ops = Probe::new();
-    ring.submitter().register_probe(&mut ops).map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    ring.submitter()
+        .register_probe(&mut ops)
+        .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
     for (name, code) in [
         ("ACCEPT", opcode::AcceptMulti::CODE),
         ("RECV", opcode::RecvMulti::CODE),
@@ -65,7 +78,9 @@ pub fn probe() -> Result<(), String> {
         ("ASYNC_CANCEL", opcode::AsyncCancel::CODE),
     ] {
         if !ops.is_supported(code) {
-            return Err(format!("io_uring opcode {name} not supported by this kernel"));
+            return Err(format!(
+                "io_uring opcode {name} not supported by this kernel"
+            ));
         }
     }
     let mut bufs = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE, BUFFER_GROUP)
@@ -81,14 +96,21 @@ pub fn probe() -> Result<(), String> {
 
 fn probe_multishot_recv(mut ring: IoUring, bufs: &BufRing) -> Result<(), String> {
     let (a, b) = std::os::unix::net::UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let recv = opcode::RecvMulti::new(types::Fd(a.as_raw_fd()), bufs.group()).build().user_data(1);
+    let recv = opcode::RecvMulti::new(types::Fd(a.as_raw_fd()), bufs.group())
+        .build()
+        .user_data(1);
     // SAFETY: the op writes only into registered provided buffers, which
     // outlive the ring (dropped at the end of this function, before `bufs`).
     unsafe { ring.submission().push(&recv) }.map_err(|_| "submission queue full".to_string())?;
     use std::io::Write as _;
-    (&b).write_all(b"x").map_err(|e| format!("socketpair write: {e}"))?;
-    ring.submit_and_wait(1).map_err(|e| format!("io_uring_enter: {e}"))?;
-    let cqe = ring.completion().next().ok_or("no completion from the multishot receive probe")?;
+    (&b).write_all(b"x")
+        .map_err(|e| format!("socketpair write: {e}"))?;
+    ring.submit_and_wait(1)
+        .map_err(|e| format!("io_uring_enter: {e}"))?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or("no completion from the multishot receive probe")?;
     let supported = cqe.result() == 1 && cqueue::more(cqe.flags());
     if supported {
         // End the receive before the ring goes away: a request cancelled by
@@ -96,7 +118,8 @@ fn probe_multishot_recv(mut ring: IoUring, bufs: &BufRing) -> Result<(), String>
         // blocking socket call with EINTR.
         drop(b);
         loop {
-            ring.submit_and_wait(1).map_err(|e| format!("io_uring_enter: {e}"))?;
+            ring.submit_and_wait(1)
+                .map_err(|e| format!("io_uring_enter: {e}"))?;
             if ring.completion().any(|c| !cqueue::more(c.flags())) {
                 break;
             }
@@ -112,7 +135,9 @@ fn probe_multishot_recv(mut ring: IoUring, bufs: &BufRing) -> Result<(), String>
 }
 
 fn new_ring() -> io::Result<IoUring> {
-    IoUring::builder().setup_cqsize(RING_ENTRIES * 2).build(RING_ENTRIES)
+    IoUring::builder()
+        .setup_cqsize(RING_ENTRIES * 2)
+        .build(RING_ENTRIES)
 }
 
 /// A ring with its registered receive buffers, created before the shard
@@ -169,7 +194,11 @@ impl UringLoop {
             ring: setup.ring,
             bufs: setup.bufs,
             wake_buf: Box::new(0),
-            tick: Box::new(types::Timespec::new().sec(interval.as_secs()).nsec(interval.subsec_nanos())),
+            tick: Box::new(
+                types::Timespec::new()
+                    .sec(interval.as_secs())
+                    .nsec(interval.subsec_nanos()),
+            ),
             listener: Some(listener),
             accept_armed: false,
             waker,
@@ -197,7 +226,9 @@ impl UringLoop {
     }
 
     fn arm_accept(&mut self) -> Result<(), LoopError> {
-        let Some(listener) = &self.listener else { return Ok(()) };
+        let Some(listener) = &self.listener else {
+            return Ok(());
+        };
         let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build()
@@ -219,7 +250,9 @@ impl UringLoop {
 
     fn arm_timer(&mut self) -> Result<(), LoopError> {
         let ts: *const types::Timespec = &*self.tick;
-        let entry = opcode::Timeout::new(ts).build().user_data(user_data(OP_TIMER, NO_CONN));
+        let entry = opcode::Timeout::new(ts)
+            .build()
+            .user_data(user_data(OP_TIMER, NO_CONN));
         // SAFETY: the timespec is boxed and owned by self, which outlives the ring.
         unsafe { self.push(entry) }
     }
@@ -245,7 +278,11 @@ impl UringLoop {
             }
             let now = Instant::now();
             let mut cqes = std::mem::take(&mut self.cqes);
-            cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
             for &(data, result, flags) in &cqes {
                 self.on_cqe(data, result, flags, now)?;
             }
@@ -253,13 +290,23 @@ impl UringLoop {
             self.cqes = cqes;
             self.lifecycle(now)?;
             self.flush_touched()?;
-            if self.drain.is_draining() && self.conns.is_empty() && self.ctx.jobs_in_flight == 0 && !self.accept_armed {
+            if self.drain.is_draining()
+                && self.conns.is_empty()
+                && self.ctx.jobs_in_flight == 0
+                && !self.accept_armed
+            {
                 return Ok(());
             }
         }
     }
 
-    fn on_cqe(&mut self, data: u64, result: i32, flags: u32, now: Instant) -> Result<(), LoopError> {
+    fn on_cqe(
+        &mut self,
+        data: u64,
+        result: i32,
+        flags: u32,
+        now: Instant,
+    ) -> Result<(), LoopError> {
         let (op, key) = split_user_data(data);
         match op {
             OP_ACCEPT => self.on_accept(result, flags, now)?,
@@ -332,7 +379,8 @@ impl UringLoop {
         }
         if let Some(bid) = buffer {
             if result > 0 && !conn.closing {
-                conn.http.on_data(&mut self.ctx, self.bufs.data(bid, result as usize), now);
+                conn.http
+                    .on_data(&mut self.ctx, self.bufs.data(bid, result as usize), now);
             }
             self.bufs.recycle(bid);
         }
@@ -349,7 +397,9 @@ impl UringLoop {
     }
 
     fn on_send(&mut self, key: ConnKey, result: i32, now: Instant) -> Result<(), LoopError> {
-        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
         conn.send_in_flight = false;
         if result < 0 {
             conn.sending.clear();
@@ -384,7 +434,9 @@ impl UringLoop {
 
     fn timers(&mut self, now: Instant) {
         for key in self.conns.keys() {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             if conn.closing {
                 continue;
             }
@@ -397,7 +449,10 @@ impl UringLoop {
         if !self.accept_armed && !self.drain.is_draining() && self.listener.is_some() {
             // Accept stopped after an error (EMFILE, ENFILE): try again.
             if let Err(e) = self.arm_accept() {
-                eprintln!("forkd serve: shard {}: re-arming accept: {e}", self.ctx.shard);
+                eprintln!(
+                    "forkd serve: shard {}: re-arming accept: {e}",
+                    self.ctx.shard
+                );
             }
         }
     }
@@ -462,8 +517,14 @@ impl UringLoop {
     }
 
     fn sync(&mut self, key: ConnKey) -> Result<(), LoopError> {
-        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
-        if !conn.closing && !conn.send_in_flight && conn.sending.is_empty() && !conn.http.out.is_empty() {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        if !conn.closing
+            && !conn.send_in_flight
+            && conn.sending.is_empty()
+            && !conn.http.out.is_empty()
+        {
             std::mem::swap(&mut conn.sending, &mut conn.http.out);
             conn.send_offset = 0;
         }
@@ -475,10 +536,14 @@ impl UringLoop {
         if !conn.send_in_flight && conn.send_offset < conn.sending.len() {
             let rest = &conn.sending[conn.send_offset..];
             entries.push(
-                opcode::Send::new(types::Fd(conn.stream.as_raw_fd()), rest.as_ptr(), rest.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(user_data(OP_SEND, key)),
+                opcode::Send::new(
+                    types::Fd(conn.stream.as_raw_fd()),
+                    rest.as_ptr(),
+                    rest.len() as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(OP_SEND, key)),
             );
             conn.send_in_flight = true;
         }
@@ -494,7 +559,9 @@ impl UringLoop {
         } else if !wants_read && conn.recv_armed && !conn.recv_cancel_sent {
             // Pipelined input is piling up behind an exec: pause reading.
             entries.push(
-                opcode::AsyncCancel::new(user_data(OP_RECV, key)).build().user_data(user_data(OP_CANCEL, key)),
+                opcode::AsyncCancel::new(user_data(OP_RECV, key))
+                    .build()
+                    .user_data(user_data(OP_CANCEL, key)),
             );
             conn.recv_cancel_sent = true;
         }
@@ -510,7 +577,9 @@ impl UringLoop {
     /// Shuts the socket down (ending its pending operations) and frees the
     /// slot once no operation refers to it any more.
     fn close(&mut self, key: ConnKey) -> Result<(), LoopError> {
-        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
         if !conn.closing {
             conn.closing = true;
             // Shutdown completes the multishot receive (EOF) and fails a
@@ -518,13 +587,16 @@ impl UringLoop {
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
             if conn.recv_armed && !conn.recv_cancel_sent {
                 conn.recv_cancel_sent = true;
-                let cancel =
-                    opcode::AsyncCancel::new(user_data(OP_RECV, key)).build().user_data(user_data(OP_CANCEL, key));
+                let cancel = opcode::AsyncCancel::new(user_data(OP_RECV, key))
+                    .build()
+                    .user_data(user_data(OP_CANCEL, key));
                 // SAFETY: cancel requests reference no user memory.
                 unsafe { self.push(cancel)? };
             }
         }
-        let Some(conn) = self.conns.get_mut(key) else { return Ok(()) };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
         if !conn.recv_armed && !conn.send_in_flight {
             self.conns.remove(key);
             self.ctx.connection_closed();
@@ -536,7 +608,9 @@ impl UringLoop {
     /// the kernel is done with `wake_buf` and `tick` before they are freed.
     fn finish(&mut self) -> Result<(), LoopError> {
         for op in [OP_WAKE, OP_TIMER] {
-            let cancel = opcode::AsyncCancel::new(user_data(op, NO_CONN)).build().user_data(user_data(OP_CANCEL, NO_CONN));
+            let cancel = opcode::AsyncCancel::new(user_data(op, NO_CONN))
+                .build()
+                .user_data(user_data(OP_CANCEL, NO_CONN));
             // SAFETY: cancel requests reference no user memory.
             unsafe { self.push(cancel)? };
         }

@@ -35,7 +35,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -59,8 +63,10 @@ struct ErrorBody<'a> {
 }
 
 pub fn error_json(code: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&ErrorEnvelope { error: ErrorBody { code, message } })
-        .expect("serialising strings cannot fail")
+    serde_json::to_vec(&ErrorEnvelope {
+        error: ErrorBody { code, message },
+    })
+    .expect("serialising strings cannot fail")
 }
 
 /// Rules applied while decoding exec requests.
@@ -102,13 +108,17 @@ pub fn decode_exec(body: &[u8], rules: &DecodeRules) -> Result<ExecSpec, ApiErro
 pub fn decode_batch(body: &[u8], rules: &DecodeRules) -> Result<Vec<ExecSpec>, ApiError> {
     let parsed: BatchIn = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("invalid JSON body: {e}")))?;
-    let items = parsed
-        .executions
-        .ok_or_else(|| ApiError::bad_request("missing_executions", "field `executions` is required"))?;
+    let items = parsed.executions.ok_or_else(|| {
+        ApiError::bad_request("missing_executions", "field `executions` is required")
+    })?;
     if items.len() > rules.max_batch {
         return Err(ApiError::bad_request(
             "batch_too_large",
-            format!("a batch holds at most {} executions, got {}", rules.max_batch, items.len()),
+            format!(
+                "a batch holds at most {} executions, got {}",
+                rules.max_batch,
+                items.len()
+            ),
         ));
     }
     items
@@ -158,7 +168,11 @@ fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
             ))
         }
     };
-    Ok(ExecSpec { code, language, timeout })
+    Ok(ExecSpec {
+        code,
+        language,
+        timeout,
+    })
 }
 
 #[derive(Serialize)]
@@ -181,13 +195,22 @@ struct ExecOut<'a> {
 /// `error.code` and message for a failed run.
 pub fn failure_code(failure: &ExecFailure) -> (&'static str, Cow<'_, str>) {
     match failure {
-        ExecFailure::Timeout => ("timeout", "the execution exceeded its timeout and was stopped".into()),
+        ExecFailure::Timeout => (
+            "timeout",
+            "the execution exceeded its timeout and was stopped".into(),
+        ),
         ExecFailure::Cancelled => ("cancelled", "the execution was cancelled".into()),
         ExecFailure::GuestCrashed(m) => ("guest_crashed", m.as_str().into()),
         ExecFailure::BadResponse(m) => ("bad_response", m.as_str().into()),
-        ExecFailure::MemoryLimit => ("memory_limit", "the sandbox exceeded its memory limit".into()),
+        ExecFailure::MemoryLimit => (
+            "memory_limit",
+            "the sandbox exceeded its memory limit".into(),
+        ),
         ExecFailure::Rejected(m) => ("rejected", m.as_str().into()),
-        ExecFailure::NoTemplate => ("no_template", "no template is loaded for this language".into()),
+        ExecFailure::NoTemplate => (
+            "no_template",
+            "no template is loaded for this language".into(),
+        ),
         ExecFailure::Internal(m) => ("internal", m.as_str().into()),
     }
 }
@@ -206,7 +229,11 @@ pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult) {
         id,
         stdout: &stdout,
         stderr: &stderr,
-        exit_code: if result.failure.is_some() { -1 } else { result.exit_code },
+        exit_code: if result.failure.is_some() {
+            -1
+        } else {
+            result.exit_code
+        },
         fork_time_ms: millis(result.fork_time),
         exec_time_ms: millis(result.exec_time),
         total_time_ms: millis(result.total_time),
@@ -215,7 +242,9 @@ pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult) {
         timed_out: result.failure == Some(ExecFailure::Timeout),
         stdout_truncated: result.stdout_truncated,
         stderr_truncated: result.stderr_truncated,
-        error: error.as_ref().map(|(code, message)| ErrorBody { code, message }),
+        error: error
+            .as_ref()
+            .map(|(code, message)| ErrorBody { code, message }),
     };
     serde_json::to_writer(out, &exec).expect("serialising into a Vec cannot fail");
 }
@@ -247,13 +276,29 @@ mod tests {
         let r = rules();
         assert_eq!(decode_exec(b"{", &r).unwrap_err().code, "invalid_json");
         assert_eq!(decode_exec(b"{}", &r).unwrap_err().code, "missing_code");
-        assert_eq!(decode_exec(br#"{"code":1}"#, &r).unwrap_err().code, "invalid_json");
-        assert_eq!(decode_exec(br#"{"code":"x","language":"cobol"}"#, &r).unwrap_err().code, "unknown_language");
-        assert_eq!(decode_exec(br#"{"code":"x","language":"node"}"#, &r).unwrap_err().code, "unknown_language");
+        assert_eq!(
+            decode_exec(br#"{"code":1}"#, &r).unwrap_err().code,
+            "invalid_json"
+        );
+        assert_eq!(
+            decode_exec(br#"{"code":"x","language":"cobol"}"#, &r)
+                .unwrap_err()
+                .code,
+            "unknown_language"
+        );
+        assert_eq!(
+            decode_exec(br#"{"code":"x","language":"node"}"#, &r)
+                .unwrap_err()
+                .code,
+            "unknown_language"
+        );
         for t in ["0", "-1", "301", "1e400", "\"5\""] {
             let body = format!(r#"{{"code":"x","timeout_seconds":{t}}}"#);
             let err = decode_exec(body.as_bytes(), &r).unwrap_err();
-            assert!(err.code == "invalid_timeout" || err.code == "invalid_json", "{t}: {err:?}");
+            assert!(
+                err.code == "invalid_timeout" || err.code == "invalid_json",
+                "{t}: {err:?}"
+            );
             assert_eq!(err.status, 400);
         }
         let ok = decode_exec(br#"{"code":"x","timeout_seconds":0.5}"#, &r).unwrap();
@@ -265,15 +310,25 @@ mod tests {
     #[test]
     fn batch_decoding() {
         let r = rules();
-        let specs = decode_batch(br#"{"executions":[{"code":"a"},{"code":"b","language":"py"}]}"#, &r).unwrap();
+        let specs = decode_batch(
+            br#"{"executions":[{"code":"a"},{"code":"b","language":"py"}]}"#,
+            &r,
+        )
+        .unwrap();
         assert_eq!(specs.len(), 2);
         assert_eq!(specs[1].code, "b");
         let err = decode_batch(br#"{"executions":[{"code":"a"},{}]}"#, &r).unwrap_err();
         assert_eq!(err.code, "missing_code");
         assert!(err.message.starts_with("executions[1]"), "{}", err.message);
-        assert_eq!(decode_batch(b"{}", &r).unwrap_err().code, "missing_executions");
+        assert_eq!(
+            decode_batch(b"{}", &r).unwrap_err().code,
+            "missing_executions"
+        );
         let big = format!(r#"{{"executions":[{}]}}"#, [r#"{"code":"a"}"#; 5].join(","));
-        assert_eq!(decode_batch(big.as_bytes(), &r).unwrap_err().code, "batch_too_large");
+        assert_eq!(
+            decode_batch(big.as_bytes(), &r).unwrap_err().code,
+            "batch_too_large"
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ impl Waker {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: fd is a fresh descriptor we exclusively own.
-        Ok(Waker { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Waker {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     pub fn wake(&self) {
@@ -128,13 +130,21 @@ impl WorkerPool {
                     metrics.set_lane_stats(worker, lane.stats());
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    run_worker(shard, worker, lane, &*factory, &job_rx, &done_tx, &metrics, &waker);
+                    run_worker(
+                        shard, worker, lane, &*factory, &job_rx, &done_tx, &metrics, &waker,
+                    );
                 })
                 .map_err(WorkerError::Spawn)?;
             threads.push(handle);
         }
         drop(ready_tx);
-        let mut pool = WorkerPool { jobs: Some(job_tx), completions: done_rx, capacity: queue_depth, metrics, threads };
+        let mut pool = WorkerPool {
+            jobs: Some(job_tx),
+            completions: done_rx,
+            capacity: queue_depth,
+            metrics,
+            threads,
+        };
         for _ in 0..workers {
             match ready_rx.recv() {
                 Ok(Ok(())) => {}
@@ -154,12 +164,16 @@ impl WorkerPool {
     /// Free places in the queue. Only the shard thread sends, and workers only
     /// take, so the room can grow but not shrink before the shard sends.
     pub fn room(&self) -> usize {
-        self.jobs.as_ref().map_or(0, |tx| self.capacity.saturating_sub(tx.len()))
+        self.jobs
+            .as_ref()
+            .map_or(0, |tx| self.capacity.saturating_sub(tx.len()))
     }
 
     /// Queues a job; call only after checking [`WorkerPool::room`].
     pub fn submit(&self, job: Job) -> Result<(), Job> {
-        let Some(tx) = &self.jobs else { return Err(job) };
+        let Some(tx) = &self.jobs else {
+            return Err(job);
+        };
         self.metrics.queued.fetch_add(1, Ordering::Relaxed);
         tx.try_send(job).map_err(|e| {
             self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
@@ -208,18 +222,37 @@ fn run_worker(
                 Ok(result) => (result, true),
                 Err(_) => {
                     // The lane's state is unknown after a panic: replace it.
-                    eprintln!("forkd serve: shard {shard} worker {worker}: lane panicked; replacing it");
+                    eprintln!(
+                        "forkd serve: shard {shard} worker {worker}: lane panicked; replacing it"
+                    );
                     match factory.new_lane(shard) {
                         Ok(fresh) => lane = fresh,
-                        Err(e) => eprintln!("forkd serve: shard {shard} worker {worker}: new lane failed: {e}"),
+                        Err(e) => eprintln!(
+                            "forkd serve: shard {shard} worker {worker}: new lane failed: {e}"
+                        ),
                     }
                     let failure = ExecFailure::Internal("the executor panicked".into());
-                    (ExecResult { exit_code: -1, failure: Some(failure), ..Default::default() }, true)
+                    (
+                        ExecResult {
+                            exit_code: -1,
+                            failure: Some(failure),
+                            ..Default::default()
+                        },
+                        true,
+                    )
                 }
             }
         };
         metrics.set_lane_stats(worker, lane.stats());
-        if done.send(Completion { conn: job.conn, slot: job.slot, result, ran }).is_err() {
+        if done
+            .send(Completion {
+                conn: job.conn,
+                slot: job.slot,
+                result,
+                ran,
+            })
+            .is_err()
+        {
             return;
         }
         waker.wake();
@@ -227,5 +260,9 @@ fn run_worker(
 }
 
 fn cancelled_before_start() -> ExecResult {
-    ExecResult { exit_code: -1, failure: Some(ExecFailure::Cancelled), ..Default::default() }
+    ExecResult {
+        exit_code: -1,
+        failure: Some(ExecFailure::Cancelled),
+        ..Default::default()
+    }
 }

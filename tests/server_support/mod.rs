@@ -37,7 +37,11 @@ impl Events {
     pub fn wait_started(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.started.load(Ordering::SeqCst) < n {
-            assert!(Instant::now() < deadline, "only {} of {n} execs started", self.started.load(Ordering::SeqCst));
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} execs started",
+                self.started.load(Ordering::SeqCst)
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -45,7 +49,11 @@ impl Events {
     pub fn wait_cancelled(&self, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.cancelled.load(Ordering::SeqCst) < n {
-            assert!(Instant::now() < deadline, "only {} of {n} execs saw cancellation", self.cancelled.load(Ordering::SeqCst));
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} execs saw cancellation",
+                self.cancelled.load(Ordering::SeqCst)
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -62,7 +70,14 @@ pub struct TestFactory {
 
 impl LaneFactory for TestFactory {
     fn new_lane(&self, shard: usize) -> Result<Box<dyn Lane>, String> {
-        Ok(Box::new(TestLane { events: self.events.clone(), shard, stats: LaneStats { pooled_vms: 1, ..Default::default() } }))
+        Ok(Box::new(TestLane {
+            events: self.events.clone(),
+            shard,
+            stats: LaneStats {
+                pooled_vms: 1,
+                ..Default::default()
+            },
+        }))
     }
     fn languages(&self) -> Vec<Language> {
         vec![Language::Python]
@@ -89,12 +104,21 @@ fn ok(stdout: impl Into<Vec<u8>>) -> ExecResult {
 }
 
 fn failed(failure: ExecFailure) -> ExecResult {
-    ExecResult { exit_code: -1, failure: Some(failure), ..ok(Vec::new()) }
+    ExecResult {
+        exit_code: -1,
+        failure: Some(failure),
+        ..ok(Vec::new())
+    }
 }
 
 impl TestLane {
     /// Waits until `done` holds, the request is cancelled or times out.
-    fn wait(&self, req: &ExecRequest, limit: Duration, mut done: impl FnMut() -> bool) -> Result<(), ExecFailure> {
+    fn wait(
+        &self,
+        req: &ExecRequest,
+        limit: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> Result<(), ExecFailure> {
         let start = Instant::now();
         loop {
             if done() {
@@ -122,7 +146,11 @@ impl Lane for TestLane {
         let (cmd, arg) = req.code.split_once(':').unwrap_or((req.code.as_str(), ""));
         let result = match cmd {
             "echo" => ok(arg),
-            "exit" => ExecResult { exit_code: arg.parse().unwrap(), stderr: b"bye".to_vec(), ..ok("") },
+            "exit" => ExecResult {
+                exit_code: arg.parse().unwrap(),
+                stderr: b"bye".to_vec(),
+                ..ok("")
+            },
             "crash" => {
                 self.stats.guest_errors += 1;
                 failed(ExecFailure::GuestCrashed("triple fault".into()))
@@ -135,7 +163,10 @@ impl Lane for TestLane {
                     Ok(()) => ok("slept"),
                     Err(ExecFailure::Timeout) => {
                         self.stats.timeouts += 1;
-                        ExecResult { stdout: b"partial".to_vec(), ..failed(ExecFailure::Timeout) }
+                        ExecResult {
+                            stdout: b"partial".to_vec(),
+                            ..failed(ExecFailure::Timeout)
+                        }
                     }
                     Err(f) => failed(f),
                 }
@@ -146,7 +177,9 @@ impl Lane for TestLane {
             },
             "gate" => {
                 let events = self.events.clone();
-                match self.wait(req, Duration::from_secs(60), || *events.gate.lock().unwrap()) {
+                match self.wait(req, Duration::from_secs(60), || {
+                    *events.gate.lock().unwrap()
+                }) {
                     Ok(()) => ok("gate opened"),
                     Err(f) => failed(f),
                 }
@@ -162,12 +195,17 @@ impl Lane for TestLane {
                     .wait_timeout_while(arrived, Duration::from_secs(20), |a| *a < n)
                     .unwrap();
                 if timeout.timed_out() {
-                    failed(ExecFailure::Internal(format!("only {} of {n} execs ran together", *arrived)))
+                    failed(ExecFailure::Internal(format!(
+                        "only {} of {n} execs ran together",
+                        *arrived
+                    )))
                 } else {
                     ok("met")
                 }
             }
-            other => failed(ExecFailure::Rejected(format!("unknown test command {other}"))),
+            other => failed(ExecFailure::Rejected(format!(
+                "unknown test command {other}"
+            ))),
         };
         self.events.finished.fetch_add(1, Ordering::SeqCst);
         result
@@ -207,7 +245,11 @@ impl TestServer {
 /// A server on 127.0.0.1:<free port> with the given backend. `keys` (JSON
 /// text) turns auth on. Fails loudly if io_uring was asked for but the
 /// server fell back.
-pub fn start(backend: Backend, keys: Option<&str>, tweak: impl FnOnce(&mut ServeConfig)) -> TestServer {
+pub fn start(
+    backend: Backend,
+    keys: Option<&str>,
+    tweak: impl FnOnce(&mut ServeConfig),
+) -> TestServer {
     let events = Arc::new(Events::default());
     let keys_file = keys.map(TempFile::new);
     let mut config = ServeConfig {
@@ -224,9 +266,24 @@ pub fn start(backend: Backend, keys: Option<&str>, tweak: impl FnOnce(&mut Serve
         ..ServeConfig::default()
     };
     tweak(&mut config);
-    let handle = forkd::server::start(config, Arc::new(TestFactory { events: events.clone() })).expect("server starts");
-    assert_eq!(handle.backend(), backend, "the server did not use the requested event loop");
-    TestServer { addr: handle.local_addr(), handle: Some(handle), events, _keys: keys_file }
+    let handle = forkd::server::start(
+        config,
+        Arc::new(TestFactory {
+            events: events.clone(),
+        }),
+    )
+    .expect("server starts");
+    assert_eq!(
+        handle.backend(),
+        backend,
+        "the server did not use the requested event loop"
+    );
+    TestServer {
+        addr: handle.local_addr(),
+        handle: Some(handle),
+        events,
+        _keys: keys_file,
+    }
 }
 
 pub struct TempFile {
@@ -261,20 +318,31 @@ pub struct HttpResponse {
 
 impl HttpResponse {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     pub fn error_code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or_else(|| panic!("no error code in {:?}", self.json())).to_string()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error code in {:?}", self.json()))
+            .to_string()
     }
 
     pub fn closes(&self) -> bool {
-        self.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
     }
 }
 
@@ -288,18 +356,31 @@ pub struct Client {
 impl Client {
     pub fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Client { stream, buf: Vec::new() }
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
-    pub fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Vec<u8> {
+    pub fn request_bytes(
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> Vec<u8> {
         let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         for (n, v) in headers {
             raw.push_str(&format!("{n}: {v}\r\n"));
         }
         if let Some(body) = body {
-            raw.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+            raw.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
         }
         raw.push_str("\r\n");
         if let Some(body) = body {
@@ -323,7 +404,10 @@ impl Client {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return false,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) => panic!("read failed: {e} (buffered: {:?})", String::from_utf8_lossy(&self.buf)),
+                Err(e) => panic!(
+                    "read failed: {e} (buffered: {:?})",
+                    String::from_utf8_lossy(&self.buf)
+                ),
             }
         }
         true
@@ -331,7 +415,10 @@ impl Client {
 
     pub fn read_response(&mut self) -> HttpResponse {
         self.try_read_response().unwrap_or_else(|| {
-            panic!("connection closed before a full response (buffered: {:?})", String::from_utf8_lossy(&self.buf))
+            panic!(
+                "connection closed before a full response (buffered: {:?})",
+                String::from_utf8_lossy(&self.buf)
+            )
         })
     }
 
@@ -368,14 +455,23 @@ impl Client {
         let headers: Vec<(String, String)> = resp
             .headers
             .iter()
-            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).to_string()))
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8_lossy(h.value).to_string(),
+                )
+            })
             .collect();
         let length: usize = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
             .map(|(_, v)| v.parse().unwrap())
             .unwrap_or(0);
-        let length = if status == 100 || head_only { 0 } else { length };
+        let length = if status == 100 || head_only {
+            0
+        } else {
+            length
+        };
         let body = if length == 0 {
             Vec::new()
         } else {
@@ -386,7 +482,11 @@ impl Client {
         };
         let consumed = head_len + length;
         self.buf.drain(..consumed);
-        Some(HttpResponse { status, headers, body })
+        Some(HttpResponse {
+            status,
+            headers,
+            body,
+        })
     }
 
     /// True when the server has closed the connection (EOF with nothing buffered).
