@@ -525,6 +525,36 @@ fn slow_and_idle_clients_are_timed_out() {
 }
 
 #[test]
+fn io_uring_receive_rearms_when_provided_buffers_run_out() {
+    // Two 4 KiB buffers for a 256 KiB body: the multishot receive runs out
+    // of buffers (ENOBUFS) again and again and must be re-armed each time.
+    let server = start(Backend::IoUring, None, |c| {
+        c.recv_buffers = 2;
+        c.max_body_bytes = 1 << 20;
+    });
+    let text = "y".repeat(256 * 1024);
+    let body = format!(r#"{{"code":"echo:{text}"}}"#);
+    let mut c = server.connect();
+    for _ in 0..3 {
+        c.send("POST", EXEC, &[], Some(&body));
+        let resp = c.read_response();
+        assert_eq!(resp.status, 200);
+        assert!(
+            resp.json()["stdout"].as_str().unwrap() == text,
+            "body arrived intact"
+        );
+    }
+    let metrics = String::from_utf8(server.request("GET", "/v1/metrics", None).body).unwrap();
+    let exhausted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("forkd_io_recv_buffers_exhausted_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(exhausted > 0, "the test did not exhaust the buffer ring");
+}
+
+#[test]
 fn shards_share_the_port() {
     let server = start(Backend::IoUring, None, |c| c.shards = 2);
     let health = server.request("GET", "/v1/health", None).json();

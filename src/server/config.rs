@@ -40,6 +40,8 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
     /// Seconds sent in `Retry-After` with 503 (queue full / draining).
     pub retry_after_busy: u32,
+    /// Provided receive buffers (4 KiB each) per io_uring shard; a power of two.
+    pub recv_buffers: u16,
 }
 
 /// The environment variable naming the API keys file.
@@ -69,6 +71,7 @@ impl Default for ServeConfig {
             send_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(60),
             retry_after_busy: 1,
+            recv_buffers: 512,
         }
     }
 }
@@ -102,6 +105,9 @@ impl ServeConfig {
         }
         if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
             return Err("the default exec timeout must be > 0 and <= the maximum".into());
+        }
+        if !self.recv_buffers.is_power_of_two() {
+            return Err("the receive buffer count must be a power of two".into());
         }
         if self.max_head_bytes < 256 || self.max_headers == 0 {
             return Err("header limits are too small".into());

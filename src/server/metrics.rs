@@ -108,6 +108,8 @@ pub struct ShardStats {
     pub timeouts: u64,
     pub guest_errors: u64,
     pub cancelled: u64,
+    /// io_uring receives that found no free provided buffer (then re-armed).
+    pub recv_buffers_exhausted: u64,
 }
 
 impl ShardStats {
@@ -142,6 +144,7 @@ impl ShardStats {
         self.timeouts += other.timeouts;
         self.guest_errors += other.guest_errors;
         self.cancelled += other.cancelled;
+        self.recv_buffers_exhausted += other.recv_buffers_exhausted;
     }
 }
 
@@ -331,6 +334,12 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
         "forkd_exec_cancelled_total",
         "Executions cancelled because the client left or the server drained.",
         s.cancelled,
+    );
+    counter(
+        &mut out,
+        "forkd_io_recv_buffers_exhausted_total",
+        "io_uring receives that found every provided buffer in use and were re-armed.",
+        s.recv_buffers_exhausted,
     );
 
     header(

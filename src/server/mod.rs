@@ -273,6 +273,7 @@ pub fn start(
         )?;
         let ctx = ShardCtx::new(shard, shared.clone(), pool);
         let waker = wakers[shard].clone();
+        let recv_buffers = config.recv_buffers;
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), ServerError>>(1);
         let thread = std::thread::Builder::new()
@@ -289,7 +290,7 @@ pub fn start(
                 // The ring is created by the thread that uses it: io_uring
                 // ties completion work to the submitting task.
                 let shard_loop = match backend {
-                    Backend::IoUring => uring::RingSetup::new()
+                    Backend::IoUring => uring::RingSetup::new(recv_buffers)
                         .map(|setup| {
                             ShardLoop::Uring(Box::new(uring::UringLoop::new(
                                 setup, listener, waker, ctx,

@@ -21,7 +21,8 @@ use super::LoopError;
 /// Submission queue size (the completion queue is twice that).
 const RING_ENTRIES: u32 = 1024;
 /// Provided receive buffers per shard and their size.
-const RECV_BUFFERS: u16 = 512;
+/// Buffers the start-up probe registers (the default shard configuration).
+const PROBE_RECV_BUFFERS: u16 = 512;
 const RECV_BUFFER_SIZE: usize = 4096;
 const BUFFER_GROUP: u16 = 0;
 
@@ -83,7 +84,7 @@ pub fn probe() -> Result<(), String> {
             ));
         }
     }
-    let mut bufs = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE, BUFFER_GROUP)
+    let mut bufs = BufRing::new(PROBE_RECV_BUFFERS, RECV_BUFFER_SIZE, BUFFER_GROUP)
         .map_err(|e| format!("allocating the receive buffer ring: {e}"))?;
     bufs.register(&ring).map_err(|e| match e.raw_os_error() {
         Some(libc::ENOMEM) | Some(libc::ENOBUFS) => {
@@ -148,9 +149,9 @@ pub struct RingSetup {
 }
 
 impl RingSetup {
-    pub fn new() -> io::Result<Self> {
+    pub fn new(recv_buffers: u16) -> io::Result<Self> {
         let ring = new_ring()?;
-        let mut bufs = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE, BUFFER_GROUP)?;
+        let mut bufs = BufRing::new(recv_buffers, RECV_BUFFER_SIZE, BUFFER_GROUP)?;
         bufs.register(&ring)?;
         Ok(RingSetup { ring, bufs })
     }
@@ -388,7 +389,12 @@ impl UringLoop {
             match result {
                 0 => conn.http.on_peer_closed(&mut self.ctx),
                 r if r > 0 => {}
-                r if r == -libc::ENOBUFS => self.rearm_recv.push(key),
+                r if r == -libc::ENOBUFS => {
+                    // Every provided buffer was in use; they are all back once
+                    // this batch of completions is processed.
+                    self.ctx.metrics.stats().recv_buffers_exhausted += 1;
+                    self.rearm_recv.push(key);
+                }
                 r if r == -libc::ECANCELED => {}
                 _ => conn.http.on_peer_closed(&mut self.ctx),
             }
