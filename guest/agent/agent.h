@@ -93,7 +93,10 @@ __attribute__((noreturn)) void forkd_selftest_finish(bool passed);
 struct forkd_boot_options {
     bool selftest;
     uint64_t mailbox_gpa;
+    uint64_t heap_reserve_bytes; /* forkd.heap_reserve_mib= */
 };
+
+#define FORKD_DEFAULT_HEAP_RESERVE_MIB 32
 
 /* Mounts, console, environment. Failures are fatal. */
 void forkd_init_system(void);
@@ -109,8 +112,9 @@ void forkd_seed_kernel_rng(struct forkd_mailbox *mb, bool allow_missing_seed);
 
 /* mallopt + CPython arena allocator; before the interpreter starts. */
 void forkd_memory_configure(void);
-/* Pre-fault a heap reserve and the stack; right before the snapshot. */
-void forkd_memory_prefault(void);
+/* Pre-fault a free heap reserve of heap_reserve_bytes and the stack; right
+ * before the snapshot. */
+void forkd_memory_prefault(uint64_t heap_reserve_bytes);
 /* Minor page faults so far (getrusage: a syscall, self-test only). */
 long forkd_minor_faults(void);
 

@@ -69,6 +69,7 @@ void forkd_read_boot_options(struct forkd_boot_options *options)
 {
     options->selftest = false;
     options->mailbox_gpa = FORKD_MAILBOX_GPA;
+    options->heap_reserve_bytes = (uint64_t)FORKD_DEFAULT_HEAP_RESERVE_MIB << 20;
 
     char cmdline[4096];
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
@@ -92,6 +93,13 @@ void forkd_read_boot_options(struct forkd_boot_options *options)
             if (errno != 0 || end == word + 14 || *end != '\0' || gpa % 4096 != 0)
                 forkd_fatal("bad %s (want a page-aligned address)", word);
             options->mailbox_gpa = gpa;
+        } else if (strncmp(word, "forkd.heap_reserve_mib=", 23) == 0) {
+            char *end = NULL;
+            errno = 0;
+            unsigned long long mib = strtoull(word + 23, &end, 10);
+            if (errno != 0 || end == word + 23 || *end != '\0' || mib > 4096)
+                forkd_fatal("bad %s (want 0..4096)", word);
+            options->heap_reserve_bytes = mib << 20;
         }
     }
 }

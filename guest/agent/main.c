@@ -23,13 +23,13 @@
 
 static struct forkd_mailbox mailbox;
 
-static void boot_python(struct forkd_mailbox *mb)
+static void boot_python(struct forkd_mailbox *mb, uint64_t heap_reserve_bytes)
 {
     forkd_tsc_calibration_begin();
     forkd_python_start();
     forkd_python_warm_up(mb);
     forkd_python_prepare_template();
-    forkd_memory_prefault();
+    forkd_memory_prefault(heap_reserve_bytes);
     forkd_tsc_calibration_end();
 }
 
@@ -58,8 +58,9 @@ static int run_as_pid1(void)
     forkd_read_boot_options(&options);
     enum forkd_mode mode = options.selftest ? FORKD_MODE_GUEST_SELFTEST : FORKD_MODE_SERVE;
     forkd_fatal_setup(mode, NULL);
-    forkd_log("starting (%s, mailbox at %#llx)",
-              options.selftest ? "self-test" : "serve", (unsigned long long)options.mailbox_gpa);
+    forkd_log("starting (%s, mailbox at %#llx, heap reserve %llu MiB)",
+              options.selftest ? "self-test" : "serve", (unsigned long long)options.mailbox_gpa,
+              (unsigned long long)(options.heap_reserve_bytes >> 20));
 
     int err = forkd_mailbox_map_devmem(&mailbox, options.mailbox_gpa);
     if (err != 0)
@@ -71,7 +72,7 @@ static int run_as_pid1(void)
 
     forkd_seed_kernel_rng(&mailbox, options.selftest);
     forkd_memory_configure();
-    boot_python(&mailbox);
+    boot_python(&mailbox, options.heap_reserve_bytes);
     if (!options.selftest)
         serve(&mailbox);
     forkd_log("template ready after %.1f s of uptime; running the self-test",
@@ -87,7 +88,7 @@ static int run_host_selftest(void)
         forkd_fatal("mapping a private mailbox: %s", strerror(-err));
     forkd_fatal_setup(FORKD_MODE_HOST_SELFTEST, &mailbox);
     forkd_memory_configure();
-    boot_python(&mailbox);
+    boot_python(&mailbox, (uint64_t)FORKD_DEFAULT_HEAP_RESERVE_MIB << 20);
     forkd_selftest_finish(forkd_selftest_run(&mailbox, true));
 }
 
