@@ -5,7 +5,8 @@
 #
 # usage: guest/rootfs/qemu-selftest.sh [vmlinux] [initramfs.cpio]
 #   defaults: the outputs of guest/kernel/build.sh and guest/rootfs/build.sh
-# env: QEMU_LOG (console log path), QEMU_TIMEOUT (seconds, default 1200)
+# env: QEMU_LOG (console log path), QEMU_TIMEOUT (seconds, default 1200),
+#      FORKD_EXTRA_CMDLINE (appended to the kernel command line)
 # exit status: 0 on FORKD-SELFTEST-OK, 1 on failure or timeout.
 set -euo pipefail
 
@@ -22,7 +23,7 @@ for f in "$VMLINUX" "$INITRAMFS"; do
 done
 
 CMDLINE="$(cat "$GUEST_DIR/kernel/cmdline.base") $(cat "$GUEST_DIR/kernel/cmdline.pvm")"
-CMDLINE="$CMDLINE forkd.selftest=1 forkd.mailbox=0x8000000 memmap=4M\$0x8000000"
+CMDLINE="$CMDLINE forkd.selftest=1 forkd.mailbox=0x8000000 memmap=4M\$0x8000000 ${FORKD_EXTRA_CMDLINE:-}"
 echo "qemu-selftest: console log in $LOG" >&2
 
 started=$SECONDS
