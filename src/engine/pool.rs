@@ -39,12 +39,24 @@ pub struct Pool {
     timer: Option<(libc::pid_t, ThreadTimer)>,
     cfg: PoolConfig,
     stats: LaneStats,
+    resets: ResetTotals,
+}
+
+/// Sum of reset breakdowns (for benchmarks).
+#[derive(Clone, Debug, Default)]
+pub struct ResetTotals {
+    pub count: u64,
+    pub pages: u64,
+    pub dirty_log: std::time::Duration,
+    pub copy: std::time::Duration,
+    pub vm_state: std::time::Duration,
+    pub vcpu_state: std::time::Duration,
 }
 
 impl Pool {
     pub fn new(template: Arc<Template>, cfg: PoolConfig) -> Result<Pool, SandboxError> {
         let kvm = Kvm::new().map_err(|e| SandboxError::Vm(crate::vmm::vm::VmError::CreateVm(e)))?;
-        let mut pool = Pool { kvm, template, idle: Vec::new(), timer: None, cfg, stats: LaneStats::default() };
+        let mut pool = Pool { kvm, template, idle: Vec::new(), timer: None, cfg, stats: LaneStats::default(), resets: ResetTotals::default() };
         for _ in 0..pool.cfg.prewarm.min(pool.cfg.max_idle) {
             let sb = Sandbox::fork_fresh(&pool.kvm, &pool.template, true)?;
             pool.idle.push(sb);
@@ -75,7 +87,16 @@ impl Pool {
                 return Ok((sb, true));
             }
             match sb.reset(&self.template) {
-                Ok(_) => return Ok((sb, true)),
+                Ok(r) => {
+                    let t = &mut self.resets;
+                    t.count += 1;
+                    t.pages += r.pages as u64;
+                    t.dirty_log += r.dirty_log;
+                    t.copy += r.copy;
+                    t.vm_state += r.vm_state;
+                    t.vcpu_state += r.vcpu_state;
+                    return Ok((sb, true));
+                }
                 Err(_) => {
                     // A sandbox that cannot be reset is destroyed; try the next.
                     self.stats.destroyed_vms += 1;
@@ -139,6 +160,10 @@ impl Pool {
         result.fork_time = fork_time;
         result.total_time = started.elapsed();
         result
+    }
+
+    pub fn reset_totals(&self) -> ResetTotals {
+        self.resets.clone()
     }
 
     pub fn stats(&self) -> LaneStats {

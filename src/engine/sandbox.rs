@@ -42,6 +42,16 @@ pub enum SandboxError {
     Kick(#[from] crate::vmm::kick::KickError),
 }
 
+/// Where a reset's time went (for `forkd bench fork`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResetStats {
+    pub pages: usize,
+    pub dirty_log: Duration,
+    pub copy: Duration,
+    pub vm_state: Duration,
+    pub vcpu_state: Duration,
+}
+
 /// Limits applied to every exec of a sandbox.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -65,6 +75,11 @@ pub struct Sandbox {
     devices: LegacyDevices,
     /// Pages written since the template, as far as known (guest + host).
     dirty: Vec<u64>,
+    /// KVM's dirty log accumulates (manual protect): every page the guest
+    /// ever wrote is copied back on each reset, and written pages stay
+    /// writable for the guest, so an exec takes no write-protection exits on
+    /// pages earlier execs already wrote.
+    cumulative_log: bool,
     host_pages: Vec<u64>,
     seq: u64,
     used: bool,
@@ -77,6 +92,7 @@ impl Sandbox {
     /// pages so the sandbox can later be reset by copy-back.
     pub fn fork_fresh(kvm: &Kvm, t: &Template, pooled: bool) -> Result<Sandbox, SandboxError> {
         let mut vm = Vm::new(kvm)?;
+        let cumulative_log = pooled && std::env::var_os("FORKD_REPROTECT_DIRTY").is_none() && vm.enable_cumulative_dirty_log()?;
         let ram = GuestRam::map(&t.memfd, t.meta.ram_size as usize, Sharing::Private)?;
         vm.set_ram(&ram, pooled)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(SandboxError::EventFd)?;
@@ -92,6 +108,7 @@ impl Sandbox {
             ram,
             devices,
             dirty: Vec::new(),
+            cumulative_log,
             host_pages: Vec::new(),
             seq: 0,
             used: false,
@@ -112,26 +129,35 @@ impl Sandbox {
     /// Returns a used sandbox to the template's exact state: copy back every
     /// page written since, then restore VM and vCPU state. Returns the number
     /// of pages copied.
-    pub fn reset(&mut self, t: &Template) -> Result<usize, SandboxError> {
+    pub fn reset(&mut self, t: &Template) -> Result<ResetStats, SandboxError> {
+        let t0 = Instant::now();
         self.collect_dirty()?;
         let mut pages = std::mem::take(&mut self.dirty);
         pages.append(&mut self.host_pages);
         pages.sort_unstable();
         pages.dedup();
+        let t1 = Instant::now();
         let n = self.ram.copy_pages_from(&t.source, pages.iter().copied());
+        let t2 = Instant::now();
         self.vm.restore_state(&t.state.vm)?;
+        let t3 = Instant::now();
         self.vcpu.restore_fast(&t.state.vcpu, &t.fork_lapic)?;
+        let t4 = Instant::now();
         self.used = false;
         self.timer_unmasked = false;
-        Ok(n)
+        Ok(ResetStats { pages: n, dirty_log: t1 - t0, copy: t2 - t1, vm_state: t3 - t2, vcpu_state: t4 - t3 })
     }
 
-    /// Folds KVM's dirty bitmap (cleared by reading) into `self.dirty`.
+    /// Folds KVM's dirty bitmap into `self.dirty` (with a cumulative log the
+    /// bitmap already holds every page ever written, so it replaces the list).
     fn collect_dirty(&mut self) -> Result<(), SandboxError> {
         if !self.vm.dirty_logging() {
             return Ok(());
         }
         let bitmap = self.vm.take_dirty_log()?;
+        if self.cumulative_log {
+            self.dirty.clear();
+        }
         for (w, &word) in bitmap.iter().enumerate() {
             let mut bits = word;
             while bits != 0 {

@@ -45,6 +45,8 @@ pub enum VmError {
     GetClock(kvm_ioctls::Error),
     #[error("KVM_SET_CLOCK failed: {0}")]
     SetClock(kvm_ioctls::Error),
+    #[error("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) failed: {0}")]
+    EnableManualDirtyProtect(kvm_ioctls::Error),
     #[error("eventfd for the serial IRQ failed: {0}")]
     EventFd(std::io::Error),
 }
@@ -82,6 +84,23 @@ impl Vm {
         &self.fd
     }
 
+    /// Asks KVM not to write-protect pages again when the dirty log is read
+    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 without INITIALLY_SET). The log then
+    /// accumulates every page the guest ever wrote, and a page costs one
+    /// write-protection exit the first time only — not on every exec. Must be
+    /// called before the memory slot is created. Returns false where the host
+    /// lacks the capability.
+    pub fn enable_cumulative_dirty_log(&self) -> Result<bool, VmError> {
+        let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+        if self.fd.check_extension_raw(cap as libc::c_ulong) & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 == 0 {
+            return Ok(false);
+        }
+        let mut enable = kvm_bindings::kvm_enable_cap { cap, ..Default::default() };
+        enable.args[0] = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
+        self.fd.enable_cap(&enable).map_err(VmError::EnableManualDirtyProtect)?;
+        Ok(true)
+    }
+
     /// Maps `ram` as slot 0 at guest address 0. With `log_dirty`, KVM records
     /// every page the guest writes (read back with [`Vm::take_dirty_log`]).
     pub fn set_ram(&mut self, ram: &GuestRam, log_dirty: bool) -> Result<(), VmError> {
@@ -100,7 +119,9 @@ impl Vm {
         Ok(())
     }
 
-    /// Returns and clears KVM's bitmap of pages written since the last call.
+    /// Returns KVM's bitmap of written pages: those written since the last
+    /// call, or — with [`Vm::enable_cumulative_dirty_log`] — every page ever
+    /// written.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
         self.fd.get_dirty_log(0, self.ram_size as usize).map_err(VmError::GetDirtyLog)
     }
