@@ -17,7 +17,7 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
 fi
 
 step "system packages"
-pkgs=(prometheus haproxy curl)
+pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -27,6 +27,8 @@ if ((${#missing[@]})); then
 fi
 # The Debian prometheus package starts a system service; tests run their own.
 systemctl stop prometheus prometheus-node-exporter 2>/dev/null || true
+# So does nginx (the bench peer); the bench tests start their own on a free port.
+systemctl stop nginx 2>/dev/null || true
 
 step "building forkd (release)"
 cargo build --release --workspace --locked
@@ -36,6 +38,10 @@ step "guest template (kernel, rootfs, boot, snapshot; cached by input hash)"
 
 step "Rust test suites"
 cargo test --release --workspace --locked
+
+step "Python suites: tuning/check, the bench fork-server peer"
+python3 -m unittest discover -s tuning -p 'test_*.py'
+python3 -m unittest discover -s bench/peers -p 'test_*.py'
 
 step "live server: SDK suites and API spec"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -1,1 +1,409 @@
-fn main() {}
+//! `cargo run --release -p bench` (or `bench/run`): forkd's one-command
+//! benchmark. Measures forkd's fork and exec paths and, in the same run on
+//! the same machine, the alternatives a user would otherwise pick, then writes
+//! docs/benchmarks.md, docs/bench/*.png and docs/bench/results.json.
+
+mod fork_bench;
+mod host;
+mod load;
+mod peers;
+mod plots;
+mod process;
+mod report;
+mod results;
+mod spawn;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use hdrhistogram::Histogram;
+use loadgen::stats::LatencySummary;
+use thiserror::Error;
+
+use crate::load::LoadSpec;
+use crate::results::{HttpPoint, Results, Settings, SpawnRow, SpawnStats};
+use crate::spawn::SpawnPeer;
+
+#[derive(Debug, Error)]
+pub enum BenchError {
+    #[error("no forkd binary at {0}: build it with `cargo build --release -p forkd` (or pass --forkd)")]
+    MissingForkd(PathBuf),
+    #[error("no Python template in {0}: build it once with `target/release/forkd template build` (minutes on PVM hosts), or pass --template")]
+    MissingTemplate(PathBuf),
+    #[error("no Python interpreter at {0} (Debian: apt-get install python3)")]
+    MissingPython(String),
+    #[error("cannot install the peers' packages: {0}")]
+    Install(String),
+    #[error("cannot start {what}: {source}")]
+    Spawn { what: String, source: std::io::Error },
+    #[error("{what} did not come up: {detail}")]
+    NotReady { what: String, detail: String },
+    #[error("{what} answered wrongly: {detail}")]
+    Probe { what: String, detail: String },
+    #[error("`forkd bench fork` failed ({status}): {stderr}")]
+    ForkBenchFailed { status: String, stderr: String },
+    #[error("cannot read `forkd bench fork` output: {0}")]
+    ParseForkBench(String),
+    #[error("{what}: {detail}")]
+    Load { what: String, detail: String },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("cannot draw {path}: {message}")]
+    Plot { path: PathBuf, message: String },
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ lives in the workspace").to_path_buf()
+}
+
+/// A comma-separated list of counts ("1,16,256,1000").
+#[derive(Debug, Clone)]
+struct Counts(Vec<usize>);
+
+fn parse_list(raw: &str) -> Result<Counts, String> {
+    let list = raw
+        .split(',')
+        .map(|s| s.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if list.is_empty() || list.contains(&0) {
+        return Err("a comma-separated list of positive numbers".into());
+    }
+    Ok(Counts(list))
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bench",
+    about = "forkd's benchmark: fork and exec latency, HTTP exec load, memory per sandbox, and the peers \
+(python3 -c, bubblewrap, a fork-per-request CPython server, nginx) in one run. Writes docs/benchmarks.md, \
+docs/bench/*.png and docs/bench/results.json. Needs /dev/kvm, a built forkd and its Python template; \
+installs bubblewrap, nginx-light and fonts-dejavu-core with apt-get when run as root."
+)]
+struct Args {
+    /// Directory for benchmarks.md (plots and results.json go to its bench/ subdirectory).
+    #[arg(long, default_value_os_t = workspace().join("docs"))]
+    out_dir: PathBuf,
+    /// forkd binary [default: $CARGO_TARGET_DIR or <workspace>/target, then release/forkd].
+    #[arg(long)]
+    forkd: Option<PathBuf>,
+    /// Template directory [default: the newest cached Python template].
+    #[arg(long)]
+    template: Option<PathBuf>,
+    /// Iterations per method of `forkd bench fork`.
+    #[arg(long, default_value_t = 500)]
+    fork_iterations: usize,
+    /// Sandboxes alive at once for the memory table.
+    #[arg(long, default_value = "1,10,100,1000", value_parser = parse_list)]
+    alive: Counts,
+    /// HTTP connection counts.
+    #[arg(long, default_value = "1,16,256,1000", value_parser = parse_list)]
+    connections: Counts,
+    /// Measured time per HTTP exec point.
+    #[arg(long, default_value = "10s", value_parser = loadgen::cli::parse_duration)]
+    duration: Duration,
+    /// Measured time per raw-HTTP (health, nginx) point.
+    #[arg(long, default_value = "5s", value_parser = loadgen::cli::parse_duration)]
+    health_duration: Duration,
+    /// Unmeasured load before each HTTP point.
+    #[arg(long, default_value = "2s", value_parser = loadgen::cli::parse_duration)]
+    warmup: Duration,
+    /// Runs per process peer (each serially, then again one per core at once).
+    #[arg(long, default_value_t = 200)]
+    spawn_iterations: usize,
+    /// CPython for the peers (Debian's, like the guest's).
+    #[arg(long, default_value = "/usr/bin/python3")]
+    python: String,
+    /// forkd serve --queue-depth: execs queued per shard before 503.
+    #[arg(long, default_value_t = 2048)]
+    queue_depth: usize,
+}
+
+impl Args {
+    fn forkd_path(&self) -> PathBuf {
+        self.forkd.clone().unwrap_or_else(|| {
+            std::env::var_os("FORKD_BIN").map(PathBuf::from).unwrap_or_else(|| {
+                let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
+                target.join("release/forkd")
+            })
+        })
+    }
+}
+
+struct Progress {
+    start: Instant,
+}
+
+impl Progress {
+    fn step(&self, what: &str) {
+        eprintln!("[{:>6.1}s] {what}", self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Histograms kept for the plots (results.json has the summaries).
+#[derive(Default)]
+struct Curves {
+    forkd_exec: Vec<(usize, Histogram<u64>)>,
+    fork_server_exec: Vec<(usize, Histogram<u64>)>,
+    forkd_health: Vec<(usize, Histogram<u64>)>,
+    nginx: Vec<(usize, Histogram<u64>)>,
+    spawn: Vec<(String, Histogram<u64>)>,
+}
+
+fn version_of(argv: &[&str]) -> String {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown version".into())
+}
+
+fn http_series(
+    progress: &Progress,
+    server: &process::Server,
+    request: &str,
+    connections: &[usize],
+    duration: Duration,
+    warmup: Duration,
+    curves: &mut Vec<(usize, Histogram<u64>)>,
+) -> Result<Vec<HttpPoint>, BenchError> {
+    let url = server.url();
+    let mut points = Vec::new();
+    for &c in connections {
+        let spec = LoadSpec { url: &url, request, connections: c, duration, warmup };
+        let result = spec.run()?;
+        let r = &result.report;
+        progress.step(&format!(
+            "  {} {request} c={c}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, errors {}",
+            server.name, r.ok_rps, r.latency.p50_ms, r.latency.p99_ms, r.errors.total
+        ));
+        curves.push((c, result.latency.clone()));
+        points.push(HttpPoint { connections: c, loadgen: spec.argv().join(" "), report: result.report });
+    }
+    Ok(points)
+}
+
+fn spawn_stats(result: &spawn::SpawnResult) -> SpawnStats {
+    SpawnStats { parallel: result.parallel, per_second: result.per_second(), latency: LatencySummary::of(&result.latency) }
+}
+
+fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
+    let progress = Progress { start: Instant::now() };
+    let forkd = args.forkd_path();
+    if !forkd.is_file() {
+        return Err(BenchError::MissingForkd(forkd));
+    }
+    let template = match &args.template {
+        Some(t) => t.clone(),
+        None => peers::find_template("python").ok_or_else(|| BenchError::MissingTemplate(peers::forkd_cache_dir().join("templates")))?,
+    };
+    if !template.join("state.snap").is_file() {
+        return Err(BenchError::MissingTemplate(template));
+    }
+    if !Path::new(&args.python).is_file() {
+        return Err(BenchError::MissingPython(args.python.clone()));
+    }
+    peers::ensure_installed(&[peers::BWRAP, peers::NGINX, peers::FONT])?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workdir = tempfile::Builder::new()
+        .prefix("forkd-bench-")
+        .tempdir()
+        .map_err(|source| BenchError::Write { path: std::env::temp_dir(), source })?;
+    let host = host::Host::probe(&workspace());
+    let load_before = host::load_average();
+    progress.step(&format!(
+        "{} × {}, kernel {}, KVM {}, load {load_before:.2}; template {}",
+        host.cores,
+        host.cpu_model,
+        host.kernel,
+        host.kvm_kind,
+        template.display()
+    ));
+    let mut curves = Curves::default();
+
+    progress.step(&format!("forkd bench fork ({} iterations, alive {:?})", args.fork_iterations, args.alive.0));
+    let fork = fork_bench::run(&forkd, &template, args.fork_iterations, &args.alive.0)?;
+    progress.step(&format!(
+        "  pooled fork p50 {:.0} µs, fork+exec p50 {:.0} µs; fresh VM fork p50 {:.0} µs",
+        fork.pooled_fork.p50_us, fork.pooled_total.p50_us, fork.fresh_fork.p50_us
+    ));
+
+    progress.step("forkd serve");
+    let (server, forkd_serve_args) = peers::start_forkd(&forkd, &template, workdir.path(), args.queue_depth)?;
+    let forkd_exec = http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut curves.forkd_exec)?;
+    let forkd_health =
+        http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.forkd_health)?;
+    server.stop(Duration::from_secs(30));
+
+    // The fork server gets what forkd's template has: numpy imported before the fork.
+    let numpy = Command::new(&args.python).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
+    let preload: Vec<&str> = if numpy { vec!["numpy"] } else { Vec::new() };
+    progress.step(&format!("fork server ({cores} workers, preload {preload:?})"));
+    let script = workspace().join("bench/peers/fork_server.py");
+    let server = peers::start_fork_server(&args.python, &script, cores, &preload, workdir.path())?;
+    let fork_server_exec =
+        http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut curves.fork_server_exec)?;
+    server.stop(Duration::from_secs(10));
+
+    progress.step(&format!("nginx ({cores} workers)"));
+    let server = peers::start_nginx(workdir.path(), cores)?;
+    let nginx = http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.nginx)?;
+    server.stop(Duration::from_secs(10));
+
+    let code = "print(1+1)";
+    let mut spawn_peers = vec![
+        (SpawnPeer::python(report::PYTHON_C, &args.python, code, "2\n"), "none (a new process)", true),
+        (SpawnPeer::bubblewrap(report::BWRAP, peers::BWRAP.path, &args.python, code, "2\n"), "namespaces (bubblewrap)", true),
+    ];
+    if numpy {
+        // forkd's template has numpy imported; a fresh process pays for the import.
+        spawn_peers.push((
+            SpawnPeer::python(report::PYTHON_C_NUMPY, &args.python, "import numpy; print(1+1)", "2\n"),
+            "none (a new process)",
+            false,
+        ));
+    }
+    let mut spawn = Vec::new();
+    for (peer, isolation, with_parallel) in spawn_peers {
+        let iterations = if with_parallel { args.spawn_iterations } else { (args.spawn_iterations / 4).max(10) };
+        progress.step(&format!("{} ({iterations} runs serially)", peer.label));
+        let serial = peer.measure(iterations, 1, 3)?;
+        let parallel = if with_parallel {
+            progress.step(&format!("{} ({iterations} runs, {cores} at once)", peer.label));
+            Some(spawn_stats(&peer.measure(iterations, cores, 0)?))
+        } else {
+            None
+        };
+        progress.step(&format!(
+            "  p50 {:.1} ms{}",
+            LatencySummary::of(&serial.latency).p50_ms,
+            parallel.as_ref().map_or(String::new(), |p| format!(", {:.0} runs/s at {cores} at once", p.per_second))
+        ));
+        curves.spawn.push((peer.label.clone(), serial.latency.clone()));
+        spawn.push(SpawnRow {
+            label: peer.label.clone(),
+            isolation: isolation.into(),
+            argv: peer.argv.clone(),
+            serial: spawn_stats(&serial),
+            parallel,
+        });
+    }
+
+    let settings = Settings {
+        code: code.into(),
+        template: template.display().to_string(),
+        fork_iterations: args.fork_iterations,
+        alive: args.alive.0.clone(),
+        connections: args.connections.0.clone(),
+        exec_duration_s: args.duration.as_secs_f64(),
+        health_duration_s: args.health_duration.as_secs_f64(),
+        warmup_s: args.warmup.as_secs_f64(),
+        spawn_iterations: args.spawn_iterations,
+        spawn_parallel: cores,
+        python: args.python.clone(),
+        python_version: version_of(&[&args.python, "--version"]),
+        bwrap_version: version_of(&[peers::BWRAP.path, "--version"]),
+        nginx_version: version_of(&[peers::NGINX.path, "-v"]),
+        forkd_serve_args,
+        fork_server_workers: cores,
+        fork_server_preload: preload.iter().map(|s| s.to_string()).collect(),
+        nginx_workers: cores,
+    };
+    let results = Results {
+        schema: results::SCHEMA,
+        host,
+        load_before,
+        load_after: host::load_average(),
+        wall_s: progress.start.elapsed().as_secs_f64(),
+        settings,
+        fork,
+        forkd_exec,
+        fork_server_exec,
+        forkd_health,
+        nginx,
+        spawn,
+    };
+    Ok((results, curves))
+}
+
+fn find(series: &[(usize, Histogram<u64>)], connections: usize) -> Option<&Histogram<u64>> {
+    series.iter().find(|(c, _)| *c == connections).map(|(_, h)| h)
+}
+
+/// Draws the plots; returns (title, path relative to benchmarks.md).
+fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec<(String, String)>, BenchError> {
+    let mut drawn = Vec::new();
+    let mut one_at_a_time = Vec::new();
+    if let Some(h) = find(&curves.forkd_exec, 1) {
+        one_at_a_time.push(plots::Curve { label: "forkd HTTP exec (1 connection)".into(), histogram: h });
+    }
+    if let Some(h) = find(&curves.fork_server_exec, 1) {
+        one_at_a_time.push(plots::Curve { label: "fork server HTTP exec (1 connection)".into(), histogram: h });
+    }
+    for (label, h) in &curves.spawn {
+        one_at_a_time.push(plots::Curve { label: format!("{label} (spawn to exit)"), histogram: h });
+    }
+    let title = format!("{}, one at a time", results.settings.code);
+    plots::render(&plot_dir.join("one-at-a-time.png"), &title, &one_at_a_time)?;
+    drawn.push((title, "bench/one-at-a-time.png".to_string()));
+    for &c in &results.settings.connections {
+        let mut lines = Vec::new();
+        for (label, series) in [
+            ("forkd exec", &curves.forkd_exec),
+            ("fork server exec", &curves.fork_server_exec),
+            ("forkd GET /v1/health", &curves.forkd_health),
+            ("nginx return 200", &curves.nginx),
+        ] {
+            if let Some(h) = find(series, c) {
+                lines.push(plots::Curve { label: label.into(), histogram: h });
+            }
+        }
+        let title = format!("HTTP, {c} connection{}, closed loop", if c == 1 { "" } else { "s" });
+        let file = format!("http-c{c}.png");
+        plots::render(&plot_dir.join(&file), &title, &lines)?;
+        drawn.push((title, format!("bench/{file}")));
+    }
+    Ok(drawn)
+}
+
+fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
+    std::fs::write(path, contents).map_err(|source| BenchError::Write { path: path.to_path_buf(), source })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (results, curves) = match run(&args) {
+        Ok(done) => done,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let plot_dir = args.out_dir.join("bench");
+    let outputs = std::fs::create_dir_all(&plot_dir)
+        .map_err(|source| BenchError::Write { path: plot_dir.clone(), source })
+        .and_then(|()| draw_plots(&results, &curves, &plot_dir))
+        .and_then(|plots| {
+            let json = serde_json::to_string_pretty(&results).expect("results serialise") + "\n";
+            write(&plot_dir.join("results.json"), &json)?;
+            write(&args.out_dir.join("benchmarks.md"), &report::render(&results, &plots))
+        });
+    if let Err(e) = outputs {
+        eprintln!("bench: {e}");
+        return ExitCode::from(2);
+    }
+    println!("{}", report::headline(&results));
+    eprintln!("bench: wrote {} and {}", args.out_dir.join("benchmarks.md").display(), plot_dir.display());
+    let errors = results.forkd_errors();
+    if errors > 0 {
+        eprintln!("bench: forkd failed {errors} requests during the run (see the errors columns)");
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}

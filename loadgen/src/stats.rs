@@ -186,7 +186,8 @@ impl Recorder {
     }
 }
 
-fn micros(duration: Duration) -> u64 {
+/// A duration as a histogram value (whole microseconds, at least the lowest bucket).
+pub fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros())
         .unwrap_or(u64::MAX)
         .max(HIST_LOW_US)

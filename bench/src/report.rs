@@ -1,0 +1,587 @@
+//! docs/benchmarks.md: a headline table (the rows the README quotes), then
+//! every measurement, the plots and how each number was taken.
+
+use std::fmt::Write;
+
+use loadgen::stats::LatencySummary;
+
+use crate::fork_bench::Percentiles;
+use crate::results::{HttpPoint, Results, SpawnRow};
+
+/// Milliseconds, with a unit that keeps 2-3 significant digits.
+pub fn ms(value_ms: f64) -> String {
+    if value_ms < 1.0 {
+        format!("{:.0} µs", value_ms * 1000.0)
+    } else if value_ms < 10.0 {
+        format!("{value_ms:.2} ms")
+    } else if value_ms < 100.0 {
+        format!("{value_ms:.1} ms")
+    } else if value_ms < 10_000.0 {
+        format!("{value_ms:.0} ms")
+    } else {
+        format!("{:.1} s", value_ms / 1000.0)
+    }
+}
+
+fn us(value_us: f64) -> String {
+    ms(value_us / 1000.0)
+}
+
+/// Requests per second, rounded to what the noise allows.
+pub fn rps(value: f64) -> String {
+    if value >= 1000.0 {
+        let rounded = (value / 10.0).round() as u64 * 10;
+        let digits = rounded.to_string();
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i).is_multiple_of(3) {
+                out.push(' ');
+            }
+            out.push(c);
+        }
+        out
+    } else if value >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+/// How forkd's latency compares with a peer's ("12× faster", "1.5× slower").
+pub fn latency_ratio(forkd_ms: f64, peer_ms: f64) -> String {
+    if forkd_ms <= 0.0 || peer_ms <= 0.0 {
+        return "n/a".into();
+    }
+    let factor = |r: f64| if r >= 10.0 { format!("{r:.0}") } else { format!("{r:.1}") };
+    if forkd_ms <= peer_ms {
+        format!("forkd {}× faster", factor(peer_ms / forkd_ms))
+    } else {
+        format!("forkd {}× slower", factor(forkd_ms / peer_ms))
+    }
+}
+
+/// forkd's throughput as a multiple of a peer's.
+pub fn throughput_ratio(forkd_rps: f64, peer_rps: f64) -> String {
+    if peer_rps <= 0.0 {
+        return "n/a".into();
+    }
+    let r = forkd_rps / peer_rps;
+    if r >= 10.0 {
+        format!("{r:.0}× the req/s")
+    } else {
+        format!("{r:.2}× the req/s")
+    }
+}
+
+fn errors_cell(point: &HttpPoint) -> String {
+    let e = &point.report.errors;
+    if e.total == 0 {
+        return "0".into();
+    }
+    let mut parts: Vec<String> = e.by_status.iter().map(|(s, n)| format!("{n}×{s}")).collect();
+    let k = &e.by_kind;
+    for (name, n) in [("connect", k.connect), ("timeout", k.timeout), ("parse", k.parse), ("closed", k.closed)] {
+        if n > 0 {
+            parts.push(format!("{n} {name}"));
+        }
+    }
+    format!("**{}** ({})", e.total, parts.join(", "))
+}
+
+fn spawn_for<'a>(results: &'a Results, label: &str) -> Option<&'a SpawnRow> {
+    results.spawn.iter().find(|s| s.label == label)
+}
+
+pub const PYTHON_C: &str = "python3 -c";
+pub const PYTHON_C_NUMPY: &str = "python3 -c, import numpy";
+pub const BWRAP: &str = "bwrap + python3 -c";
+
+/// The rows the README quotes. Every row names forkd's number, the peer's and the ratio.
+pub fn headline(results: &Results) -> String {
+    let mut out = String::new();
+    let f = &results.fork;
+    let _ = writeln!(out, "| measurement ({}) | forkd | peer | forkd vs peer |", results.settings.code.replace('|', "\\|"));
+    let _ = writeln!(out, "|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| fork to runnable, p50 | {} (pooled VM, copy-back reset) | {} (fresh VM per fork) | {} |",
+        us(f.pooled_fork.p50_us),
+        us(f.fresh_fork.p50_us),
+        latency_ratio(f.pooled_fork.p50_us, f.fresh_fork.p50_us)
+    );
+    let _ = writeln!(
+        out,
+        "| fork + exec, in-process, p50 | {} | {} (fresh VM per fork) | {} |",
+        us(f.pooled_total.p50_us),
+        us(f.fresh_total.p50_us),
+        latency_ratio(f.pooled_total.p50_us, f.fresh_total.p50_us)
+    );
+    if let Some(forkd1) = Results::at(&results.forkd_exec, 1) {
+        let forkd_p50 = forkd1.report.latency.p50_ms;
+        if let Some(peer) = Results::at(&results.fork_server_exec, 1) {
+            let _ = writeln!(
+                out,
+                "| HTTP exec, 1 connection, p50 | {} | {} (CPython fork server, no isolation) | {} |",
+                ms(forkd_p50),
+                ms(peer.report.latency.p50_ms),
+                latency_ratio(forkd_p50, peer.report.latency.p50_ms)
+            );
+        }
+        for label in [PYTHON_C, BWRAP, PYTHON_C_NUMPY] {
+            if let Some(peer) = spawn_for(results, label) {
+                let _ = writeln!(
+                    out,
+                    "| HTTP exec, 1 connection, p50 vs a process per run | {} | {} (`{}`, spawn to exit) | {} |",
+                    ms(forkd_p50),
+                    ms(peer.serial.latency.p50_ms),
+                    label,
+                    latency_ratio(forkd_p50, peer.serial.latency.p50_ms)
+                );
+            }
+        }
+    }
+    if let (Some(forkd), Some(peer)) = (Results::best(&results.forkd_exec), Results::best(&results.fork_server_exec)) {
+        let _ = writeln!(
+            out,
+            "| HTTP exec, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., fork server) | {} |",
+            rps(forkd.report.ok_rps),
+            forkd.connections,
+            rps(peer.report.ok_rps),
+            peer.connections,
+            throughput_ratio(forkd.report.ok_rps, peer.report.ok_rps)
+        );
+    }
+    if let Some(forkd) = Results::best(&results.forkd_exec) {
+        for label in [PYTHON_C, BWRAP] {
+            if let Some(par) = spawn_for(results, label).and_then(|s| s.parallel.as_ref()) {
+                let _ = writeln!(
+                    out,
+                    "| exec throughput vs processes | {} req/s | {} runs/s (`{}`, {} at once) | {} |",
+                    rps(forkd.report.ok_rps),
+                    rps(par.per_second),
+                    label,
+                    par.parallel,
+                    throughput_ratio(forkd.report.ok_rps, par.per_second)
+                );
+            }
+        }
+    }
+    if let Some(top) = results.settings.connections.iter().max() {
+        if let (Some(forkd), Some(peer)) = (Results::at(&results.forkd_exec, *top), Results::at(&results.fork_server_exec, *top)) {
+            let _ = writeln!(
+                out,
+                "| HTTP exec, {top} connections: p50 / p99, errors | {} / {}, {} errors | {} / {}, {} errors (fork server) | {} (p50) |",
+                ms(forkd.report.latency.p50_ms),
+                ms(forkd.report.latency.p99_ms),
+                forkd.errors(),
+                ms(peer.report.latency.p50_ms),
+                ms(peer.report.latency.p99_ms),
+                peer.errors(),
+                latency_ratio(forkd.report.latency.p50_ms, peer.report.latency.p50_ms)
+            );
+        }
+    }
+    if let (Some(forkd), Some(peer)) = (Results::best(&results.forkd_health), Results::best(&results.nginx)) {
+        let _ = writeln!(
+            out,
+            "| GET /v1/health, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., nginx `return 200`) | {} |",
+            rps(forkd.report.ok_rps),
+            forkd.connections,
+            rps(peer.report.ok_rps),
+            peer.connections,
+            throughput_ratio(forkd.report.ok_rps, peer.report.ok_rps)
+        );
+    }
+    if let Some(row) = f.alive.iter().max_by_key(|r| r.alive) {
+        let _ = writeln!(
+            out,
+            "| host memory per live sandbox, {} alive | {:.0} KiB RSS, {:.0} KiB of MemAvailable | — | — |",
+            row.alive, row.rss_kib_per_sandbox, row.mem_available_kib_per_sandbox
+        );
+    }
+    out
+}
+
+fn percentiles_row(name: &str, p: &Percentiles) -> String {
+    format!(
+        "| {name} | {} | {} | {} | {} | {} | {} |",
+        us(p.p50_us),
+        us(p.p90_us),
+        us(p.p99_us),
+        us(p.max_us),
+        us(p.mean_us),
+        p.n
+    )
+}
+
+fn latency_cells(l: &LatencySummary) -> String {
+    format!("{} | {} | {} | {} | {}", ms(l.p50_ms), ms(l.p90_ms), ms(l.p99_ms), ms(l.p99_9_ms), ms(l.max_ms))
+}
+
+fn http_table(out: &mut String, forkd: &[HttpPoint], peer: &[HttpPoint], peer_name: &str) {
+    let _ = writeln!(out, "| connections | server | req/s | p50 | p90 | p99 | p99.9 | max | errors | forkd vs {peer_name} |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for point in forkd {
+        let peer_point = Results::at(peer, point.connections);
+        let ratio = peer_point.map_or("n/a".to_string(), |p| {
+            format!(
+                "{}, p50 {}",
+                throughput_ratio(point.report.ok_rps, p.report.ok_rps),
+                latency_ratio(point.report.latency.p50_ms, p.report.latency.p50_ms)
+            )
+        });
+        let _ = writeln!(
+            out,
+            "| {} | forkd | {} | {} | {} | {ratio} |",
+            point.connections,
+            rps(point.report.ok_rps),
+            latency_cells(&point.report.latency),
+            errors_cell(point)
+        );
+        if let Some(p) = peer_point {
+            let _ = writeln!(
+                out,
+                "| {} | {peer_name} | {} | {} | {} | |",
+                p.connections,
+                rps(p.report.ok_rps),
+                latency_cells(&p.report.latency),
+                errors_cell(p)
+            );
+        }
+    }
+}
+
+/// The whole page.
+pub fn render(results: &Results, plots: &[(String, String)]) -> String {
+    let h = &results.host;
+    let s = &results.settings;
+    let f = &results.fork;
+    let mut out = String::new();
+    let _ = writeln!(out, "# forkd benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Generated by `bench/run` (`cargo run --release -p bench`) — do not edit by hand; rerun it.\n"
+    );
+    let _ = writeln!(out, "| machine | |\n|---|---|");
+    let _ = writeln!(out, "| CPU | {} × {} |", h.cores, h.cpu_model);
+    let _ = writeln!(out, "| memory | {:.1} GiB |", h.memory_gib);
+    let _ = writeln!(out, "| kernel | {} |", h.kernel);
+    let kvm_note = if h.kvm_kind == "PVM" {
+        "PVM (`kvm_pvm`: guest ring 0 is emulated, ~1000× slower than hardware KVM; guest user mode is native)"
+    } else {
+        "hardware (VT-x / AMD-V)"
+    };
+    let _ = writeln!(out, "| KVM | {kvm_note} |");
+    let _ = writeln!(out, "| date | {} |", h.date);
+    let _ = writeln!(out, "| forkd commit | {} |", h.commit);
+    let _ = writeln!(
+        out,
+        "| load average (1 min) | {:.2} before, {:.2} after — the machine is shared, so treat tails as noisy |",
+        results.load_before, results.load_after
+    );
+    let _ = writeln!(out, "| run time | {:.0} s |", results.wall_s);
+    let _ = writeln!(out, "| snippet | `{}` |\n", s.code);
+
+    let _ = writeln!(out, "## Headline\n");
+    if results.forkd_errors() > 0 {
+        let _ = writeln!(out, "**forkd failed {} requests in this run; see the tables below.**\n", results.forkd_errors());
+    }
+    out += &headline(results);
+
+    let _ = writeln!(out, "\n## Fork (in-process, `forkd bench fork`)\n");
+    let _ = writeln!(
+        out,
+        "{} iterations per method, no HTTP. *Pooled*: one pre-created VM reset by copying back its dirty pages; \
+         *fresh VM*: a new KVM VM + vCPU per fork with the template mapped copy-on-write (Zeroboot's method).\n",
+        s.fork_iterations
+    );
+    let _ = writeln!(out, "| | p50 | p90 | p99 | max | mean | n |\n|---|---|---|---|---|---|---|");
+    for (name, p) in [
+        ("fork to runnable, pooled reset", &f.pooled_fork),
+        ("fork to runnable, fresh VM", &f.fresh_fork),
+        ("exec only (guest run), pooled", &f.pooled_exec_only),
+        ("fork + exec, pooled reset", &f.pooled_total),
+        ("fork + exec, fresh VM", &f.fresh_total),
+    ] {
+        let _ = writeln!(out, "{}", percentiles_row(name, p));
+    }
+    let _ = writeln!(
+        out,
+        "\nFresh VM ÷ pooled at p50: fork {:.1}×, fork + exec {:.1}×.\n",
+        f.fresh_fork.p50_us / f.pooled_fork.p50_us.max(1.0),
+        f.fresh_total.p50_us / f.pooled_total.p50_us.max(1.0)
+    );
+    let _ = writeln!(out, "### Host memory per live sandbox\n");
+    let _ = writeln!(
+        out,
+        "N sandboxes alive at once, each has run the snippet. RSS is forkd's resident memory growth; \
+         MemAvailable counts kernel memory too (KVM's per-VM structures, page tables).\n"
+    );
+    let _ = writeln!(out, "| alive | RSS / sandbox | MemAvailable drop / sandbox | create + exec all |\n|---|---|---|---|");
+    for row in &f.alive {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} KiB | {:.0} KiB | {:.2} s |",
+            row.alive, row.rss_kib_per_sandbox, row.mem_available_kib_per_sandbox, row.create_exec_s
+        );
+    }
+
+    let _ = writeln!(out, "\n## One run at a time: forkd against a process per run\n");
+    let _ = writeln!(
+        out,
+        "forkd rows are HTTP round trips through `forkd serve` (loadgen, 1 connection), so they include HTTP \
+         and JSON; the process rows are spawn-to-exit of the command, timed by the driver, with no HTTP at all.\n"
+    );
+    let _ = writeln!(out, "| method | isolation | p50 | p90 | p99 | p99.9 | max | n | forkd vs it (p50) |\n|---|---|---|---|---|---|---|---|---|");
+    let forkd1 = Results::at(&results.forkd_exec, 1);
+    if let Some(p) = forkd1 {
+        let _ = writeln!(
+            out,
+            "| forkd HTTP exec | KVM VM (copy-on-write fork) | {} | {} | |",
+            latency_cells(&p.report.latency),
+            p.report.latency.count
+        );
+    }
+    if let Some(p) = Results::at(&results.fork_server_exec, 1) {
+        let _ = writeln!(
+            out,
+            "| fork server HTTP exec | none (os.fork of a warm CPython) | {} | {} | {} |",
+            latency_cells(&p.report.latency),
+            p.report.latency.count,
+            forkd1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, p.report.latency.p50_ms))
+        );
+    }
+    for row in &results.spawn {
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} | {} |",
+            row.label,
+            row.isolation,
+            latency_cells(&row.serial.latency),
+            row.serial.latency.count,
+            forkd1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, row.serial.latency.p50_ms))
+        );
+    }
+    let parallel: Vec<&SpawnRow> = results.spawn.iter().filter(|r| r.parallel.is_some()).collect();
+    if !parallel.is_empty() {
+        let _ = writeln!(out, "\nProcesses spawned {} at a time (one per core):\n", parallel[0].parallel.as_ref().map_or(0, |p| p.parallel));
+        let _ = writeln!(out, "| method | runs/s | p50 | p90 | p99 | p99.9 | max | forkd best exec req/s vs it |\n|---|---|---|---|---|---|---|---|");
+        let best = Results::best(&results.forkd_exec);
+        for row in parallel {
+            let par = row.parallel.as_ref().expect("filtered");
+            let _ = writeln!(
+                out,
+                "| `{}` | {} | {} | {} |",
+                row.label,
+                rps(par.per_second),
+                latency_cells(&par.latency),
+                best.map_or("n/a".into(), |b| throughput_ratio(b.report.ok_rps, par.per_second))
+            );
+        }
+    }
+
+    let _ = writeln!(out, "\n## HTTP exec under load: forkd against the fork server\n");
+    let _ = writeln!(
+        out,
+        "loadgen closed loop, `print(1+1)` as POST /v1/exec, {:.0} s per point after {:.0} s of warm-up; \
+         loadgen, the server and everything else share the {} cores.\n",
+        s.exec_duration_s, s.warmup_s, h.cores
+    );
+    http_table(&mut out, &results.forkd_exec, &results.fork_server_exec, "fork server");
+
+    let _ = writeln!(out, "\n## Raw HTTP: forkd GET /v1/health against nginx `return 200`\n");
+    let _ = writeln!(out, "loadgen closed loop, {:.0} s per point.\n", s.health_duration_s);
+    http_table(&mut out, &results.forkd_health, &results.nginx, "nginx");
+
+    if !plots.is_empty() {
+        let _ = writeln!(out, "\n## Plots\n");
+        for (title, file) in plots {
+            let _ = writeln!(out, "{title}:\n\n![{title}]({file})\n");
+        }
+    }
+
+    let _ = writeln!(out, "## How each number was measured\n");
+    let _ = writeln!(out, "- **forkd fork**: `forkd bench fork --iterations {} --alive {} --template {}`.", s.fork_iterations,
+        s.alive.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","), s.template);
+    let _ = writeln!(out, "- **forkd HTTP**: `forkd {}` (auth off, rate limit off, a queue deep enough that 1000 connections wait instead of getting 503).", s.forkd_serve_args.join(" "));
+    let _ = writeln!(
+        out,
+        "- **fork server**: `bench/peers/fork_server.py --workers {} {}` under {} ({}): pre-forked CPython workers with epoll loops; \
+         each exec `os.fork()`s the worker, runs the code with output captured in memory, and returns forkd's JSON shape. \
+         No isolation at all: the floor a process sandbox could reach.",
+        s.fork_server_workers,
+        s.fork_server_preload.iter().map(|m| format!("--preload {m}")).collect::<Vec<_>>().join(" "),
+        s.python,
+        s.python_version
+    );
+    let _ = writeln!(out, "- **`python3 -c`**: `{} -c 'print(1+1)'` spawned and waited for by the driver (Rust `std::process::Command`), output checked.", s.python);
+    let _ = writeln!(
+        out,
+        "- **bubblewrap**: {} with read-only /usr, fresh /proc, /dev, /tmp, every namespace unshared (`--unshare-all`, no network), `--die-with-parent --new-session`.",
+        s.bwrap_version
+    );
+    let _ = writeln!(out, "- **nginx**: {} with `worker_processes {}`, `return 200` from memory, access log off.", s.nginx_version, s.nginx_workers);
+    let _ = writeln!(
+        out,
+        "- Every server is checked before it is measured (`print(1+1)` must return stdout `2`), measured alone, and stopped; \
+         latency counts successful (2xx) responses only and every other outcome is in the errors column. \
+         The raw numbers are in [bench/results.json](bench/results.json)."
+    );
+    let _ = writeln!(out, "\n<details><summary>forkd bench fork output</summary>\n\n```text\n{}```\n</details>", f.raw);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{tiny_server, LoadSpec};
+    use crate::results::{Settings, SpawnStats};
+    use std::time::Duration;
+
+    fn point(url: &str, connections: usize) -> HttpPoint {
+        let spec = LoadSpec { url, request: "health", connections, duration: Duration::from_millis(200), warmup: Duration::ZERO };
+        let result = spec.run().unwrap();
+        HttpPoint { connections, loadgen: spec.argv().join(" "), report: result.report }
+    }
+
+    fn spawn_row(label: &str, ms: u64, parallel: bool) -> SpawnRow {
+        let mut h = loadgen::stats::new_histogram();
+        for i in 0..100 {
+            h.record(ms * 1000 + i).unwrap();
+        }
+        let stats = |parallel| SpawnStats { parallel, per_second: 1000.0 / ms as f64 * parallel as f64, latency: LatencySummary::of(&h) };
+        SpawnRow {
+            label: label.into(),
+            isolation: "none".into(),
+            argv: vec![label.into()],
+            serial: stats(1),
+            parallel: parallel.then(|| stats(2)),
+        }
+    }
+
+    fn sample_results() -> Results {
+        let up = tiny_server();
+        let refused = format!("http://{}", crate::process::free_port().unwrap());
+        Results {
+            schema: crate::results::SCHEMA,
+            host: crate::host::Host {
+                cpu_model: "Test CPU".into(),
+                cores: 2,
+                memory_gib: 23.5,
+                kernel: "6.1.0-test".into(),
+                kvm_kind: "PVM",
+                date: "2026-11-28T12:00:00Z".into(),
+                commit: "abc123".into(),
+            },
+            load_before: 1.5,
+            load_after: 2.5,
+            wall_s: 600.0,
+            settings: Settings {
+                code: "print(1+1)".into(),
+                template: "/cache/python-x".into(),
+                fork_iterations: 500,
+                alive: vec![1, 1000],
+                connections: vec![1, 2],
+                exec_duration_s: 10.0,
+                health_duration_s: 5.0,
+                warmup_s: 2.0,
+                spawn_iterations: 200,
+                spawn_parallel: 2,
+                python: "/usr/bin/python3".into(),
+                python_version: "Python 3.11.2".into(),
+                bwrap_version: "bubblewrap 0.8.0".into(),
+                nginx_version: "nginx version: nginx/1.22.1".into(),
+                forkd_serve_args: vec!["serve".into(), "--rate-limit".into(), "0".into()],
+                fork_server_workers: 2,
+                fork_server_preload: vec!["numpy".into()],
+                nginx_workers: 2,
+            },
+            fork: crate::fork_bench::parse(crate::fork_bench::SAMPLE).unwrap(),
+            // The 2-connection forkd point hits a closed port: every request fails.
+            forkd_exec: vec![point(&up, 1), point(&refused, 2)],
+            fork_server_exec: vec![point(&up, 1), point(&up, 2)],
+            forkd_health: vec![point(&up, 1), point(&up, 2)],
+            nginx: vec![point(&up, 1), point(&up, 2)],
+            spawn: vec![spawn_row(PYTHON_C, 20, true), spawn_row(BWRAP, 30, true), spawn_row(PYTHON_C_NUMPY, 200, false)],
+        }
+    }
+
+    #[test]
+    fn page_states_the_machine_and_every_section() {
+        let results = sample_results();
+        let plots = vec![("HTTP, 1 connection".to_string(), "bench/http-c1.png".to_string())];
+        let page = render(&results, &plots);
+        for needle in [
+            "| CPU | 2 × Test CPU |",
+            "| memory | 23.5 GiB |",
+            "| kernel | 6.1.0-test |",
+            "| KVM | PVM",
+            "| date | 2026-11-28T12:00:00Z |",
+            "1.50 before, 2.50 after",
+            "## Headline",
+            "| fork to runnable, pooled reset | 38 µs | 45 µs | 90 µs | 1.20 ms | 41 µs | 500 |",
+            "Fresh VM ÷ pooled at p50: fork 21.4×, fork + exec 73.5×.",
+            "| 1000 | 310 KiB | 420 KiB | 14.20 s |",
+            "| `python3 -c` | none |",
+            "| `python3 -c, import numpy` | none |",
+            "![HTTP, 1 connection](bench/http-c1.png)",
+            "--preload numpy",
+            "```text\nforkd bench fork",
+        ] {
+            assert!(page.contains(needle), "missing {needle:?} in:\n{page}");
+        }
+    }
+
+    #[test]
+    fn headline_rows_carry_forkd_the_peer_and_a_ratio() {
+        let results = sample_results();
+        let headline = headline(&results);
+        let rows: Vec<&str> = headline.lines().skip(2).collect();
+        assert!(rows.len() >= 9, "{headline}");
+        for row in &rows {
+            assert_eq!(row.matches(" | ").count(), 3, "{row}");
+        }
+        assert!(headline.contains("| fork to runnable, p50 | 38 µs (pooled VM, copy-back reset) | 812 µs (fresh VM per fork) | forkd 21× faster |"), "{headline}");
+        assert!(headline.contains("| fork + exec, in-process, p50 | 170 µs | 12.5 ms (fresh VM per fork) | forkd 74× faster |"), "{headline}");
+        assert!(headline.contains("(`bwrap + python3 -c`, spawn to exit)"), "{headline}");
+        assert!(headline.contains("(`python3 -c`, 2 at once)"), "{headline}");
+        assert!(headline.contains("| host memory per live sandbox, 1000 alive | 310 KiB RSS, 420 KiB of MemAvailable |"), "{headline}");
+    }
+
+    #[test]
+    fn forkd_errors_are_flagged() {
+        let results = sample_results();
+        assert!(results.forkd_errors() > 0);
+        let page = render(&results, &[]);
+        assert!(page.contains("**forkd failed"), "{page}");
+        assert!(page.contains(" connect)"), "{page}");
+        let mut clean = results.clone();
+        clean.forkd_exec.truncate(1);
+        assert_eq!(clean.forkd_errors(), 0);
+        assert!(!render(&clean, &[]).contains("**forkd failed"));
+    }
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(ms(0.0421), "42 µs");
+        assert_eq!(ms(1.234), "1.23 ms");
+        assert_eq!(ms(12.34), "12.3 ms");
+        assert_eq!(ms(123.4), "123 ms");
+        assert_eq!(ms(12_345.0), "12.3 s");
+        assert_eq!(rps(12.34), "12.3");
+        assert_eq!(rps(123.4), "123");
+        assert_eq!(rps(1234.0), "1 230");
+        assert_eq!(rps(1_234_567.0), "1 234 570");
+    }
+
+    #[test]
+    fn ratios_say_which_way() {
+        assert_eq!(latency_ratio(1.0, 40.0), "forkd 40× faster");
+        assert_eq!(latency_ratio(2.0, 3.0), "forkd 1.5× faster");
+        assert_eq!(latency_ratio(3.0, 2.0), "forkd 1.5× slower");
+        assert_eq!(latency_ratio(0.0, 2.0), "n/a");
+        assert_eq!(throughput_ratio(500.0, 250.0), "2.00× the req/s");
+        assert_eq!(throughput_ratio(5000.0, 250.0), "20× the req/s");
+        assert_eq!(throughput_ratio(1.0, 0.0), "n/a");
+    }
+}
