@@ -36,7 +36,7 @@ fn exceptions_and_exit_codes_follow_python_c() {
     assert_eq!((r.exit_code, err(&r)), (1, "bye\n".into()));
     let r = p.exec(&py("import sys; sys.exit(None)", T));
     assert_eq!(r.exit_code, 0);
-    let r = p.exec(&py("this is not python", T));
+    let r = p.exec(&py("def broken(:\n    pass", T));
     assert_eq!(r.exit_code, 1);
     assert!(err(&r).contains("SyntaxError"), "{}", err(&r));
 }
