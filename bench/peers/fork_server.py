@@ -11,12 +11,15 @@ Layout: the parent opens the listening socket, imports the preloaded modules
 processes that share it. Each worker runs a selectors (epoll) loop over its
 keep-alive connections; an exec forks a child from the worker, which runs the
 code with stdout/stderr captured in memory and writes one JSON result into a
-pipe the worker watches. Workers never block on a child.
+pipe the worker watches. Workers never block on a child. Each worker runs at
+most --max-children execs at once and queues the rest (like forkd's exec
+workers): a thousand simultaneous children on two cores would only thrash.
 
-Usage: fork_server.py --listen 127.0.0.1:PORT [--workers N] [--preload numpy]
+Usage: fork_server.py --listen 127.0.0.1:PORT [--workers N] [--max-children N] [--preload numpy]
 """
 
 import argparse
+import collections
 import contextlib
 import errno
 import io
@@ -115,14 +118,16 @@ class Conn:
         self.sock = sock
         self.inbuf = bytearray()
         self.outbuf = bytearray()
-        self.running = None  # the Exec this connection waits for
+        self.running = None  # the Exec this connection waits for, True while queued
         self.close_after_write = False
         self.keep_alive = True
 
 
 class Worker:
-    def __init__(self, listener):
+    def __init__(self, listener, max_children):
         self.listener = listener
+        self.max_children = max_children
+        self.waiting = collections.deque()  # (conn, code, timeout) beyond max_children
         self.sel = selectors.DefaultSelector()
         self.sel.register(listener, selectors.EVENT_READ, ("listen", None))
         self.execs = {}  # result fd -> Exec
@@ -154,6 +159,7 @@ class Worker:
                 elif kind == "exec":
                     self.on_result(obj)
             self.expire(time.monotonic())
+            self.start_waiting()
 
     def accept(self):
         while True:
@@ -240,6 +246,19 @@ class Worker:
         except (ValueError, KeyError, TypeError) as e:
             self.respond(conn, 400, {"error": "bad exec request: %s" % e})
             return
+        conn.running = True  # reserved: the connection reads no further request meanwhile
+        if len(self.execs) >= self.max_children:
+            self.waiting.append((conn, code, timeout))
+        else:
+            self.fork(conn, code, timeout)
+
+    def start_waiting(self):
+        while self.waiting and len(self.execs) < self.max_children:
+            conn, code, timeout = self.waiting.popleft()
+            if conn.sock.fileno() >= 0:
+                self.fork(conn, code, timeout)
+
+    def fork(self, conn, code, timeout):
         started = time.monotonic()
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -338,9 +357,9 @@ class Worker:
     def close(self, conn):
         if conn.sock.fileno() < 0:
             return
-        if conn.running is not None:
+        if isinstance(conn.running, Exec):
             self.kill(conn.running)
-            conn.running = None
+        conn.running = None  # a queued exec of a closed connection is skipped
         self.sel.unregister(conn.sock)
         conn.sock.close()
 
@@ -349,6 +368,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--listen", required=True, help="HOST:PORT (loopback)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-children", type=int, default=2, help="execs running at once per worker")
     parser.add_argument("--preload", action="append", default=[], help="module to import before forking")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
@@ -364,7 +384,7 @@ def main():
         pid = os.fork()
         if pid == 0:
             try:
-                Worker(listener).serve()
+                Worker(listener, max(1, args.max_children)).serve()
             finally:
                 os._exit(0)
         pids.append(pid)

@@ -25,7 +25,7 @@ class ForkServerTest(unittest.TestCase):
     def setUpClass(cls):
         cls.port = free_port()
         cls.proc = subprocess.Popen(
-            [sys.executable, SERVER, "--listen", "127.0.0.1:%d" % cls.port, "--workers", "2"],
+            [sys.executable, SERVER, "--listen", "127.0.0.1:%d" % cls.port, "--workers", "2", "--max-children", "2"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 20
         while True:
@@ -122,6 +122,26 @@ class ForkServerTest(unittest.TestCase):
         self.assertLess(time.monotonic() - start, 1.5)
         response = slow.getresponse()
         self.assertEqual(json.loads(response.read())["stdout"], "late\n")
+
+    def test_execs_beyond_max_children_queue_and_all_finish(self):
+        conns = [self.connect() for _ in range(12)]
+        for i, conn in enumerate(conns):
+            conn.request("POST", "/v1/exec", json.dumps({"code": "import time; time.sleep(0.1); print(%d)" % i}))
+        for i, conn in enumerate(conns):
+            response = conn.getresponse()
+            self.assertEqual(json.loads(response.read())["stdout"], "%d\n" % i)
+
+    def test_a_queued_exec_of_a_closed_connection_is_dropped(self):
+        blockers = [self.connect() for _ in range(4)]
+        for conn in blockers:
+            conn.request("POST", "/v1/exec", json.dumps({"code": "import time; time.sleep(0.5)"}))
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            body = json.dumps({"code": "open('/dev/null').close()"}).encode()
+            s.sendall(b"POST /v1/exec HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        for conn in blockers:
+            self.assertEqual(conn.getresponse().status, 200)
+        status, result = self.exec(self.connect(), "print('still serving')")
+        self.assertEqual((status, result["stdout"]), (200, "still serving\n"))
 
     def test_bad_requests(self):
         conn = self.connect()
