@@ -23,7 +23,7 @@ use loadgen::stats::LatencySummary;
 use thiserror::Error;
 
 use crate::load::LoadSpec;
-use crate::results::{HttpPoint, Results, Settings, SpawnRow, SpawnStats};
+use crate::results::{HttpPoint, PeerServer, Results, Settings, SpawnRow, SpawnStats};
 use crate::spawn::SpawnPeer;
 
 #[derive(Debug, Error)]
@@ -53,6 +53,9 @@ pub enum BenchError {
     #[error("cannot draw {path}: {message}")]
     Plot { path: PathBuf, message: String },
 }
+
+/// Execs each fork-server worker runs at once (forkd runs 2 per shard).
+const FORK_SERVER_MAX_CHILDREN: usize = 2;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ lives in the workspace").to_path_buf()
@@ -141,13 +144,17 @@ impl Progress {
     }
 }
 
+/// Latency histograms of one server, by connection count.
+type Series = Vec<(usize, Histogram<u64>)>;
+
 /// Histograms kept for the plots (results.json has the summaries).
 #[derive(Default)]
 struct Curves {
-    forkd_exec: Vec<(usize, Histogram<u64>)>,
-    fork_server_exec: Vec<(usize, Histogram<u64>)>,
-    forkd_health: Vec<(usize, Histogram<u64>)>,
-    nginx: Vec<(usize, Histogram<u64>)>,
+    forkd_exec: Series,
+    /// Per fork-server variant, its label and points.
+    fork_servers: Vec<(String, Series)>,
+    forkd_health: Series,
+    nginx: Series,
     spawn: Vec<(String, Histogram<u64>)>,
 }
 
@@ -241,15 +248,26 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.forkd_health)?;
     server.stop(Duration::from_secs(30));
 
-    // The fork server gets what forkd's template has: numpy imported before the fork.
+    // Two fork servers: one with what forkd's template has (numpy imported
+    // before the fork, which makes every fork copy a bigger process), and the
+    // bare interpreter, the cheapest fork there is.
     let numpy = Command::new(&args.python).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
-    let preload: Vec<&str> = if numpy { vec!["numpy"] } else { Vec::new() };
-    progress.step(&format!("fork server ({cores} workers, preload {preload:?})"));
+    let mut variants: Vec<(&str, Vec<&str>)> = Vec::new();
+    if numpy {
+        variants.push(("fork server, numpy preloaded", vec!["numpy"]));
+    }
+    variants.push(("fork server, bare CPython", Vec::new()));
     let script = workspace().join("bench/peers/fork_server.py");
-    let server = peers::start_fork_server(&args.python, &script, cores, &preload, workdir.path())?;
-    let fork_server_exec =
-        http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut curves.fork_server_exec)?;
-    server.stop(Duration::from_secs(10));
+    let mut fork_servers = Vec::new();
+    for (label, preload) in variants {
+        progress.step(&format!("{label} ({cores} workers, {FORK_SERVER_MAX_CHILDREN} execs at once each)"));
+        let server = peers::start_fork_server(&args.python, &script, cores, FORK_SERVER_MAX_CHILDREN, &preload, workdir.path())?;
+        let mut series = Vec::new();
+        let points = http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut series)?;
+        server.stop(Duration::from_secs(10));
+        curves.fork_servers.push((label.to_string(), series));
+        fork_servers.push(PeerServer { label: label.into(), preload: preload.iter().map(|m| m.to_string()).collect(), points });
+    }
 
     progress.step(&format!("nginx ({cores} workers)"));
     let server = peers::start_nginx(workdir.path(), cores)?;
@@ -309,10 +327,10 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         python: args.python.clone(),
         python_version: version_of(&[&args.python, "--version"]),
         bwrap_version: version_of(&[peers::BWRAP.path, "--version"]),
-        nginx_version: version_of(&[peers::NGINX.path, "-v"]),
+        nginx_version: version_of(&[peers::NGINX.path, "-v"]).trim_start_matches("nginx version: ").to_string(),
         forkd_serve_args,
         fork_server_workers: cores,
-        fork_server_preload: preload.iter().map(|s| s.to_string()).collect(),
+        fork_server_max_children: FORK_SERVER_MAX_CHILDREN,
         nginx_workers: cores,
     };
     let results = Results {
@@ -324,7 +342,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         settings,
         fork,
         forkd_exec,
-        fork_server_exec,
+        fork_servers,
         forkd_health,
         nginx,
         spawn,
@@ -343,8 +361,10 @@ fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec
     if let Some(h) = find(&curves.forkd_exec, 1) {
         one_at_a_time.push(plots::Curve { label: "forkd HTTP exec (1 connection)".into(), histogram: h });
     }
-    if let Some(h) = find(&curves.fork_server_exec, 1) {
-        one_at_a_time.push(plots::Curve { label: "fork server HTTP exec (1 connection)".into(), histogram: h });
+    for (label, series) in &curves.fork_servers {
+        if let Some(h) = find(series, 1) {
+            one_at_a_time.push(plots::Curve { label: format!("{label} HTTP exec (1 connection)"), histogram: h });
+        }
     }
     for (label, h) in &curves.spawn {
         one_at_a_time.push(plots::Curve { label: format!("{label} (spawn to exit)"), histogram: h });
@@ -353,17 +373,14 @@ fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec
     plots::render(&plot_dir.join("one-at-a-time.png"), &title, &one_at_a_time)?;
     drawn.push((title, "bench/one-at-a-time.png".to_string()));
     for &c in &results.settings.connections {
-        let mut lines = Vec::new();
-        for (label, series) in [
-            ("forkd exec", &curves.forkd_exec),
-            ("fork server exec", &curves.fork_server_exec),
-            ("forkd GET /v1/health", &curves.forkd_health),
-            ("nginx return 200", &curves.nginx),
-        ] {
-            if let Some(h) = find(series, c) {
-                lines.push(plots::Curve { label: label.into(), histogram: h });
-            }
-        }
+        let mut named: Vec<(String, &Series)> = vec![("forkd exec".into(), &curves.forkd_exec)];
+        named.extend(curves.fork_servers.iter().map(|(label, series)| (format!("{label} exec"), series)));
+        named.push(("forkd GET /v1/health".into(), &curves.forkd_health));
+        named.push(("nginx return 200".into(), &curves.nginx));
+        let lines: Vec<plots::Curve> = named
+            .into_iter()
+            .filter_map(|(label, series)| find(series, c).map(|h| plots::Curve { label, histogram: h }))
+            .collect();
         let title = format!("HTTP, {c} connection{}, closed loop", if c == 1 { "" } else { "s" });
         let file = format!("http-c{c}.png");
         plots::render(&plot_dir.join(&file), &title, &lines)?;

@@ -110,10 +110,18 @@ pub fn start_forkd(forkd: &Path, template: &Path, workdir: &Path, queue_depth: u
 }
 
 /// bench/peers/fork_server.py: pre-forked CPython, one os.fork() per exec.
-pub fn start_fork_server(python: &str, script: &Path, workers: usize, preload: &[&str], workdir: &Path) -> Result<Server, BenchError> {
+pub fn start_fork_server(
+    python: &str,
+    script: &Path,
+    workers: usize,
+    max_children: usize,
+    preload: &[&str],
+    workdir: &Path,
+) -> Result<Server, BenchError> {
     let addr = process::free_port()?;
     let mut command = Command::new(python);
     command.arg(script).args(["--listen", &addr.to_string(), "--workers", &workers.to_string()]);
+    command.args(["--max-children", &max_children.to_string()]);
     for module in preload {
         command.args(["--preload", module]);
     }
@@ -159,7 +167,7 @@ mod tests {
     fn fork_server_starts_and_computes() {
         let dir = tempfile::tempdir().unwrap();
         let script = crate::workspace().join("bench/peers/fork_server.py");
-        let server = start_fork_server("/usr/bin/python3", &script, 1, &[], dir.path()).unwrap();
+        let server = start_fork_server("/usr/bin/python3", &script, 1, 1, &[], dir.path()).unwrap();
         let response = process::http_request(server.addr, "POST", "/v1/exec", Some(r#"{"code":"print(6*7)"}"#)).unwrap();
         assert_eq!(response.status, 200);
         let json: serde_json::Value = serde_json::from_slice(&response.body).unwrap();

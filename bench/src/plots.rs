@@ -93,7 +93,8 @@ pub fn render(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<(), Benc
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        // Curves rise to the right: the lower right corner is the emptiest.
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font((FONT_FAMILY, 16))

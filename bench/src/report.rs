@@ -118,14 +118,17 @@ pub fn headline(results: &Results) -> String {
     );
     if let Some(forkd1) = Results::at(&results.forkd_exec, 1) {
         let forkd_p50 = forkd1.report.latency.p50_ms;
-        if let Some(peer) = Results::at(&results.fork_server_exec, 1) {
-            let _ = writeln!(
-                out,
-                "| HTTP exec, 1 connection, p50 | {} | {} (CPython fork server, no isolation) | {} |",
-                ms(forkd_p50),
-                ms(peer.report.latency.p50_ms),
-                latency_ratio(forkd_p50, peer.report.latency.p50_ms)
-            );
+        for server in &results.fork_servers {
+            if let Some(peer) = Results::at(&server.points, 1) {
+                let _ = writeln!(
+                    out,
+                    "| HTTP exec, 1 connection, p50 | {} | {} ({}, no isolation) | {} |",
+                    ms(forkd_p50),
+                    ms(peer.report.latency.p50_ms),
+                    server.label,
+                    latency_ratio(forkd_p50, peer.report.latency.p50_ms)
+                );
+            }
         }
         for label in [PYTHON_C, BWRAP, PYTHON_C_NUMPY] {
             if let Some(peer) = spawn_for(results, label) {
@@ -140,16 +143,19 @@ pub fn headline(results: &Results) -> String {
             }
         }
     }
-    if let (Some(forkd), Some(peer)) = (Results::best(&results.forkd_exec), Results::best(&results.fork_server_exec)) {
-        let _ = writeln!(
-            out,
-            "| HTTP exec, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., fork server) | {} |",
-            rps(forkd.report.ok_rps),
-            forkd.connections,
-            rps(peer.report.ok_rps),
-            peer.connections,
-            throughput_ratio(forkd.report.ok_rps, peer.report.ok_rps)
-        );
+    for server in &results.fork_servers {
+        if let (Some(forkd), Some(peer)) = (Results::best(&results.forkd_exec), Results::best(&server.points)) {
+            let _ = writeln!(
+                out,
+                "| HTTP exec, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., {}) | {} |",
+                rps(forkd.report.ok_rps),
+                forkd.connections,
+                rps(peer.report.ok_rps),
+                peer.connections,
+                server.label,
+                throughput_ratio(forkd.report.ok_rps, peer.report.ok_rps)
+            );
+        }
     }
     if let Some(forkd) = Results::best(&results.forkd_exec) {
         for label in [PYTHON_C, BWRAP] {
@@ -166,17 +172,19 @@ pub fn headline(results: &Results) -> String {
             }
         }
     }
-    if let Some(top) = results.settings.connections.iter().max() {
-        if let (Some(forkd), Some(peer)) = (Results::at(&results.forkd_exec, *top), Results::at(&results.fork_server_exec, *top)) {
+    let top = results.settings.connections.iter().max().copied().unwrap_or(0);
+    for server in &results.fork_servers {
+        if let (Some(forkd), Some(peer)) = (Results::at(&results.forkd_exec, top), Results::at(&server.points, top)) {
             let _ = writeln!(
                 out,
-                "| HTTP exec, {top} connections: p50 / p99, errors | {} / {}, {} errors | {} / {}, {} errors (fork server) | {} (p50) |",
+                "| HTTP exec, {top} connections: p50 / p99, errors | {} / {}, {} errors | {} / {}, {} errors ({}) | {} (p50) |",
                 ms(forkd.report.latency.p50_ms),
                 ms(forkd.report.latency.p99_ms),
                 forkd.errors(),
                 ms(peer.report.latency.p50_ms),
                 ms(peer.report.latency.p99_ms),
                 peer.errors(),
+                server.label,
                 latency_ratio(forkd.report.latency.p50_ms, peer.report.latency.p50_ms)
             );
         }
@@ -218,35 +226,32 @@ fn latency_cells(l: &LatencySummary) -> String {
     format!("{} | {} | {} | {} | {}", ms(l.p50_ms), ms(l.p90_ms), ms(l.p99_ms), ms(l.p99_9_ms), ms(l.max_ms))
 }
 
-fn http_table(out: &mut String, forkd: &[HttpPoint], peer: &[HttpPoint], peer_name: &str) {
-    let _ = writeln!(out, "| connections | server | req/s | p50 | p90 | p99 | p99.9 | max | errors | forkd vs {peer_name} |");
+/// forkd's row per connection count, then each peer's with forkd's ratio to it.
+fn http_table(out: &mut String, forkd: &[HttpPoint], peers: &[(&str, &[HttpPoint])]) {
+    let _ = writeln!(out, "| connections | server | req/s | p50 | p90 | p99 | p99.9 | max | errors | forkd vs this server |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
     for point in forkd {
-        let peer_point = Results::at(peer, point.connections);
-        let ratio = peer_point.map_or("n/a".to_string(), |p| {
-            format!(
-                "{}, p50 {}",
-                throughput_ratio(point.report.ok_rps, p.report.ok_rps),
-                latency_ratio(point.report.latency.p50_ms, p.report.latency.p50_ms)
-            )
-        });
         let _ = writeln!(
             out,
-            "| {} | forkd | {} | {} | {} | {ratio} |",
+            "| {} | forkd | {} | {} | {} | |",
             point.connections,
             rps(point.report.ok_rps),
             latency_cells(&point.report.latency),
             errors_cell(point)
         );
-        if let Some(p) = peer_point {
-            let _ = writeln!(
-                out,
-                "| {} | {peer_name} | {} | {} | {} | |",
-                p.connections,
-                rps(p.report.ok_rps),
-                latency_cells(&p.report.latency),
-                errors_cell(p)
-            );
+        for (name, points) in peers {
+            if let Some(p) = Results::at(points, point.connections) {
+                let _ = writeln!(
+                    out,
+                    "| {} | {name} | {} | {} | {} | {}, p50 {} |",
+                    p.connections,
+                    rps(p.report.ok_rps),
+                    latency_cells(&p.report.latency),
+                    errors_cell(p),
+                    throughput_ratio(point.report.ok_rps, p.report.ok_rps),
+                    latency_ratio(point.report.latency.p50_ms, p.report.latency.p50_ms)
+                );
+            }
         }
     }
 }
@@ -342,14 +347,17 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
             p.report.latency.count
         );
     }
-    if let Some(p) = Results::at(&results.fork_server_exec, 1) {
-        let _ = writeln!(
-            out,
-            "| fork server HTTP exec | none (os.fork of a warm CPython) | {} | {} | {} |",
-            latency_cells(&p.report.latency),
-            p.report.latency.count,
-            forkd1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, p.report.latency.p50_ms))
-        );
+    for server in &results.fork_servers {
+        if let Some(p) = Results::at(&server.points, 1) {
+            let _ = writeln!(
+                out,
+                "| {} HTTP exec | none (os.fork of a warm CPython) | {} | {} | {} |",
+                server.label,
+                latency_cells(&p.report.latency),
+                p.report.latency.count,
+                forkd1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, p.report.latency.p50_ms))
+            );
+        }
     }
     for row in &results.spawn {
         let _ = writeln!(
@@ -380,18 +388,19 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         }
     }
 
-    let _ = writeln!(out, "\n## HTTP exec under load: forkd against the fork server\n");
+    let _ = writeln!(out, "\n## HTTP exec under load: forkd against the fork servers\n");
     let _ = writeln!(
         out,
         "loadgen closed loop, `print(1+1)` as POST /v1/exec, {:.0} s per point after {:.0} s of warm-up; \
          loadgen, the server and everything else share the {} cores.\n",
         s.exec_duration_s, s.warmup_s, h.cores
     );
-    http_table(&mut out, &results.forkd_exec, &results.fork_server_exec, "fork server");
+    let peers: Vec<(&str, &[HttpPoint])> = results.fork_servers.iter().map(|s| (s.label.as_str(), s.points.as_slice())).collect();
+    http_table(&mut out, &results.forkd_exec, &peers);
 
     let _ = writeln!(out, "\n## Raw HTTP: forkd GET /v1/health against nginx `return 200`\n");
     let _ = writeln!(out, "loadgen closed loop, {:.0} s per point.\n", s.health_duration_s);
-    http_table(&mut out, &results.forkd_health, &results.nginx, "nginx");
+    http_table(&mut out, &results.forkd_health, &[("nginx", results.nginx.as_slice())]);
 
     if !plots.is_empty() {
         let _ = writeln!(out, "\n## Plots\n");
@@ -404,16 +413,20 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     let _ = writeln!(out, "- **forkd fork**: `forkd bench fork --iterations {} --alive {} --template {}`.", s.fork_iterations,
         s.alive.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","), s.template);
     let _ = writeln!(out, "- **forkd HTTP**: `forkd {}` (auth off, rate limit off, a queue deep enough that 1000 connections wait instead of getting 503).", s.forkd_serve_args.join(" "));
-    let _ = writeln!(
-        out,
-        "- **fork server**: `bench/peers/fork_server.py --workers {} {}` under {} ({}): pre-forked CPython workers with epoll loops; \
-         each exec `os.fork()`s the worker, runs the code with output captured in memory, and returns forkd's JSON shape. \
-         No isolation at all: the floor a process sandbox could reach.",
-        s.fork_server_workers,
-        s.fork_server_preload.iter().map(|m| format!("--preload {m}")).collect::<Vec<_>>().join(" "),
-        s.python,
-        s.python_version
-    );
+    for server in &results.fork_servers {
+        let _ = writeln!(
+            out,
+            "- **{}**: `bench/peers/fork_server.py --workers {} --max-children {}{}` under {} ({}): pre-forked CPython workers with epoll loops; \
+             each exec `os.fork()`s the worker, runs the code with output captured in memory, and returns forkd's JSON shape. \
+             No isolation at all: the floor a process sandbox could reach.",
+            server.label,
+            s.fork_server_workers,
+            s.fork_server_max_children,
+            server.preload.iter().map(|m| format!(" --preload {m}")).collect::<String>(),
+            s.python,
+            s.python_version
+        );
+    }
     let _ = writeln!(out, "- **`python3 -c`**: `{} -c 'print(1+1)'` spawned and waited for by the driver (Rust `std::process::Command`), output checked.", s.python);
     let _ = writeln!(
         out,
@@ -435,7 +448,7 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
 mod tests {
     use super::*;
     use crate::load::{tiny_server, LoadSpec};
-    use crate::results::{Settings, SpawnStats};
+    use crate::results::{PeerServer, Settings, SpawnStats};
     use std::time::Duration;
 
     fn point(url: &str, connections: usize) -> HttpPoint {
@@ -493,13 +506,16 @@ mod tests {
                 nginx_version: "nginx version: nginx/1.22.1".into(),
                 forkd_serve_args: vec!["serve".into(), "--rate-limit".into(), "0".into()],
                 fork_server_workers: 2,
-                fork_server_preload: vec!["numpy".into()],
+                fork_server_max_children: 2,
                 nginx_workers: 2,
             },
             fork: crate::fork_bench::parse(crate::fork_bench::SAMPLE).unwrap(),
             // The 2-connection forkd point hits a closed port: every request fails.
             forkd_exec: vec![point(&up, 1), point(&refused, 2)],
-            fork_server_exec: vec![point(&up, 1), point(&up, 2)],
+            fork_servers: vec![
+                PeerServer { label: "fork server, numpy preloaded".into(), preload: vec!["numpy".into()], points: vec![point(&up, 1), point(&up, 2)] },
+                PeerServer { label: "fork server, bare CPython".into(), preload: vec![], points: vec![point(&up, 1)] },
+            ],
             forkd_health: vec![point(&up, 1), point(&up, 2)],
             nginx: vec![point(&up, 1), point(&up, 2)],
             spawn: vec![spawn_row(PYTHON_C, 20, true), spawn_row(BWRAP, 30, true), spawn_row(PYTHON_C_NUMPY, 200, false)],
@@ -525,7 +541,9 @@ mod tests {
             "| `python3 -c` | none |",
             "| `python3 -c, import numpy` | none |",
             "![HTTP, 1 connection](bench/http-c1.png)",
-            "--preload numpy",
+            "--max-children 2 --preload numpy`",
+            "| fork server, bare CPython HTTP exec | none",
+            "| 2 | fork server, numpy preloaded |",
             "```text\nforkd bench fork",
         ] {
             assert!(page.contains(needle), "missing {needle:?} in:\n{page}");

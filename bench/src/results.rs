@@ -21,7 +21,8 @@ pub struct Results {
     pub fork: ForkBench,
     /// One point per connection count, in the order run.
     pub forkd_exec: Vec<HttpPoint>,
-    pub fork_server_exec: Vec<HttpPoint>,
+    /// The fork-per-request CPython server, one entry per variant.
+    pub fork_servers: Vec<PeerServer>,
     pub forkd_health: Vec<HttpPoint>,
     pub nginx: Vec<HttpPoint>,
     pub spawn: Vec<SpawnRow>,
@@ -47,8 +48,16 @@ pub struct Settings {
     pub nginx_version: String,
     pub forkd_serve_args: Vec<String>,
     pub fork_server_workers: usize,
-    pub fork_server_preload: Vec<String>,
+    pub fork_server_max_children: usize,
     pub nginx_workers: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerServer {
+    pub label: String,
+    /// Modules imported before forking.
+    pub preload: Vec<String>,
+    pub points: Vec<HttpPoint>,
 }
 
 #[derive(Debug, Clone, Serialize)]
