@@ -29,6 +29,8 @@ fi
 systemctl stop prometheus prometheus-node-exporter 2>/dev/null || true
 # So does nginx (the bench peer); the bench tests start their own on a free port.
 systemctl stop nginx 2>/dev/null || true
+# And haproxy; tests/loadbalancer.sh runs its own with deploy/haproxy.cfg.
+systemctl stop haproxy 2>/dev/null || true
 
 step "building forkd (release)"
 cargo build --release --workspace --locked
@@ -59,5 +61,8 @@ for _ in $(seq 1 600); do
 done
 FORKD_URL="http://127.0.0.1:$port" FORKD_TEST_API_KEY="$key" bash sdk/run-tests.sh
 bash docs/validate-openapi.sh
+
+step "two forkd nodes behind HAProxy (deploy/haproxy.cfg)"
+bash tests/loadbalancer.sh
 
 step "all suites passed"

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Two `forkd serve` nodes behind a real HAProxy running the committed
+# deploy/haproxy.cfg (addresses passed through its environment variables).
+# Shows that requests through the proxy are spread over both nodes (each
+# node's own /v1/metrics counters), that stopping a node gets it taken out by
+# the /v1/health check with every request still answered by the other node,
+# and that a restarted node is put back. Needs /dev/kvm, haproxy, curl,
+# python3, the release binary and a built Python template; fails loudly when
+# any is missing.
+#
+#   bash tests/loadbalancer.sh
+#   FORKD_TEST_TEMPLATE=/path/to/template bash tests/loadbalancer.sh
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+passed=0
+failed=0
+say() { printf 'loadbalancer: %s\n' "$*" >&2; }
+die() {
+  say "FATAL: $*"
+  dump_logs
+  echo "$passed passed, $((failed + 1)) failed"
+  exit 1
+}
+pass() { passed=$((passed + 1)); say "ok   - $*"; }
+fail() { failed=$((failed + 1)); say "FAIL - $*"; }
+
+work=$(mktemp -d /tmp/forkd-lb.XXXXXX)
+pids=()
+dump_logs() {
+  local f
+  for f in "$work"/*.log; do
+    [[ -s $f ]] || continue
+    say "---- last lines of $(basename "$f") ----"
+    tail -n 20 "$f" >&2
+  done
+}
+cleanup() {
+  local p
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# ---- prerequisites: each one missing is a failure, never a skip ----
+[[ -r /dev/kvm && -w /dev/kvm ]] || die "/dev/kvm is missing or not accessible"
+haproxy=$(command -v haproxy || true)
+[[ -z $haproxy && -x /usr/sbin/haproxy ]] && haproxy=/usr/sbin/haproxy
+[[ -n $haproxy ]] || die "haproxy is not installed (apt-get install haproxy)"
+command -v curl >/dev/null || die "curl is not installed"
+command -v python3 >/dev/null || die "python3 is not installed"
+forkd=${FORKD_BIN:-$root/target/release/forkd}
+[[ -x $forkd ]] || die "$forkd is missing (cargo build --release)"
+config=$root/deploy/haproxy.cfg
+[[ -r $config ]] || die "$config is missing"
+
+template=${FORKD_TEST_TEMPLATE:-}
+if [[ -z $template ]]; then
+  # The newest cached Python template, as `forkd serve` would pick it; this
+  # test never builds one (that takes minutes on PVM hosts).
+  cache=${FORKD_CACHE_DIR:-${HOME:-/root}/.cache/forkd}
+  template=$(ls -1td "$cache"/templates/python-*/ 2>/dev/null | grep -v '\.tmp-' | while read -r d; do
+    [[ -f $d/state.snap ]] && { echo "${d%/}"; break; }
+  done || true)
+  [[ -n $template ]] || die "no Python template in $cache/templates (run: $forkd template build), or set FORKD_TEST_TEMPLATE"
+fi
+[[ -f $template/state.snap && -f $template/memory.bin ]] || die "$template is not a template (no state.snap/memory.bin)"
+say "haproxy: $("$haproxy" -v | head -n1)"
+say "template: $template"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port1=$(free_port)
+port2=$(free_port)
+lb_port=$(free_port)
+stats_port=$(free_port)
+key="forkd-lb-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+printf '["%s"]\n' "$key" >"$work/keys.json"
+
+# ---- nodes ----
+declare -A node_pid
+start_node() { # name port
+  "$forkd" serve --listen "127.0.0.1:$2" --template "$template" \
+    --shards 1 --workers-per-shard 1 --pool-size 1 \
+    --api-keys-file "$work/keys.json" --rate-limit 0 --drain-timeout-seconds 10 \
+    >>"$work/$1.log" 2>&1 &
+  node_pid[$1]=$!
+  pids+=("$!")
+}
+wait_healthy() { # name port
+  local _
+  for _ in $(seq 1 240); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$2/v1/health" 2>/dev/null && return 0
+    kill -0 "${node_pid[$1]}" 2>/dev/null || die "$1 exited during start-up"
+    sleep 0.5
+  done
+  die "$1 did not become healthy on port $2 within 120 s"
+}
+start_node node1 "$port1"
+start_node node2 "$port2"
+wait_healthy node1 "$port1"
+wait_healthy node2 "$port2"
+say "nodes up: node1 127.0.0.1:$port1, node2 127.0.0.1:$port2"
+
+# ---- HAProxy with the committed config ----
+export FORKD_NODE1="127.0.0.1:$port1" FORKD_NODE2="127.0.0.1:$port2"
+export FORKD_LB_BIND="127.0.0.1:$lb_port" FORKD_LB_STATS_BIND="127.0.0.1:$stats_port"
+export FORKD_LB_ADMIN_SOCKET="$work/haproxy.sock"
+if "$haproxy" -c -q -f "$config" >"$work/haproxy-check.log" 2>&1; then
+  pass "haproxy -c accepts deploy/haproxy.cfg"
+else
+  die "haproxy -c rejects deploy/haproxy.cfg: $(cat "$work/haproxy-check.log")"
+fi
+"$haproxy" -db -f "$config" >"$work/haproxy.log" 2>&1 &
+haproxy_pid=$!
+pids+=("$haproxy_pid")
+lb="http://127.0.0.1:$lb_port"
+
+# "status/check_status" of a server in backend forkd_nodes, from the stats
+# CSV (columns found by name), e.g. "UP/L7OK", "DOWN/L4CON". Before its first
+# check a server shows "UP 1/2/INI", which is not yet a passed check.
+server_state() { # server
+  curl -fsS "http://127.0.0.1:$stats_port/stats;csv" 2>/dev/null | awk -F, -v sv="$1" '
+    NR == 1 { for (i = 1; i <= NF; i++) { if ($i == "status") st = i; if ($i == "check_status") ck = i }; next }
+    $1 == "forkd_nodes" && $2 == sv { print $st "/" $ck }'
+}
+wait_state() { # server wanted-state-pattern seconds
+  local _ s=""
+  for _ in $(seq 1 $(($3 * 5))); do
+    s=$(server_state "$1")
+    # shellcheck disable=SC2053 # $2 is a glob on purpose
+    [[ $s == $2 ]] && return 0
+    kill -0 "$haproxy_pid" 2>/dev/null || die "haproxy exited"
+    sleep 0.2
+  done
+  say "$1 is '$s' in HAProxy, wanted $2"
+  return 1
+}
+if wait_state forkd1 UP/L7OK 20 && wait_state forkd2 UP/L7OK 20; then
+  pass "HAProxy health checks (GET /v1/health) see both nodes UP"
+else
+  die "the nodes are not UP in HAProxy"
+fi
+
+# Exec counter of one node, read from the node itself (not through HAProxy).
+exec_count() { # port
+  local v
+  v=$(curl -fsS "http://127.0.0.1:$1/v1/metrics" |
+    awk '$1 == "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"}" { print $2 }')
+  echo "${v:-0}"
+}
+
+# Sends n execs through HAProxy, each computing a different sum, and checks
+# every answer. Prints how many were right.
+send_execs() { # n tag
+  local i ok=0 body want
+  for ((i = 1; i <= $1; i++)); do
+    want=$((i * (i + 1) / 2 + $2))
+    body=$(curl -sS --max-time 60 -H "Authorization: Bearer $key" \
+      -d "{\"code\":\"print(sum(range($((i + 1)))) + $2)\"}" "$lb/v1/exec" 2>>"$work/curl.log") || continue
+    if python3 -c 'import json,sys; r=json.loads(sys.argv[1]); sys.exit(0 if r["exit_code"]==0 and r["stdout"]==sys.argv[2]+"\n" else 1)' "$body" "$want"; then
+      ok=$((ok + 1))
+    else
+      echo "unexpected answer: $body" >>"$work/curl.log"
+    fi
+  done
+  echo "$ok"
+}
+
+# ---- 1. spread over both nodes ----
+n=24
+before1=$(exec_count "$port1")
+before2=$(exec_count "$port2")
+ok=$(send_execs "$n" 1000)
+got1=$(($(exec_count "$port1") - before1))
+got2=$(($(exec_count "$port2") - before2))
+say "through HAProxy: $ok/$n answered correctly; node1 ran $got1, node2 ran $got2"
+if ((ok == n)); then pass "$n execs through HAProxy all answered correctly"; else fail "only $ok of $n execs through HAProxy answered correctly"; fi
+if ((got1 + got2 == n)); then pass "the nodes' own counters account for all $n execs"; else fail "node counters add up to $((got1 + got2)), not $n"; fi
+if ((got1 >= n / 4 && got2 >= n / 4)); then
+  pass "requests spread over both nodes ($got1 / $got2)"
+else
+  fail "requests not spread: node1 $got1, node2 $got2 (each should get at least $((n / 4)))"
+fi
+
+code=$(curl -s -o /dev/null -w '%{http_code}' -d '{"code":"print(1)"}' "$lb/v1/exec")
+if [[ $code == 401 ]]; then pass "an exec without a key is refused (401) through HAProxy"; else fail "an exec without a key got $code, not 401"; fi
+code=$(curl -s -o /dev/null -w '%{http_code}' "$lb/v1/metrics")
+if [[ $code == 404 ]]; then pass "/v1/metrics is not exposed through the public entry point (404)"; else fail "/v1/metrics through HAProxy got $code, not 404"; fi
+
+# ---- 2. a stopped node is taken out by the health check ----
+kill -TERM "${node_pid[node2]}"
+if wait "${node_pid[node2]}"; then pass "node2 drained and exited on SIGTERM"; else fail "node2 exited with status $? on SIGTERM"; fi
+if wait_state forkd2 'DOWN/*' 15; then
+  pass "HAProxy marked node2 DOWN after its health checks failed"
+else
+  fail "HAProxy did not mark node2 DOWN within 15 s"
+fi
+m=12
+before1=$(exec_count "$port1")
+ok=$(send_execs "$m" 2000)
+got1=$(($(exec_count "$port1") - before1))
+if ((ok == m && got1 == m)); then
+  pass "with node2 down, all $m execs succeeded on node1"
+else
+  fail "with node2 down: $ok of $m execs answered, node1 ran $got1"
+fi
+
+# ---- 3. a restarted node is put back ----
+start_node node2 "$port2"
+wait_healthy node2 "$port2"
+if wait_state forkd2 UP/L7OK 20; then
+  pass "HAProxy put the restarted node2 back UP"
+else
+  fail "HAProxy did not put node2 back UP within 20 s"
+fi
+# slowstart ramps a returning node's weight up over 10 s; leastconn still
+# sends it work once it is UP, which is what this checks.
+before2=$(exec_count "$port2")
+ok=$(send_execs "$n" 3000)
+got2=$(($(exec_count "$port2") - before2))
+if ((ok == n && got2 > 0)); then
+  pass "after the restart node2 serves again ($got2 of $n)"
+else
+  fail "after the restart: $ok of $n execs answered, node2 ran $got2"
+fi
+
+if ((failed)); then dump_logs; fi
+echo "$passed passed, $failed failed"
+((failed == 0))
