@@ -78,6 +78,9 @@ enum BenchCmd {
         /// Code to exec (default: the language's print(1+1)).
         #[arg(long)]
         code: Option<String>,
+        /// Largest alive count at which each sandbox also runs the code once.
+        #[arg(long, default_value_t = 100)]
+        max_exec_alive: usize,
     },
 }
 
@@ -179,7 +182,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { command: BenchCmd::Fork { language, template: dir, iterations, alive, code } } => {
+        Cmd::Bench { command: BenchCmd::Fork { language, template: dir, iterations, alive, code, max_exec_alive } } => {
             let language = parse_language(&language)?;
             let t = load_template(language, dir)?;
             let alive_counts = alive
@@ -191,7 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Language::Python => "print(1+1)".into(),
                 Language::Node => "console.log(1+1)".into(),
             });
-            let opts = forkd::bench::BenchOptions { iterations, alive_counts, code, language };
+            let opts = forkd::bench::BenchOptions { iterations, alive_counts, code, language, max_exec_alive };
             let report = forkd::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
