@@ -23,12 +23,19 @@ pub struct Percentiles {
     pub n: u64,
 }
 
+/// Host memory per sandbox with `alive` of them alive at once, in KiB.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AliveRow {
     pub alive: u64,
-    pub rss_kib_per_sandbox: f64,
-    pub mem_available_kib_per_sandbox: f64,
-    pub create_exec_s: f64,
+    /// Just forked (runnable): the drop in MemAvailable, and forkd's RSS growth.
+    pub forked_mem_available_kib: f64,
+    pub forked_rss_kib: f64,
+    /// After each has run the code once; None where forkd skipped the execs
+    /// (above its --max-exec-alive).
+    pub exec_mem_available_kib: Option<f64>,
+    pub exec_rss_kib: Option<f64>,
+    /// Creating all of them (and running the execs, if any).
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -50,10 +57,10 @@ const POOLED_TOTAL: &str = "fork + exec, pooled reset";
 const FRESH_TOTAL: &str = "fork + exec, fresh VM";
 
 /// Runs the benchmark binary and parses its report.
-pub fn run(forkd: &Path, template: &Path, iterations: usize, alive: &[usize]) -> Result<ForkBench, BenchError> {
-    let alive_list = alive.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+pub fn run(forkd: &Path, template: &Path, iterations: usize, alive: &[usize], max_exec_alive: usize) -> Result<ForkBench, BenchError> {
     let output = Command::new(forkd)
-        .args(["bench", "fork", "--iterations", &iterations.to_string(), "--alive", &alive_list, "--template"])
+        .args(command_args(iterations, alive, max_exec_alive))
+        .arg("--template")
         .arg(template)
         .output()
         .map_err(|source| BenchError::Spawn { what: "forkd bench fork".into(), source })?;
@@ -64,6 +71,15 @@ pub fn run(forkd: &Path, template: &Path, iterations: usize, alive: &[usize]) ->
         });
     }
     parse(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// `forkd bench fork` arguments (without --template).
+pub fn command_args(iterations: usize, alive: &[usize], max_exec_alive: usize) -> Vec<String> {
+    let alive_list = alive.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+    ["bench", "fork", "--iterations", &iterations.to_string(), "--alive", &alive_list, "--max-exec-alive", &max_exec_alive.to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// Parses `forkd bench fork` output (see src/bench.rs in forkd).
@@ -116,7 +132,8 @@ fn parse_time_us(token: &str) -> Result<f64, String> {
     number.parse::<f64>().map(|v| v * scale).map_err(|_| format!("bad number in {token:?}"))
 }
 
-/// The table after the "alive" header: "N  RSS KiB  MemAvail KiB  secs s".
+/// The table after the "alive" header, one row per alive count:
+/// `N  forked-MemAvail KiB  forked-RSS KiB  exec-MemAvail KiB|(not run)  exec-RSS KiB|(not run)  secs s`.
 fn parse_alive(text: &str) -> Result<Vec<AliveRow>, BenchError> {
     let mut lines = text.lines().skip_while(|l| !l.trim_start().starts_with("alive"));
     if lines.next().is_none() {
@@ -129,14 +146,25 @@ fn parse_alive(text: &str) -> Result<Vec<AliveRow>, BenchError> {
             continue;
         }
         let bad = || BenchError::ParseForkBench(format!("memory row {line:?}"));
-        if tokens.len() != 6 || tokens[2] != "KiB" || tokens[4] != "KiB" {
+        if tokens.len() != 10 {
             return Err(bad());
         }
+        // A "123 KiB" cell, or "(not run)" where optional.
+        let kib = |i: usize| -> Option<Option<f64>> {
+            match (tokens[i], tokens[i + 1]) {
+                ("(not", "run)") => Some(None),
+                (v, "KiB") => v.parse().ok().map(Some),
+                _ => None,
+            }
+        };
+        let required = |i: usize| kib(i).flatten().ok_or_else(bad);
         rows.push(AliveRow {
             alive: tokens[0].parse().map_err(|_| bad())?,
-            rss_kib_per_sandbox: tokens[1].parse().map_err(|_| bad())?,
-            mem_available_kib_per_sandbox: tokens[3].parse().map_err(|_| bad())?,
-            create_exec_s: tokens[5].strip_suffix('s').and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+            forked_mem_available_kib: required(1)?,
+            forked_rss_kib: required(3)?,
+            exec_mem_available_kib: kib(5).ok_or_else(bad)?,
+            exec_rss_kib: kib(7).ok_or_else(bad)?,
+            seconds: tokens[9].strip_suffix('s').and_then(|v| v.parse().ok()).ok_or_else(bad)?,
         });
     }
     if rows.is_empty() {
@@ -158,10 +186,13 @@ fork + exec, pooled reset                    170µs     200µs     420µs   23.1
 fork + exec, fresh VM                       12.5ms    14.0ms    30.2ms   80.0ms    13.1ms  (n=500)
 
 fresh VM / pooled, p50: fork 21.4x, fork+exec 73.5x   (pool: 501 forks, 0 fresh fallbacks)
+pooled reset, mean: 290 pages copied back; dirty log 15.3µs, copy 204.1µs, VM state 10.7µs, vCPU state 171.8µs
 
-alive           RSS/sandbox MemAvail/sandbox    create+exec
-1                   4100 KiB          5200 KiB         0.02s
-1000                 310 KiB           420 KiB        14.20s
+host memory per live sandbox (MemAvailable delta includes KVM's kernel memory; RSS counts shared template pages too)
+alive      forked: MemAvail        forked: RSS  after exec: MemAv    after exec: RSS       time
+1                   900 KiB           1200 KiB           2300 KiB           6100 KiB       0.0s
+100                 760 KiB           1100 KiB           2200 KiB           5900 KiB      16.4s
+1000                740 KiB           1050 KiB          (not run)          (not run)       2.3s
 ";
 
 #[cfg(test)]
@@ -180,10 +211,28 @@ mod tests {
         assert_eq!(bench.pooled_total.p50_us, 170.0);
         assert_eq!(bench.fresh_total.p50_us, 12_500.0);
         assert_eq!(bench.fresh_total.mean_us, 13_100.0);
-        assert_eq!(bench.alive.len(), 2);
+        assert_eq!(bench.alive.len(), 3);
         assert_eq!(
             bench.alive[1],
-            AliveRow { alive: 1000, rss_kib_per_sandbox: 310.0, mem_available_kib_per_sandbox: 420.0, create_exec_s: 14.2 }
+            AliveRow {
+                alive: 100,
+                forked_mem_available_kib: 760.0,
+                forked_rss_kib: 1100.0,
+                exec_mem_available_kib: Some(2200.0),
+                exec_rss_kib: Some(5900.0),
+                seconds: 16.4
+            }
+        );
+        assert_eq!(
+            bench.alive[2],
+            AliveRow {
+                alive: 1000,
+                forked_mem_available_kib: 740.0,
+                forked_rss_kib: 1050.0,
+                exec_mem_available_kib: None,
+                exec_rss_kib: None,
+                seconds: 2.3
+            }
         );
     }
 
@@ -202,8 +251,11 @@ mod tests {
         assert!(parse(&bad_unit).is_err());
         let bad_count = SAMPLE.replace("41µs  (n=500)", "41µs  (n=?)");
         assert!(parse(&bad_count).is_err());
-        let bad_memory = SAMPLE.replace("310 KiB", "310 MiB");
+        let bad_memory = SAMPLE.replace("1050 KiB", "1050 MiB");
         assert!(parse(&bad_memory).is_err());
+        // Only the after-exec cells may be "(not run)".
+        let not_run_forked = SAMPLE.replace("  740 KiB", "(not run)");
+        assert!(parse(&not_run_forked).is_err());
     }
 
     #[test]

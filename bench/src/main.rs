@@ -100,6 +100,10 @@ struct Args {
     /// Sandboxes alive at once for the memory table.
     #[arg(long, default_value = "1,10,100,1000", value_parser = parse_list)]
     alive: Counts,
+    /// Largest alive count at which each sandbox also runs the snippet (fresh-VM
+    /// execs cost tens of ms each on PVM).
+    #[arg(long, default_value_t = 100)]
+    max_exec_alive: usize,
     /// HTTP connection counts.
     #[arg(long, default_value = "1,16,256,1000", value_parser = parse_list)]
     connections: Counts,
@@ -235,7 +239,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     let mut curves = Curves::default();
 
     progress.step(&format!("forkd bench fork ({} iterations, alive {:?})", args.fork_iterations, args.alive.0));
-    let fork = fork_bench::run(&forkd, &template, args.fork_iterations, &args.alive.0)?;
+    let fork = fork_bench::run(&forkd, &template, args.fork_iterations, &args.alive.0, args.max_exec_alive)?;
     progress.step(&format!(
         "  pooled fork p50 {:.0} µs, fork+exec p50 {:.0} µs; fresh VM fork p50 {:.0} µs",
         fork.pooled_fork.p50_us, fork.pooled_total.p50_us, fork.fresh_fork.p50_us
@@ -317,6 +321,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         code: code.into(),
         template: template.display().to_string(),
         fork_iterations: args.fork_iterations,
+        max_exec_alive: args.max_exec_alive,
         alive: args.alive.0.clone(),
         connections: args.connections.0.clone(),
         exec_duration_s: args.duration.as_secs_f64(),

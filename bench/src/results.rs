@@ -35,6 +35,8 @@ pub struct Settings {
     pub code: String,
     pub template: String,
     pub fork_iterations: usize,
+    /// forkd bench fork --max-exec-alive: above this many alive, sandboxes are only forked.
+    pub max_exec_alive: usize,
     pub alive: Vec<usize>,
     pub connections: Vec<usize>,
     pub exec_duration_s: f64,
