@@ -1,0 +1,1 @@
+../agent/fatal.c

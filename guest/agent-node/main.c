@@ -1,0 +1,1 @@
+../rootfs/languages/node_init.c

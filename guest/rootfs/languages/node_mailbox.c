@@ -1,0 +1,289 @@
+/*
+ * forkd_mailbox.node: what the Node agent cannot do in JavaScript.
+ *
+ *   contract            every FORKD_* number the agent uses, from contract.h
+ *   open(gpa?)          maps the mailbox (and the doorbell page) from /dev/mem
+ *                       at the guest-physical address `gpa` (a string); with
+ *                       no address, a private anonymous mailbox and no
+ *                       doorbell (the build-time self-test). Returns the
+ *                       mailbox as an external ArrayBuffer over the mapping.
+ *   ring(value)         the doorbell: one aligned 32-bit user-mode store
+ *   tscBegin()/tscEnd() TSC calibration spanning the warm-up
+ *   nowNs()             calibrated TSC time in ns (no syscall)
+ *   reseed(bytes)       mixes per-fork bytes into OpenSSL's DRBG (RAND_seed)
+ *   fatal(message)      reports in the mailbox, rings FATAL, never returns
+ *   powerOff()          ends the in-guest self-test (PID 1 must not exit)
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/reboot.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <node_api.h>
+#include <openssl/rand.h>
+
+#include "contract.h"
+
+static uint8_t *mailbox;
+static volatile uint32_t *doorbell; /* NULL without a VMM */
+static uint64_t calibration_tsc;
+static double calibration_wall;
+static double ns_per_tick;
+
+#define CHECK(env, call)                                                                           \
+    do {                                                                                           \
+        if ((call) != napi_ok) {                                                                   \
+            napi_throw_error((env), NULL, "forkd_mailbox: " #call " failed");                      \
+            return NULL;                                                                           \
+        }                                                                                          \
+    } while (0)
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static double monotonic_seconds(void)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0.0;
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void ring_value(uint32_t value)
+{
+    /* Every mailbox write must be visible before the VMM sees the ring. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (doorbell != NULL)
+        *doorbell = value;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static napi_value undefined(napi_env env)
+{
+    napi_value v;
+    napi_get_undefined(env, &v);
+    return v;
+}
+
+static int map_devmem(uint64_t gpa)
+{
+    /* O_SYNC: the host reads this memory behind the guest's caches. */
+    int fd = open("/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    /* MAP_SHARED: stores reach the physical pages the VMM reads; the page
+     * tables are filled at mmap time, so the hot path never faults here. */
+    void *base = mmap(NULL, FORKD_MAILBOX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)gpa);
+    if (base == MAP_FAILED) {
+        int err = errno;
+        close(fd);
+        return -err;
+    }
+    void *bell = mmap(NULL, FORKD_DOORBELL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                      (off_t)FORKD_DOORBELL_GPA);
+    int err = bell == MAP_FAILED ? errno : 0;
+    close(fd);
+    if (err != 0) {
+        munmap(base, FORKD_MAILBOX_SIZE);
+        return -err;
+    }
+    mailbox = base;
+    doorbell = bell;
+    return 0;
+}
+
+static napi_value js_open(napi_env env, napi_callback_info info)
+{
+    size_t argc = 1;
+    napi_value argv[1];
+    CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+    if (mailbox != NULL) {
+        napi_throw_error(env, NULL, "forkd_mailbox: already open");
+        return NULL;
+    }
+    napi_valuetype type = napi_undefined;
+    if (argc >= 1)
+        CHECK(env, napi_typeof(env, argv[0], &type));
+    if (type == napi_string) {
+        char text[32];
+        size_t len = 0;
+        CHECK(env, napi_get_value_string_utf8(env, argv[0], text, sizeof text, &len));
+        char *end = NULL;
+        errno = 0;
+        unsigned long long gpa = strtoull(text, &end, 0);
+        if (errno != 0 || end == text || *end != '\0' || gpa % 4096 != 0) {
+            napi_throw_range_error(env, NULL, "forkd_mailbox: bad mailbox address");
+            return NULL;
+        }
+        int err = map_devmem(gpa);
+        if (err != 0) {
+            char message[160];
+            snprintf(message, sizeof message, "forkd_mailbox: mapping /dev/mem at %#llx: %s", gpa,
+                     strerror(-err));
+            napi_throw_error(env, NULL, message);
+            return NULL;
+        }
+    } else {
+        void *base = mmap(NULL, FORKD_MAILBOX_SIZE, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (base == MAP_FAILED) {
+            napi_throw_error(env, NULL, "forkd_mailbox: anonymous mapping failed");
+            return NULL;
+        }
+        mailbox = base;
+        doorbell = NULL;
+    }
+    napi_value buffer;
+    /* No finalizer: the mapping lives as long as the process. */
+    CHECK(env, napi_create_external_arraybuffer(env, mailbox, FORKD_MAILBOX_SIZE, NULL, NULL, &buffer));
+    return buffer;
+}
+
+static napi_value js_ring(napi_env env, napi_callback_info info)
+{
+    size_t argc = 1;
+    napi_value argv[1];
+    uint32_t value = 0;
+    CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+    if (argc < 1 || napi_get_value_uint32(env, argv[0], &value) != napi_ok) {
+        napi_throw_type_error(env, NULL, "forkd_mailbox.ring(value): value must be a u32");
+        return NULL;
+    }
+    ring_value(value);
+    return undefined(env);
+}
+
+static napi_value js_tsc_begin(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    calibration_wall = monotonic_seconds();
+    calibration_tsc = rdtsc();
+    return undefined(env);
+}
+
+static napi_value js_tsc_end(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    /* The warm-up lasts seconds to minutes: one pair of samples suffices. */
+    double wall = monotonic_seconds() - calibration_wall;
+    uint64_t ticks = rdtsc() - calibration_tsc;
+    if (wall > 0.001 && ticks > 0)
+        ns_per_tick = wall * 1e9 / (double)ticks;
+    return undefined(env);
+}
+
+static napi_value js_now_ns(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    napi_value v;
+    CHECK(env, napi_create_double(env, (double)rdtsc() * ns_per_tick, &v));
+    return v;
+}
+
+static napi_value js_reseed(napi_env env, napi_callback_info info)
+{
+    size_t argc = 1;
+    napi_value argv[1];
+    void *data = NULL;
+    size_t len = 0;
+    CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+    if (argc < 1 || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok || len == 0 ||
+        len > 1024) {
+        napi_throw_type_error(env, NULL, "forkd_mailbox.reseed(bytes): 1..1024 bytes in a Buffer");
+        return NULL;
+    }
+    /* The primary DRBG reseeds with these bytes as additional input; the
+     * per-thread public/private DRBGs follow it on their next generate. */
+    RAND_seed(data, (int)len);
+    return undefined(env);
+}
+
+static napi_value js_fatal(napi_env env, napi_callback_info info)
+{
+    size_t argc = 1;
+    napi_value argv[1];
+    char message[4096] = "unknown error";
+    size_t len = strlen(message);
+    if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc >= 1)
+        napi_get_value_string_utf8(env, argv[0], message, sizeof message, &len);
+    fprintf(stderr, "forkd-agent: FATAL: %s\n", message);
+    fflush(stderr);
+    if (doorbell == NULL)
+        exit(1); /* self-test on a development machine */
+    memcpy(mailbox + FORKD_MB_STDERR_OFF, message, len);
+    *(volatile uint32_t *)(mailbox + FORKD_MB_RESP_STDERR_LEN_OFF) = (uint32_t)len;
+    *(volatile uint32_t *)(mailbox + FORKD_MB_RESP_STDOUT_LEN_OFF) = 0;
+    *(volatile uint32_t *)(mailbox + FORKD_MB_RESP_STATUS_OFF) = FORKD_STATUS_AGENT_ERROR;
+    ring_value(FORKD_DOORBELL_FATAL);
+    for (;;) /* PID 1 must not exit: that panics the kernel. */
+        pause();
+}
+
+static napi_value js_power_off(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    sync();
+    reboot(RB_POWER_OFF);
+    napi_throw_error(env, NULL, "forkd_mailbox.powerOff: reboot failed");
+    return NULL;
+}
+
+static napi_status set_number(napi_env env, napi_value obj, const char *name, double value)
+{
+    napi_value v;
+    napi_status s = napi_create_double(env, value, &v);
+    return s == napi_ok ? napi_set_named_property(env, obj, name, v) : s;
+}
+
+static napi_value init(napi_env env, napi_value exports)
+{
+    static const struct {
+        const char *name;
+        double value;
+    } constants[] = {
+#define C(name) {#name, (double)FORKD_##name}
+        C(MAILBOX_SIZE), C(MB_AGENT_STATE_OFF), C(MB_REQ_SEQ_OFF), C(MB_REQ_LANGUAGE_OFF),
+        C(MB_REQ_TIMEOUT_MS_OFF), C(MB_REQ_CODE_LEN_OFF), C(MB_REQ_STDOUT_CAP_OFF),
+        C(MB_REQ_STDERR_CAP_OFF), C(MB_FORK_GENERATION_OFF), C(MB_FORK_SEED_OFF), C(MB_SEED_LEN),
+        C(MB_RESP_SEQ_OFF), C(MB_RESP_STATUS_OFF), C(MB_RESP_EXIT_CODE_OFF),
+        C(MB_RESP_STDOUT_LEN_OFF), C(MB_RESP_STDERR_LEN_OFF), C(MB_RESP_FLAGS_OFF),
+        C(MB_RESP_EXEC_NS_OFF), C(MB_CODE_OFF), C(MB_CODE_MAX), C(MB_STDOUT_OFF), C(MB_STDOUT_MAX),
+        C(MB_STDERR_OFF), C(MB_STDERR_MAX), C(DOORBELL_READY), C(DOORBELL_DONE), C(STATE_READY),
+        C(STATE_RUNNING), C(STATE_DONE), C(LANG_NODE), C(STATUS_OK), C(STATUS_BAD_REQUEST),
+        C(STATUS_AGENT_ERROR), C(RESP_FLAG_STDOUT_TRUNCATED), C(RESP_FLAG_STDERR_TRUNCATED),
+#undef C
+    };
+    napi_value contract;
+    CHECK(env, napi_create_object(env, &contract));
+    for (size_t i = 0; i < sizeof constants / sizeof constants[0]; i++)
+        CHECK(env, set_number(env, contract, constants[i].name, constants[i].value));
+    CHECK(env, napi_set_named_property(env, exports, "contract", contract));
+
+    static const struct {
+        const char *name;
+        napi_callback fn;
+    } functions[] = {
+        {"open", js_open},       {"ring", js_ring},     {"tscBegin", js_tsc_begin},
+        {"tscEnd", js_tsc_end},  {"nowNs", js_now_ns},  {"reseed", js_reseed},
+        {"fatal", js_fatal},     {"powerOff", js_power_off},
+    };
+    for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
+        napi_value fn;
+        CHECK(env, napi_create_function(env, functions[i].name, NAPI_AUTO_LENGTH, functions[i].fn,
+                                        NULL, &fn));
+        CHECK(env, napi_set_named_property(env, exports, functions[i].name, fn));
+    }
+    return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)
