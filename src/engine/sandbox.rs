@@ -174,6 +174,10 @@ impl Sandbox {
         &self.vcpu
     }
 
+    pub fn vcpu_mut(&mut self) -> &mut Vcpu {
+        &mut self.vcpu
+    }
+
     /// The sandbox's private view of guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
