@@ -265,4 +265,35 @@ mod tests {
         assert_eq!(parse_time_us("2s"), Ok(2_000_000.0));
         assert!(parse_time_us("ms").is_err());
     }
+
+    /// Real output of forkd (commit 46013c9) on the PVM development machine.
+    const REAL: &str = r#"forkd bench fork — template /tmp/lead/pytpl (python), host KVM: pvm
+code: "print(1+1)", 20 iterations per method
+
+                                               p50       p90       p99       max      mean
+fork to runnable, pooled reset               218µs     339µs    6607µs    6607µs     734µs  (n=20)
+fork to runnable, fresh VM                  6371µs    7739µs    14.1ms    14.1ms    7106µs  (n=20)
+exec only (guest run), pooled                247µs     288µs    4307µs    4307µs     457µs  (n=20)
+fork + exec, pooled reset                    473µs    4391µs    6871µs    6871µs    1195µs  (n=20)
+fork + exec, fresh VM                      831.5ms   947.2ms  1131.5ms  1131.5ms   669.7ms  (n=20)
+
+fresh VM / pooled, p50: fork 29.2x, fork+exec 1757.9x   (pool: 21 forks, 0 fresh fallbacks)
+pooled reset, mean: 345 pages copied back; dirty log 15.6µs, copy 165.6µs, VM state 329.1µs, vCPU state 223.9µs
+
+host memory per live sandbox (MemAvailable delta includes KVM's kernel memory; RSS counts shared template pages too)
+alive      forked: MemAvail        forked: RSS  after exec: MemAv    after exec: RSS       time
+1                     0 KiB             36 KiB           2140 KiB          17016 KiB       0.8s
+5                  1166 KiB             38 KiB          (not run)          (not run)       0.1s
+"#;
+
+    #[test]
+    fn parses_real_forkd_output() {
+        let bench = parse(REAL).unwrap();
+        assert_eq!(bench.fresh_total.p50_us, 831_500.0);
+        assert_eq!(bench.pooled_fork.n, 20);
+        assert_eq!(bench.alive.len(), 2);
+        assert_eq!(bench.alive[0].exec_rss_kib, Some(17_016.0));
+        assert_eq!(bench.alive[1].exec_mem_available_kib, None);
+        assert_eq!(bench.alive[1].forked_mem_available_kib, 1166.0);
+    }
 }
