@@ -122,8 +122,9 @@ main() {
         printf '%s\n' "$out"
         return 0
     fi
-    # We hold the lock, so every temp dir left here is from a dead run.
-    rm -rf "$cache_root"/.tmp-*
+    # We hold the lock, so every temp dir left here is from a dead run (or
+    # a finished one still being deleted in the background: harmless).
+    rm -rf "$cache_root"/.tmp-* "$cache_root"/.trash-* 2>/dev/null || true
 
     local tmp=$cache_root/.tmp-$key
     local src=$tmp/src staging=$tmp/out
@@ -174,7 +175,11 @@ main() {
 
     trap - EXIT
     mv -T "$staging" "$out"
-    rm -rf "$tmp"
+    # Deleting the ~1.5 GB work tree takes a while: do it in the background,
+    # detached from our stdout so "$(build.sh)" callers need not wait.
+    local trash=$cache_root/.trash-$key-$$
+    mv -T "$tmp" "$trash"
+    nohup rm -rf "$trash" >/dev/null 2>&1 &
     progress "done: $out"
     printf '%s\n' "$out"
 }
