@@ -4,9 +4,11 @@
 # Shows that requests through the proxy are spread over both nodes (each
 # node's own /v1/metrics counters), that stopping a node gets it taken out by
 # the /v1/health check with every request still answered by the other node,
-# and that a restarted node is put back. Needs /dev/kvm, haproxy, curl,
-# python3, the release binary and a built Python template; fails loudly when
-# any is missing.
+# and that a restarted node is put back. Then runs Prometheus with the
+# committed deploy/prometheus.yml against the nodes and checks that every
+# query of deploy/grafana-dashboard.json returns data. Needs /dev/kvm,
+# haproxy, prometheus, curl, python3, the release binary and a built Python
+# template; fails loudly when any is missing.
 #
 #   bash tests/loadbalancer.sh
 #   FORKD_TEST_TEMPLATE=/path/to/template bash tests/loadbalancer.sh
@@ -224,6 +226,66 @@ if ((ok == n && got2 > 0)); then
   pass "after the restart node2 serves again ($got2 of $n)"
 else
   fail "after the restart: $ok of $n execs answered, node2 ran $got2"
+fi
+
+# ---- 4. monitoring: the committed Prometheus config and Grafana dashboard ----
+# Prometheus runs deploy/prometheus.yml with the targets pointed at these
+# nodes and a 1 s scrape interval; every dashboard query must return data.
+prometheus=$(command -v prometheus || true)
+[[ -n $prometheus ]] || die "prometheus is not installed (apt-get install prometheus)"
+prom_port=$(free_port)
+mkdir -p "$work/prom"
+sed -e 's/scrape_interval: 15s/scrape_interval: 1s/' \
+  -e "s/- 127.0.0.1:8080$/- 127.0.0.1:$port1/" -e "s/- 127.0.0.1:8081$/- 127.0.0.1:$port2/" \
+  -e "s/- 127.0.0.1:8404$/- 127.0.0.1:$stats_port/" \
+  "$root/deploy/prometheus.yml" >"$work/prom/prometheus.yml"
+cp "$root/deploy/forkd-alerts.yml" "$work/prom/"
+for p in "$port1" "$port2" "$stats_port"; do
+  grep -q "127.0.0.1:$p\$" "$work/prom/prometheus.yml" || die "deploy/prometheus.yml no longer has the default targets this test rewrites"
+done
+"$prometheus" --config.file="$work/prom/prometheus.yml" --storage.tsdb.path="$work/prom/data" \
+  --web.listen-address="127.0.0.1:$prom_port" >"$work/prometheus.log" 2>&1 &
+pids+=("$!")
+prom="http://127.0.0.1:$prom_port"
+targets_up() {
+  curl -fsS "$prom/api/v1/query" --data-urlencode 'query=count(up == 1)' 2>/dev/null |
+    python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(r[0]["value"][1] if r else 0)' 2>/dev/null || echo 0
+}
+for _ in $(seq 1 60); do [[ $(targets_up) == 3 ]] && break; sleep 0.5; done
+if [[ $(targets_up) == 3 ]]; then
+  pass "Prometheus with deploy/prometheus.yml scrapes both nodes and HAProxy"
+else
+  fail "Prometheus sees $(targets_up) of 3 targets up"
+fi
+send_execs 8 4000 >/dev/null
+sleep 3
+if python3 - "$root/deploy/grafana-dashboard.json" "$prom" <<'PY'
+import json, sys, urllib.parse, urllib.request
+dashboard, prom = sys.argv[1], sys.argv[2]
+panels = json.load(open(dashboard))["panels"]
+bad = 0
+queries = 0
+for panel in panels:
+    for target in panel.get("targets", []):
+        expr = target["expr"].replace("$instance", ".*").replace("$__rate_interval", "30s")
+        url = prom + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        result = json.load(urllib.request.urlopen(url))["data"]["result"]
+        queries += 1
+        if not result:
+            bad += 1
+            print(f"no data: {panel['title']}: {expr}", file=sys.stderr)
+rules = json.load(urllib.request.urlopen(prom + "/api/v1/rules"))["data"]["groups"]
+unhealthy = [r["name"] for g in rules for r in g["rules"] if r["health"] != "ok"]
+if not rules or unhealthy:
+    bad += 1
+    print(f"alert rules missing or unhealthy: {unhealthy}", file=sys.stderr)
+print(f"{queries} dashboard queries, {bad} without data", file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+then
+  pass "every Grafana dashboard query returns data from the live nodes; alert rules load"
+else
+  fail "some Grafana dashboard queries returned no data (see above)"
 fi
 
 if ((failed)); then dump_logs; fi
