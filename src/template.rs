@@ -311,7 +311,7 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
         ),
     );
 
-    p.say("verify", "restoring the snapshot into a fresh VM and running Python through the mailbox");
+    p.say("verify", &format!("restoring the snapshot into a fresh VM and running {} through the mailbox", opts.language.as_str()));
     self_check(&p, &tmp)?;
 
     if dir.exists() {
@@ -455,17 +455,23 @@ fn boot_to_ready(
     Ok((meta, MachineState { vcpu: vcpu_state, vm: vm_state, serial }, ram))
 }
 
-/// Restores the fresh template into a new VM and checks one Python round trip.
+/// Restores the fresh template into a new VM and checks one round trip in
+/// its language: the sum of 0..10^6.
 fn self_check(p: &Progress, dir: &Path) -> Result<(), TemplateError> {
     let t = Template::load(dir)?;
+    let language = t.language().unwrap_or(Language::Python);
+    let code = match language {
+        Language::Python => "print(sum(range(10**6)))",
+        Language::Node => "let s = 0; for (let i = 0; i < 1e6; i++) s += i; console.log(s)",
+    };
     let kvm = Kvm::new().map_err(TemplateError::Kvm)?;
     let timer = ThreadTimer::for_current_thread()?;
     let started = Instant::now();
     let mut sb = Sandbox::fork_fresh(&kvm, &t, false)?;
     let fork = started.elapsed();
     let req = ExecRequest {
-        code: "print(sum(range(10**6)))".into(),
-        language: Language::Python,
+        code: code.into(),
+        language,
         timeout: Duration::from_secs(120),
         cancel: CancelToken::new(),
     };
@@ -473,7 +479,7 @@ fn self_check(p: &Progress, dir: &Path) -> Result<(), TemplateError> {
     let out = String::from_utf8_lossy(&r.stdout);
     if r.failure.is_some() || r.exit_code != 0 || out.trim() != "499999500000" {
         return Err(TemplateError::SelfCheck(format!(
-            "sum(range(10**6)) gave stdout {:?}, stderr {:?}, exit {}, failure {:?}; console:\n{}",
+            "{code:?} gave stdout {:?}, stderr {:?}, exit {}, failure {:?}; console:\n{}",
             out,
             String::from_utf8_lossy(&r.stderr),
             r.exit_code,

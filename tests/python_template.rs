@@ -114,3 +114,33 @@ fn hostile_programs_end_in_clear_results_and_the_engine_keeps_serving() {
     assert!(r.failure.is_some() || r.exit_code == 7, "os._exit: {:?} exit {}", r.failure, r.exit_code);
     assert_eq!(out(&p.exec(&py("print('ok')", T))), "ok\n");
 }
+
+#[test]
+fn execs_that_enter_the_guest_kernel_leave_a_reusable_vm() {
+    // New mappings change guest page tables; the pooled reset must not leave
+    // KVM's shadow copies of them behind.
+    let mut p = pool();
+    for code in [
+        "import mmap\nm = mmap.mmap(-1, 1 << 20)\nm[0:3] = b'abc'\nprint(bytes(m[0:3]))",
+        "import uuid; print(len(str(uuid.uuid4())))",
+        "import os; print(os.getpid())",
+        "import time; time.sleep(0.05); print('slept')",
+    ] {
+        let r = p.exec(&py(code, T));
+        assert_eq!(r.failure, None, "{code}: {}", err(&r));
+        let r = p.exec(&py("print('after')", T));
+        assert_eq!((out(&r), r.failure.clone()), ("after\n".into(), None), "exec after {code:?}: {}", err(&r));
+    }
+    assert_eq!(p.stats().fresh_vm_forks, 0, "the pooled VM should have been reused throughout");
+}
+
+#[test]
+fn console_output_does_not_reach_the_next_user() {
+    let mut p = pool();
+    // Written to fd 1 directly (the guest console), then the next user crashes the guest.
+    let r = p.exec(&py("import os; os.write(1, b'TENANT-A-SECRET\\n'); print('a')", T));
+    assert_eq!(out(&r), "a\n");
+    let r = p.exec(&py("import os; os._exit(9)", Duration::from_secs(30)));
+    let message = format!("{:?} {}", r.failure, err(&r));
+    assert!(!message.contains("TENANT-A-SECRET"), "previous user's console output leaked: {message}");
+}

@@ -19,13 +19,17 @@ use crate::contract as c;
 use crate::template::Template;
 use crate::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
 use crate::vmm::kick::ThreadTimer;
+use crate::vmm::cpuid::HostKind;
 use crate::vmm::memory::{GuestRam, Sharing};
+use crate::vmm::stats::{StatsSample, VcpuStats};
 use crate::vmm::vcpu::{RunOutcome, Vcpu};
 use crate::vmm::vm::Vm;
 
 /// How often a running exec is checked for cancellation, and when a long
 /// exec gets its timer interrupt back.
 const CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a busy exec runs before it gets timer interrupts back anyway.
+const TIMER_GRACE: Duration = Duration::from_millis(500);
 const CONSOLE_TAIL: usize = 8 << 10;
 
 #[derive(Debug, thiserror::Error)]
@@ -73,13 +77,17 @@ pub struct Sandbox {
     vm: Vm,
     ram: GuestRam,
     devices: LegacyDevices,
-    /// Pages written since the template, as far as known (guest + host).
-    dirty: Vec<u64>,
-    /// KVM's dirty log accumulates (manual protect): every page the guest
-    /// ever wrote is copied back on each reset, and written pages stay
-    /// writable for the guest, so an exec takes no write-protection exits on
-    /// pages earlier execs already wrote.
-    cumulative_log: bool,
+    /// Bitmap of every guest page written since this VM was forked (guest
+    /// writes from KVM's dirty log, OR-ed in; never cleared). With KVM's
+    /// manual-protect mode pages stay writable once written, so an exec takes
+    /// no write-protection exits on pages earlier execs already wrote; the
+    /// price is that a reset copies back this whole set.
+    ever_dirty: Vec<u64>,
+    /// Counters that show whether an exec left guest user mode.
+    stats: Option<VcpuStats>,
+    /// The last exec entered the guest kernel (or we cannot tell): the next
+    /// reset must also drop KVM's shadow page tables.
+    kernel_entered: bool,
     host_pages: Vec<u64>,
     seq: u64,
     used: bool,
@@ -92,7 +100,9 @@ impl Sandbox {
     /// pages so the sandbox can later be reset by copy-back.
     pub fn fork_fresh(kvm: &Kvm, t: &Template, pooled: bool) -> Result<Sandbox, SandboxError> {
         let mut vm = Vm::new(kvm)?;
-        let cumulative_log = pooled && std::env::var_os("FORKD_REPROTECT_DIRTY").is_none() && vm.enable_cumulative_dirty_log()?;
+        if pooled && std::env::var_os("FORKD_REPROTECT_DIRTY").is_none() {
+            vm.enable_cumulative_dirty_log()?;
+        }
         let ram = GuestRam::map(&t.memfd, t.meta.ram_size as usize, Sharing::Private)?;
         vm.set_ram(&ram, pooled)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(SandboxError::EventFd)?;
@@ -102,13 +112,15 @@ impl Sandbox {
         vm.restore_state(&t.state.vm)?;
         vcpu.restore_state(&t.state.vcpu, &t.fork_lapic)?;
         let devices = LegacyDevices::with_serial_state(irq, ConsoleSink::new(CONSOLE_TAIL, false, None), &t.state.serial);
+        let stats = if pooled { VcpuStats::open(vcpu.fd()).ok() } else { None };
         Ok(Sandbox {
             vcpu,
             vm,
             ram,
             devices,
-            dirty: Vec::new(),
-            cumulative_log,
+            ever_dirty: Vec::new(),
+            stats,
+            kernel_entered: false,
             host_pages: Vec::new(),
             seq: 0,
             used: false,
@@ -132,14 +144,21 @@ impl Sandbox {
     pub fn reset(&mut self, t: &Template) -> Result<ResetStats, SandboxError> {
         let t0 = Instant::now();
         self.collect_dirty()?;
-        let mut pages = std::mem::take(&mut self.dirty);
-        pages.append(&mut self.host_pages);
-        pages.sort_unstable();
-        pages.dedup();
+        for &p in &self.host_pages {
+            set_bit(&mut self.ever_dirty, p);
+        }
+        self.host_pages.clear();
+        if self.kernel_entered {
+            // The exec may have changed guest page tables; the copy-back below
+            // reverts them behind KVM's back, so its shadow copies must go.
+            self.vm.zap_guest_mappings(&self.ram)?;
+            self.kernel_entered = false;
+        }
         let t1 = Instant::now();
-        let n = self.ram.copy_pages_from(&t.source, pages.iter().copied());
+        let n = self.ram.copy_pages_from(&t.source, BitIter::new(&self.ever_dirty));
         let t2 = Instant::now();
         self.vm.restore_state(&t.state.vm)?;
+        self.devices.reset_to(&t.state.serial).map_err(SandboxError::EventFd)?;
         let t3 = Instant::now();
         self.vcpu.restore_fast(&t.state.vcpu, &t.fork_lapic)?;
         let t4 = Instant::now();
@@ -148,25 +167,23 @@ impl Sandbox {
         Ok(ResetStats { pages: n, dirty_log: t1 - t0, copy: t2 - t1, vm_state: t3 - t2, vcpu_state: t4 - t3 })
     }
 
-    /// Folds KVM's dirty bitmap into `self.dirty` (with a cumulative log the
-    /// bitmap already holds every page ever written, so it replaces the list).
+    /// ORs KVM's dirty bitmap into `ever_dirty`.
     fn collect_dirty(&mut self) -> Result<(), SandboxError> {
         if !self.vm.dirty_logging() {
             return Ok(());
         }
         let bitmap = self.vm.take_dirty_log()?;
-        if self.cumulative_log {
-            self.dirty.clear();
+        if self.ever_dirty.len() < bitmap.len() {
+            self.ever_dirty.resize(bitmap.len(), 0);
         }
-        for (w, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                self.dirty.push(w as u64 * 64 + b);
-                bits &= bits - 1;
-            }
+        for (acc, word) in self.ever_dirty.iter_mut().zip(bitmap) {
+            *acc |= word;
         }
         Ok(())
+    }
+
+    fn dirty_page_count(&self) -> usize {
+        self.ever_dirty.iter().map(|w| w.count_ones() as usize).sum()
     }
 
     /// The vCPU (tests inspect registers after a reset).
@@ -225,8 +242,12 @@ impl Sandbox {
             }
         }
         self.vcpu.bind_kick_to_current_thread();
-        let outcome = self.run_guest(t, req, limits, timer, started);
+        let before = self.stats.as_ref().and_then(|s| s.sample().ok());
+        let outcome = self.run_guest(t, req, limits, timer, started, &before);
         let _ = timer.disarm();
+        if t.meta.host_kind == HostKind::Pvm {
+            self.kernel_entered = self.left_user_mode(&before);
+        }
         result.exec_time = started.elapsed();
         match outcome {
             Ok(()) => match mailbox::read_response(&self.ram, self.seq, limits.stdout_cap, limits.stderr_cap) {
@@ -259,7 +280,49 @@ impl Sandbox {
         result
     }
 
-    fn run_guest(&mut self, t: &Template, req: &ExecRequest, limits: &Limits, timer: &ThreadTimer, started: Instant) -> Result<(), ExecFailure> {
+    /// Whether the guest left user mode since `before`: any emulated
+    /// instruction beyond the doorbell store, a fault or interrupt delivered to
+    /// the guest, or a halt. Without counters the answer is "yes".
+    fn left_user_mode(&self, before: &Option<StatsSample>) -> bool {
+        let (Some(stats), Some(before)) = (self.stats.as_ref(), before.as_ref()) else { return true };
+        let Ok(after) = stats.sample() else { return true };
+        let delta = |name: &str| match (stats.get(before, name), stats.get(&after, name)) {
+            (Some(a), Some(b)) => Some(b.wrapping_sub(a)),
+            _ => None,
+        };
+        let (Some(emulated), Some(faults), Some(irqs), Some(halts)) =
+            (delta("insn_emulation"), delta("pf_guest"), delta("irq_injections"), delta("halt_exits"))
+        else {
+            return true;
+        };
+        emulated > 1 || faults > 0 || irqs > 0 || halts > 0
+    }
+
+    /// A masked timer is given back when the guest went idle (it is waiting
+    /// for time to pass: a sleep, a timer) or the exec has run long; a busy
+    /// short exec keeps it masked, so it pays no ticks (~5 ms each on PVM).
+    fn needs_timer(&self, started: Instant, before: &Option<StatsSample>) -> bool {
+        if started.elapsed() >= TIMER_GRACE {
+            return true;
+        }
+        let (Some(stats), Some(before)) = (self.stats.as_ref(), before.as_ref()) else { return true };
+        let Ok(now) = stats.sample() else { return true };
+        match (stats.get(before, "halt_exits"), stats.get(&now, "halt_exits")) {
+            (Some(a), Some(b)) => b != a,
+            _ => true,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_guest(
+        &mut self,
+        t: &Template,
+        req: &ExecRequest,
+        limits: &Limits,
+        timer: &ThreadTimer,
+        started: Instant,
+        before: &Option<StatsSample>,
+    ) -> Result<(), ExecFailure> {
         let deadline = started + req.timeout;
         let arm = |now: Instant| {
             let left = deadline.saturating_duration_since(now);
@@ -297,11 +360,11 @@ impl Sandbox {
                     }
                     if self.vm.dirty_logging() {
                         self.collect_dirty().map_err(|e| ExecFailure::Internal(e.to_string()))?;
-                        if self.dirty.len() > limits.max_dirty_pages {
+                        if self.dirty_page_count() > limits.max_dirty_pages {
                             return Err(ExecFailure::MemoryLimit);
                         }
                     }
-                    if !self.timer_unmasked {
+                    if !self.timer_unmasked && self.needs_timer(started, before) {
                         // A long exec gets its timer tick back (sleeps, scheduling).
                         self.vcpu
                             .resume_lapic_timer(&t.state.vcpu.lapic)
@@ -315,6 +378,40 @@ impl Sandbox {
     }
 }
 
+fn set_bit(bitmap: &mut Vec<u64>, bit: u64) {
+    let word = (bit / 64) as usize;
+    if bitmap.len() <= word {
+        bitmap.resize(word + 1, 0);
+    }
+    bitmap[word] |= 1 << (bit % 64);
+}
+
+/// Iterates the set bits of a bitmap, lowest first.
+struct BitIter<'a> {
+    words: &'a [u64],
+    index: usize,
+    current: u64,
+}
+
+impl<'a> BitIter<'a> {
+    fn new(words: &'a [u64]) -> Self {
+        BitIter { words, index: 0, current: words.first().copied().unwrap_or(0) }
+    }
+}
+
+impl Iterator for BitIter<'_> {
+    type Item = u64;
+    fn next(&mut self) -> Option<u64> {
+        while self.current == 0 {
+            self.index += 1;
+            self.current = *self.words.get(self.index)?;
+        }
+        let bit = self.current.trailing_zeros() as u64;
+        self.current &= self.current - 1;
+        Some(self.index as u64 * 64 + bit)
+    }
+}
+
 /// Host randomness for per-fork reseeding (getrandom never blocks after boot).
 pub fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
@@ -324,5 +421,21 @@ pub fn fill_random(buf: &mut [u8]) {
         if n > 0 {
             filled += n as usize;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_iteration_finds_every_set_bit_in_order() {
+        let mut bm = Vec::new();
+        for b in [0u64, 1, 63, 64, 130, 1000] {
+            set_bit(&mut bm, b);
+        }
+        assert_eq!(BitIter::new(&bm).collect::<Vec<_>>(), vec![0, 1, 63, 64, 130, 1000]);
+        assert_eq!(BitIter::new(&[]).count(), 0);
+        assert_eq!(BitIter::new(&[0, 0, 1 << 5]).collect::<Vec<_>>(), vec![133]);
     }
 }

@@ -114,6 +114,15 @@ impl LegacyDevices {
         LegacyDevices { serial, cmos_index: 0 }
     }
 
+    /// Back to the template's UART registers with an empty console, so
+    /// nothing one user printed reaches the next user of a pooled VM.
+    pub fn reset_to(&mut self, state: &SerialState) -> Result<(), std::io::Error> {
+        let irq = self.serial.interrupt_evt().0.try_clone()?;
+        let (cap, echo) = (self.console().tail_cap, self.console().echo);
+        *self = LegacyDevices::with_serial_state(irq, ConsoleSink::new(cap, echo, None), state);
+        Ok(())
+    }
+
     pub fn console(&self) -> &ConsoleSink {
         self.serial.writer()
     }

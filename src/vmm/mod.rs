@@ -8,5 +8,6 @@ pub mod kick;
 pub mod layout;
 pub mod memory;
 pub mod snapshot;
+pub mod stats;
 pub mod vcpu;
 pub mod vm;

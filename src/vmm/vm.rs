@@ -119,6 +119,26 @@ impl Vm {
         Ok(())
     }
 
+    /// Drops every shadow page table KVM built for guest RAM, by deleting and
+    /// re-creating the memory slot (KVM zaps all of a deleted slot's
+    /// mappings). Needed after the host rewrote guest page-table pages behind
+    /// KVM's back (copy-back reset after an exec that entered the guest
+    /// kernel): on shadow-paging hosts (PVM) KVM would otherwise keep using
+    /// translations of the exec's page tables. The dirty log restarts empty.
+    pub fn zap_guest_mappings(&mut self, ram: &GuestRam) -> Result<(), VmError> {
+        let delete = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: 0,
+            userspace_addr: ram.host_addr(),
+        };
+        // SAFETY: deleting slot 0; the mapping stays alive and is re-added below.
+        unsafe { self.fd.set_user_memory_region(delete) }.map_err(VmError::SetMemoryRegion)?;
+        let log = self.dirty_logging;
+        self.set_ram(ram, log)
+    }
+
     /// Returns KVM's bitmap of written pages: those written since the last
     /// call, or — with [`Vm::enable_cumulative_dirty_log`] — every page ever
     /// written.
