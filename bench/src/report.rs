@@ -52,7 +52,16 @@ pub fn latency_ratio(forkd_ms: f64, peer_ms: f64) -> String {
     if forkd_ms <= 0.0 || peer_ms <= 0.0 {
         return "n/a".into();
     }
-    let factor = |r: f64| if r >= 10.0 { format!("{r:.0}") } else { format!("{r:.1}") };
+    // Two decimals near parity, so 1.05 does not read as "1.0× slower".
+    let factor = |r: f64| {
+        if r >= 10.0 {
+            format!("{r:.0}")
+        } else if r >= 2.0 {
+            format!("{r:.1}")
+        } else {
+            format!("{r:.2}")
+        }
+    };
     if forkd_ms <= peer_ms {
         format!("forkd {}× faster", factor(peer_ms / forkd_ms))
     } else {
@@ -623,8 +632,10 @@ mod tests {
     #[test]
     fn ratios_say_which_way() {
         assert_eq!(latency_ratio(1.0, 40.0), "forkd 40× faster");
-        assert_eq!(latency_ratio(2.0, 3.0), "forkd 1.5× faster");
-        assert_eq!(latency_ratio(3.0, 2.0), "forkd 1.5× slower");
+        assert_eq!(latency_ratio(2.0, 3.0), "forkd 1.50× faster");
+        assert_eq!(latency_ratio(3.0, 2.0), "forkd 1.50× slower");
+        assert_eq!(latency_ratio(22.0, 21.0), "forkd 1.05× slower");
+        assert_eq!(latency_ratio(1.0, 3.25), "forkd 3.2× faster");
         assert_eq!(latency_ratio(0.0, 2.0), "n/a");
         assert_eq!(throughput_ratio(500.0, 250.0), "2.00× the req/s");
         assert_eq!(throughput_ratio(5000.0, 250.0), "20× the req/s");
