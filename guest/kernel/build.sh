@@ -132,7 +132,7 @@ main() {
     log=$staging/build.log
     : > "$log"
     # On any failure show the end of the log; the work tree stays for
-    # inspection until the next run for this key removes it.
+    # inspection until the next build removes it.
     trap 'report_failure "$tmp"' EXIT
 
     progress "key $key"
@@ -179,7 +179,8 @@ main() {
     # detached from our stdout so "$(build.sh)" callers need not wait.
     local trash=$cache_root/.trash-$key-$$
     mv -T "$tmp" "$trash"
-    nohup rm -rf "$trash" >/dev/null 2>&1 &
+    # (fd 9 closed: the lock must not outlive this script).
+    nohup rm -rf "$trash" >/dev/null 2>&1 9>&- &
     progress "done: $out"
     printf '%s\n' "$out"
 }
