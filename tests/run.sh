@@ -41,7 +41,8 @@ step "guest template (kernel, rootfs, boot, snapshot; cached by input hash)"
 step "Rust test suites"
 cargo test --release --workspace --locked
 
-step "Python suites: tuning/check, the bench fork-server peer"
+step "Python suites: guest runner (vs python -c), tuning/check, the bench fork-server peer"
+python3 -m unittest discover -s guest/agent -p 'test_*.py'
 python3 -m unittest discover -s tuning -p 'test_*.py'
 python3 -m unittest discover -s bench/peers -p 'test_*.py'
 
