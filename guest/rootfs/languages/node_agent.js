@@ -18,7 +18,8 @@
 // The request cycle runs in 'beforeExit' (node emits it whenever the event
 // loop has nothing left to do): finish the current exec, ring, start the
 // next one, then drain nextTicks/microtasks/rejections synchronously; if
-// the code left nothing behind (no timers, no handles) answer right away,
+// the code left nothing behind (no timers, handles or thread-pool work)
+// answer right away,
 // without another event-loop turn (each costs an epoll_wait syscall, ~0.5
 // ms of emulated kernel time on PVM hosts).
 //
@@ -272,14 +273,33 @@ Object.defineProperty(Math, 'random', {
   },
 });
 
-function reseed() {
-  const seed = bytes.subarray(C.MB_FORK_SEED_OFF, C.MB_FORK_SEED_OFF + C.MB_SEED_LEN);
-  // OpenSSL's DRBG state (crypto.randomBytes & co.) is cloned too.
-  addon.reseed(seed);
+function forkSeed() {
+  return bytes.subarray(C.MB_FORK_SEED_OFF, C.MB_FORK_SEED_OFF + C.MB_SEED_LEN);
+}
+
+function reseedMathRandom() {
+  const seed = forkSeed();
   for (let i = 0; i < 4; i++) rng[i] = seed.readUInt32LE(i * 4) ^ seed.readUInt32LE(16 + i * 4);
   if ((rng[0] | rng[1] | rng[2] | rng[3]) === 0) rng[0] = 0x9e3779b9; // xoshiro's one bad state
   for (let i = 0; i < 8; i++) nextUint32();
 }
+
+// OpenSSL's DRBG state (crypto.randomBytes, randomUUID, keys...) is cloned
+// into every fork too. Reseeding it costs a getrandom syscall (emulated
+// kernel work on PVM hosts), so it happens once per exec, when the code
+// first loads a module that can reach OpenSSL's RNG; every such path starts
+// with one of these requires.
+const OPENSSL_MODULES = new Set(['crypto', 'tls', 'https', 'http2', '_tls_wrap']);
+let opensslReseeded = false;
+const realLoad = Module._load;
+Module._load = function _load(request, parent, isMain) {
+  if (!opensslReseeded && current !== null &&
+      OPENSSL_MODULES.has(request.startsWith('node:') ? request.slice(5) : request)) {
+    opensslReseeded = true;
+    addon.reseed(forkSeed());
+  }
+  return Reflect.apply(realLoad, this, arguments);
+};
 
 // ---- the request path ------------------------------------------------------
 
@@ -323,7 +343,8 @@ function startExec() {
     exec.terminated = true;
     return;
   }
-  reseed();
+  reseedMathRandom();
+  opensslReseeded = false;
   process.exitCode = undefined;
   const code = bytes.toString('utf8', C.MB_CODE_OFF, C.MB_CODE_OFF + req.codeLen);
   let fn;
@@ -432,7 +453,11 @@ await sleep(1); console.log(await f(21)); setTimeout(() => console.log('later'),
     code: "const { randomBytes, createHash } = require('crypto'); console.log(randomBytes(16).length, createHash('sha256').update('abc').digest('hex').slice(0, 8), Math.random() < 1)",
     stdout: '16 ba7816bf true\n',
   },
-  { code: "const path = require('path'); const fs = require('fs'); fs.writeFileSync('/tmp/forkd-warm', 'ok'); console.log(fs.readFileSync('/tmp/forkd-warm', 'utf8'), path.join('a', 'b'))", stdout: 'ok a/b\n' },
+  { code: "const path = require('path'); const fs = require('fs'); fs.writeFileSync('/tmp/forkd-warm', 'ok'); console.log(fs.readFileSync('/tmp/forkd-warm', 'utf8'), path.join('a', 'b')); fs.unlinkSync('/tmp/forkd-warm')", stdout: 'ok a/b\n' },
+  // Thread-pool work (async crypto, fs) keeps the loop alive without being
+  // an "active resource"; the answer must wait for it.
+  { code: "require('crypto').randomBytes(4, (e, b) => console.log(b.length))", stdout: '4\n' },
+  { code: "require('fs').readFile('/etc/hosts', (e, d) => console.log(e === null))", stdout: 'true\n' },
   { code: ALLOC_LOOP, stdout: 'true\n' },
   { code: ALLOC_LOOP, stdout: 'true\n' },
   { code: "console.log('x'.repeat(70000).length); process.stdout.write('y'.repeat(70000))", stdout: '70000\n' + 'y'.repeat(65536 - 6), flags: 1 },
@@ -527,10 +552,11 @@ function onLoopIdle() {
     if (current !== null) finishCurrent();
     if (!startNext()) return;
     // Run what the code queued (nextTicks, promise jobs, rejection
-    // handling) now; if it left nothing for the event loop, answer without
-    // another loop turn.
+    // handling) now; if it left nothing for the event loop (libuv's own
+    // test, as node's before 'beforeExit'), answer without another loop
+    // turn.
     process._tickCallback();
-    if (process.getActiveResourcesInfo().length > 0) return;
+    if (addon.loopAlive()) return;
   }
 }
 

@@ -13,6 +13,9 @@
  *   reseed(bytes)       mixes per-fork bytes into OpenSSL's DRBG (RAND_seed)
  *   fatal(message)      reports in the mailbox, rings FATAL, never returns
  *   powerOff()          ends the in-guest self-test (PID 1 must not exit)
+ *   loopAlive()         libuv's own test for "the event loop has work left"
+ *                       (ref'd handles, timers, thread-pool requests): what
+ *                       node checks before emitting 'beforeExit'
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -29,6 +32,11 @@
 #include <openssl/rand.h>
 
 #include "contract.h"
+
+/* From libuv's stable C API (uv.h ships in libuv1-dev, which nothing else
+ * here needs); node resolves it from its own libuv at load time. */
+struct uv_loop_s;
+int uv_loop_alive(const struct uv_loop_s *loop);
 
 static uint8_t *mailbox;
 static volatile uint32_t *doorbell; /* NULL without a VMM */
@@ -238,6 +246,16 @@ static napi_value js_power_off(napi_env env, napi_callback_info info)
     return NULL;
 }
 
+static napi_value js_loop_alive(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    struct uv_loop_s *loop = NULL;
+    napi_value v;
+    CHECK(env, napi_get_uv_event_loop(env, &loop));
+    CHECK(env, napi_get_boolean(env, uv_loop_alive(loop) != 0, &v));
+    return v;
+}
+
 static napi_status set_number(napi_env env, napi_value obj, const char *name, double value)
 {
     napi_value v;
@@ -275,7 +293,7 @@ static napi_value init(napi_env env, napi_value exports)
     } functions[] = {
         {"open", js_open},       {"ring", js_ring},     {"tscBegin", js_tsc_begin},
         {"tscEnd", js_tsc_end},  {"nowNs", js_now_ns},  {"reseed", js_reseed},
-        {"fatal", js_fatal},     {"powerOff", js_power_off},
+        {"fatal", js_fatal},     {"powerOff", js_power_off}, {"loopAlive", js_loop_alive},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;
