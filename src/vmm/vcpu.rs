@@ -300,15 +300,7 @@ impl Vcpu {
         self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
         // Sregs restore the APIC base; the LAPIC comes after them.
         self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
-        // SAFETY: the xsave buffer came from KVM_GET_XSAVE on the same host kind
-        // (compatibility is checked when a snapshot is loaded).
-        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(VcpuError::SetXsave)?;
-        if let Some(xcrs) = &state.xcrs {
-            self.fd.set_xcrs(xcrs).map_err(VcpuError::SetXcrs)?;
-        }
-        self.fd.set_debug_regs(&state.debugregs).map_err(VcpuError::SetDebugRegs)?;
-        // LAPIC after sregs and before MSRs, or the TSC deadline is lost.
-        self.fd.set_lapic(lapic).map_err(VcpuError::SetLapic)?;
+        self.restore_fpu_debug_lapic(state, lapic)?;
         // All MSRs, TSC deadline last (it needs the TSC and the LAPIC first).
         self.restore_msrs(&state.msrs)?;
         // Events last: everything above may have cleared pending ones.
@@ -339,6 +331,19 @@ impl Vcpu {
             // Sregs restore the APIC base; the LAPIC comes after them.
             self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
         }
+        self.restore_fpu_debug_lapic(state, lapic)?;
+        self.restore_changed_msrs(&state.msrs)?;
+        if !self.sync_regs {
+            // Events last: everything above may have cleared pending ones.
+            self.fd.set_vcpu_events(&state.events).map_err(VcpuError::SetVcpuEvents)?;
+        }
+        Ok(())
+    }
+
+    /// The middle of both restore paths: FPU/SSE state, XCRs, debug registers,
+    /// then the LAPIC (after sregs, which carry the APIC base, and before the
+    /// MSRs, or the TSC deadline is lost).
+    fn restore_fpu_debug_lapic(&self, state: &VcpuState, lapic: &kvm_lapic_state) -> Result<(), VcpuError> {
         // SAFETY: the xsave buffer came from KVM_GET_XSAVE on the same host kind
         // (compatibility is checked when a snapshot is loaded).
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(VcpuError::SetXsave)?;
@@ -346,14 +351,7 @@ impl Vcpu {
             self.fd.set_xcrs(xcrs).map_err(VcpuError::SetXcrs)?;
         }
         self.fd.set_debug_regs(&state.debugregs).map_err(VcpuError::SetDebugRegs)?;
-        // LAPIC after sregs and before MSRs, or the TSC deadline is lost.
-        self.fd.set_lapic(lapic).map_err(VcpuError::SetLapic)?;
-        self.restore_changed_msrs(&state.msrs)?;
-        if !self.sync_regs {
-            // Events last: everything above may have cleared pending ones.
-            self.fd.set_vcpu_events(&state.events).map_err(VcpuError::SetVcpuEvents)?;
-        }
-        Ok(())
+        self.fd.set_lapic(lapic).map_err(VcpuError::SetLapic)
     }
 
     /// Writes back the MSRs that differ from `msrs`: one KVM_GET_MSRS of all
