@@ -35,8 +35,9 @@ systemctl stop haproxy 2>/dev/null || true
 step "building forkd (release)"
 cargo build --release --workspace --locked
 
-step "guest template (kernel, rootfs, boot, snapshot; cached by input hash)"
+step "guest templates (kernel, rootfs, boot, snapshot; cached by input hash)"
 ./target/release/forkd template build
+./target/release/forkd template build --language node
 
 step "Rust test suites"
 cargo test --release --workspace --locked
