@@ -10,7 +10,7 @@
  *   ring(value)         the doorbell: one aligned 32-bit user-mode store
  *   tscBegin()/tscEnd() TSC calibration spanning the warm-up
  *   nowNs()             calibrated TSC time in ns (no syscall)
- *   reseed(bytes)       mixes per-fork bytes into OpenSSL's DRBG (RAND_seed)
+ *   reseed(bytes)       mixes per-fork bytes into OpenSSL's DRBGs
  *   fatal(message)      reports in the mailbox, rings FATAL, never returns
  *   powerOff()          ends the in-guest self-test (PID 1 must not exit)
  *   loopAlive()         libuv's own test for "the event loop has work left"
@@ -29,6 +29,8 @@
 #include <unistd.h>
 
 #include <node_api.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/rand.h>
 
 #include "contract.h"
@@ -210,9 +212,25 @@ static napi_value js_reseed(napi_env env, napi_callback_info info)
         napi_throw_type_error(env, NULL, "forkd_mailbox.reseed(bytes): 1..1024 bytes in a Buffer");
         return NULL;
     }
-    /* The primary DRBG reseeds with these bytes as additional input; the
-     * per-thread public/private DRBGs follow it on their next generate. */
-    RAND_seed(data, (int)len);
+    /* One generate with the bytes as additional input on each DRBG moves
+     * its state (CTR-DRBG's update mixes additional input into key and V):
+     * the primary, so DRBGs that thread-pool threads instantiate later
+     * differ per fork, and this thread's public and private ones, which
+     * were instantiated in the template. Unlike RAND_seed (a primary
+     * reseed that asks the kernel for entropy: ~20 ms of emulated kernel
+     * work per fork on PVM hosts) this makes no getrandom call. */
+    EVP_RAND_CTX *drbgs[] = {RAND_get0_primary(NULL), RAND_get0_public(NULL),
+                             RAND_get0_private(NULL)};
+    unsigned char scratch[16];
+    for (size_t i = 0; i < sizeof drbgs / sizeof drbgs[0]; i++) {
+        if (drbgs[i] == NULL ||
+            EVP_RAND_generate(drbgs[i], scratch, sizeof scratch, 0, 0, data, len) != 1) {
+            OPENSSL_cleanse(scratch, sizeof scratch);
+            napi_throw_error(env, NULL, "forkd_mailbox.reseed: OpenSSL refused the reseed");
+            return NULL;
+        }
+    }
+    OPENSSL_cleanse(scratch, sizeof scratch);
     return undefined(env);
 }
 
