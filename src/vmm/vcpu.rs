@@ -340,6 +340,28 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Restores only what guest user mode can change — general and segment
+    /// registers, pending events and the FPU/SSE state — for a pooled vCPU
+    /// whose last run provably never entered the guest kernel. Everything
+    /// else (LAPIC, MSRs, debug registers, MP state) is still the template's.
+    pub fn restore_user_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        if self.sync_regs {
+            let sync = self.fd.sync_regs_mut();
+            sync.regs = state.regs;
+            sync.sregs = state.sregs;
+            sync.events = state.events;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+            self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        } else {
+            self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
+            self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
+            self.fd.set_vcpu_events(&state.events).map_err(VcpuError::SetVcpuEvents)?;
+        }
+        // SAFETY: the xsave buffer came from KVM_GET_XSAVE on the same host kind.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(VcpuError::SetXsave)
+    }
+
     /// The middle of both restore paths: FPU/SSE state, XCRs, debug registers,
     /// then the LAPIC (after sregs, which carry the APIC base, and before the
     /// MSRs, or the TSC deadline is lost).

@@ -14,6 +14,7 @@ pub fn python_template() -> Arc<Template> {
     static T: OnceLock<Arc<Template>> = OnceLock::new();
     T.get_or_init(|| {
         let dir = std::env::var_os("FORKD_TEMPLATE")
+            .filter(|v| !v.is_empty())
             .map(std::path::PathBuf::from)
             .or_else(|| forkd::template::find_cached(Language::Python))
             .unwrap_or_else(|| {
