@@ -318,13 +318,7 @@ impl Vcpu {
         // MP state before regs/events: it may reset pending events.
         self.fd.set_mp_state(state.mp_state).map_err(VcpuError::SetMpState)?;
         if self.sync_regs {
-            let sync = self.fd.sync_regs_mut();
-            sync.regs = state.regs;
-            sync.sregs = state.sregs;
-            sync.events = state.events;
-            self.fd.set_sync_dirty_reg(SyncReg::Register);
-            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
-            self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+            self.stage_sync_regs(state);
         } else {
             // Regs clear pending exceptions, so they go before vcpu events.
             self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
@@ -340,19 +334,25 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Puts regs, sregs and events into kvm_run's sync area; KVM applies them
+    /// (in that order) at the next KVM_RUN. Only when `self.sync_regs`.
+    fn stage_sync_regs(&mut self, state: &VcpuState) {
+        let sync = self.fd.sync_regs_mut();
+        sync.regs = state.regs;
+        sync.sregs = state.sregs;
+        sync.events = state.events;
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
+        self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+    }
+
     /// Restores only what guest user mode can change — general and segment
     /// registers, pending events and the FPU/SSE state — for a pooled vCPU
     /// whose last run provably never entered the guest kernel. Everything
     /// else (LAPIC, MSRs, debug registers, MP state) is still the template's.
     pub fn restore_user_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
         if self.sync_regs {
-            let sync = self.fd.sync_regs_mut();
-            sync.regs = state.regs;
-            sync.sregs = state.sregs;
-            sync.events = state.events;
-            self.fd.set_sync_dirty_reg(SyncReg::Register);
-            self.fd.set_sync_dirty_reg(SyncReg::SystemRegister);
-            self.fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+            self.stage_sync_regs(state);
         } else {
             self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
             self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
