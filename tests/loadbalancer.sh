@@ -235,7 +235,7 @@ prometheus=$(command -v prometheus || true)
 [[ -n $prometheus ]] || die "prometheus is not installed (apt-get install prometheus)"
 prom_port=$(free_port)
 mkdir -p "$work/prom"
-sed -e 's/scrape_interval: 15s/scrape_interval: 1s/' \
+sed -e 's/scrape_interval: 15s/scrape_interval: 1s/' -e 's/evaluation_interval: 15s/evaluation_interval: 1s/' \
   -e "s/- 127.0.0.1:8080$/- 127.0.0.1:$port1/" -e "s/- 127.0.0.1:8081$/- 127.0.0.1:$port2/" \
   -e "s/- 127.0.0.1:8404$/- 127.0.0.1:$stats_port/" \
   "$root/deploy/prometheus.yml" >"$work/prom/prometheus.yml"
@@ -274,8 +274,14 @@ for panel in panels:
         if not result:
             bad += 1
             print(f"no data: {panel['title']}: {expr}", file=sys.stderr)
-rules = json.load(urllib.request.urlopen(prom + "/api/v1/rules"))["data"]["groups"]
-unhealthy = [r["name"] for g in rules for r in g["rules"] if r["health"] != "ok"]
+import time
+# A rule's health is "unknown" until its first evaluation: wait for it (bounded).
+for _ in range(60):
+    rules = json.load(urllib.request.urlopen(prom + "/api/v1/rules"))["data"]["groups"]
+    unhealthy = [r["name"] for g in rules for r in g["rules"] if r["health"] != "ok"]
+    if rules and not unhealthy:
+        break
+    time.sleep(0.5)
 if not rules or unhealthy:
     bad += 1
     print(f"alert rules missing or unhealthy: {unhealthy}", file=sys.stderr)
