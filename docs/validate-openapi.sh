@@ -29,7 +29,7 @@ from referencing.jsonschema import DRAFT202012
 path = sys.argv[1]
 with open(path, encoding="utf-8") as f:
     spec = yaml.safe_load(f)
-base = "urn:forkd-openapi"
+base = "urn:kvmfork-openapi"
 registry = Registry().with_resource(base, Resource(contents=spec, specification=DRAFT202012))
 
 

@@ -1,16 +1,16 @@
 #!/usr/bin/env node
-// An agent tool loop on forkd, without an LLM (TypeScript SDK, Anthropic-style messages).
+// An agent tool loop on kvmfork, without an LLM (TypeScript SDK, Anthropic-style messages).
 //
 // The loop is the one you would write around a chat model with tool use:
 // send the conversation and the tool specs, run each tool_use block in a
-// forkd sandbox, send back tool_result blocks, repeat until the model
+// kvmfork sandbox, send back tool_result blocks, repeat until the model
 // answers. ScriptedModel stands in for the model: it reads the tool results
 // like a model would (it fixes its own TypeError from the traceback), so the
 // example runs anywhere, deterministically. Swap it for a real client, e.g.
 // `new Anthropic().messages.create({ messages, tools, ... })`.
 //
 //   (cd sdk/typescript && npm ci && npm run build)
-//   FORKD_URL=http://127.0.0.1:8080 [FORKD_API_KEY=...] node examples/agent_loop.mjs
+//   KVMFORK_URL=http://127.0.0.1:8080 [KVMFORK_API_KEY=...] node examples/agent_loop.mjs
 import { Sandbox } from "../sdk/typescript/dist/esm/index.js";
 
 const TASK = "What are the mean, median and standard deviation of the squares of 1..50?";
@@ -65,7 +65,7 @@ async function agentLoop(sandbox, model, task, maxTurns = 6) {
     if (uses.length === 0) return reply.content.map((block) => block.text ?? "").join("");
     const results = [];
     for (const use of uses) {
-      // Each call runs in a fresh forkd sandbox; independent calls could run concurrently.
+      // Each call runs in a fresh kvmfork sandbox; independent calls could run concurrently.
       const output = use.name === tool.name ? await tool.call(use.input) : `error: no tool named ${use.name}`;
       console.log(`\n--- turn ${turn}: ${use.name} -> ${output.trim().slice(0, 300)}`);
       results.push({ type: "tool_result", tool_use_id: use.id, content: output });
@@ -75,9 +75,9 @@ async function agentLoop(sandbox, model, task, maxTurns = 6) {
   throw new Error(`no answer after ${maxTurns} turns`);
 }
 
-const sandbox = new Sandbox(); // FORKD_URL / FORKD_API_KEY from the environment
+const sandbox = new Sandbox(); // KVMFORK_URL / KVMFORK_API_KEY from the environment
 const health = await sandbox.health();
-console.log(`forkd at ${sandbox.baseUrl}: ${health.status}, languages ${JSON.stringify(health.languages)}`);
+console.log(`kvmfork at ${sandbox.baseUrl}: ${health.status}, languages ${JSON.stringify(health.languages)}`);
 const answer = await agentLoop(sandbox, new ScriptedModel(), TASK);
 console.log(`\n=== answer ===\n${answer}`);
 process.exitCode = answer.includes("standard deviation") ? 0 : 1;

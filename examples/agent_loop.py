@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""An agent tool loop on forkd, without an LLM.
+"""An agent tool loop on kvmfork, without an LLM.
 
 The loop is the one you would write around a chat model with function
 calling: send the conversation and the tool specs, run any tool call the
-model makes in a forkd sandbox, append the result, repeat until the model
+model makes in a kvmfork sandbox, append the result, repeat until the model
 answers. ``ScriptedModel`` stands in for the model: it reads the tool results
 like a model would (it fixes its own NameError from the traceback) so the
 example runs anywhere, deterministically. Swap it for a real client, e.g.
 ``openai.OpenAI().chat.completions.create(messages=..., tools=tools)``.
 
-    FORKD_URL=http://127.0.0.1:8080 [FORKD_API_KEY=...] python3 examples/agent_loop.py
+    KVMFORK_URL=http://127.0.0.1:8080 [KVMFORK_API_KEY=...] python3 examples/agent_loop.py
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import sys
 from typing import Any, Dict, List
 
 try:
-    from forkd import Sandbox
+    from kvmfork import Sandbox
 except ImportError:  # running from a checkout without `pip install ./sdk/python`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sdk", "python", "src"))
-    from forkd import Sandbox
+    from kvmfork import Sandbox
 
 TASK = "Estimate pi three different ways and tell me which estimate is closest."
 
@@ -90,16 +90,16 @@ def agent_loop(sandbox: Sandbox, model: ScriptedModel, task: str, max_turns: int
             if call["function"]["name"] != tool.name:
                 output = f"error: no tool named {call['function']['name']!r}"
             else:
-                output = tool(call["function"]["arguments"])  # runs in a fresh forkd sandbox
+                output = tool(call["function"]["arguments"])  # runs in a fresh kvmfork sandbox
             print(f"\n--- turn {turn}: {call['function']['name']} -> {output.strip()[:300]}")
             messages.append({"role": "tool", "tool_call_id": call["id"], "content": output})
     raise RuntimeError(f"no answer after {max_turns} turns")
 
 
 def main() -> int:
-    with Sandbox() as sandbox:  # FORKD_URL / FORKD_API_KEY from the environment
+    with Sandbox() as sandbox:  # KVMFORK_URL / KVMFORK_API_KEY from the environment
         health = sandbox.health()
-        print(f"forkd at {sandbox.base_url}: {health['status']}, languages {health.get('languages')}")
+        print(f"kvmfork at {sandbox.base_url}: {health['status']}, languages {health.get('languages')}")
         answer = agent_loop(sandbox, ScriptedModel(), TASK)
     print("\n=== answer ===\n" + answer)
     return 0 if "Closest:" in answer else 1

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Runs the Python and TypeScript SDK test suites against a live forkd server.
+# Runs the Python and TypeScript SDK test suites against a live kvmfork server.
 #
-#   FORKD_URL=http://127.0.0.1:8080 [FORKD_TEST_API_KEY=<key>] sdk/run-tests.sh [python|typescript|examples]...
+#   KVMFORK_URL=http://127.0.0.1:8080 [KVMFORK_TEST_API_KEY=<key>] sdk/run-tests.sh [python|typescript|examples]...
 #
 # With no argument all three run (examples: the agent loops in examples/, which
 # need the TypeScript build); the exit status is non-zero if any fails.
 set -uo pipefail
 
-if [[ -z "${FORKD_URL:-}" ]]; then
-  echo "sdk/run-tests.sh: FORKD_URL must point at a running forkd server (e.g. http://127.0.0.1:8080)" >&2
+if [[ -z "${KVMFORK_URL:-}" ]]; then
+  echo "sdk/run-tests.sh: KVMFORK_URL must point at a running kvmfork server (e.g. http://127.0.0.1:8080)" >&2
   exit 2
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -41,7 +41,7 @@ run_example() {
   local name=$1 log
   shift
   log=$(mktemp)
-  if FORKD_API_KEY="${FORKD_TEST_API_KEY:-}" "$@" >"$log" 2>&1; then
+  if KVMFORK_API_KEY="${KVMFORK_TEST_API_KEY:-}" "$@" >"$log" 2>&1; then
     echo "$name: ok"
     rm -f "$log"
     return 0
@@ -68,7 +68,7 @@ for suite in "${suites[@]}"; do
     python | typescript | examples) ;;
     *) echo "sdk/run-tests.sh: unknown suite '$suite' (python, typescript or examples)" >&2; exit 2 ;;
   esac
-  echo "=== SDK suite: $suite against $FORKD_URL ==="
+  echo "=== SDK suite: $suite against $KVMFORK_URL ==="
   if ! "run_$suite"; then
     echo "=== SDK suite $suite FAILED ===" >&2
     status=1

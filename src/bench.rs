@@ -1,4 +1,4 @@
-//! `forkd bench fork`: fork-to-runnable and fork+exec latency of the pooled
+//! `kvmfork bench fork`: fork-to-runnable and fork+exec latency of the pooled
 //! copy-back reset against the fresh-VM-per-fork method (Zeroboot's), measured
 //! side by side in one run, plus host memory per live sandbox.
 
@@ -93,7 +93,7 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
         timeout: Duration::from_secs(30),
         cancel: CancelToken::new(),
     };
-    let _ = writeln!(out, "forkd bench fork — template {} ({}), host KVM: {}", t.dir.display(), t.meta.language, t.meta.host_kind.as_str());
+    let _ = writeln!(out, "kvmfork bench fork — template {} ({}), host KVM: {}", t.dir.display(), t.meta.language, t.meta.host_kind.as_str());
     let _ = writeln!(out, "code: {:?}, {} iterations per method\n", opts.code, opts.iterations);
     let _ = writeln!(out, "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9}", "", "p50", "p90", "p99", "max", "mean");
 

@@ -1,8 +1,9 @@
-//! forkd: copy-on-write KVM sandboxes for running untrusted code.
+//! kvmfork: copy-on-write KVM sandboxes for running untrusted code.
 
 pub mod api;
 pub mod bench;
 pub mod server;
+pub mod settings;
 pub mod engine;
 pub mod template;
 pub mod vmm;

@@ -1,4 +1,4 @@
-//! `forkd`: build templates, run code in sandboxes, benchmark forks, serve the API.
+//! `kvmfork`: build templates, run code in sandboxes, benchmark forks, serve the API.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use forkd::api::{CancelToken, ExecRequest, Language};
-use forkd::template::{self, BuildOptions};
+use kvmfork::api::{CancelToken, ExecRequest, Language};
+use kvmfork::template::{self, BuildOptions};
 
 #[derive(Parser)]
-#[command(name = "forkd", version, about = "Copy-on-write KVM sandboxes for running untrusted code")]
+#[command(name = "kvmfork", version, about = "Copy-on-write KVM sandboxes for running untrusted code")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -32,7 +32,7 @@ enum Cmd {
     /// Serve the HTTP API (builds the default Python template first if none is cached).
     Serve {
         #[command(flatten)]
-        server: forkd::server::ServeArgs,
+        server: kvmfork::server::ServeArgs,
         /// Template directories to serve (default: every cached template; the
         /// Python one is built if missing).
         #[arg(long)]
@@ -134,7 +134,7 @@ fn default_templates() -> Result<Vec<PathBuf>, String> {
     match template::find_cached(Language::Python) {
         Some(d) => dirs.push(d),
         None => {
-            eprintln!("forkd: no Python template cached yet; building it (one-time, minutes on PVM hosts)");
+            eprintln!("kvmfork: no Python template cached yet; building it (one-time, minutes on PVM hosts)");
             let opts = BuildOptions {
                 language: Language::Python,
                 out: None,
@@ -159,7 +159,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("forkd: {e}");
+            eprintln!("kvmfork: {e}");
             ExitCode::from(2)
         }
     }
@@ -194,8 +194,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Language::Python => "print(1+1)".into(),
                 Language::Node => "console.log(1+1)".into(),
             });
-            let opts = forkd::bench::BenchOptions { iterations, alive_counts, code, language, max_exec_alive };
-            let report = forkd::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
+            let opts = kvmfork::bench::BenchOptions { iterations, alive_counts, code, language, max_exec_alive };
+            let report = kvmfork::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
         }
@@ -205,18 +205,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             let mut templates = Vec::new();
             for dir in dirs {
                 let t = template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))?;
-                eprintln!("forkd: serving {} template {}", t.meta.language, dir.display());
+                eprintln!("kvmfork: serving {} template {}", t.meta.language, dir.display());
                 templates.push(t);
             }
-            forkd::bench::raise_nofile_limit();
-            let limits = forkd::engine::sandbox::Limits {
+            kvmfork::bench::raise_nofile_limit();
+            let limits = kvmfork::engine::sandbox::Limits {
                 stdout_cap: max_output_bytes,
                 stderr_cap: max_output_bytes,
                 max_dirty_pages: max_sandbox_dirty_mib * 256,
             };
-            let pool = forkd::engine::pool::PoolConfig { max_idle: pool_size, prewarm: pool_size.min(1), limits };
-            let engine = forkd::engine::lane::Engine::new(templates, pool);
-            forkd::server::serve(config, std::sync::Arc::new(engine)).map_err(|e| e.to_string())?;
+            let pool = kvmfork::engine::pool::PoolConfig { max_idle: pool_size, prewarm: pool_size.min(1), limits };
+            let engine = kvmfork::engine::lane::Engine::new(templates, pool);
+            kvmfork::server::serve(config, std::sync::Arc::new(engine)).map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Template { command: TemplateCmd::Inspect { dir } } => {
@@ -236,17 +236,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 return Err("--timeout must be a positive number of seconds".into());
             }
             let t = load_template(language, dir)?;
-            let mut lane = forkd::engine::pool::Pool::new(std::sync::Arc::new(t), forkd::engine::pool::PoolConfig { max_idle: 1, ..Default::default() }).map_err(|e| e.to_string())?;
+            let mut lane = kvmfork::engine::pool::Pool::new(std::sync::Arc::new(t), kvmfork::engine::pool::PoolConfig { max_idle: 1, ..Default::default() }).map_err(|e| e.to_string())?;
             let req = ExecRequest { code, language, timeout: Duration::from_secs_f64(timeout), cancel: CancelToken::new() };
             let r = lane.exec(&req);
             use std::io::Write;
             let _ = std::io::stdout().write_all(&r.stdout);
             let _ = std::io::stderr().write_all(&r.stderr);
             if r.stdout_truncated {
-                eprintln!("forkd: stdout truncated");
+                eprintln!("kvmfork: stdout truncated");
             }
             if let Some(f) = &r.failure {
-                eprintln!("forkd: {}", forkd::engine::describe_failure(f));
+                eprintln!("kvmfork: {}", kvmfork::engine::describe_failure(f));
                 return Ok(ExitCode::from(124));
             }
             Ok(ExitCode::from((r.exit_code & 0xff) as u8))

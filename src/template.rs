@@ -63,7 +63,7 @@ pub enum TemplateError {
     SelfCheck(String),
     #[error("template was built on a {found} host, this host is {here}: rebuild it here")]
     WrongHost { found: String, here: String },
-    #[error("no template for {0}: build one with `forkd template build --language {0}`")]
+    #[error("no template for {0}: build one with `kvmfork template build --language {0}`")]
     Missing(String),
 }
 
@@ -100,7 +100,7 @@ impl Template {
     pub fn from_parts(dir: PathBuf, meta: TemplateMeta, state: MachineState, memfd: File) -> Result<Template, TemplateError> {
         GuestRam::seal(&memfd)?;
         let source = GuestRam::map(&memfd, meta.ram_size as usize, Sharing::ReadOnly)?;
-        let fork_lapic = if std::env::var_os("FORKD_KEEP_TIMER").is_some() {
+        let fork_lapic = if crate::settings::var_os("KEEP_TIMER").is_some() {
             state.vcpu.lapic
         } else {
             state.vcpu.lapic_timer_masked()
@@ -113,7 +113,7 @@ impl Template {
     }
 }
 
-/// Options of `forkd template build`.
+/// Options of `kvmfork template build`.
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
     pub language: Language,
@@ -130,18 +130,18 @@ pub struct BuildOptions {
 
 /// The `guest/` directory with the kernel and rootfs recipes.
 pub fn guest_dir() -> PathBuf {
-    std::env::var_os("FORKD_GUEST_DIR")
+    crate::settings::var_os("GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/guest")))
 }
 
 /// Where kernels, root filesystems and templates are cached.
 pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("FORKD_CACHE_DIR") {
+    if let Some(d) = crate::settings::var_os("CACHE_DIR") {
         return PathBuf::from(d);
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".cache/forkd")
+    home.join(".cache/kvmfork")
 }
 
 struct Progress {
@@ -160,6 +160,9 @@ fn run_script(p: &Progress, stage: &str, script: &Path, args: &[&str]) -> Result
     let out = Command::new("bash")
         .arg(script)
         .args(args)
+        // The scripts read only the new name; this also carries a deprecated
+        // FORKD_CACHE_DIR (resolved by `cache_dir`) through to them.
+        .env(crate::settings::full_name("CACHE_DIR"), cache_dir())
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -191,9 +194,9 @@ pub fn kernel_cmdline(host: HostKind) -> String {
     if host == HostKind::Pvm {
         words.push(read_words(&kdir.join("cmdline.pvm")));
     }
-    words.push(format!("forkd.mailbox={:#x}", c::MAILBOX_GPA));
+    words.push(format!("kvmfork.mailbox={:#x}", c::MAILBOX_GPA));
     // Development: try extra kernel parameters without editing guest/kernel.
-    if let Ok(extra) = std::env::var("FORKD_EXTRA_CMDLINE") {
+    if let Some(extra) = crate::settings::var("EXTRA_CMDLINE") {
         words.push(extra);
     }
     words.retain(|w| !w.is_empty());
@@ -288,7 +291,7 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
     let (vendor, model) = cpu_identity();
     let meta = TemplateMeta {
         language: opts.language.as_str().into(),
-        forkd_version: env!("CARGO_PKG_VERSION").into(),
+        kvmfork_version: env!("CARGO_PKG_VERSION").into(),
         host_kind: host,
         cpu_vendor: vendor,
         cpu_model: model,
@@ -360,7 +363,7 @@ fn boot_to_ready(
     out: &Path,
 ) -> Result<(TemplateMeta, MachineState, GuestRam), TemplateError> {
     let kvm = Kvm::new().map_err(TemplateError::Kvm)?;
-    let memfd = GuestRam::create_memfd("forkd-template-boot", ram_size as usize)?;
+    let memfd = GuestRam::create_memfd("kvmfork-template-boot", ram_size as usize)?;
     let ram = GuestRam::map(&memfd, ram_size as usize, Sharing::Shared)?;
     let mut seed = [0u8; c::MB_SEED_LEN as usize];
     fill_random(&mut seed);
@@ -434,7 +437,7 @@ fn boot_to_ready(
     }
     let meta = TemplateMeta {
         language: String::new(),
-        forkd_version: String::new(),
+        kvmfork_version: String::new(),
         host_kind: host,
         cpu_vendor: String::new(),
         cpu_model: String::new(),
@@ -494,14 +497,14 @@ fn self_check(p: &Progress, dir: &Path) -> Result<(), TemplateError> {
     Ok(())
 }
 
-/// Human-readable description for `forkd template inspect`.
+/// Human-readable description for `kvmfork template inspect`.
 pub fn describe(dir: &Path) -> Result<String, TemplateError> {
     let (meta, state) = snapshot::read_state(&dir.join(STATE_FILE))?;
     let mut s = String::new();
     use std::fmt::Write;
     let _ = writeln!(s, "template      {}", dir.display());
     let _ = writeln!(s, "language      {}", meta.language);
-    let _ = writeln!(s, "built         {} (unix), forkd {}", meta.built_at_unix, meta.forkd_version);
+    let _ = writeln!(s, "built         {} (unix), kvmfork {}", meta.built_at_unix, meta.kvmfork_version);
     let _ = writeln!(s, "host          {} KVM, {} / {}", meta.host_kind.as_str(), meta.cpu_vendor, meta.cpu_model);
     let _ = writeln!(s, "guest RAM     {} MiB", meta.ram_size >> 20);
     let _ = writeln!(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Two `forkd serve` nodes behind a real HAProxy running the committed
+# Two `kvmfork serve` nodes behind a real HAProxy running the committed
 # deploy/haproxy.cfg (addresses passed through its environment variables).
 # Shows that requests through the proxy are spread over both nodes (each
 # node's own /v1/metrics counters), that stopping a node gets it taken out by
@@ -11,7 +11,7 @@
 # template; fails loudly when any is missing.
 #
 #   bash tests/loadbalancer.sh
-#   FORKD_TEST_TEMPLATE=/path/to/template bash tests/loadbalancer.sh
+#   KVMFORK_TEST_TEMPLATE=/path/to/template bash tests/loadbalancer.sh
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -28,7 +28,7 @@ die() {
 pass() { passed=$((passed + 1)); say "ok   - $*"; }
 fail() { failed=$((failed + 1)); say "FAIL - $*"; }
 
-work=$(mktemp -d /tmp/forkd-lb.XXXXXX)
+work=$(mktemp -d /tmp/kvmfork-lb.XXXXXX)
 pids=()
 dump_logs() {
   local f
@@ -53,20 +53,20 @@ haproxy=$(command -v haproxy || true)
 [[ -n $haproxy ]] || die "haproxy is not installed (apt-get install haproxy)"
 command -v curl >/dev/null || die "curl is not installed"
 command -v python3 >/dev/null || die "python3 is not installed"
-forkd=${FORKD_BIN:-$root/target/release/forkd}
-[[ -x $forkd ]] || die "$forkd is missing (cargo build --release)"
+kvmfork=${KVMFORK_BIN:-$root/target/release/kvmfork}
+[[ -x $kvmfork ]] || die "$kvmfork is missing (cargo build --release)"
 config=$root/deploy/haproxy.cfg
 [[ -r $config ]] || die "$config is missing"
 
-template=${FORKD_TEST_TEMPLATE:-}
+template=${KVMFORK_TEST_TEMPLATE:-}
 if [[ -z $template ]]; then
-  # The newest cached Python template, as `forkd serve` would pick it; this
+  # The newest cached Python template, as `kvmfork serve` would pick it; this
   # test never builds one (that takes minutes on PVM hosts).
-  cache=${FORKD_CACHE_DIR:-${HOME:-/root}/.cache/forkd}
+  cache=${KVMFORK_CACHE_DIR:-${HOME:-/root}/.cache/kvmfork}
   template=$(ls -1td "$cache"/templates/python-*/ 2>/dev/null | grep -v '\.tmp-' | while read -r d; do
     [[ -f $d/state.snap ]] && { echo "${d%/}"; break; }
   done || true)
-  [[ -n $template ]] || die "no Python template in $cache/templates (run: $forkd template build), or set FORKD_TEST_TEMPLATE"
+  [[ -n $template ]] || die "no Python template in $cache/templates (run: $kvmfork template build), or set KVMFORK_TEST_TEMPLATE"
 fi
 [[ -f $template/state.snap && -f $template/memory.bin ]] || die "$template is not a template (no state.snap/memory.bin)"
 say "haproxy: $("$haproxy" -v | head -n1)"
@@ -77,13 +77,13 @@ port1=$(free_port)
 port2=$(free_port)
 lb_port=$(free_port)
 stats_port=$(free_port)
-key="forkd-lb-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+key="kvmfork-lb-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 printf '["%s"]\n' "$key" >"$work/keys.json"
 
 # ---- nodes ----
 declare -A node_pid
 start_node() { # name port
-  "$forkd" serve --listen "127.0.0.1:$2" --template "$template" \
+  "$kvmfork" serve --listen "127.0.0.1:$2" --template "$template" \
     --shards 1 --workers-per-shard 1 --pool-size 1 \
     --api-keys-file "$work/keys.json" --rate-limit 0 --drain-timeout-seconds 10 \
     >>"$work/$1.log" 2>&1 &
@@ -106,9 +106,9 @@ wait_healthy node2 "$port2"
 say "nodes up: node1 127.0.0.1:$port1, node2 127.0.0.1:$port2"
 
 # ---- HAProxy with the committed config ----
-export FORKD_NODE1="127.0.0.1:$port1" FORKD_NODE2="127.0.0.1:$port2"
-export FORKD_LB_BIND="127.0.0.1:$lb_port" FORKD_LB_STATS_BIND="127.0.0.1:$stats_port"
-export FORKD_LB_ADMIN_SOCKET="$work/haproxy.sock"
+export KVMFORK_NODE1="127.0.0.1:$port1" KVMFORK_NODE2="127.0.0.1:$port2"
+export KVMFORK_LB_BIND="127.0.0.1:$lb_port" KVMFORK_LB_STATS_BIND="127.0.0.1:$stats_port"
+export KVMFORK_LB_ADMIN_SOCKET="$work/haproxy.sock"
 if "$haproxy" -c -q -f "$config" >"$work/haproxy-check.log" 2>&1; then
   pass "haproxy -c accepts deploy/haproxy.cfg"
 else
@@ -119,13 +119,13 @@ haproxy_pid=$!
 pids+=("$haproxy_pid")
 lb="http://127.0.0.1:$lb_port"
 
-# "status/check_status" of a server in backend forkd_nodes, from the stats
+# "status/check_status" of a server in backend kvmfork_nodes, from the stats
 # CSV (columns found by name), e.g. "UP/L7OK", "DOWN/L4CON". Before its first
 # check a server shows "UP 1/2/INI", which is not yet a passed check.
 server_state() { # server
   curl -fsS "http://127.0.0.1:$stats_port/stats;csv" 2>/dev/null | awk -F, -v sv="$1" '
     NR == 1 { for (i = 1; i <= NF; i++) { if ($i == "status") st = i; if ($i == "check_status") ck = i }; next }
-    $1 == "forkd_nodes" && $2 == sv { print $st "/" $ck }'
+    $1 == "kvmfork_nodes" && $2 == sv { print $st "/" $ck }'
 }
 wait_state() { # server wanted-state-pattern seconds
   local _ s=""
@@ -139,7 +139,7 @@ wait_state() { # server wanted-state-pattern seconds
   say "$1 is '$s' in HAProxy, wanted $2"
   return 1
 }
-if wait_state forkd1 UP/L7OK 20 && wait_state forkd2 UP/L7OK 20; then
+if wait_state kvmfork1 UP/L7OK 20 && wait_state kvmfork2 UP/L7OK 20; then
   pass "HAProxy health checks (GET /v1/health) see both nodes UP"
 else
   die "the nodes are not UP in HAProxy"
@@ -149,7 +149,7 @@ fi
 exec_count() { # port
   local v
   v=$(curl -fsS "http://127.0.0.1:$1/v1/metrics" |
-    awk '$1 == "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"}" { print $2 }')
+    awk '$1 == "kvmfork_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"}" { print $2 }')
   echo "${v:-0}"
 }
 
@@ -194,7 +194,7 @@ if [[ $code == 404 ]]; then pass "/v1/metrics is not exposed through the public 
 # ---- 2. a stopped node is taken out by the health check ----
 kill -TERM "${node_pid[node2]}"
 if wait "${node_pid[node2]}"; then pass "node2 drained and exited on SIGTERM"; else fail "node2 exited with status $? on SIGTERM"; fi
-if wait_state forkd2 'DOWN/*' 15; then
+if wait_state kvmfork2 'DOWN/*' 15; then
   pass "HAProxy marked node2 DOWN after its health checks failed"
 else
   fail "HAProxy did not mark node2 DOWN within 15 s"
@@ -212,7 +212,7 @@ fi
 # ---- 3. a restarted node is put back ----
 start_node node2 "$port2"
 wait_healthy node2 "$port2"
-if wait_state forkd2 UP/L7OK 20; then
+if wait_state kvmfork2 UP/L7OK 20; then
   pass "HAProxy put the restarted node2 back UP"
 else
   fail "HAProxy did not put node2 back UP within 20 s"
@@ -239,7 +239,7 @@ sed -e 's/scrape_interval: 15s/scrape_interval: 1s/' -e 's/evaluation_interval: 
   -e "s/- 127.0.0.1:8080$/- 127.0.0.1:$port1/" -e "s/- 127.0.0.1:8081$/- 127.0.0.1:$port2/" \
   -e "s/- 127.0.0.1:8404$/- 127.0.0.1:$stats_port/" \
   "$root/deploy/prometheus.yml" >"$work/prom/prometheus.yml"
-cp "$root/deploy/forkd-alerts.yml" "$work/prom/"
+cp "$root/deploy/kvmfork-alerts.yml" "$work/prom/"
 for p in "$port1" "$port2" "$stats_port"; do
   grep -q "127.0.0.1:$p\$" "$work/prom/prometheus.yml" || die "deploy/prometheus.yml no longer has the default targets this test rewrites"
 done

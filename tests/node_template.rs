@@ -1,5 +1,5 @@
 //! End-to-end tests of the fork engine on the real Node.js template (Linux +
-//! Debian's node 18), through the engine, the `forkd run` CLI and HTTP.
+//! Debian's node 18), through the engine, the `kvmfork run` CLI and HTTP.
 //! Needs /dev/kvm and a built Node template (tests/run.sh builds it).
 
 mod common;
@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::real_node_template::*;
 use common::real_template::{err, out};
-use forkd::api::ExecFailure;
-use forkd::engine::lane::Engine;
-use forkd::engine::pool::PoolConfig;
-use forkd::server::ServeConfig;
+use kvmfork::api::ExecFailure;
+use kvmfork::engine::lane::Engine;
+use kvmfork::engine::pool::PoolConfig;
+use kvmfork::server::ServeConfig;
 use server_support::{Client, TempFile};
 
 const T: Duration = Duration::from_secs(60);
@@ -128,15 +128,15 @@ fn oversized_output_is_truncated_and_flagged() {
 }
 
 #[test]
-fn forkd_run_cli_runs_javascript() {
+fn kvmfork_run_cli_runs_javascript() {
     let dir = node_template().dir.clone();
     let run = |code: &str| {
-        Command::new(env!("CARGO_BIN_EXE_forkd"))
+        Command::new(env!("CARGO_BIN_EXE_kvmfork"))
             .args(["run", "--language", "node", "--template"])
             .arg(&dir)
             .arg(code)
             .output()
-            .expect("forkd run starts")
+            .expect("kvmfork run starts")
     };
     let o = run("console.log([1,2,3,4,5].reduce((a,b)=>a+b)/5)");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "3\n", "stderr: {}", String::from_utf8_lossy(&o.stderr));
@@ -148,7 +148,7 @@ fn forkd_run_cli_runs_javascript() {
 #[test]
 fn http_routes_node_and_javascript_to_the_node_template() {
     const KEY: &str = "node-template-test-key";
-    let template = forkd::template::Template::load(&node_template().dir).expect("template loads");
+    let template = kvmfork::template::Template::load(&node_template().dir).expect("template loads");
     let keys = TempFile::new(&format!("[\"{KEY}\"]"));
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -161,7 +161,7 @@ fn http_routes_node_and_javascript_to_the_node_template() {
         ..ServeConfig::default()
     };
     let engine = Engine::new(vec![template], PoolConfig { max_idle: 1, prewarm: 1, ..Default::default() });
-    let handle = forkd::server::start(config, Arc::new(engine)).expect("server starts");
+    let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
     let mut c = Client::connect(handle.local_addr());
     let auth = format!("Bearer {KEY}");
     for language in ["node", "javascript"] {

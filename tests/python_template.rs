@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::real_template::*;
-use forkd::api::ExecFailure;
+use kvmfork::api::ExecFailure;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# forkd's test command (the README's second set-up command). Installs what the
+# kvmfork's test command (the README's second set-up command). Installs what the
 # suites need, builds everything — the guest kernel, root filesystem and
 # template are cached by a hash of their inputs, so only the first run is
 # slow — then runs every suite: Rust unit and integration tests (VMM on tiny
 # guests, fork engine on the real template, HTTP server, loadgen), and the
-# SDK suites against a live `forkd serve`. Needs root (apt) and /dev/kvm.
+# SDK suites against a live `kvmfork serve`. Needs root (apt) and /dev/kvm.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -12,7 +12,7 @@ step() { printf '\n== [%5ss] %s\n' "$SECONDS" "$*" >&2; }
 
 step "checking /dev/kvm"
 if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
-  echo "tests/run.sh: /dev/kvm is missing or not accessible: forkd's tests need KVM" >&2
+  echo "tests/run.sh: /dev/kvm is missing or not accessible: kvmfork's tests need KVM" >&2
   exit 1
 fi
 
@@ -32,12 +32,12 @@ systemctl stop nginx 2>/dev/null || true
 # And haproxy; tests/loadbalancer.sh runs its own with deploy/haproxy.cfg.
 systemctl stop haproxy 2>/dev/null || true
 
-step "building forkd (release)"
+step "building kvmfork (release)"
 cargo build --release --workspace --locked
 
 step "guest templates (kernel, rootfs, boot, snapshot; cached by input hash)"
-./target/release/forkd template build
-./target/release/forkd template build --language node
+./target/release/kvmfork template build
+./target/release/kvmfork template build --language node
 
 step "Rust test suites"
 cargo test --release --workspace --locked
@@ -50,21 +50,21 @@ python3 -m unittest discover -s bench/peers -p 'test_*.py'
 step "live server: SDK suites and API spec"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 work=$(mktemp -d)
-key="forkd-test-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+key="kvmfork-test-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 printf '["%s"]\n' "$key" >"$work/keys.json"
-./target/release/forkd serve --listen "127.0.0.1:$port" --api-keys-file "$work/keys.json" --rate-limit 1000 >"$work/serve.log" 2>&1 &
+./target/release/kvmfork serve --listen "127.0.0.1:$port" --api-keys-file "$work/keys.json" --rate-limit 1000 >"$work/serve.log" 2>&1 &
 server=$!
 cleanup() { kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 for _ in $(seq 1 600); do
   curl -fsS "http://127.0.0.1:$port/v1/health" >/dev/null 2>&1 && break
-  kill -0 "$server" 2>/dev/null || { cat "$work/serve.log" >&2; echo "forkd serve exited" >&2; exit 1; }
+  kill -0 "$server" 2>/dev/null || { cat "$work/serve.log" >&2; echo "kvmfork serve exited" >&2; exit 1; }
   sleep 0.5
 done
-FORKD_URL="http://127.0.0.1:$port" FORKD_TEST_API_KEY="$key" bash sdk/run-tests.sh
+KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash sdk/run-tests.sh
 bash docs/validate-openapi.sh
 
-step "two forkd nodes behind HAProxy (deploy/haproxy.cfg)"
+step "two kvmfork nodes behind HAProxy (deploy/haproxy.cfg)"
 bash tests/loadbalancer.sh
 
 step "all suites passed"

@@ -8,7 +8,7 @@ mod server_support;
 use std::io::Write;
 use std::time::Duration;
 
-use forkd::server::Backend;
+use kvmfork::server::Backend;
 use server_support::{for_each_backend, start, Client};
 
 const EXEC: &str = "/v1/exec";
@@ -547,7 +547,7 @@ fn io_uring_receive_rearms_when_provided_buffers_run_out() {
     let metrics = String::from_utf8(server.request("GET", "/v1/metrics", None).body).unwrap();
     let exhausted: u64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("forkd_io_recv_buffers_exhausted_total "))
+        .find_map(|l| l.strip_prefix("kvmfork_io_recv_buffers_exhausted_total "))
         .unwrap()
         .parse()
         .unwrap();

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use forkd::server::ServeConfig;
+use kvmfork::server::ServeConfig;
 use server_support::{for_each_backend, start, TestFactory};
 
 const EXEC: &str = "/v1/exec";
@@ -45,7 +45,7 @@ fn client_disconnect_cancels_running_and_queued_execs() {
         queued.send("POST", EXEC, &[], Some(r#"{"code":"echo:never"}"#));
         // Wait until the server has queued it, then leave.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while metric(&server, "forkd_exec_queue_depth ") < 1.0 {
+        while metric(&server, "kvmfork_exec_queue_depth ") < 1.0 {
             assert!(
                 Instant::now() < deadline,
                 "the second exec never reached the queue"
@@ -57,7 +57,7 @@ fn client_disconnect_cancels_running_and_queued_execs() {
         server.events.open_gate();
         assert_eq!(holder.read_response().json()["stdout"], "gate opened");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while metric(&server, "forkd_execs_in_flight ") > 0.0 {
+        while metric(&server, "kvmfork_execs_in_flight ") > 0.0 {
             assert!(Instant::now() < deadline, "execs never finished");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -66,16 +66,16 @@ fn client_disconnect_cancels_running_and_queued_execs() {
             2,
             "the abandoned queued exec did not run"
         );
-        assert_eq!(metric(&server, "forkd_exec_cancelled_total "), 2.0);
+        assert_eq!(metric(&server, "kvmfork_exec_cancelled_total "), 2.0);
         assert_eq!(
             metric(
                 &server,
-                "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"499\"} "
+                "kvmfork_http_requests_total{endpoint=\"/v1/exec\",status=\"499\"} "
             ),
             2.0
         );
         assert_eq!(
-            metric(&server, "forkd_http_requests_in_flight "),
+            metric(&server, "kvmfork_http_requests_in_flight "),
             1.0,
             "only the scrape itself"
         );
@@ -151,7 +151,7 @@ fn requests_arriving_while_draining_get_503() {
         let mut late = server.connect();
         late.write(b"POST /v1/exec HTTP/1.1\r\n");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while metric(&server, "forkd_http_connections_open ") < 1.0 {
+        while metric(&server, "kvmfork_http_connections_open ") < 1.0 {
             assert!(Instant::now() < deadline);
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -170,7 +170,7 @@ fn requests_arriving_while_draining_get_503() {
     });
 }
 
-const CHILD_ENV: &str = "FORKD_SERVER_TEST_CHILD";
+const CHILD_ENV: &str = "KVMFORK_SERVER_TEST_CHILD";
 
 /// Runs `serve()` (with real signal handling) for `sigterm_drains_a_served_process`.
 #[test]
@@ -192,7 +192,7 @@ fn child_serve_until_signal() {
         watcher_events.wait_started(1);
         eprintln!("child: exec started");
     });
-    forkd::server::serve(config, Arc::new(TestFactory { events })).expect("serve drains cleanly");
+    kvmfork::server::serve(config, Arc::new(TestFactory { events })).expect("serve drains cleanly");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! /v1/metrics against real Prometheus tooling: `promtool check metrics` on
-//! the scraped text, and a real Prometheus server scraping a live forkd.
+//! the scraped text, and a real Prometheus server scraping a live kvmfork.
 //! Needs Debian's `prometheus` package (promtool and prometheus binaries);
 //! the tests fail, never skip, when it is missing.
 
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use forkd::server::Backend;
+use kvmfork::server::Backend;
 use server_support::{for_each_backend, start, TestServer};
 
 fn tool(name: &str) -> PathBuf {
@@ -88,26 +88,26 @@ fn promtool_accepts_the_exposition() {
 
         // Content: 6 execs ran (the bad-JSON request never reached a worker).
         for expected in [
-            "forkd_fork_seconds_count 6\n",
-            "forkd_fork_seconds_bucket{le=\"+Inf\"} 6\n",
-            "forkd_fork_seconds_bucket{le=\"0.00005\"} 0\n",
-            "forkd_fork_seconds_bucket{le=\"0.00025\"} 6\n",
-            "forkd_exec_seconds_bucket{le=\"30\"} 6\n",
-            "forkd_total_seconds_count 6\n",
-            "forkd_exec_timeouts_total 1\n",
-            "forkd_guest_errors_total 1\n",
-            "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"} 3\n",
-            "forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"400\"} 2\n",
-            "forkd_http_requests_total{endpoint=\"/v1/exec/batch\",status=\"200\"} 1\n",
-            "forkd_http_requests_total{endpoint=\"other\",status=\"404\"} 1\n",
-            "forkd_pool_vms{state=\"pooled\"} 4\n",
-            "forkd_pool_forks_total 6\n",
-            "forkd_shards 2\n",
+            "kvmfork_fork_seconds_count 6\n",
+            "kvmfork_fork_seconds_bucket{le=\"+Inf\"} 6\n",
+            "kvmfork_fork_seconds_bucket{le=\"0.00005\"} 0\n",
+            "kvmfork_fork_seconds_bucket{le=\"0.00025\"} 6\n",
+            "kvmfork_exec_seconds_bucket{le=\"30\"} 6\n",
+            "kvmfork_total_seconds_count 6\n",
+            "kvmfork_exec_timeouts_total 1\n",
+            "kvmfork_guest_errors_total 1\n",
+            "kvmfork_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"} 3\n",
+            "kvmfork_http_requests_total{endpoint=\"/v1/exec\",status=\"400\"} 2\n",
+            "kvmfork_http_requests_total{endpoint=\"/v1/exec/batch\",status=\"200\"} 1\n",
+            "kvmfork_http_requests_total{endpoint=\"other\",status=\"404\"} 1\n",
+            "kvmfork_pool_vms{state=\"pooled\"} 4\n",
+            "kvmfork_pool_forks_total 6\n",
+            "kvmfork_shards 2\n",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
         assert!(text.contains(&format!(
-            "forkd_io_backend_info{{backend=\"{}\"}} 1\n",
+            "kvmfork_io_backend_info{{backend=\"{}\"}} 1\n",
             backend.name()
         )));
     });
@@ -181,10 +181,10 @@ fn real_prometheus_scrapes_the_fork_histogram() {
     let server = start(Backend::IoUring, None, |_| {});
     exercise(&server);
 
-    let dir = std::env::temp_dir().join(format!("forkd-prometheus-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kvmfork-prometheus-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let config = format!(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: forkd\n    metrics_path: /v1/metrics\n    static_configs:\n      - targets: ['{}']\n",
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: kvmfork\n    metrics_path: /v1/metrics\n    static_configs:\n      - targets: ['{}']\n",
         server.addr
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
@@ -215,20 +215,20 @@ fn real_prometheus_scrapes_the_fork_histogram() {
     };
     let deadline = Instant::now() + Duration::from_secs(90);
     let count = loop {
-        if let Some(v) = query("forkd_fork_seconds_count") {
+        if let Some(v) = query("kvmfork_fork_seconds_count") {
             if let Some(sample) = v["data"]["result"].as_array().and_then(|r| r.first()) {
                 break sample["value"][1].as_str().unwrap().parse::<f64>().unwrap();
             }
         }
         assert!(
             Instant::now() < deadline,
-            "Prometheus never scraped forkd_fork_seconds_count; its log:\n{}",
+            "Prometheus never scraped kvmfork_fork_seconds_count; its log:\n{}",
             std::fs::read_to_string(process.dir.join("prometheus.log")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(250));
     };
     assert_eq!(count, 6.0);
-    let v = query("forkd_fork_seconds_bucket").expect("bucket query");
+    let v = query("kvmfork_fork_seconds_bucket").expect("bucket query");
     let buckets = v["data"]["result"].as_array().unwrap();
     assert_eq!(buckets.len(), 19, "18 bounds plus +Inf: {v}");
     assert!(buckets.iter().any(|b| b["metric"]["le"] == "+Inf"));
@@ -238,7 +238,7 @@ fn real_prometheus_scrapes_the_fork_histogram() {
         "the scrape target is healthy"
     );
     let quantile =
-        query("histogram_quantile(0.5,forkd_fork_seconds_bucket)").expect("quantile query");
+        query("histogram_quantile(0.5,kvmfork_fork_seconds_bucket)").expect("quantile query");
     let median: f64 = quantile["data"]["result"][0]["value"][1]
         .as_str()
         .unwrap()

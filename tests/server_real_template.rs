@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::real_template::python_template;
-use forkd::engine::lane::Engine;
-use forkd::engine::pool::PoolConfig;
-use forkd::server::{ServeConfig, ServerHandle};
+use kvmfork::engine::lane::Engine;
+use kvmfork::engine::pool::PoolConfig;
+use kvmfork::server::{ServeConfig, ServerHandle};
 use server_support::{Client, TempFile};
 
 struct Live {
@@ -28,7 +28,7 @@ const KEY: &str = "real-template-test-key";
 fn start_live() -> Live {
     let t = python_template();
     // Share the loaded template: the engine takes templates by value, so load a second copy from its directory.
-    let template = forkd::template::Template::load(&t.dir).expect("template loads");
+    let template = kvmfork::template::Template::load(&t.dir).expect("template loads");
     let keys = TempFile::new(&format!("[\"{KEY}\"]"));
     let config = ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -41,7 +41,7 @@ fn start_live() -> Live {
         ..ServeConfig::default()
     };
     let engine = Engine::new(vec![template], PoolConfig { max_idle: 1, prewarm: 1, ..Default::default() });
-    let handle = forkd::server::start(config, Arc::new(engine)).expect("server starts");
+    let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
     Live { addr: handle.local_addr(), handle: Some(handle), _keys: keys }
 }
 
@@ -102,7 +102,7 @@ fn endpoints_work_against_the_real_engine() {
     assert!(text(&r).contains("python"), "{}", text(&r));
     c.send("GET", "/v1/metrics", &[], None);
     let r = c.read_response();
-    assert!(text(&r).contains("forkd_fork_seconds_bucket"), "{}", text(&r));
+    assert!(text(&r).contains("kvmfork_fork_seconds_bucket"), "{}", text(&r));
     // Errors.
     let r = exec(&mut c, r#"{"code": "print(1)", "language": "cobol"}"#);
     assert_eq!((r.status, r.error_code()), (400, "unknown_language".to_string()));

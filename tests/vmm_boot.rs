@@ -6,12 +6,12 @@
 mod common;
 
 use common::tiny_guest::kvm;
-use forkd::vmm::boot;
-use forkd::vmm::cpuid::{self, HostKind};
-use forkd::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
-use forkd::vmm::memory::{GuestRam, Sharing};
-use forkd::vmm::vcpu::{RunOutcome, Vcpu};
-use forkd::vmm::vm::Vm;
+use kvmfork::vmm::boot;
+use kvmfork::vmm::cpuid::{self, HostKind};
+use kvmfork::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use kvmfork::vmm::memory::{GuestRam, Sharing};
+use kvmfork::vmm::vcpu::{RunOutcome, Vcpu};
+use kvmfork::vmm::vm::Vm;
 use vmm_sys_util::eventfd::EventFd;
 
 /// mov al,[rsi+0x1e8] (e820 entries); add al,'0'; out 0x3f8,al;
@@ -54,7 +54,7 @@ fn tiny_elf(code: &[u8]) -> Vec<u8> {
 #[test]
 fn tiny_kernel_boots_in_long_mode_and_sees_boot_params() {
     let kvm = kvm();
-    let dir = std::env::temp_dir().join(format!("forkd-boot-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kvmfork-boot-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, tiny_elf(&TINY_KERNEL)).unwrap();
@@ -96,7 +96,7 @@ fn tiny_kernel_boots_in_long_mode_and_sees_boot_params() {
 
 #[test]
 fn bad_kernel_images_are_refused() {
-    let dir = std::env::temp_dir().join(format!("forkd-boot-bad-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kvmfork-boot-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ram_size = 256usize << 20;
     let memfd = GuestRam::create_memfd("boot-bad", ram_size).unwrap();

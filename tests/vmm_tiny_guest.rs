@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::tiny_guest::*;
-use forkd::api::{CancelToken, ExecFailure, ExecRequest, Language};
-use forkd::engine::pool::{Pool, PoolConfig};
-use forkd::engine::sandbox::{Limits, Sandbox};
-use forkd::vmm::kick::ThreadTimer;
+use kvmfork::api::{CancelToken, ExecFailure, ExecRequest, Language};
+use kvmfork::engine::pool::{Pool, PoolConfig};
+use kvmfork::engine::sandbox::{Limits, Sandbox};
+use kvmfork::vmm::kick::ThreadTimer;
 
 fn req(code: &str, timeout: Duration) -> ExecRequest {
     ExecRequest { code: code.into(), language: Language::Python, timeout, cancel: CancelToken::new() }
@@ -67,8 +67,8 @@ fn reset_undoes_memory_and_register_changes() {
     assert_eq!(sb.ram().read_u64(COUNTER_GPA).unwrap(), 0);
     let mut fork_page = vec![0u8; 8192];
     let mut tmpl_page = vec![0u8; 8192];
-    sb.ram().read(forkd::contract::MAILBOX_GPA, &mut fork_page).unwrap();
-    t.source.read(forkd::contract::MAILBOX_GPA, &mut tmpl_page).unwrap();
+    sb.ram().read(kvmfork::contract::MAILBOX_GPA, &mut fork_page).unwrap();
+    t.source.read(kvmfork::contract::MAILBOX_GPA, &mut tmpl_page).unwrap();
     assert_eq!(fork_page, tmpl_page, "mailbox pages written by the host must be restored too");
     // And it runs again from the start.
     let r = sb.exec(&t, &req("B", Duration::from_secs(10)), &Limits::default(), &timer);
@@ -141,7 +141,7 @@ fn guest_crash_is_reported_and_the_engine_keeps_serving() {
 fn oversized_code_is_rejected_before_running() {
     let t = Arc::new(tiny_template());
     let mut pool = Pool::new(t, PoolConfig::default()).unwrap();
-    let big = "A".repeat(forkd::engine::mailbox::CODE_MAX + 1);
+    let big = "A".repeat(kvmfork::engine::mailbox::CODE_MAX + 1);
     let r = pool.exec(&req(&big, Duration::from_secs(10)));
     assert!(matches!(r.failure, Some(ExecFailure::Rejected(_))));
 }
@@ -149,15 +149,15 @@ fn oversized_code_is_rejected_before_running() {
 #[test]
 fn snapshot_roundtrips_through_the_file_format() {
     let t = tiny_template();
-    let dir = std::env::temp_dir().join(format!("forkd-tiny-snap-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("kvmfork-tiny-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let source = forkd::vmm::memory::GuestRam::map(&t.memfd, RAM_SIZE, forkd::vmm::memory::Sharing::ReadOnly).unwrap();
-    let mem = forkd::vmm::snapshot::write_memory(&dir.join("memory.bin"), &source).unwrap();
+    let source = kvmfork::vmm::memory::GuestRam::map(&t.memfd, RAM_SIZE, kvmfork::vmm::memory::Sharing::ReadOnly).unwrap();
+    let mem = kvmfork::vmm::snapshot::write_memory(&dir.join("memory.bin"), &source).unwrap();
     assert!(mem.allocated_size < mem.apparent_size / 4, "memory file must be sparse: {mem:?}");
     let mut meta = tiny_meta(&t.state);
     meta.memory = mem;
-    forkd::vmm::snapshot::write_state(&dir.join("state.snap"), &meta, &t.state).unwrap();
-    let loaded = forkd::template::Template::load(&dir).unwrap();
+    kvmfork::vmm::snapshot::write_state(&dir.join("state.snap"), &meta, &t.state).unwrap();
+    let loaded = kvmfork::template::Template::load(&dir).unwrap();
     assert_eq!(loaded.state.vcpu.regs.rip, t.state.vcpu.regs.rip);
     let kvm = kvm();
     let timer = ThreadTimer::for_current_thread().unwrap();
@@ -168,7 +168,7 @@ fn snapshot_roundtrips_through_the_file_format() {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(dir.join("memory.bin")).unwrap();
     f.write_all_at(&[0xAB], CODE_GPA + 3).unwrap();
-    let err = forkd::template::Template::load(&dir).err().expect("corrupted memory must be refused");
+    let err = kvmfork::template::Template::load(&dir).err().expect("corrupted memory must be refused");
     assert!(err.to_string().contains("corrupted"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

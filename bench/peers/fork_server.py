@@ -2,17 +2,17 @@
 """A pre-forked CPython HTTP server that os.fork()s once per request.
 
 The benchmark's "process floor" peer: no isolation at all, just what a process
-sandbox built on fork() could at best reach. It speaks the part of forkd's API
+sandbox built on fork() could at best reach. It speaks the part of kvmfork's API
 the benchmark uses (POST /v1/exec, GET /v1/health) with the same JSON shapes,
 so the same loadgen request works against both.
 
 Layout: the parent opens the listening socket, imports the preloaded modules
-(forkd's template has numpy imported too) and forks --workers event-loop
+(kvmfork's template has numpy imported too) and forks --workers event-loop
 processes that share it. Each worker runs a selectors (epoll) loop over its
 keep-alive connections; an exec forks a child from the worker, which runs the
 code with stdout/stderr captured in memory and writes one JSON result into a
 pipe the worker watches. Workers never block on a child. Each worker runs at
-most --max-children execs at once and queues the rest (like forkd's exec
+most --max-children execs at once and queues the rest (like kvmfork's exec
 workers): a thousand simultaneous children on two cores would only thrash.
 
 Usage: fork_server.py --listen 127.0.0.1:PORT [--workers N] [--max-children N] [--preload numpy]

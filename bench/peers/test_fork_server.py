@@ -63,7 +63,7 @@ class ForkServerTest(unittest.TestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(json.loads(response.read()), {"status": "ok"})
 
-    def test_exec_print_has_forkd_fields(self):
+    def test_exec_print_has_kvmfork_fields(self):
         status, result = self.exec(self.connect(), "print(1+1)")
         self.assertEqual(status, 200)
         self.assertEqual(result["stdout"], "2\n")

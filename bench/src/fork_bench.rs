@@ -1,7 +1,7 @@
-//! Runs `forkd bench fork` (fork-to-runnable, fork + exec, fresh VM per fork,
+//! Runs `kvmfork bench fork` (fork-to-runnable, fork + exec, fresh VM per fork,
 //! memory per live sandbox) and reads the table it prints.
 //!
-//! The text table is forkd's only output format today; every row the report
+//! The text table is kvmfork's only output format today; every row the report
 //! needs is looked up by its exact label, so a renamed row is an error here,
 //! never a silently missing number.
 
@@ -27,10 +27,10 @@ pub struct Percentiles {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AliveRow {
     pub alive: u64,
-    /// Just forked (runnable): the drop in MemAvailable, and forkd's RSS growth.
+    /// Just forked (runnable): the drop in MemAvailable, and kvmfork's RSS growth.
     pub forked_mem_available_kib: f64,
     pub forked_rss_kib: f64,
-    /// After each has run the code once; None where forkd skipped the execs
+    /// After each has run the code once; None where kvmfork skipped the execs
     /// (above its --max-exec-alive).
     pub exec_mem_available_kib: Option<f64>,
     pub exec_rss_kib: Option<f64>,
@@ -57,13 +57,13 @@ const POOLED_TOTAL: &str = "fork + exec, pooled reset";
 const FRESH_TOTAL: &str = "fork + exec, fresh VM";
 
 /// Runs the benchmark binary and parses its report.
-pub fn run(forkd: &Path, template: &Path, iterations: usize, alive: &[usize], max_exec_alive: usize) -> Result<ForkBench, BenchError> {
-    let output = Command::new(forkd)
+pub fn run(kvmfork: &Path, template: &Path, iterations: usize, alive: &[usize], max_exec_alive: usize) -> Result<ForkBench, BenchError> {
+    let output = Command::new(kvmfork)
         .args(command_args(iterations, alive, max_exec_alive))
         .arg("--template")
         .arg(template)
         .output()
-        .map_err(|source| BenchError::Spawn { what: "forkd bench fork".into(), source })?;
+        .map_err(|source| BenchError::Spawn { what: "kvmfork bench fork".into(), source })?;
     if !output.status.success() {
         return Err(BenchError::ForkBenchFailed {
             status: output.status.to_string(),
@@ -73,7 +73,7 @@ pub fn run(forkd: &Path, template: &Path, iterations: usize, alive: &[usize], ma
     parse(&String::from_utf8_lossy(&output.stdout))
 }
 
-/// `forkd bench fork` arguments (without --template).
+/// `kvmfork bench fork` arguments (without --template).
 pub fn command_args(iterations: usize, alive: &[usize], max_exec_alive: usize) -> Vec<String> {
     let alive_list = alive.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
     ["bench", "fork", "--iterations", &iterations.to_string(), "--alive", &alive_list, "--max-exec-alive", &max_exec_alive.to_string()]
@@ -82,7 +82,7 @@ pub fn command_args(iterations: usize, alive: &[usize], max_exec_alive: usize) -
         .collect()
 }
 
-/// Parses `forkd bench fork` output (see src/bench.rs in forkd).
+/// Parses `kvmfork bench fork` output (see src/bench.rs in kvmfork).
 pub fn parse(text: &str) -> Result<ForkBench, BenchError> {
     let row = |label: &str| -> Result<Percentiles, BenchError> {
         let line = text
@@ -173,9 +173,9 @@ fn parse_alive(text: &str) -> Result<Vec<AliveRow>, BenchError> {
     Ok(rows)
 }
 
-/// Output of `forkd bench fork` as src/bench.rs prints it, for tests.
+/// Output of `kvmfork bench fork` as src/bench.rs prints it, for tests.
 #[cfg(test)]
-pub const SAMPLE: &str = "forkd bench fork — template /root/.cache/forkd/templates/python-ab12 (python), host KVM: pvm
+pub const SAMPLE: &str = "kvmfork bench fork — template /root/.cache/kvmfork/templates/python-ab12 (python), host KVM: pvm
 code: \"print(1+1)\", 500 iterations per method
 
                                                p50       p90       p99       max      mean
@@ -266,8 +266,8 @@ mod tests {
         assert!(parse_time_us("ms").is_err());
     }
 
-    /// Real output of forkd (commit 46013c9) on the PVM development machine.
-    const REAL: &str = r#"forkd bench fork — template /tmp/lead/pytpl (python), host KVM: pvm
+    /// Real output of kvmfork (commit 46013c9) on the PVM development machine.
+    const REAL: &str = r#"kvmfork bench fork — template /tmp/lead/pytpl (python), host KVM: pvm
 code: "print(1+1)", 20 iterations per method
 
                                                p50       p90       p99       max      mean
@@ -287,7 +287,7 @@ alive      forked: MemAvail        forked: RSS  after exec: MemAv    after exec:
 "#;
 
     #[test]
-    fn parses_real_forkd_output() {
+    fn parses_real_kvmfork_output() {
         let bench = parse(REAL).unwrap();
         assert_eq!(bench.fresh_total.p50_us, 831_500.0);
         assert_eq!(bench.pooled_fork.n, 20);

@@ -1,5 +1,5 @@
 //! What the table header says about the machine: CPU, cores, memory, kernel,
-//! KVM kind, date, load, and which forkd commit was measured.
+//! KVM kind, date, load, and which kvmfork commit was measured.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +18,7 @@ pub struct Host {
     pub kvm_kind: &'static str,
     /// RFC 3339, UTC, seconds.
     pub date: String,
-    /// forkd commit (short hash, "+dirty" if the tree had changes).
+    /// kvmfork commit (short hash, "+dirty" if the tree had changes).
     pub commit: String,
 }
 

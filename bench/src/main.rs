@@ -1,5 +1,5 @@
-//! `cargo run --release -p bench` (or `bench/run`): forkd's one-command
-//! benchmark. Measures forkd's fork and exec paths and, in the same run on
+//! `cargo run --release -p bench` (or `bench/run`): kvmfork's one-command
+//! benchmark. Measures kvmfork's fork and exec paths and, in the same run on
 //! the same machine, the alternatives a user would otherwise pick, then writes
 //! docs/benchmarks.md, docs/bench/*.png and docs/bench/results.json.
 
@@ -28,9 +28,9 @@ use crate::spawn::SpawnPeer;
 
 #[derive(Debug, Error)]
 pub enum BenchError {
-    #[error("no forkd binary at {0}: build it with `cargo build --release -p forkd` (or pass --forkd)")]
-    MissingForkd(PathBuf),
-    #[error("no Python template in {0}: build it once with `target/release/forkd template build` (minutes on PVM hosts), or pass --template")]
+    #[error("no kvmfork binary at {0}: build it with `cargo build --release -p kvmfork` (or pass --kvmfork)")]
+    MissingKvmfork(PathBuf),
+    #[error("no Python template in {0}: build it once with `target/release/kvmfork template build` (minutes on PVM hosts), or pass --template")]
     MissingTemplate(PathBuf),
     #[error("no Python interpreter at {0} (Debian: apt-get install python3)")]
     MissingPython(String),
@@ -42,9 +42,9 @@ pub enum BenchError {
     NotReady { what: String, detail: String },
     #[error("{what} answered wrongly: {detail}")]
     Probe { what: String, detail: String },
-    #[error("`forkd bench fork` failed ({status}): {stderr}")]
+    #[error("`kvmfork bench fork` failed ({status}): {stderr}")]
     ForkBenchFailed { status: String, stderr: String },
-    #[error("cannot read `forkd bench fork` output: {0}")]
+    #[error("cannot read `kvmfork bench fork` output: {0}")]
     ParseForkBench(String),
     #[error("{what}: {detail}")]
     Load { what: String, detail: String },
@@ -54,7 +54,7 @@ pub enum BenchError {
     Plot { path: PathBuf, message: String },
 }
 
-/// Execs each fork-server worker runs at once (forkd runs 2 per shard).
+/// Execs each fork-server worker runs at once (kvmfork runs 2 per shard).
 const FORK_SERVER_MAX_CHILDREN: usize = 2;
 
 fn workspace() -> PathBuf {
@@ -79,22 +79,22 @@ fn parse_list(raw: &str) -> Result<Counts, String> {
 #[derive(Parser, Debug)]
 #[command(
     name = "bench",
-    about = "forkd's benchmark: fork and exec latency, HTTP exec load, memory per sandbox, and the peers \
+    about = "kvmfork's benchmark: fork and exec latency, HTTP exec load, memory per sandbox, and the peers \
 (python3 -c, bubblewrap, a fork-per-request CPython server, nginx) in one run. Writes docs/benchmarks.md, \
-docs/bench/*.png and docs/bench/results.json. Needs /dev/kvm, a built forkd and its Python template; \
+docs/bench/*.png and docs/bench/results.json. Needs /dev/kvm, a built kvmfork and its Python template; \
 installs bubblewrap, nginx-light and fonts-dejavu-core with apt-get when run as root."
 )]
 struct Args {
     /// Directory for benchmarks.md (plots and results.json go to its bench/ subdirectory).
     #[arg(long, default_value_os_t = workspace().join("docs"))]
     out_dir: PathBuf,
-    /// forkd binary [default: $CARGO_TARGET_DIR or <workspace>/target, then release/forkd].
+    /// kvmfork binary [default: $CARGO_TARGET_DIR or <workspace>/target, then release/kvmfork].
     #[arg(long)]
-    forkd: Option<PathBuf>,
+    kvmfork: Option<PathBuf>,
     /// Template directory [default: the newest cached Python template].
     #[arg(long)]
     template: Option<PathBuf>,
-    /// Iterations per method of `forkd bench fork` (fresh-VM forks dominate its
+    /// Iterations per method of `kvmfork bench fork` (fresh-VM forks dominate its
     /// run time: ~25 ms each with the cached template on PVM).
     #[arg(long, default_value_t = 500)]
     fork_iterations: usize,
@@ -123,17 +123,17 @@ struct Args {
     /// CPython for the peers (Debian's, like the guest's).
     #[arg(long, default_value = "/usr/bin/python3")]
     python: String,
-    /// forkd serve --queue-depth: execs queued per shard before 503.
+    /// kvmfork serve --queue-depth: execs queued per shard before 503.
     #[arg(long, default_value_t = 2048)]
     queue_depth: usize,
 }
 
 impl Args {
-    fn forkd_path(&self) -> PathBuf {
-        self.forkd.clone().unwrap_or_else(|| {
-            std::env::var_os("FORKD_BIN").map(PathBuf::from).unwrap_or_else(|| {
+    fn kvmfork_path(&self) -> PathBuf {
+        self.kvmfork.clone().unwrap_or_else(|| {
+            std::env::var_os("KVMFORK_BIN").map(PathBuf::from).unwrap_or_else(|| {
                 let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
-                target.join("release/forkd")
+                target.join("release/kvmfork")
             })
         })
     }
@@ -155,10 +155,10 @@ type Series = Vec<(usize, Histogram<u64>)>;
 /// Histograms kept for the plots (results.json has the summaries).
 #[derive(Default)]
 struct Curves {
-    forkd_exec: Series,
+    kvmfork_exec: Series,
     /// Per fork-server variant, its label and points.
     fork_servers: Vec<(String, Series)>,
-    forkd_health: Series,
+    kvmfork_health: Series,
     nginx: Series,
     spawn: Vec<(String, Histogram<u64>)>,
 }
@@ -207,13 +207,13 @@ fn spawn_stats(result: &spawn::SpawnResult) -> SpawnStats {
 
 fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     let progress = Progress { start: Instant::now() };
-    let forkd = args.forkd_path();
-    if !forkd.is_file() {
-        return Err(BenchError::MissingForkd(forkd));
+    let kvmfork = args.kvmfork_path();
+    if !kvmfork.is_file() {
+        return Err(BenchError::MissingKvmfork(kvmfork));
     }
     let template = match &args.template {
         Some(t) => t.clone(),
-        None => peers::find_template("python").ok_or_else(|| BenchError::MissingTemplate(peers::forkd_cache_dir().join("templates")))?,
+        None => peers::find_template("python").ok_or_else(|| BenchError::MissingTemplate(peers::kvmfork_cache_dir().join("templates")))?,
     };
     if !template.join("state.snap").is_file() {
         return Err(BenchError::MissingTemplate(template));
@@ -224,7 +224,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     peers::ensure_installed(&[peers::BWRAP, peers::NGINX, peers::FONT])?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workdir = tempfile::Builder::new()
-        .prefix("forkd-bench-")
+        .prefix("kvmfork-bench-")
         .tempdir()
         .map_err(|source| BenchError::Write { path: std::env::temp_dir(), source })?;
     let host = host::Host::probe(&workspace());
@@ -239,21 +239,21 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     ));
     let mut curves = Curves::default();
 
-    progress.step(&format!("forkd bench fork ({} iterations, alive {:?})", args.fork_iterations, args.alive.0));
-    let fork = fork_bench::run(&forkd, &template, args.fork_iterations, &args.alive.0, args.max_exec_alive)?;
+    progress.step(&format!("kvmfork bench fork ({} iterations, alive {:?})", args.fork_iterations, args.alive.0));
+    let fork = fork_bench::run(&kvmfork, &template, args.fork_iterations, &args.alive.0, args.max_exec_alive)?;
     progress.step(&format!(
         "  pooled fork p50 {:.0} µs, fork+exec p50 {:.0} µs; fresh VM fork p50 {:.0} µs",
         fork.pooled_fork.p50_us, fork.pooled_total.p50_us, fork.fresh_fork.p50_us
     ));
 
-    progress.step("forkd serve");
-    let (server, forkd_serve_args) = peers::start_forkd(&forkd, &template, workdir.path(), args.queue_depth)?;
-    let forkd_exec = http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut curves.forkd_exec)?;
-    let forkd_health =
-        http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.forkd_health)?;
+    progress.step("kvmfork serve");
+    let (server, kvmfork_serve_args) = peers::start_kvmfork(&kvmfork, &template, workdir.path(), args.queue_depth)?;
+    let kvmfork_exec = http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut curves.kvmfork_exec)?;
+    let kvmfork_health =
+        http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.kvmfork_health)?;
     server.stop(Duration::from_secs(30));
 
-    // Two fork servers: one with what forkd's template has (numpy imported
+    // Two fork servers: one with what kvmfork's template has (numpy imported
     // before the fork, which makes every fork copy a bigger process), and the
     // bare interpreter, the cheapest fork there is.
     let numpy = Command::new(&args.python).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
@@ -285,7 +285,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         (SpawnPeer::bubblewrap(report::BWRAP, peers::BWRAP.path, &args.python, code, "2\n"), "namespaces (bubblewrap)", true),
     ];
     if numpy {
-        // forkd's template has numpy imported; a fresh process pays for the import.
+        // kvmfork's template has numpy imported; a fresh process pays for the import.
         spawn_peers.push((
             SpawnPeer::python(report::PYTHON_C_NUMPY, &args.python, "import numpy; print(1+1)", "2\n"),
             "none (a new process)",
@@ -334,7 +334,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         python_version: version_of(&[&args.python, "--version"]),
         bwrap_version: version_of(&[peers::BWRAP.path, "--version"]),
         nginx_version: version_of(&[peers::NGINX.path, "-v"]).trim_start_matches("nginx version: ").to_string(),
-        forkd_serve_args,
+        kvmfork_serve_args,
         fork_server_workers: cores,
         fork_server_max_children: FORK_SERVER_MAX_CHILDREN,
         nginx_workers: cores,
@@ -347,9 +347,9 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         wall_s: progress.start.elapsed().as_secs_f64(),
         settings,
         fork,
-        forkd_exec,
+        kvmfork_exec,
         fork_servers,
-        forkd_health,
+        kvmfork_health,
         nginx,
         spawn,
     };
@@ -364,8 +364,8 @@ fn find(series: &[(usize, Histogram<u64>)], connections: usize) -> Option<&Histo
 fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec<(String, String)>, BenchError> {
     let mut drawn = Vec::new();
     let mut one_at_a_time = Vec::new();
-    if let Some(h) = find(&curves.forkd_exec, 1) {
-        one_at_a_time.push(plots::Curve { label: "forkd HTTP exec (1 connection)".into(), histogram: h });
+    if let Some(h) = find(&curves.kvmfork_exec, 1) {
+        one_at_a_time.push(plots::Curve { label: "kvmfork HTTP exec (1 connection)".into(), histogram: h });
     }
     for (label, series) in &curves.fork_servers {
         if let Some(h) = find(series, 1) {
@@ -379,9 +379,9 @@ fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec
     plots::render(&plot_dir.join("one-at-a-time.png"), &title, &one_at_a_time)?;
     drawn.push((title, "bench/one-at-a-time.png".to_string()));
     for &c in &results.settings.connections {
-        let mut named: Vec<(String, &Series)> = vec![("forkd exec".into(), &curves.forkd_exec)];
+        let mut named: Vec<(String, &Series)> = vec![("kvmfork exec".into(), &curves.kvmfork_exec)];
         named.extend(curves.fork_servers.iter().map(|(label, series)| (format!("{label} exec"), series)));
-        named.push(("forkd GET /v1/health".into(), &curves.forkd_health));
+        named.push(("kvmfork GET /v1/health".into(), &curves.kvmfork_health));
         named.push(("nginx return 200".into(), &curves.nginx));
         let lines: Vec<plots::Curve> = named
             .into_iter()
@@ -425,9 +425,9 @@ fn main() -> ExitCode {
     }
     println!("{}", report::headline(&results));
     eprintln!("bench: wrote {} and {}", args.out_dir.join("benchmarks.md").display(), plot_dir.display());
-    let errors = results.forkd_errors();
+    let errors = results.kvmfork_errors();
     if errors > 0 {
-        eprintln!("bench: forkd failed {errors} requests during the run (see the errors columns)");
+        eprintln!("bench: kvmfork failed {errors} requests during the run (see the errors columns)");
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

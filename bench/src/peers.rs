@@ -1,4 +1,4 @@
-//! Starting the HTTP servers under test (forkd, the fork-per-request CPython
+//! Starting the HTTP servers under test (kvmfork, the fork-per-request CPython
 //! server, nginx) and installing the peers' Debian packages when missing.
 
 use std::net::SocketAddr;
@@ -57,16 +57,16 @@ pub fn ensure_installed(requirements: &[Requirement]) -> Result<(), BenchError> 
     Ok(())
 }
 
-/// The newest cached template of `language` (the rule `forkd` itself uses:
-/// `$FORKD_CACHE_DIR` or `~/.cache/forkd`, `templates/<language>-*/state.snap`).
+/// The newest cached template of `language` (the rule `kvmfork` itself uses:
+/// `$KVMFORK_CACHE_DIR` or `~/.cache/kvmfork`, `templates/<language>-*/state.snap`).
 pub fn find_template(language: &str) -> Option<PathBuf> {
-    find_template_in(&forkd_cache_dir(), language)
+    find_template_in(&kvmfork_cache_dir(), language)
 }
 
-pub fn forkd_cache_dir() -> PathBuf {
-    std::env::var_os("FORKD_CACHE_DIR")
+pub fn kvmfork_cache_dir() -> PathBuf {
+    std::env::var_os("KVMFORK_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/forkd"))
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/kvmfork"))
 }
 
 fn find_template_in(cache: &Path, language: &str) -> Option<PathBuf> {
@@ -86,9 +86,9 @@ fn find_template_in(cache: &Path, language: &str) -> Option<PathBuf> {
         .map(|(_, path)| path)
 }
 
-/// `forkd serve` with auth and rate limiting off and a queue deep enough that
+/// `kvmfork serve` with auth and rate limiting off and a queue deep enough that
 /// 1000 connections wait instead of getting 503s.
-pub fn start_forkd(forkd: &Path, template: &Path, workdir: &Path, queue_depth: usize) -> Result<(Server, Vec<String>), BenchError> {
+pub fn start_kvmfork(kvmfork: &Path, template: &Path, workdir: &Path, queue_depth: usize) -> Result<(Server, Vec<String>), BenchError> {
     let addr = process::free_port()?;
     let args: Vec<String> = vec![
         "serve".into(),
@@ -101,10 +101,10 @@ pub fn start_forkd(forkd: &Path, template: &Path, workdir: &Path, queue_depth: u
         "--template".into(),
         template.display().to_string(),
     ];
-    let mut command = Command::new(forkd);
-    // No keys file in an empty working directory and no $FORKD_API_KEYS_FILE: auth off.
-    command.args(&args).current_dir(workdir).env_remove("FORKD_API_KEYS_FILE");
-    let server = Server::start("forkd serve", command, addr, "/v1/health", workdir.join("forkd-serve.log"), Duration::from_secs(300))?;
+    let mut command = Command::new(kvmfork);
+    // No keys file in an empty working directory and no $KVMFORK_API_KEYS_FILE: auth off.
+    command.args(&args).current_dir(workdir).env_remove("KVMFORK_API_KEYS_FILE");
+    let server = Server::start("kvmfork serve", command, addr, "/v1/health", workdir.join("kvmfork-serve.log"), Duration::from_secs(300))?;
     process::check_exec(&server)?;
     Ok((server, args))
 }

@@ -1,4 +1,4 @@
-//! Latency-by-percentile curves of forkd and its peers in one chart. The
+//! Latency-by-percentile curves of kvmfork and its peers in one chart. The
 //! latencies span orders of magnitude (microsecond forks, 100 ms process
 //! spawns), so the y axis is logarithmic; the x axis is in "nines" like
 //! loadgen's own `--plot`, whose font loading and curve math this reuses.

@@ -47,9 +47,9 @@ pub fn rps(value: f64) -> String {
     }
 }
 
-/// How forkd's latency compares with a peer's ("12× faster", "1.5× slower").
-pub fn latency_ratio(forkd_ms: f64, peer_ms: f64) -> String {
-    if forkd_ms <= 0.0 || peer_ms <= 0.0 {
+/// How kvmfork's latency compares with a peer's ("12× faster", "1.5× slower").
+pub fn latency_ratio(kvmfork_ms: f64, peer_ms: f64) -> String {
+    if kvmfork_ms <= 0.0 || peer_ms <= 0.0 {
         return "n/a".into();
     }
     // Two decimals near parity, so 1.05 does not read as "1.0× slower".
@@ -62,19 +62,19 @@ pub fn latency_ratio(forkd_ms: f64, peer_ms: f64) -> String {
             format!("{r:.2}")
         }
     };
-    if forkd_ms <= peer_ms {
-        format!("forkd {}× faster", factor(peer_ms / forkd_ms))
+    if kvmfork_ms <= peer_ms {
+        format!("kvmfork {}× faster", factor(peer_ms / kvmfork_ms))
     } else {
-        format!("forkd {}× slower", factor(forkd_ms / peer_ms))
+        format!("kvmfork {}× slower", factor(kvmfork_ms / peer_ms))
     }
 }
 
-/// forkd's throughput as a multiple of a peer's.
-pub fn throughput_ratio(forkd_rps: f64, peer_rps: f64) -> String {
+/// kvmfork's throughput as a multiple of a peer's.
+pub fn throughput_ratio(kvmfork_rps: f64, peer_rps: f64) -> String {
     if peer_rps <= 0.0 {
         return "n/a".into();
     }
-    let r = forkd_rps / peer_rps;
+    let r = kvmfork_rps / peer_rps;
     if r >= 10.0 {
         format!("{r:.0}× the req/s")
     } else {
@@ -105,11 +105,11 @@ pub const PYTHON_C: &str = "python3 -c";
 pub const PYTHON_C_NUMPY: &str = "python3 -c, import numpy";
 pub const BWRAP: &str = "bwrap + python3 -c";
 
-/// The rows the README quotes. Every row names forkd's number, the peer's and the ratio.
+/// The rows the README quotes. Every row names kvmfork's number, the peer's and the ratio.
 pub fn headline(results: &Results) -> String {
     let mut out = String::new();
     let f = &results.fork;
-    let _ = writeln!(out, "| measurement ({}) | forkd | peer | forkd vs peer |", results.settings.code.replace('|', "\\|"));
+    let _ = writeln!(out, "| measurement ({}) | kvmfork | peer | kvmfork vs peer |", results.settings.code.replace('|', "\\|"));
     let _ = writeln!(out, "|---|---|---|---|");
     let _ = writeln!(
         out,
@@ -125,17 +125,17 @@ pub fn headline(results: &Results) -> String {
         us(f.fresh_total.p50_us),
         latency_ratio(f.pooled_total.p50_us, f.fresh_total.p50_us)
     );
-    if let Some(forkd1) = Results::at(&results.forkd_exec, 1) {
-        let forkd_p50 = forkd1.report.latency.p50_ms;
+    if let Some(kvmfork1) = Results::at(&results.kvmfork_exec, 1) {
+        let kvmfork_p50 = kvmfork1.report.latency.p50_ms;
         for server in &results.fork_servers {
             if let Some(peer) = Results::at(&server.points, 1) {
                 let _ = writeln!(
                     out,
                     "| HTTP exec, 1 connection, p50 | {} | {} ({}, no isolation) | {} |",
-                    ms(forkd_p50),
+                    ms(kvmfork_p50),
                     ms(peer.report.latency.p50_ms),
                     server.label,
-                    latency_ratio(forkd_p50, peer.report.latency.p50_ms)
+                    latency_ratio(kvmfork_p50, peer.report.latency.p50_ms)
                 );
             }
         }
@@ -144,69 +144,69 @@ pub fn headline(results: &Results) -> String {
                 let _ = writeln!(
                     out,
                     "| HTTP exec, 1 connection, p50 vs a process per run | {} | {} (`{}`, spawn to exit) | {} |",
-                    ms(forkd_p50),
+                    ms(kvmfork_p50),
                     ms(peer.serial.latency.p50_ms),
                     label,
-                    latency_ratio(forkd_p50, peer.serial.latency.p50_ms)
+                    latency_ratio(kvmfork_p50, peer.serial.latency.p50_ms)
                 );
             }
         }
     }
     for server in &results.fork_servers {
-        if let (Some(forkd), Some(peer)) = (Results::best(&results.forkd_exec), Results::best(&server.points)) {
+        if let (Some(kvmfork), Some(peer)) = (Results::best(&results.kvmfork_exec), Results::best(&server.points)) {
             let _ = writeln!(
                 out,
                 "| HTTP exec, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., {}) | {} |",
-                rps(forkd.report.ok_rps),
-                forkd.connections,
+                rps(kvmfork.report.ok_rps),
+                kvmfork.connections,
                 rps(peer.report.ok_rps),
                 peer.connections,
                 server.label,
-                throughput_ratio(forkd.report.ok_rps, peer.report.ok_rps)
+                throughput_ratio(kvmfork.report.ok_rps, peer.report.ok_rps)
             );
         }
     }
-    if let Some(forkd) = Results::best(&results.forkd_exec) {
+    if let Some(kvmfork) = Results::best(&results.kvmfork_exec) {
         for label in [PYTHON_C, BWRAP] {
             if let Some(par) = spawn_for(results, label).and_then(|s| s.parallel.as_ref()) {
                 let _ = writeln!(
                     out,
                     "| exec throughput vs processes | {} req/s | {} runs/s (`{}`, {} at once) | {} |",
-                    rps(forkd.report.ok_rps),
+                    rps(kvmfork.report.ok_rps),
                     rps(par.per_second),
                     label,
                     par.parallel,
-                    throughput_ratio(forkd.report.ok_rps, par.per_second)
+                    throughput_ratio(kvmfork.report.ok_rps, par.per_second)
                 );
             }
         }
     }
     let top = results.settings.connections.iter().max().copied().unwrap_or(0);
     for server in &results.fork_servers {
-        if let (Some(forkd), Some(peer)) = (Results::at(&results.forkd_exec, top), Results::at(&server.points, top)) {
+        if let (Some(kvmfork), Some(peer)) = (Results::at(&results.kvmfork_exec, top), Results::at(&server.points, top)) {
             let _ = writeln!(
                 out,
                 "| HTTP exec, {top} connections: p50 / p99, errors | {} / {}, {} errors | {} / {}, {} errors ({}) | {} (p50) |",
-                ms(forkd.report.latency.p50_ms),
-                ms(forkd.report.latency.p99_ms),
-                forkd.errors(),
+                ms(kvmfork.report.latency.p50_ms),
+                ms(kvmfork.report.latency.p99_ms),
+                kvmfork.errors(),
                 ms(peer.report.latency.p50_ms),
                 ms(peer.report.latency.p99_ms),
                 peer.errors(),
                 server.label,
-                latency_ratio(forkd.report.latency.p50_ms, peer.report.latency.p50_ms)
+                latency_ratio(kvmfork.report.latency.p50_ms, peer.report.latency.p50_ms)
             );
         }
     }
-    if let (Some(forkd), Some(peer)) = (Results::best(&results.forkd_health), Results::best(&results.nginx)) {
+    if let (Some(kvmfork), Some(peer)) = (Results::best(&results.kvmfork_health), Results::best(&results.nginx)) {
         let _ = writeln!(
             out,
             "| GET /v1/health, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., nginx `return 200`) | {} |",
-            rps(forkd.report.ok_rps),
-            forkd.connections,
+            rps(kvmfork.report.ok_rps),
+            kvmfork.connections,
             rps(peer.report.ok_rps),
             peer.connections,
-            throughput_ratio(forkd.report.ok_rps, peer.report.ok_rps)
+            throughput_ratio(kvmfork.report.ok_rps, peer.report.ok_rps)
         );
     }
     if let Some(row) = f.alive.iter().max_by_key(|r| r.alive) {
@@ -242,14 +242,14 @@ fn latency_cells(l: &LatencySummary) -> String {
     format!("{} | {} | {} | {} | {}", ms(l.p50_ms), ms(l.p90_ms), ms(l.p99_ms), ms(l.p99_9_ms), ms(l.max_ms))
 }
 
-/// forkd's row per connection count, then each peer's with forkd's ratio to it.
-fn http_table(out: &mut String, forkd: &[HttpPoint], peers: &[(&str, &[HttpPoint])]) {
-    let _ = writeln!(out, "| connections | server | req/s | p50 | p90 | p99 | p99.9 | max | errors | forkd vs this server |");
+/// kvmfork's row per connection count, then each peer's with kvmfork's ratio to it.
+fn http_table(out: &mut String, kvmfork: &[HttpPoint], peers: &[(&str, &[HttpPoint])]) {
+    let _ = writeln!(out, "| connections | server | req/s | p50 | p90 | p99 | p99.9 | max | errors | kvmfork vs this server |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
-    for point in forkd {
+    for point in kvmfork {
         let _ = writeln!(
             out,
-            "| {} | forkd | {} | {} | {} | |",
+            "| {} | kvmfork | {} | {} | {} | |",
             point.connections,
             rps(point.report.ok_rps),
             latency_cells(&point.report.latency),
@@ -278,7 +278,7 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     let s = &results.settings;
     let f = &results.fork;
     let mut out = String::new();
-    let _ = writeln!(out, "# forkd benchmarks\n");
+    let _ = writeln!(out, "# kvmfork benchmarks\n");
     let _ = writeln!(
         out,
         "Generated by `bench/run` (`cargo run --release -p bench`) — do not edit by hand; rerun it.\n"
@@ -294,7 +294,7 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     };
     let _ = writeln!(out, "| KVM | {kvm_note} |");
     let _ = writeln!(out, "| date | {} |", h.date);
-    let _ = writeln!(out, "| forkd commit | {} |", h.commit);
+    let _ = writeln!(out, "| kvmfork commit | {} |", h.commit);
     let _ = writeln!(
         out,
         "| load average (1 min) | {:.2} before, {:.2} after — the machine is shared, so treat tails as noisy |",
@@ -304,12 +304,12 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     let _ = writeln!(out, "| snippet | `{}` |\n", s.code);
 
     let _ = writeln!(out, "## Headline\n");
-    if results.forkd_errors() > 0 {
-        let _ = writeln!(out, "**forkd failed {} requests in this run; see the tables below.**\n", results.forkd_errors());
+    if results.kvmfork_errors() > 0 {
+        let _ = writeln!(out, "**kvmfork failed {} requests in this run; see the tables below.**\n", results.kvmfork_errors());
     }
     out += &headline(results);
 
-    let _ = writeln!(out, "\n## Fork (in-process, `forkd bench fork`)\n");
+    let _ = writeln!(out, "\n## Fork (in-process, `kvmfork bench fork`)\n");
     let _ = writeln!(
         out,
         "{} iterations per method, no HTTP. *Pooled*: one pre-created VM reset by copying back its dirty pages; \
@@ -336,9 +336,9 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     let _ = writeln!(
         out,
         "N sandboxes alive at once, first just forked (runnable), then after each has run the snippet once \
-         (forkd skips the execs above {} alive: a fresh VM's first exec costs tens of ms on PVM). \
+         (kvmfork skips the execs above {} alive: a fresh VM's first exec costs tens of ms on PVM). \
          The drop in the host's MemAvailable is the real cost: the sandboxes' private (copied-on-write) pages plus \
-         kernel memory (KVM's per-VM structures, page tables). forkd's RSS growth overstates it: a template page \
+         kernel memory (KVM's per-VM structures, page tables). kvmfork's RSS growth overstates it: a template page \
          that N sandboxes map counts N times in RSS but exists once.\n",
         s.max_exec_alive
     );
@@ -360,18 +360,18 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         );
     }
 
-    let _ = writeln!(out, "\n## One run at a time: forkd against a process per run\n");
+    let _ = writeln!(out, "\n## One run at a time: kvmfork against a process per run\n");
     let _ = writeln!(
         out,
-        "forkd rows are HTTP round trips through `forkd serve` (loadgen, 1 connection), so they include HTTP \
+        "kvmfork rows are HTTP round trips through `kvmfork serve` (loadgen, 1 connection), so they include HTTP \
          and JSON; the process rows are spawn-to-exit of the command, timed by the driver, with no HTTP at all.\n"
     );
-    let _ = writeln!(out, "| method | isolation | p50 | p90 | p99 | p99.9 | max | n | forkd vs it (p50) |\n|---|---|---|---|---|---|---|---|---|");
-    let forkd1 = Results::at(&results.forkd_exec, 1);
-    if let Some(p) = forkd1 {
+    let _ = writeln!(out, "| method | isolation | p50 | p90 | p99 | p99.9 | max | n | kvmfork vs it (p50) |\n|---|---|---|---|---|---|---|---|---|");
+    let kvmfork1 = Results::at(&results.kvmfork_exec, 1);
+    if let Some(p) = kvmfork1 {
         let _ = writeln!(
             out,
-            "| forkd HTTP exec | KVM VM (copy-on-write fork) | {} | {} | |",
+            "| kvmfork HTTP exec | KVM VM (copy-on-write fork) | {} | {} | |",
             latency_cells(&p.report.latency),
             p.report.latency.count
         );
@@ -384,7 +384,7 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
                 server.label,
                 latency_cells(&p.report.latency),
                 p.report.latency.count,
-                forkd1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, p.report.latency.p50_ms))
+                kvmfork1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, p.report.latency.p50_ms))
             );
         }
     }
@@ -396,14 +396,14 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
             row.isolation,
             latency_cells(&row.serial.latency),
             row.serial.latency.count,
-            forkd1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, row.serial.latency.p50_ms))
+            kvmfork1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, row.serial.latency.p50_ms))
         );
     }
     let parallel: Vec<&SpawnRow> = results.spawn.iter().filter(|r| r.parallel.is_some()).collect();
     if !parallel.is_empty() {
         let _ = writeln!(out, "\nProcesses spawned {} at a time (one per core):\n", parallel[0].parallel.as_ref().map_or(0, |p| p.parallel));
-        let _ = writeln!(out, "| method | runs/s | p50 | p90 | p99 | p99.9 | max | forkd best exec req/s vs it |\n|---|---|---|---|---|---|---|---|");
-        let best = Results::best(&results.forkd_exec);
+        let _ = writeln!(out, "| method | runs/s | p50 | p90 | p99 | p99.9 | max | kvmfork best exec req/s vs it |\n|---|---|---|---|---|---|---|---|");
+        let best = Results::best(&results.kvmfork_exec);
         for row in parallel {
             let par = row.parallel.as_ref().expect("filtered");
             let _ = writeln!(
@@ -417,7 +417,7 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         }
     }
 
-    let _ = writeln!(out, "\n## HTTP exec under load: forkd against the fork servers\n");
+    let _ = writeln!(out, "\n## HTTP exec under load: kvmfork against the fork servers\n");
     let _ = writeln!(
         out,
         "loadgen closed loop, `print(1+1)` as POST /v1/exec, {:.0} s per point after {:.0} s of warm-up; \
@@ -425,11 +425,11 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         s.exec_duration_s, s.warmup_s, h.cores
     );
     let peers: Vec<(&str, &[HttpPoint])> = results.fork_servers.iter().map(|s| (s.label.as_str(), s.points.as_slice())).collect();
-    http_table(&mut out, &results.forkd_exec, &peers);
+    http_table(&mut out, &results.kvmfork_exec, &peers);
 
-    let _ = writeln!(out, "\n## Raw HTTP: forkd GET /v1/health against nginx `return 200`\n");
+    let _ = writeln!(out, "\n## Raw HTTP: kvmfork GET /v1/health against nginx `return 200`\n");
     let _ = writeln!(out, "loadgen closed loop, {:.0} s per point.\n", s.health_duration_s);
-    http_table(&mut out, &results.forkd_health, &[("nginx", results.nginx.as_slice())]);
+    http_table(&mut out, &results.kvmfork_health, &[("nginx", results.nginx.as_slice())]);
 
     if !plots.is_empty() {
         let _ = writeln!(out, "\n## Plots\n");
@@ -441,16 +441,16 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     let _ = writeln!(out, "## How each number was measured\n");
     let _ = writeln!(
         out,
-        "- **forkd fork**: `forkd {} --template {}`.",
+        "- **kvmfork fork**: `kvmfork {} --template {}`.",
         crate::fork_bench::command_args(s.fork_iterations, &s.alive, s.max_exec_alive).join(" "),
         s.template
     );
-    let _ = writeln!(out, "- **forkd HTTP**: `forkd {}` (auth off, rate limit off, a queue deep enough that 1000 connections wait instead of getting 503).", s.forkd_serve_args.join(" "));
+    let _ = writeln!(out, "- **kvmfork HTTP**: `kvmfork {}` (auth off, rate limit off, a queue deep enough that 1000 connections wait instead of getting 503).", s.kvmfork_serve_args.join(" "));
     for server in &results.fork_servers {
         let _ = writeln!(
             out,
             "- **{}**: `bench/peers/fork_server.py --workers {} --max-children {}{}` under {} ({}): pre-forked CPython workers with epoll loops; \
-             each exec `os.fork()`s the worker, runs the code with output captured in memory, and returns forkd's JSON shape. \
+             each exec `os.fork()`s the worker, runs the code with output captured in memory, and returns kvmfork's JSON shape. \
              No isolation at all: the floor a process sandbox could reach.",
             server.label,
             s.fork_server_workers,
@@ -473,7 +473,7 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
          latency counts successful (2xx) responses only and every other outcome is in the errors column. \
          The raw numbers are in [bench/results.json](bench/results.json)."
     );
-    let _ = writeln!(out, "\n<details><summary>forkd bench fork output</summary>\n\n```text\n{}```\n</details>", f.raw);
+    let _ = writeln!(out, "\n<details><summary>kvmfork bench fork output</summary>\n\n```text\n{}```\n</details>", f.raw);
     out
 }
 
@@ -538,19 +538,19 @@ mod tests {
                 python_version: "Python 3.11.2".into(),
                 bwrap_version: "bubblewrap 0.8.0".into(),
                 nginx_version: "nginx version: nginx/1.22.1".into(),
-                forkd_serve_args: vec!["serve".into(), "--rate-limit".into(), "0".into()],
+                kvmfork_serve_args: vec!["serve".into(), "--rate-limit".into(), "0".into()],
                 fork_server_workers: 2,
                 fork_server_max_children: 2,
                 nginx_workers: 2,
             },
             fork: crate::fork_bench::parse(crate::fork_bench::SAMPLE).unwrap(),
-            // The 2-connection forkd point hits a closed port: every request fails.
-            forkd_exec: vec![point(&up, 1), point(&refused, 2)],
+            // The 2-connection kvmfork point hits a closed port: every request fails.
+            kvmfork_exec: vec![point(&up, 1), point(&refused, 2)],
             fork_servers: vec![
                 PeerServer { label: "fork server, numpy preloaded".into(), preload: vec!["numpy".into()], points: vec![point(&up, 1), point(&up, 2)] },
                 PeerServer { label: "fork server, bare CPython".into(), preload: vec![], points: vec![point(&up, 1)] },
             ],
-            forkd_health: vec![point(&up, 1), point(&up, 2)],
+            kvmfork_health: vec![point(&up, 1), point(&up, 2)],
             nginx: vec![point(&up, 1), point(&up, 2)],
             spawn: vec![spawn_row(PYTHON_C, 20, true), spawn_row(BWRAP, 30, true), spawn_row(PYTHON_C_NUMPY, 200, false)],
         }
@@ -573,21 +573,21 @@ mod tests {
             "Fresh VM ÷ pooled at p50: fork 21.4×, fork + exec 73.5×.",
             "| 100 | 760 KiB | 1100 KiB | 2200 KiB | 5900 KiB | 16.4 s |",
             "| 1000 | 740 KiB | 1050 KiB | not run | not run | 2.3 s |",
-            "`forkd bench fork --iterations 500 --alive 1,1000 --max-exec-alive 100 --template /cache/python-x`",
+            "`kvmfork bench fork --iterations 500 --alive 1,1000 --max-exec-alive 100 --template /cache/python-x`",
             "| `python3 -c` | none |",
             "| `python3 -c, import numpy` | none |",
             "![HTTP, 1 connection](bench/http-c1.png)",
             "--max-children 2 --preload numpy`",
             "| fork server, bare CPython HTTP exec | none",
             "| 2 | fork server, numpy preloaded |",
-            "```text\nforkd bench fork",
+            "```text\nkvmfork bench fork",
         ] {
             assert!(page.contains(needle), "missing {needle:?} in:\n{page}");
         }
     }
 
     #[test]
-    fn headline_rows_carry_forkd_the_peer_and_a_ratio() {
+    fn headline_rows_carry_kvmfork_the_peer_and_a_ratio() {
         let results = sample_results();
         let headline = headline(&results);
         let rows: Vec<&str> = headline.lines().skip(2).collect();
@@ -595,8 +595,8 @@ mod tests {
         for row in &rows {
             assert_eq!(row.matches(" | ").count(), 3, "{row}");
         }
-        assert!(headline.contains("| fork to runnable, p50 | 38 µs (pooled VM, copy-back reset) | 812 µs (fresh VM per fork) | forkd 21× faster |"), "{headline}");
-        assert!(headline.contains("| fork + exec, in-process, p50 | 170 µs | 12.5 ms (fresh VM per fork) | forkd 74× faster |"), "{headline}");
+        assert!(headline.contains("| fork to runnable, p50 | 38 µs (pooled VM, copy-back reset) | 812 µs (fresh VM per fork) | kvmfork 21× faster |"), "{headline}");
+        assert!(headline.contains("| fork + exec, in-process, p50 | 170 µs | 12.5 ms (fresh VM per fork) | kvmfork 74× faster |"), "{headline}");
         assert!(headline.contains("(`bwrap + python3 -c`, spawn to exit)"), "{headline}");
         assert!(headline.contains("(`python3 -c`, 2 at once)"), "{headline}");
         assert!(headline.contains("| host memory per live sandbox, 1000 alive, forked (runnable) | 740 KiB (drop in MemAvailable) |"), "{headline}");
@@ -604,16 +604,16 @@ mod tests {
     }
 
     #[test]
-    fn forkd_errors_are_flagged() {
+    fn kvmfork_errors_are_flagged() {
         let results = sample_results();
-        assert!(results.forkd_errors() > 0);
+        assert!(results.kvmfork_errors() > 0);
         let page = render(&results, &[]);
-        assert!(page.contains("**forkd failed"), "{page}");
+        assert!(page.contains("**kvmfork failed"), "{page}");
         assert!(page.contains(" connect)"), "{page}");
         let mut clean = results.clone();
-        clean.forkd_exec.truncate(1);
-        assert_eq!(clean.forkd_errors(), 0);
-        assert!(!render(&clean, &[]).contains("**forkd failed"));
+        clean.kvmfork_exec.truncate(1);
+        assert_eq!(clean.kvmfork_errors(), 0);
+        assert!(!render(&clean, &[]).contains("**kvmfork failed"));
     }
 
     #[test]
@@ -631,11 +631,11 @@ mod tests {
 
     #[test]
     fn ratios_say_which_way() {
-        assert_eq!(latency_ratio(1.0, 40.0), "forkd 40× faster");
-        assert_eq!(latency_ratio(2.0, 3.0), "forkd 1.50× faster");
-        assert_eq!(latency_ratio(3.0, 2.0), "forkd 1.50× slower");
-        assert_eq!(latency_ratio(22.0, 21.0), "forkd 1.05× slower");
-        assert_eq!(latency_ratio(1.0, 3.25), "forkd 3.2× faster");
+        assert_eq!(latency_ratio(1.0, 40.0), "kvmfork 40× faster");
+        assert_eq!(latency_ratio(2.0, 3.0), "kvmfork 1.50× faster");
+        assert_eq!(latency_ratio(3.0, 2.0), "kvmfork 1.50× slower");
+        assert_eq!(latency_ratio(22.0, 21.0), "kvmfork 1.05× slower");
+        assert_eq!(latency_ratio(1.0, 3.25), "kvmfork 3.2× faster");
         assert_eq!(latency_ratio(0.0, 2.0), "n/a");
         assert_eq!(throughput_ratio(500.0, 250.0), "2.00× the req/s");
         assert_eq!(throughput_ratio(5000.0, 250.0), "20× the req/s");

@@ -20,22 +20,22 @@ pub struct Results {
     pub settings: Settings,
     pub fork: ForkBench,
     /// One point per connection count, in the order run.
-    pub forkd_exec: Vec<HttpPoint>,
+    pub kvmfork_exec: Vec<HttpPoint>,
     /// The fork-per-request CPython server, one entry per variant.
     pub fork_servers: Vec<PeerServer>,
-    pub forkd_health: Vec<HttpPoint>,
+    pub kvmfork_health: Vec<HttpPoint>,
     pub nginx: Vec<HttpPoint>,
     pub spawn: Vec<SpawnRow>,
 }
 
-pub const SCHEMA: &str = "forkd-bench/v1";
+pub const SCHEMA: &str = "kvmfork-bench/v1";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     pub code: String,
     pub template: String,
     pub fork_iterations: usize,
-    /// forkd bench fork --max-exec-alive: above this many alive, sandboxes are only forked.
+    /// kvmfork bench fork --max-exec-alive: above this many alive, sandboxes are only forked.
     pub max_exec_alive: usize,
     pub alive: Vec<usize>,
     pub connections: Vec<usize>,
@@ -48,7 +48,7 @@ pub struct Settings {
     pub python_version: String,
     pub bwrap_version: String,
     pub nginx_version: String,
-    pub forkd_serve_args: Vec<String>,
+    pub kvmfork_serve_args: Vec<String>,
     pub fork_server_workers: usize,
     pub fork_server_max_children: usize,
     pub nginx_workers: usize,
@@ -97,7 +97,7 @@ pub struct SpawnStats {
 }
 
 impl Results {
-    /// The forkd point with the most successful requests per second.
+    /// The kvmfork point with the most successful requests per second.
     pub fn best(points: &[HttpPoint]) -> Option<&HttpPoint> {
         points.iter().max_by(|a, b| a.report.ok_rps.total_cmp(&b.report.ok_rps))
     }
@@ -106,8 +106,8 @@ impl Results {
         points.iter().find(|p| p.connections == connections)
     }
 
-    /// Requests forkd failed anywhere in the run (the table flags them).
-    pub fn forkd_errors(&self) -> u64 {
-        self.forkd_exec.iter().chain(&self.forkd_health).map(HttpPoint::errors).sum()
+    /// Requests kvmfork failed anywhere in the run (the table flags them).
+    pub fn kvmfork_errors(&self) -> u64 {
+        self.kvmfork_exec.iter().chain(&self.kvmfork_health).map(HttpPoint::errors).sum()
     }
 }

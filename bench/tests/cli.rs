@@ -13,11 +13,11 @@ fn run(command: &mut Command) -> (i32, String) {
 }
 
 #[test]
-fn a_missing_forkd_binary_names_the_build_command() {
+fn a_missing_kvmfork_binary_names_the_build_command() {
     let out = tempfile::tempdir().unwrap();
-    let (code, stderr) = run(bench().args(["--forkd", "/nonexistent/forkd", "--out-dir"]).arg(out.path()));
+    let (code, stderr) = run(bench().args(["--kvmfork", "/nonexistent/kvmfork", "--out-dir"]).arg(out.path()));
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("cargo build --release -p forkd"), "{stderr}");
+    assert!(stderr.contains("cargo build --release -p kvmfork"), "{stderr}");
     assert!(!out.path().join("benchmarks.md").exists());
 }
 
@@ -25,21 +25,21 @@ fn a_missing_forkd_binary_names_the_build_command() {
 fn a_missing_template_names_the_template_build_command() {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
-    // Any existing file stands in for forkd: the template check comes first.
+    // Any existing file stands in for kvmfork: the template check comes first.
     let (code, stderr) = run(bench()
-        .args(["--forkd", "/bin/true", "--out-dir"])
+        .args(["--kvmfork", "/bin/true", "--out-dir"])
         .arg(out.path())
-        .env("FORKD_CACHE_DIR", cache.path()));
+        .env("KVMFORK_CACHE_DIR", cache.path()));
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("no Python template"), "{stderr}");
-    assert!(stderr.contains("forkd template build"), "{stderr}");
+    assert!(stderr.contains("kvmfork template build"), "{stderr}");
     // A half-built template (no state.snap yet) does not count either.
     std::fs::create_dir_all(cache.path().join("templates/python-abc.tmp-1")).unwrap();
     std::fs::create_dir_all(cache.path().join("templates/python-def")).unwrap();
     let (code, stderr) = run(bench()
-        .args(["--forkd", "/bin/true", "--out-dir"])
+        .args(["--kvmfork", "/bin/true", "--out-dir"])
         .arg(out.path())
-        .env("FORKD_CACHE_DIR", cache.path()));
+        .env("KVMFORK_CACHE_DIR", cache.path()));
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("no Python template"), "{stderr}");
 }

@@ -14,7 +14,7 @@
 struct seed_pool {
     int entropy_count; /* bits credited */
     int buf_size;      /* bytes */
-    uint32_t buf[FORKD_MB_SEED_LEN / 4];
+    uint32_t buf[KVMFORK_MB_SEED_LEN / 4];
 };
 
 static bool all_zero(const uint8_t *bytes, size_t len)
@@ -25,34 +25,34 @@ static bool all_zero(const uint8_t *bytes, size_t len)
     return acc == 0;
 }
 
-void forkd_seed_kernel_rng(struct forkd_mailbox *mb, bool allow_missing_seed)
+void kvmfork_seed_kernel_rng(struct kvmfork_mailbox *mb, bool allow_missing_seed)
 {
     struct seed_pool pool = {
-        .entropy_count = FORKD_MB_SEED_LEN * 8,
-        .buf_size = FORKD_MB_SEED_LEN,
+        .entropy_count = KVMFORK_MB_SEED_LEN * 8,
+        .buf_size = KVMFORK_MB_SEED_LEN,
     };
-    memcpy(pool.buf, mb->base + FORKD_MB_BOOT_SEED_OFF, FORKD_MB_SEED_LEN);
+    memcpy(pool.buf, mb->base + KVMFORK_MB_BOOT_SEED_OFF, KVMFORK_MB_SEED_LEN);
 
     if (all_zero((const uint8_t *)pool.buf, sizeof pool.buf)) {
         if (!allow_missing_seed)
-            forkd_fatal("the host wrote no boot seed at mailbox offset %#x",
-                        FORKD_MB_BOOT_SEED_OFF);
+            kvmfork_fatal("the host wrote no boot seed at mailbox offset %#x",
+                        KVMFORK_MB_BOOT_SEED_OFF);
         /* Self-test under QEMU only: nobody writes the seed there. TSC
          * jitter is weak entropy, acceptable for a development probe. */
-        forkd_log("warning: no boot seed in the mailbox; self-test uses TSC jitter");
-        for (size_t i = 0; i < FORKD_MB_SEED_LEN / 4; i++) {
-            uint64_t t = forkd_rdtsc();
+        kvmfork_log("warning: no boot seed in the mailbox; self-test uses TSC jitter");
+        for (size_t i = 0; i < KVMFORK_MB_SEED_LEN / 4; i++) {
+            uint64_t t = kvmfork_rdtsc();
             pool.buf[i] = (uint32_t)(t ^ (t >> 29) ^ (i * 0x9e3779b9u));
         }
     }
 
     int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
     if (fd < 0)
-        forkd_fatal("open /dev/urandom: %s", strerror(errno));
+        kvmfork_fatal("open /dev/urandom: %s", strerror(errno));
     if (ioctl(fd, RNDADDENTROPY, &pool) != 0)
-        forkd_fatal("RNDADDENTROPY: %s", strerror(errno));
+        kvmfork_fatal("RNDADDENTROPY: %s", strerror(errno));
     close(fd);
     /* The seed must not stay readable to user code in the template. */
-    memset(mb->base + FORKD_MB_BOOT_SEED_OFF, 0, FORKD_MB_SEED_LEN);
+    memset(mb->base + KVMFORK_MB_BOOT_SEED_OFF, 0, KVMFORK_MB_SEED_LEN);
     memset(&pool, 0, sizeof pool);
 }

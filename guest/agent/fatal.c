@@ -8,23 +8,23 @@
 
 #include "agent.h"
 
-static enum forkd_mode fatal_mode = FORKD_MODE_SERVE;
-static struct forkd_mailbox *fatal_mailbox;
+static enum kvmfork_mode fatal_mode = KVMFORK_MODE_SERVE;
+static struct kvmfork_mailbox *fatal_mailbox;
 
-void forkd_fatal_setup(enum forkd_mode mode, struct forkd_mailbox *mb)
+void kvmfork_fatal_setup(enum kvmfork_mode mode, struct kvmfork_mailbox *mb)
 {
     fatal_mode = mode;
     fatal_mailbox = mb;
 }
 
-void forkd_log(const char *fmt, ...)
+void kvmfork_log(const char *fmt, ...)
 {
     char line[1024];
     va_list args;
     va_start(args, fmt);
     vsnprintf(line, sizeof line, fmt, args);
     va_end(args);
-    fprintf(stderr, "[%9.3f] forkd-agent: %s\n", forkd_uptime_seconds(), line);
+    fprintf(stderr, "[%9.3f] kvmfork-agent: %s\n", kvmfork_uptime_seconds(), line);
     fflush(stderr);
 }
 
@@ -35,18 +35,18 @@ __attribute__((noreturn)) static void halt_forever(void)
         pause();
 }
 
-void forkd_selftest_finish(bool passed)
+void kvmfork_selftest_finish(bool passed)
 {
-    printf("%s\n", passed ? "FORKD-SELFTEST-OK" : "FORKD-SELFTEST-FAIL");
+    printf("%s\n", passed ? "KVMFORK-SELFTEST-OK" : "KVMFORK-SELFTEST-FAIL");
     fflush(stdout);
-    if (fatal_mode == FORKD_MODE_HOST_SELFTEST)
+    if (fatal_mode == KVMFORK_MODE_HOST_SELFTEST)
         exit(passed ? 0 : 1);
     sync();
     reboot(RB_POWER_OFF);
     halt_forever();
 }
 
-void forkd_fatal(const char *fmt, ...)
+void kvmfork_fatal(const char *fmt, ...)
 {
     char message[4096];
     va_list args;
@@ -58,17 +58,17 @@ void forkd_fatal(const char *fmt, ...)
     if ((size_t)len >= sizeof message)
         len = sizeof message - 1;
 
-    forkd_log("FATAL: %s", message);
-    if (fatal_mode != FORKD_MODE_SERVE)
-        forkd_selftest_finish(false);
+    kvmfork_log("FATAL: %s", message);
+    if (fatal_mode != KVMFORK_MODE_SERVE)
+        kvmfork_selftest_finish(false);
 
-    struct forkd_mailbox *mb = fatal_mailbox;
+    struct kvmfork_mailbox *mb = fatal_mailbox;
     if (mb != NULL && mb->base != NULL) {
-        memcpy(mb->base + FORKD_MB_STDERR_OFF, message, (size_t)len);
-        forkd_mb_write32(mb, FORKD_MB_RESP_STDERR_LEN_OFF, (uint32_t)len);
-        forkd_mb_write32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF, 0);
-        forkd_mb_write32(mb, FORKD_MB_RESP_STATUS_OFF, FORKD_STATUS_AGENT_ERROR);
-        forkd_ring(mb, FORKD_DOORBELL_FATAL);
+        memcpy(mb->base + KVMFORK_MB_STDERR_OFF, message, (size_t)len);
+        kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF, (uint32_t)len);
+        kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF, 0);
+        kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STATUS_OFF, KVMFORK_STATUS_AGENT_ERROR);
+        kvmfork_ring(mb, KVMFORK_DOORBELL_FATAL);
     }
     halt_forever();
 }

@@ -14,7 +14,7 @@ ROOTFS_DIR=$(dirname "$HERE")/rootfs
 INITRAMFS=${1:-$("$ROOTFS_DIR/build.sh")/initramfs.cpio}
 
 [ "$(id -u)" -eq 0 ] || { echo "host-selftest: needs root for chroot" >&2; exit 1; }
-tree=$(mktemp -d /tmp/forkd-agent-selftest.XXXXXX)
+tree=$(mktemp -d /tmp/kvmfork-agent-selftest.XXXXXX)
 trap 'rm -rf "$tree"' EXIT
 python3 "$ROOTFS_DIR/rootfs_tool.py" extract "$INITRAMFS" "$tree"
 # /proc for the self-test's page-fault and dirty-page accounting.

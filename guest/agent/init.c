@@ -38,15 +38,15 @@ static void attach_console(void)
         close(fd);
 }
 
-void forkd_init_system(void)
+void kvmfork_init_system(void)
 {
     umask(022);
     for (size_t i = 0; i < sizeof mounts / sizeof mounts[0]; i++) {
         const struct mount_spec *m = &mounts[i];
         if (mkdir(m->target, 0755) != 0 && errno != EEXIST)
-            forkd_fatal("mkdir %s: %s", m->target, strerror(errno));
+            kvmfork_fatal("mkdir %s: %s", m->target, strerror(errno));
         if (mount(m->source, m->target, m->type, m->flags, m->data) != 0 && errno != EBUSY)
-            forkd_fatal("mount %s on %s: %s", m->type, m->target, strerror(errno));
+            kvmfork_fatal("mount %s on %s: %s", m->type, m->target, strerror(errno));
     }
     attach_console();
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -62,43 +62,43 @@ void forkd_init_system(void)
      * from a landmark file; tell them. */
     setenv("PYTHONHOME", "/usr", 1);
     if (chdir("/tmp") != 0)
-        forkd_fatal("chdir /tmp: %s", strerror(errno));
+        kvmfork_fatal("chdir /tmp: %s", strerror(errno));
 }
 
-void forkd_read_boot_options(struct forkd_boot_options *options)
+void kvmfork_read_boot_options(struct kvmfork_boot_options *options)
 {
     options->selftest = false;
-    options->mailbox_gpa = FORKD_MAILBOX_GPA;
-    options->heap_reserve_bytes = (uint64_t)FORKD_DEFAULT_HEAP_RESERVE_MIB << 20;
+    options->mailbox_gpa = KVMFORK_MAILBOX_GPA;
+    options->heap_reserve_bytes = (uint64_t)KVMFORK_DEFAULT_HEAP_RESERVE_MIB << 20;
 
     char cmdline[4096];
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        forkd_fatal("open /proc/cmdline: %s", strerror(errno));
+        kvmfork_fatal("open /proc/cmdline: %s", strerror(errno));
     ssize_t n = read(fd, cmdline, sizeof cmdline - 1);
     close(fd);
     if (n < 0)
-        forkd_fatal("read /proc/cmdline: %s", strerror(errno));
+        kvmfork_fatal("read /proc/cmdline: %s", strerror(errno));
     cmdline[n] = '\0';
 
     char *save = NULL;
     for (char *word = strtok_r(cmdline, " \t\n", &save); word != NULL;
          word = strtok_r(NULL, " \t\n", &save)) {
-        if (strcmp(word, "forkd.selftest=1") == 0) {
+        if (strcmp(word, "kvmfork.selftest=1") == 0) {
             options->selftest = true;
-        } else if (strncmp(word, "forkd.mailbox=", 14) == 0) {
+        } else if (strncmp(word, "kvmfork.mailbox=", 14) == 0) {
             char *end = NULL;
             errno = 0;
             unsigned long long gpa = strtoull(word + 14, &end, 0);
             if (errno != 0 || end == word + 14 || *end != '\0' || gpa % 4096 != 0)
-                forkd_fatal("bad %s (want a page-aligned address)", word);
+                kvmfork_fatal("bad %s (want a page-aligned address)", word);
             options->mailbox_gpa = gpa;
-        } else if (strncmp(word, "forkd.heap_reserve_mib=", 23) == 0) {
+        } else if (strncmp(word, "kvmfork.heap_reserve_mib=", 23) == 0) {
             char *end = NULL;
             errno = 0;
             unsigned long long mib = strtoull(word + 23, &end, 10);
             if (errno != 0 || end == word + 23 || *end != '\0' || mib > 4096)
-                forkd_fatal("bad %s (want 0..4096)", word);
+                kvmfork_fatal("bad %s (want 0..4096)", word);
             options->heap_reserve_bytes = mib << 20;
         }
     }

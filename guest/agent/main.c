@@ -1,9 +1,9 @@
 /*
- * forkd guest agent entry point.
+ * kvmfork guest agent entry point.
  *
  * One binary, three roles, chosen by how it is started:
  *   - PID 1 (the initramfs's /init): boot, warm up, ring READY, serve
- *     requests forever; or, with forkd.selftest=1, run the self-test and
+ *     requests forever; or, with kvmfork.selftest=1, run the self-test and
  *     power off.
  *   - `init --selftest` as an ordinary process (e.g. chrooted into the
  *     rootfs on a development machine): the same warm-up and self-test
@@ -21,75 +21,75 @@
 
 #include "agent.h"
 
-static struct forkd_mailbox mailbox;
+static struct kvmfork_mailbox mailbox;
 
-static void boot_python(struct forkd_mailbox *mb, uint64_t heap_reserve_bytes)
+static void boot_python(struct kvmfork_mailbox *mb, uint64_t heap_reserve_bytes)
 {
-    forkd_tsc_calibration_begin();
-    forkd_python_start();
-    forkd_python_warm_up(mb);
-    forkd_python_prepare_template();
-    forkd_memory_prefault(heap_reserve_bytes);
-    forkd_tsc_calibration_end();
+    kvmfork_tsc_calibration_begin();
+    kvmfork_python_start();
+    kvmfork_python_warm_up(mb);
+    kvmfork_python_prepare_template();
+    kvmfork_memory_prefault(heap_reserve_bytes);
+    kvmfork_tsc_calibration_end();
 }
 
-__attribute__((noreturn)) static void serve(struct forkd_mailbox *mb)
+__attribute__((noreturn)) static void serve(struct kvmfork_mailbox *mb)
 {
     /* Clean response area: the host must not mistake warm-up results. */
-    forkd_mb_write64(mb, FORKD_MB_RESP_SEQ_OFF, 0);
-    forkd_mb_write32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF, 0);
-    forkd_mb_write32(mb, FORKD_MB_RESP_STDERR_LEN_OFF, 0);
-    forkd_mb_write32(mb, FORKD_MB_AGENT_STATE_OFF, FORKD_STATE_READY);
-    forkd_log("ready: ringing the doorbell");
+    kvmfork_mb_write64(mb, KVMFORK_MB_RESP_SEQ_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_READY);
+    kvmfork_log("ready: ringing the doorbell");
     /* The snapshot is taken at this store; every fork resumes right after
      * it with its request already in the mailbox. */
-    forkd_ring(mb, FORKD_DOORBELL_READY);
+    kvmfork_ring(mb, KVMFORK_DOORBELL_READY);
     for (;;) {
-        forkd_handle_request(mb);
-        forkd_ring(mb, FORKD_DOORBELL_DONE);
+        kvmfork_handle_request(mb);
+        kvmfork_ring(mb, KVMFORK_DOORBELL_DONE);
     }
 }
 
 static int run_as_pid1(void)
 {
-    forkd_fatal_setup(FORKD_MODE_SERVE, NULL);
-    forkd_init_system();
-    struct forkd_boot_options options;
-    forkd_read_boot_options(&options);
-    enum forkd_mode mode = options.selftest ? FORKD_MODE_GUEST_SELFTEST : FORKD_MODE_SERVE;
-    forkd_fatal_setup(mode, NULL);
-    forkd_log("starting (%s, mailbox at %#llx, heap reserve %llu MiB)",
+    kvmfork_fatal_setup(KVMFORK_MODE_SERVE, NULL);
+    kvmfork_init_system();
+    struct kvmfork_boot_options options;
+    kvmfork_read_boot_options(&options);
+    enum kvmfork_mode mode = options.selftest ? KVMFORK_MODE_GUEST_SELFTEST : KVMFORK_MODE_SERVE;
+    kvmfork_fatal_setup(mode, NULL);
+    kvmfork_log("starting (%s, mailbox at %#llx, heap reserve %llu MiB)",
               options.selftest ? "self-test" : "serve", (unsigned long long)options.mailbox_gpa,
               (unsigned long long)(options.heap_reserve_bytes >> 20));
 
-    int err = forkd_mailbox_map_devmem(&mailbox, options.mailbox_gpa);
+    int err = kvmfork_mailbox_map_devmem(&mailbox, options.mailbox_gpa);
     if (err != 0)
-        forkd_fatal("mapping the mailbox/doorbell from /dev/mem: %s", strerror(-err));
-    forkd_fatal_setup(mode, &mailbox);
-    forkd_mb_write64(&mailbox, FORKD_MB_MAGIC_OFF, FORKD_MB_MAGIC);
-    forkd_mb_write32(&mailbox, FORKD_MB_ABI_OFF, FORKD_ABI_VERSION);
-    forkd_mb_write32(&mailbox, FORKD_MB_AGENT_STATE_OFF, FORKD_STATE_BOOTING);
+        kvmfork_fatal("mapping the mailbox/doorbell from /dev/mem: %s", strerror(-err));
+    kvmfork_fatal_setup(mode, &mailbox);
+    kvmfork_mb_write64(&mailbox, KVMFORK_MB_MAGIC_OFF, KVMFORK_MB_MAGIC);
+    kvmfork_mb_write32(&mailbox, KVMFORK_MB_ABI_OFF, KVMFORK_ABI_VERSION);
+    kvmfork_mb_write32(&mailbox, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_BOOTING);
 
-    forkd_seed_kernel_rng(&mailbox, options.selftest);
-    forkd_memory_configure();
+    kvmfork_seed_kernel_rng(&mailbox, options.selftest);
+    kvmfork_memory_configure();
     boot_python(&mailbox, options.heap_reserve_bytes);
     if (!options.selftest)
         serve(&mailbox);
-    forkd_log("template ready after %.1f s of uptime; running the self-test",
-              forkd_uptime_seconds());
-    forkd_selftest_finish(forkd_selftest_run(&mailbox, false));
+    kvmfork_log("template ready after %.1f s of uptime; running the self-test",
+              kvmfork_uptime_seconds());
+    kvmfork_selftest_finish(kvmfork_selftest_run(&mailbox, false));
 }
 
 static int run_host_selftest(void)
 {
-    forkd_fatal_setup(FORKD_MODE_HOST_SELFTEST, NULL);
-    int err = forkd_mailbox_map_anonymous(&mailbox);
+    kvmfork_fatal_setup(KVMFORK_MODE_HOST_SELFTEST, NULL);
+    int err = kvmfork_mailbox_map_anonymous(&mailbox);
     if (err != 0)
-        forkd_fatal("mapping a private mailbox: %s", strerror(-err));
-    forkd_fatal_setup(FORKD_MODE_HOST_SELFTEST, &mailbox);
-    forkd_memory_configure();
-    boot_python(&mailbox, (uint64_t)FORKD_DEFAULT_HEAP_RESERVE_MIB << 20);
-    forkd_selftest_finish(forkd_selftest_run(&mailbox, true));
+        kvmfork_fatal("mapping a private mailbox: %s", strerror(-err));
+    kvmfork_fatal_setup(KVMFORK_MODE_HOST_SELFTEST, &mailbox);
+    kvmfork_memory_configure();
+    boot_python(&mailbox, (uint64_t)KVMFORK_DEFAULT_HEAP_RESERVE_MIB << 20);
+    kvmfork_selftest_finish(kvmfork_selftest_run(&mailbox, true));
 }
 
 int main(int argc, char **argv)
@@ -104,7 +104,7 @@ int main(int argc, char **argv)
         return run_host_selftest();
     fprintf(stderr,
             "usage: %s --selftest\n"
-            "  (as PID 1 this is the forkd guest agent; as python3 it is CPython)\n",
+            "  (as PID 1 this is the kvmfork guest agent; as python3 it is CPython)\n",
             argc > 0 ? argv[0] : "init");
     return 2;
 }

@@ -37,13 +37,13 @@ static void arena_free(void *ctx, void *ptr, size_t size)
     free(ptr);
 }
 
-void forkd_memory_configure(void)
+void kvmfork_memory_configure(void)
 {
     /* Never mmap (fresh, unfaulted pages), never trim, one arena for all
      * threads (other arenas would be mmap'ed heaps). */
     if (mallopt(M_MMAP_MAX, 0) != 1 || mallopt(M_TRIM_THRESHOLD, -1) != 1 ||
         mallopt(M_TOP_PAD, (int)HEAP_TOP_PAD_BYTES) != 1 || mallopt(M_ARENA_MAX, 1) != 1)
-        forkd_fatal("mallopt refused the heap policy");
+        kvmfork_fatal("mallopt refused the heap policy");
     PyObjectArenaAllocator arenas = {NULL, arena_alloc, arena_free};
     PyObject_SetArenaAllocator(&arenas);
 }
@@ -71,7 +71,7 @@ static void prefault_heap(uint64_t reserve_bytes)
         return;
     uint8_t *reserve = malloc(reserve_bytes);
     if (reserve == NULL)
-        forkd_fatal("cannot allocate the %llu MiB heap reserve",
+        kvmfork_fatal("cannot allocate the %llu MiB heap reserve",
                     (unsigned long long)(reserve_bytes >> 20));
     /* The block and the top pad behind it end at the program break. */
     populate((uintptr_t)reserve, (uintptr_t)sbrk(0));
@@ -87,18 +87,18 @@ __attribute__((noinline)) static void prefault_stack(void)
     populate((uintptr_t)low, (uintptr_t)__builtin_frame_address(0));
 }
 
-void forkd_memory_prefault(uint64_t heap_reserve_bytes)
+void kvmfork_memory_prefault(uint64_t heap_reserve_bytes)
 {
-    double started = forkd_uptime_seconds();
-    long faults_before = forkd_minor_faults();
+    double started = kvmfork_uptime_seconds();
+    long faults_before = kvmfork_minor_faults();
     prefault_heap(heap_reserve_bytes);
     prefault_stack();
-    forkd_log("pre-faulted %llu MiB heap + %lu MiB stack in %.3f s (%ld page faults)",
+    kvmfork_log("pre-faulted %llu MiB heap + %lu MiB stack in %.3f s (%ld page faults)",
               (unsigned long long)(heap_reserve_bytes >> 20), STACK_RESERVE_BYTES >> 20,
-              forkd_uptime_seconds() - started, forkd_minor_faults() - faults_before);
+              kvmfork_uptime_seconds() - started, kvmfork_minor_faults() - faults_before);
 }
 
-long forkd_minor_faults(void)
+long kvmfork_minor_faults(void)
 {
     struct rusage usage;
     if (getrusage(RUSAGE_SELF, &usage) != 0)

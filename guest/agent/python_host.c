@@ -1,8 +1,8 @@
 /* The embedded interpreter and the request path.
  *
- * Exec semantics live in forkd_runner.py; this file moves bytes between the
+ * Exec semantics live in kvmfork_runner.py; this file moves bytes between the
  * mailbox and runner.run() and enforces the contract's bounds. Everything
- * reachable from forkd_handle_request runs in a fork: no syscalls there.
+ * reachable from kvmfork_handle_request runs in a fork: no syscalls there.
  */
 #include <Python.h>
 
@@ -11,8 +11,8 @@
 
 #include "agent.h"
 
-#define RUNNER_DIR "/usr/lib/forkd"
-#define RUNNER_MODULE "forkd_runner"
+#define RUNNER_DIR "/usr/lib/kvmfork"
+#define RUNNER_MODULE "kvmfork_runner"
 #define WARMUP_SEQ_BASE 0x7761726d00000000ULL /* "warm": never a host seq */
 
 static PyObject *runner_module;
@@ -21,7 +21,7 @@ static PyObject *runner_run;
 static void check_status(PyStatus status, const char *what)
 {
     if (PyStatus_Exception(status))
-        forkd_fatal("%s: %s%s%s", what, status.func ? status.func : "",
+        kvmfork_fatal("%s: %s%s%s", what, status.func ? status.func : "",
                     status.func ? ": " : "", status.err_msg ? status.err_msg : "failed");
 }
 
@@ -51,7 +51,7 @@ __attribute__((noreturn)) static void fatal_python(const char *what)
 {
     char detail[2048];
     describe_python_error(detail, sizeof detail);
-    forkd_fatal("%s: %s", what, detail);
+    kvmfork_fatal("%s: %s", what, detail);
 }
 
 /* CPython reports a SyntaxError by first trying to read the offending line
@@ -75,7 +75,7 @@ static int refuse_pseudo_file_open(const char *event, PyObject *args, void *data
 static void configure_interpreter(void)
 {
     if (PySys_AddAuditHook(refuse_pseudo_file_open, NULL) != 0)
-        forkd_fatal("PySys_AddAuditHook failed");
+        kvmfork_fatal("PySys_AddAuditHook failed");
 
     PyPreConfig preconfig;
     PyPreConfig_InitIsolatedConfig(&preconfig);
@@ -141,7 +141,7 @@ static void import_template_modules(void)
         const char *name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(names, i));
         if (name == NULL)
             fatal_python("TEMPLATE_MODULES entry");
-        double started = forkd_uptime_seconds();
+        double started = kvmfork_uptime_seconds();
         PyObject *module = PyImport_ImportModule(name);
         if (module == NULL) {
             char what[256];
@@ -149,37 +149,37 @@ static void import_template_modules(void)
             fatal_python(what);
         }
         Py_DECREF(module);
-        double took = forkd_uptime_seconds() - started;
+        double took = kvmfork_uptime_seconds() - started;
         if (took >= 1.0)
-            forkd_log("import %s: %.1f s", name, took);
+            kvmfork_log("import %s: %.1f s", name, took);
     }
     Py_DECREF(names);
 }
 
-void forkd_python_start(void)
+void kvmfork_python_start(void)
 {
-    double started = forkd_uptime_seconds();
+    double started = kvmfork_uptime_seconds();
     configure_interpreter();
-    forkd_log("python initialised in %.1f s", forkd_uptime_seconds() - started);
-    started = forkd_uptime_seconds();
+    kvmfork_log("python initialised in %.1f s", kvmfork_uptime_seconds() - started);
+    started = kvmfork_uptime_seconds();
     load_runner();
     import_template_modules();
-    forkd_log("runner and template modules imported in %.1f s", forkd_uptime_seconds() - started);
+    kvmfork_log("runner and template modules imported in %.1f s", kvmfork_uptime_seconds() - started);
 }
 
-void forkd_put_request(struct forkd_mailbox *mb, uint64_t seq, uint32_t language,
+void kvmfork_put_request(struct kvmfork_mailbox *mb, uint64_t seq, uint32_t language,
                        const char *code, size_t code_len, uint32_t stdout_cap,
                        uint32_t stderr_cap)
 {
-    size_t copied = code_len < FORKD_MB_CODE_MAX ? code_len : FORKD_MB_CODE_MAX;
-    memcpy(mb->base + FORKD_MB_CODE_OFF, code, copied);
-    forkd_mb_write32(mb, FORKD_MB_REQ_LANGUAGE_OFF, language);
-    forkd_mb_write32(mb, FORKD_MB_REQ_FLAGS_OFF, 0);
-    forkd_mb_write32(mb, FORKD_MB_REQ_TIMEOUT_MS_OFF, 0);
-    forkd_mb_write32(mb, FORKD_MB_REQ_CODE_LEN_OFF, (uint32_t)code_len);
-    forkd_mb_write32(mb, FORKD_MB_REQ_STDOUT_CAP_OFF, stdout_cap);
-    forkd_mb_write32(mb, FORKD_MB_REQ_STDERR_CAP_OFF, stderr_cap);
-    forkd_mb_write64(mb, FORKD_MB_REQ_SEQ_OFF, seq);
+    size_t copied = code_len < KVMFORK_MB_CODE_MAX ? code_len : KVMFORK_MB_CODE_MAX;
+    memcpy(mb->base + KVMFORK_MB_CODE_OFF, code, copied);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_LANGUAGE_OFF, language);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_FLAGS_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_TIMEOUT_MS_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_CODE_LEN_OFF, (uint32_t)code_len);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_STDOUT_CAP_OFF, stdout_cap);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_STDERR_CAP_OFF, stderr_cap);
+    kvmfork_mb_write64(mb, KVMFORK_MB_REQ_SEQ_OFF, seq);
 }
 
 /* ---- the hot path ---- */
@@ -218,28 +218,28 @@ static uint32_t copy_capped(uint8_t *dst, uint32_t cap, const char *src, size_t 
     return (uint32_t)n;
 }
 
-static void write_message(struct forkd_mailbox *mb, struct response *resp, uint32_t stderr_cap,
+static void write_message(struct kvmfork_mailbox *mb, struct response *resp, uint32_t stderr_cap,
                           const char *message)
 {
     bool truncated;
-    resp->stderr_len = copy_capped(mb->base + FORKD_MB_STDERR_OFF, stderr_cap, message,
+    resp->stderr_len = copy_capped(mb->base + KVMFORK_MB_STDERR_OFF, stderr_cap, message,
                                    strlen(message), &truncated);
     if (truncated)
-        resp->flags |= FORKD_RESP_FLAG_STDERR_TRUNCATED;
+        resp->flags |= KVMFORK_RESP_FLAG_STDERR_TRUNCATED;
 }
 
-static void run_python(struct forkd_mailbox *mb, uint32_t code_len, uint32_t stdout_cap,
+static void run_python(struct kvmfork_mailbox *mb, uint32_t code_len, uint32_t stdout_cap,
                        uint32_t stderr_cap, struct response *resp)
 {
-    PyObject *code = PyBytes_FromStringAndSize((const char *)mb->base + FORKD_MB_CODE_OFF,
+    PyObject *code = PyBytes_FromStringAndSize((const char *)mb->base + KVMFORK_MB_CODE_OFF,
                                                code_len);
-    PyObject *seed = PyBytes_FromStringAndSize((const char *)mb->base + FORKD_MB_FORK_SEED_OFF,
-                                               FORKD_MB_SEED_LEN);
+    PyObject *seed = PyBytes_FromStringAndSize((const char *)mb->base + KVMFORK_MB_FORK_SEED_OFF,
+                                               KVMFORK_MB_SEED_LEN);
     PyObject *result = NULL;
-    uint64_t started = forkd_rdtsc();
+    uint64_t started = kvmfork_rdtsc();
     if (code != NULL && seed != NULL)
         result = PyObject_CallFunctionObjArgs(runner_run, code, seed, NULL);
-    resp->exec_ns = forkd_tsc_to_ns(forkd_rdtsc() - started);
+    resp->exec_ns = kvmfork_tsc_to_ns(kvmfork_rdtsc() - started);
     Py_XDECREF(code);
     Py_XDECREF(seed);
 
@@ -247,14 +247,14 @@ static void run_python(struct forkd_mailbox *mb, uint32_t code_len, uint32_t std
         !PyBytes_Check(PyTuple_GET_ITEM(result, 0)) ||
         !PyBytes_Check(PyTuple_GET_ITEM(result, 1)) ||
         !PyLong_Check(PyTuple_GET_ITEM(result, 2))) {
-        char message[1024] = "forkd agent: runner returned a malformed result";
+        char message[1024] = "kvmfork agent: runner returned a malformed result";
         if (PyErr_Occurred()) {
             char detail[960];
             describe_python_error(detail, sizeof detail);
-            snprintf(message, sizeof message, "forkd agent: runner failed: %s", detail);
+            snprintf(message, sizeof message, "kvmfork agent: runner failed: %s", detail);
         }
         Py_XDECREF(result);
-        resp->status = FORKD_STATUS_AGENT_ERROR;
+        resp->status = KVMFORK_STATUS_AGENT_ERROR;
         write_message(mb, resp, stderr_cap, message);
         return;
     }
@@ -262,60 +262,60 @@ static void run_python(struct forkd_mailbox *mb, uint32_t code_len, uint32_t std
     PyObject *out = PyTuple_GET_ITEM(result, 0);
     PyObject *err = PyTuple_GET_ITEM(result, 1);
     bool truncated;
-    resp->stdout_len = copy_capped(mb->base + FORKD_MB_STDOUT_OFF, stdout_cap,
+    resp->stdout_len = copy_capped(mb->base + KVMFORK_MB_STDOUT_OFF, stdout_cap,
                                    PyBytes_AS_STRING(out), (size_t)PyBytes_GET_SIZE(out),
                                    &truncated);
     if (truncated)
-        resp->flags |= FORKD_RESP_FLAG_STDOUT_TRUNCATED;
-    resp->stderr_len = copy_capped(mb->base + FORKD_MB_STDERR_OFF, stderr_cap,
+        resp->flags |= KVMFORK_RESP_FLAG_STDOUT_TRUNCATED;
+    resp->stderr_len = copy_capped(mb->base + KVMFORK_MB_STDERR_OFF, stderr_cap,
                                    PyBytes_AS_STRING(err), (size_t)PyBytes_GET_SIZE(err),
                                    &truncated);
     if (truncated)
-        resp->flags |= FORKD_RESP_FLAG_STDERR_TRUNCATED;
+        resp->flags |= KVMFORK_RESP_FLAG_STDERR_TRUNCATED;
     resp->exit_code = (int32_t)PyLong_AsLong(PyTuple_GET_ITEM(result, 2));
-    resp->status = FORKD_STATUS_OK;
+    resp->status = KVMFORK_STATUS_OK;
     Py_DECREF(result);
 }
 
-void forkd_handle_request(struct forkd_mailbox *mb)
+void kvmfork_handle_request(struct kvmfork_mailbox *mb)
 {
-    forkd_mb_write32(mb, FORKD_MB_AGENT_STATE_OFF, FORKD_STATE_RUNNING);
-    uint64_t seq = forkd_mb_read64(mb, FORKD_MB_REQ_SEQ_OFF);
-    uint32_t language = forkd_mb_read32(mb, FORKD_MB_REQ_LANGUAGE_OFF);
-    uint32_t code_len = forkd_mb_read32(mb, FORKD_MB_REQ_CODE_LEN_OFF);
-    uint32_t stdout_cap = min_u32(forkd_mb_read32(mb, FORKD_MB_REQ_STDOUT_CAP_OFF),
-                                  FORKD_MB_STDOUT_MAX);
-    uint32_t stderr_cap = min_u32(forkd_mb_read32(mb, FORKD_MB_REQ_STDERR_CAP_OFF),
-                                  FORKD_MB_STDERR_MAX);
+    kvmfork_mb_write32(mb, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_RUNNING);
+    uint64_t seq = kvmfork_mb_read64(mb, KVMFORK_MB_REQ_SEQ_OFF);
+    uint32_t language = kvmfork_mb_read32(mb, KVMFORK_MB_REQ_LANGUAGE_OFF);
+    uint32_t code_len = kvmfork_mb_read32(mb, KVMFORK_MB_REQ_CODE_LEN_OFF);
+    uint32_t stdout_cap = min_u32(kvmfork_mb_read32(mb, KVMFORK_MB_REQ_STDOUT_CAP_OFF),
+                                  KVMFORK_MB_STDOUT_MAX);
+    uint32_t stderr_cap = min_u32(kvmfork_mb_read32(mb, KVMFORK_MB_REQ_STDERR_CAP_OFF),
+                                  KVMFORK_MB_STDERR_MAX);
     struct response resp = {0};
 
-    if (language != FORKD_LANG_PYTHON) {
+    if (language != KVMFORK_LANG_PYTHON) {
         char message[128];
         snprintf(message, sizeof message,
-                 "forkd agent: unsupported language %u (this template runs python)\n",
+                 "kvmfork agent: unsupported language %u (this template runs python)\n",
                  language);
-        resp.status = FORKD_STATUS_BAD_REQUEST;
+        resp.status = KVMFORK_STATUS_BAD_REQUEST;
         write_message(mb, &resp, stderr_cap, message);
-    } else if (code_len > FORKD_MB_CODE_MAX) {
+    } else if (code_len > KVMFORK_MB_CODE_MAX) {
         char message[128];
         snprintf(message, sizeof message,
-                 "forkd agent: code is %u bytes, the limit is %u\n", code_len,
-                 (unsigned)FORKD_MB_CODE_MAX);
-        resp.status = FORKD_STATUS_BAD_REQUEST;
+                 "kvmfork agent: code is %u bytes, the limit is %u\n", code_len,
+                 (unsigned)KVMFORK_MB_CODE_MAX);
+        resp.status = KVMFORK_STATUS_BAD_REQUEST;
         write_message(mb, &resp, stderr_cap, message);
     } else {
         run_python(mb, code_len, stdout_cap, stderr_cap, &resp);
     }
 
-    forkd_mb_write32(mb, FORKD_MB_RESP_STATUS_OFF, resp.status);
-    forkd_mb_write32(mb, FORKD_MB_RESP_EXIT_CODE_OFF, (uint32_t)resp.exit_code);
-    forkd_mb_write32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF, resp.stdout_len);
-    forkd_mb_write32(mb, FORKD_MB_RESP_STDERR_LEN_OFF, resp.stderr_len);
-    forkd_mb_write32(mb, FORKD_MB_RESP_FLAGS_OFF, resp.flags);
-    forkd_mb_write64(mb, FORKD_MB_RESP_EXEC_NS_OFF, resp.exec_ns);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STATUS_OFF, resp.status);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_EXIT_CODE_OFF, (uint32_t)resp.exit_code);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF, resp.stdout_len);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF, resp.stderr_len);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_FLAGS_OFF, resp.flags);
+    kvmfork_mb_write64(mb, KVMFORK_MB_RESP_EXEC_NS_OFF, resp.exec_ns);
     /* Last, so a response with the right seq is always complete. */
-    forkd_mb_write64(mb, FORKD_MB_RESP_SEQ_OFF, seq);
-    forkd_mb_write32(mb, FORKD_MB_AGENT_STATE_OFF, FORKD_STATE_DONE);
+    kvmfork_mb_write64(mb, KVMFORK_MB_RESP_SEQ_OFF, seq);
+    kvmfork_mb_write32(mb, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_DONE);
 }
 
 /* ---- warm-up ---- */
@@ -342,34 +342,34 @@ static void excerpt(char *dst, size_t dst_len, const uint8_t *src, size_t len)
     dst[o < dst_len ? o : dst_len - 1] = '\0';
 }
 
-static void check_warmup_result(struct forkd_mailbox *mb, Py_ssize_t index, const char *code,
+static void check_warmup_result(struct kvmfork_mailbox *mb, Py_ssize_t index, const char *code,
                                 const char *expected_out, Py_ssize_t expected_len,
                                 long expected_exit)
 {
-    uint32_t status = forkd_mb_read32(mb, FORKD_MB_RESP_STATUS_OFF);
-    int32_t exit_code = (int32_t)forkd_mb_read32(mb, FORKD_MB_RESP_EXIT_CODE_OFF);
-    uint32_t out_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDOUT_LEN_OFF);
-    uint32_t err_len = forkd_mb_read32(mb, FORKD_MB_RESP_STDERR_LEN_OFF);
-    uint32_t flags = forkd_mb_read32(mb, FORKD_MB_RESP_FLAGS_OFF);
-    size_t want_len = (size_t)expected_len < FORKD_MB_STDOUT_MAX ? (size_t)expected_len
-                                                                 : FORKD_MB_STDOUT_MAX;
-    bool want_truncated = (size_t)expected_len > FORKD_MB_STDOUT_MAX;
+    uint32_t status = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STATUS_OFF);
+    int32_t exit_code = (int32_t)kvmfork_mb_read32(mb, KVMFORK_MB_RESP_EXIT_CODE_OFF);
+    uint32_t out_len = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF);
+    uint32_t err_len = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF);
+    uint32_t flags = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_FLAGS_OFF);
+    size_t want_len = (size_t)expected_len < KVMFORK_MB_STDOUT_MAX ? (size_t)expected_len
+                                                                 : KVMFORK_MB_STDOUT_MAX;
+    bool want_truncated = (size_t)expected_len > KVMFORK_MB_STDOUT_MAX;
     bool out_ok = out_len == want_len &&
-                  memcmp(mb->base + FORKD_MB_STDOUT_OFF, expected_out, want_len) == 0 &&
-                  ((flags & FORKD_RESP_FLAG_STDOUT_TRUNCATED) != 0) == want_truncated;
-    if (status == FORKD_STATUS_OK && exit_code == expected_exit && out_ok)
+                  memcmp(mb->base + KVMFORK_MB_STDOUT_OFF, expected_out, want_len) == 0 &&
+                  ((flags & KVMFORK_RESP_FLAG_STDOUT_TRUNCATED) != 0) == want_truncated;
+    if (status == KVMFORK_STATUS_OK && exit_code == expected_exit && out_ok)
         return;
     char got_out[300], got_err[600];
-    excerpt(got_out, sizeof got_out, mb->base + FORKD_MB_STDOUT_OFF, out_len < 200 ? out_len : 200);
-    excerpt(got_err, sizeof got_err, mb->base + FORKD_MB_STDERR_OFF, err_len < 400 ? err_len : 400);
-    forkd_fatal("warm-up snippet %zd failed: %.200s\n  status %u exit %d (want %ld)\n"
+    excerpt(got_out, sizeof got_out, mb->base + KVMFORK_MB_STDOUT_OFF, out_len < 200 ? out_len : 200);
+    excerpt(got_err, sizeof got_err, mb->base + KVMFORK_MB_STDERR_OFF, err_len < 400 ? err_len : 400);
+    kvmfork_fatal("warm-up snippet %zd failed: %.200s\n  status %u exit %d (want %ld)\n"
                 "  stdout %u bytes: %s\n  stderr: %s",
                 index, code, status, exit_code, expected_exit, out_len, got_out, got_err);
 }
 
-void forkd_python_warm_up(struct forkd_mailbox *mb)
+void kvmfork_python_warm_up(struct kvmfork_mailbox *mb)
 {
-    double started = forkd_uptime_seconds();
+    double started = kvmfork_uptime_seconds();
     PyObject *snippets = PyObject_GetAttrString(runner_module, "WARMUP");
     if (snippets == NULL || !PyTuple_Check(snippets))
         fatal_python(RUNNER_MODULE ".WARMUP");
@@ -377,21 +377,21 @@ void forkd_python_warm_up(struct forkd_mailbox *mb)
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *entry = PyTuple_GET_ITEM(snippets, i);
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3)
-            forkd_fatal(RUNNER_MODULE ".WARMUP[%zd] is not (code, stdout, exit)", i);
+            kvmfork_fatal(RUNNER_MODULE ".WARMUP[%zd] is not (code, stdout, exit)", i);
         Py_ssize_t code_len, out_len;
         const char *code = utf8_of(entry, 0, &code_len);
         const char *expected_out = utf8_of(entry, 1, &out_len);
         long expected_exit = PyLong_AsLong(PyTuple_GET_ITEM(entry, 2));
-        forkd_put_request(mb, WARMUP_SEQ_BASE + (uint64_t)i, FORKD_LANG_PYTHON, code,
-                          (size_t)code_len, FORKD_MB_STDOUT_MAX, FORKD_MB_STDERR_MAX);
-        forkd_handle_request(mb);
+        kvmfork_put_request(mb, WARMUP_SEQ_BASE + (uint64_t)i, KVMFORK_LANG_PYTHON, code,
+                          (size_t)code_len, KVMFORK_MB_STDOUT_MAX, KVMFORK_MB_STDERR_MAX);
+        kvmfork_handle_request(mb);
         check_warmup_result(mb, i, code, expected_out, out_len, expected_exit);
     }
     Py_DECREF(snippets);
-    forkd_log("warm-up: %zd snippets passed in %.1f s", count, forkd_uptime_seconds() - started);
+    kvmfork_log("warm-up: %zd snippets passed in %.1f s", count, kvmfork_uptime_seconds() - started);
 }
 
-void forkd_python_prepare_template(void)
+void kvmfork_python_prepare_template(void)
 {
     PyObject *result = PyObject_CallMethod(runner_module, "prepare_template", NULL);
     if (result == NULL)

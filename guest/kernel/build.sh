@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Build forkd's guest kernel from Debian's linux-source-6.1, cached by hash.
+# Build kvmfork's guest kernel from Debian's linux-source-6.1, cached by hash.
 #
 #   bash guest/kernel/build.sh        # prints the output directory on stdout
 #
-# Output: ${FORKD_CACHE_DIR:-$HOME/.cache/forkd}/kernel/<key>/ holding vmlinux
+# Output: ${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}/kernel/<key>/ holding vmlinux
 # (uncompressed ELF with the PVH note), System.map, .config and build.log.
 # <key> is the sha256 of the linux-source package version, config.fragment,
 # the patches and this script, so any change to them builds a new kernel and
@@ -16,7 +16,7 @@ fragment=$script_dir/config.fragment
 patch_dir=$script_dir/patches
 source_pkg=linux-source-6.1
 source_tarball=/usr/src/$source_pkg.tar.xz
-cache_root=${FORKD_CACHE_DIR:-$HOME/.cache/forkd}/kernel
+cache_root=${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}/kernel
 
 started=$SECONDS
 progress() { printf '[guest-kernel %4ds] %s\n' "$((SECONDS - started))" "$*" >&2; }
@@ -150,8 +150,8 @@ main() {
     progress "applied $count patches"
 
     # Reproducible version string: no user, host or time of this machine.
-    export KBUILD_BUILD_USER=forkd KBUILD_BUILD_HOST=forkd
-    export KBUILD_BUILD_TIMESTAMP="forkd ${key:0:16}"
+    export KBUILD_BUILD_USER=kvmfork KBUILD_BUILD_HOST=kvmfork
+    export KBUILD_BUILD_TIMESTAMP="kvmfork ${key:0:16}"
 
     progress "configuring: tinyconfig + config.fragment"
     make -C "$src" tinyconfig >>"$log" 2>&1 || die "make tinyconfig failed (log: $log)"

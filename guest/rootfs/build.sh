@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Builds the forkd guest initramfs: Debian packages (dependency closure, no
-# recommends) + the forkd guest agent as /init, pruned, precompiled and
+# Builds the kvmfork guest initramfs: Debian packages (dependency closure, no
+# recommends) + the kvmfork guest agent as /init, pruned, precompiled and
 # packed as a deterministic uncompressed newc cpio.
 #
 # usage: guest/rootfs/build.sh [--language python]
 #
-# Output: ${FORKD_CACHE_DIR:-$HOME/.cache/forkd}/rootfs/<key>/{initramfs.cpio,manifest.json}
+# Output: ${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}/rootfs/<key>/{initramfs.cpio,manifest.json}
 # where <key> hashes this recipe, the agent sources, contract.h and the
 # resolved package versions. Progress goes to stderr; the only stdout line
 # is the output directory. A second run with unchanged inputs is instant.
@@ -14,7 +14,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 GUEST_DIR=$(dirname "$HERE")
 AGENT_DIR=$GUEST_DIR/agent
-CACHE_DIR=${FORKD_CACHE_DIR:-$HOME/.cache/forkd}
+CACHE_DIR=${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}
 TOOL=$HERE/rootfs_tool.py
 LANGUAGE=python
 # Guest-wide packages, whatever the language.
@@ -158,7 +158,7 @@ cache_key() {
         cd "$GUEST_DIR"
         echo "language $LANGUAGE"
         for f in rootfs/build.sh rootfs/rootfs_tool.py $(ls rootfs/languages/"$LANGUAGE"[._]*) contract.h \
-            $(cd "$GUEST_DIR" && ls agent/*.c agent/*.h agent/forkd_runner.py | LC_ALL=C sort); do
+            $(cd "$GUEST_DIR" && ls agent/*.c agent/*.h agent/kvmfork_runner.py | LC_ALL=C sort); do
             echo "== $f"
             cat "$f"
         done

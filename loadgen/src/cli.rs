@@ -18,8 +18,8 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 #[command(
     name = "loadgen",
     version,
-    about = "HTTP/1.1 keep-alive load generator for forkd (epoll, one thread per core).",
-    long_about = "HTTP/1.1 keep-alive load generator for forkd (epoll, one thread per core).\n\n\
+    about = "HTTP/1.1 keep-alive load generator for kvmfork (epoll, one thread per core).",
+    long_about = "HTTP/1.1 keep-alive load generator for kvmfork (epoll, one thread per core).\n\n\
 Closed loop (default): every connection sends its next request as soon as the previous response \
 arrives; latency is measured from the first byte written.\n\
 Open loop (--rate R): requests are due at a fixed rate whatever the server does; a due request waits \
@@ -99,7 +99,7 @@ pub struct Args {
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
 
-    /// Print the report as JSON (schema "forkd-loadgen/v1", see README) instead of text.
+    /// Print the report as JSON (schema "kvmfork-loadgen/v1", see README) instead of text.
     #[arg(long)]
     pub json: bool,
 

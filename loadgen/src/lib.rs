@@ -1,4 +1,4 @@
-//! forkd's HTTP/1.1 load generator: closed loop (N connections back to back)
+//! kvmfork's HTTP/1.1 load generator: closed loop (N connections back to back)
 //! or open loop (fixed arrival rate, latency from the intended send time so
 //! coordinated omission is corrected), one epoll thread per core.
 

@@ -11,7 +11,7 @@ use crate::workload::MixEntry;
 use crate::{Config, Mode, RunResult};
 
 /// Identifies the JSON layout below.
-pub const SCHEMA: &str = "forkd-loadgen/v1";
+pub const SCHEMA: &str = "kvmfork-loadgen/v1";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

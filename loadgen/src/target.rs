@@ -69,7 +69,7 @@ impl Target {
                 source,
             })?
             .collect();
-        // Prefer IPv4: servers (forkd included) usually listen on 127.0.0.1,
+        // Prefer IPv4: servers (kvmfork included) usually listen on 127.0.0.1,
         // while `localhost` often resolves to ::1 first.
         let first = *addrs
             .iter()

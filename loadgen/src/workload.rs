@@ -1,4 +1,4 @@
-//! What gets sent: pre-serialised request templates (built-in forkd requests
+//! What gets sent: pre-serialised request templates (built-in kvmfork requests
 //! or one from `--body-file`), the `--mix` weights, and a deterministic
 //! weighted picker.
 
@@ -33,7 +33,7 @@ pub enum WorkloadError {
     RequestLine { what: &'static str, value: String },
 }
 
-/// Built-in request kinds for forkd.
+/// Built-in request kinds for kvmfork.
 pub const BUILTIN_NAMES: [&str; 4] = ["print", "numpy", "cpu", "health"];
 /// Name of the request described by `--body-file`/`--method`/`--path`.
 pub const CUSTOM_NAME: &str = "custom";
@@ -140,7 +140,7 @@ pub fn build_template(spec: &RequestSpec, headers: &Headers) -> Result<Template,
     check_token("method", &spec.method)?;
     check_token("path", &spec.path)?;
     let mut head = format!(
-        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: forkd-loadgen/{}\r\n",
+        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: kvmfork-loadgen/{}\r\n",
         spec.method,
         spec.path,
         headers.host,
@@ -391,7 +391,7 @@ mod tests {
         };
         let template = build_template(&RequestSpec::builtin("health").unwrap(), &headers).unwrap();
         let text = std::str::from_utf8(&template.bytes).unwrap();
-        assert_eq!(text, format!("GET /v1/health HTTP/1.1\r\nHost: h\r\nUser-Agent: forkd-loadgen/{}\r\nX-Test: 1\r\n\r\n", env!("CARGO_PKG_VERSION")));
+        assert_eq!(text, format!("GET /v1/health HTTP/1.1\r\nHost: h\r\nUser-Agent: kvmfork-loadgen/{}\r\nX-Test: 1\r\n\r\n", env!("CARGO_PKG_VERSION")));
     }
 
     #[test]

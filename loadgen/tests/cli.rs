@@ -75,7 +75,7 @@ fn json_report_follows_the_documented_schema() {
     );
     let json: serde_json::Value =
         serde_json::from_slice(&output.stdout).expect("stdout is one JSON document");
-    assert_eq!(json["schema"], "forkd-loadgen/v1");
+    assert_eq!(json["schema"], "kvmfork-loadgen/v1");
     assert_eq!(json["config"]["mode"], "closed");
     assert_eq!(json["config"]["connections"], 2);
     assert_eq!(json["config"]["requests"], 50);

@@ -1,12 +1,12 @@
 #!/usr/bin/env node
-// Client-side latency of the TypeScript SDK against a live forkd server.
+// Client-side latency of the TypeScript SDK against a live kvmfork server.
 //
 // Runs `--requests` sequential exec calls (after a warm-up) and prints
 // percentiles of the caller's wall time, the server's total_time_ms, and
 // their difference: what HTTP, JSON and the SDK add.
 //
 //   (cd sdk/typescript && npm ci && npm run build)
-//   FORKD_URL=http://127.0.0.1:8080 [FORKD_API_KEY=...] node sdk/bench/overhead.mjs --requests 200
+//   KVMFORK_URL=http://127.0.0.1:8080 [KVMFORK_API_KEY=...] node sdk/bench/overhead.mjs --requests 200
 import { parseArgs } from "node:util";
 
 import { Sandbox, isOk } from "../typescript/dist/esm/index.js";
@@ -28,8 +28,8 @@ function report(name, values) {
 const { values: args } = parseArgs({
   options: { requests: { type: "string", short: "n", default: "200" }, warmup: { type: "string", default: "10" }, code: { type: "string", default: "print(1 + 1)" } },
 });
-if (!process.env.FORKD_URL) {
-  console.error("FORKD_URL must point at a running forkd server");
+if (!process.env.KVMFORK_URL) {
+  console.error("KVMFORK_URL must point at a running kvmfork server");
   process.exit(2);
 }
 const requests = Number(args.requests);
@@ -52,7 +52,7 @@ for (let i = 0; i < warmup + requests; i++) {
     overheads.push(wall - result.total_time_ms);
   }
 }
-console.log(`forkd TypeScript SDK, sequential exec of ${JSON.stringify(args.code)} against ${process.env.FORKD_URL}`);
+console.log(`kvmfork TypeScript SDK, sequential exec of ${JSON.stringify(args.code)} against ${process.env.KVMFORK_URL}`);
 report("wall (caller)", walls);
 report("server total_time_ms", servers);
 report("wall - server", overheads);

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Client-side latency of the Python SDK against a live forkd server.
+"""Client-side latency of the Python SDK against a live kvmfork server.
 
 Runs ``--requests`` sequential ``exec`` calls (after ``--warmup``) and prints
 percentiles of the wall time seen by the caller, the server's
 ``total_time_ms``, and their difference: what HTTP, JSON and the SDK add.
 
-    FORKD_URL=http://127.0.0.1:8080 [FORKD_API_KEY=...] python3 sdk/bench/overhead.py -n 200
+    KVMFORK_URL=http://127.0.0.1:8080 [KVMFORK_API_KEY=...] python3 sdk/bench/overhead.py -n 200
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python", "src"))
-from forkd import Sandbox  # noqa: E402
+from kvmfork import Sandbox  # noqa: E402
 
 PERCENTILES = (50, 90, 99, 99.9)
 
@@ -39,8 +39,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--code", default="print(1 + 1)")
     args = parser.parse_args()
-    if not os.environ.get("FORKD_URL"):
-        sys.exit("FORKD_URL must point at a running forkd server")
+    if not os.environ.get("KVMFORK_URL"):
+        sys.exit("KVMFORK_URL must point at a running kvmfork server")
 
     walls, servers, overheads = [], [], []
     with Sandbox() as sb:
@@ -54,7 +54,7 @@ def main() -> int:
                 walls.append(wall)
                 servers.append(result.total_time_ms)
                 overheads.append(wall - result.total_time_ms)
-    print(f"forkd-python SDK, sequential exec of {args.code!r} against {os.environ['FORKD_URL']}")
+    print(f"kvmfork-python SDK, sequential exec of {args.code!r} against {os.environ['KVMFORK_URL']}")
     report("wall (caller)", walls)
     report("server total_time_ms", servers)
     report("wall - server", overheads)

@@ -46,7 +46,7 @@ pub enum SandboxError {
     Kick(#[from] crate::vmm::kick::KickError),
 }
 
-/// Where a reset's time went (for `forkd bench fork`).
+/// Where a reset's time went (for `kvmfork bench fork`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ResetStats {
     pub pages: usize,
@@ -105,7 +105,7 @@ impl Sandbox {
     /// pages so the sandbox can later be reset by copy-back.
     pub fn fork_fresh(kvm: &Kvm, t: &Template, pooled: bool) -> Result<Sandbox, SandboxError> {
         let mut vm = Vm::new(kvm)?;
-        if pooled && std::env::var_os("FORKD_REPROTECT_DIRTY").is_none() {
+        if pooled && crate::settings::var_os("REPROTECT_DIRTY").is_none() {
             vm.enable_cumulative_dirty_log()?;
         }
         let ram = GuestRam::map(&t.memfd, t.meta.ram_size as usize, Sharing::Private)?;

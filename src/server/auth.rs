@@ -207,7 +207,7 @@ mod tests {
             pub fn new(text: &str) -> Self {
                 static N: AtomicUsize = AtomicUsize::new(0);
                 let path = std::env::temp_dir().join(format!(
-                    "forkd-keys-{}-{}.json",
+                    "kvmfork-keys-{}-{}.json",
                     std::process::id(),
                     N.fetch_add(1, Ordering::Relaxed)
                 ));
@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn missing_file_turns_auth_off_but_bad_file_is_an_error() {
-        let missing = ApiKeys::load(Path::new("/nonexistent/forkd-keys.json"), DEFAULT).unwrap();
+        let missing = ApiKeys::load(Path::new("/nonexistent/kvmfork-keys.json"), DEFAULT).unwrap();
         assert!(missing.is_none());
         assert!(matches!(
             write_keys("{\"a\":1}").1,

@@ -44,8 +44,9 @@ pub struct ServeConfig {
     pub recv_buffers: u16,
 }
 
-/// The environment variable naming the API keys file.
-pub const API_KEYS_ENV: &str = "FORKD_API_KEYS_FILE";
+/// The environment variable naming the API keys file (`FORKD_API_KEYS_FILE`
+/// is still read, deprecated: see [`crate::settings`]).
+pub const API_KEYS_ENV: &str = "KVMFORK_API_KEYS_FILE";
 
 impl Default for ServeConfig {
     fn default() -> Self {
@@ -117,12 +118,12 @@ impl ServeConfig {
 }
 
 fn default_api_keys_file() -> PathBuf {
-    std::env::var_os(API_KEYS_ENV)
+    crate::settings::var_os("API_KEYS_FILE")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("api_keys.json"))
 }
 
-/// `forkd serve` options; flatten into the CLI with `#[command(flatten)]`.
+/// `kvmfork serve` options; flatten into the CLI with `#[command(flatten)]`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
     /// Address to listen on (every shard binds it with SO_REUSEPORT).
@@ -143,7 +144,7 @@ pub struct ServeArgs {
     /// Token-bucket burst per API key [default: the rate limit].
     #[arg(long)]
     pub rate_burst: Option<f64>,
-    /// JSON array of API keys [default: $FORKD_API_KEYS_FILE, else api_keys.json]; no file = auth off.
+    /// JSON array of API keys [default: $KVMFORK_API_KEYS_FILE, else api_keys.json]; no file = auth off.
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
     /// Serve with epoll even where io_uring works.
@@ -208,7 +209,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         ServeConfig::default().validate().unwrap();
-        let cli = Cli::parse_from(["forkd"]);
+        let cli = Cli::parse_from(["kvmfork"]);
         let config = cli.serve.to_config().unwrap();
         assert_eq!(config.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
         assert_eq!(config.rate_burst, 100.0);
@@ -217,7 +218,7 @@ mod tests {
     #[test]
     fn flags_reach_the_config() {
         let cli = Cli::parse_from([
-            "forkd",
+            "kvmfork",
             "--listen",
             "127.0.0.1:0",
             "--shards",
@@ -243,7 +244,7 @@ mod tests {
         assert_eq!((config.rate_limit, config.rate_burst), (5.0, 10.0));
         assert_eq!(config.api_keys_file, PathBuf::from("/k.json"));
         assert!(config.force_epoll);
-        assert!(Cli::parse_from(["forkd", "--shards", "0"])
+        assert!(Cli::parse_from(["kvmfork", "--shards", "0"])
             .serve
             .to_config()
             .is_err());

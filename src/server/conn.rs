@@ -418,7 +418,7 @@ mod tests {
             max_body_bytes: 256,
             queue_depth: 4,
             max_batch: 4,
-            api_keys_file: "/nonexistent/forkd-keys.json".into(),
+            api_keys_file: "/nonexistent/kvmfork-keys.json".into(),
             ..ServeConfig::default()
         };
         let factory: Arc<dyn LaneFactory> = Arc::new(EchoFactory);

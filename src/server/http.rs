@@ -249,7 +249,7 @@ impl Response {
         // Writing into a String cannot fail.
         let _ = write!(
             head,
-            "HTTP/1.1 {} {}\r\nServer: forkd\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
+            "HTTP/1.1 {} {}\r\nServer: kvmfork\r\nContent-Type: {}\r\nContent-Length: {}\r\n",
             self.status,
             reason_phrase(self.status),
             self.content_type,

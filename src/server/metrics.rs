@@ -255,33 +255,33 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
     let mut out = String::with_capacity(8192);
     histogram(
         &mut out,
-        "forkd_fork_seconds",
+        "kvmfork_fork_seconds",
         "Time to get a runnable sandbox (pooled reset or fresh VM restore).",
         &s.fork,
     );
     histogram(
         &mut out,
-        "forkd_exec_seconds",
+        "kvmfork_exec_seconds",
         "Time the guest ran the code.",
         &s.exec,
     );
     histogram(
         &mut out,
-        "forkd_total_seconds",
+        "kvmfork_total_seconds",
         "Fork plus exec plus response decoding, per execution.",
         &s.total,
     );
 
     header(
         &mut out,
-        "forkd_http_requests_total",
+        "kvmfork_http_requests_total",
         "counter",
         "HTTP requests answered, by endpoint and status.",
     );
     for ((endpoint, status), count) in &s.requests {
         let _ = writeln!(
             out,
-            "forkd_http_requests_total{{endpoint=\"{}\",status=\"{}\"}} {}",
+            "kvmfork_http_requests_total{{endpoint=\"{}\",status=\"{}\"}} {}",
             endpoint.label(),
             status,
             count
@@ -289,106 +289,106 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
     }
     gauge(
         &mut out,
-        "forkd_http_requests_in_flight",
+        "kvmfork_http_requests_in_flight",
         "Requests received but not yet answered.",
         s.requests_in_flight,
     );
     gauge(
         &mut out,
-        "forkd_http_connections_open",
+        "kvmfork_http_connections_open",
         "Open client connections.",
         s.connections_open,
     );
     counter(
         &mut out,
-        "forkd_http_connections_accepted_total",
+        "kvmfork_http_connections_accepted_total",
         "Client connections accepted.",
         s.connections_accepted,
     );
     gauge(
         &mut out,
-        "forkd_execs_in_flight",
+        "kvmfork_execs_in_flight",
         "Executions admitted and not yet finished (queued or running).",
         s.execs_in_flight,
     );
     gauge(
         &mut out,
-        "forkd_exec_queue_depth",
+        "kvmfork_exec_queue_depth",
         "Executions waiting for a worker.",
         snap.queued as u64,
     );
     counter(
         &mut out,
-        "forkd_exec_timeouts_total",
+        "kvmfork_exec_timeouts_total",
         "Executions stopped by their timeout.",
         s.timeouts,
     );
     counter(
         &mut out,
-        "forkd_guest_errors_total",
+        "kvmfork_guest_errors_total",
         "Executions that ended in a guest failure (crash, bad response, memory limit).",
         s.guest_errors,
     );
     counter(
         &mut out,
-        "forkd_exec_cancelled_total",
+        "kvmfork_exec_cancelled_total",
         "Executions cancelled because the client left or the server drained.",
         s.cancelled,
     );
     counter(
         &mut out,
-        "forkd_io_recv_buffers_exhausted_total",
+        "kvmfork_io_recv_buffers_exhausted_total",
         "io_uring receives that found every provided buffer in use and were re-armed.",
         s.recv_buffers_exhausted,
     );
 
     header(
         &mut out,
-        "forkd_pool_vms",
+        "kvmfork_pool_vms",
         "gauge",
         "VMs held by the worker pools, by state.",
     );
     let _ = writeln!(
         out,
-        "forkd_pool_vms{{state=\"pooled\"}} {}",
+        "kvmfork_pool_vms{{state=\"pooled\"}} {}",
         snap.lanes.pooled_vms
     );
     let _ = writeln!(
         out,
-        "forkd_pool_vms{{state=\"live\"}} {}",
+        "kvmfork_pool_vms{{state=\"live\"}} {}",
         snap.lanes.live_vms
     );
     counter(
         &mut out,
-        "forkd_pool_forks_total",
+        "kvmfork_pool_forks_total",
         "Forks served by the worker pools.",
         snap.lanes.forks,
     );
     counter(
         &mut out,
-        "forkd_pool_fresh_vm_forks_total",
+        "kvmfork_pool_fresh_vm_forks_total",
         "Forks that needed a fresh VM.",
         snap.lanes.fresh_vm_forks,
     );
     counter(
         &mut out,
-        "forkd_pool_destroyed_vms_total",
+        "kvmfork_pool_destroyed_vms_total",
         "VMs destroyed by the worker pools.",
         snap.lanes.destroyed_vms,
     );
     gauge(
         &mut out,
-        "forkd_shards",
+        "kvmfork_shards",
         "Event-loop shards.",
         shards.len() as u64,
     );
     header(
         &mut out,
-        "forkd_io_backend_info",
+        "kvmfork_io_backend_info",
         "gauge",
         "The event-loop backend in use.",
     );
-    let _ = writeln!(out, "forkd_io_backend_info{{backend=\"{backend}\"}} 1");
+    let _ = writeln!(out, "kvmfork_io_backend_info{{backend=\"{backend}\"}} 1");
     out
 }
 
@@ -457,16 +457,16 @@ mod tests {
         );
         let text = render(&shards, "epoll");
         assert!(
-            text.contains("forkd_fork_seconds_bucket{le=\"0.0005\"} 2\n"),
+            text.contains("kvmfork_fork_seconds_bucket{le=\"0.0005\"} 2\n"),
             "{text}"
         );
-        assert!(text.contains("forkd_fork_seconds_count 2\n"));
-        assert!(text.contains("forkd_fork_seconds_sum 0.0006\n"));
-        assert!(text.contains("forkd_exec_timeouts_total 1\n"));
+        assert!(text.contains("kvmfork_fork_seconds_count 2\n"));
+        assert!(text.contains("kvmfork_fork_seconds_sum 0.0006\n"));
+        assert!(text.contains("kvmfork_exec_timeouts_total 1\n"));
         assert!(
-            text.contains("forkd_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"} 3\n")
+            text.contains("kvmfork_http_requests_total{endpoint=\"/v1/exec\",status=\"200\"} 3\n")
         );
-        assert!(text.contains("forkd_pool_vms{state=\"pooled\"} 4\n"));
-        assert!(text.contains("forkd_io_backend_info{backend=\"epoll\"} 1\n"));
+        assert!(text.contains("kvmfork_pool_vms{state=\"pooled\"} 4\n"));
+        assert!(text.contains("kvmfork_io_backend_info{backend=\"epoll\"} 1\n"));
     }
 }

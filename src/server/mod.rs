@@ -171,16 +171,16 @@ pub fn serve(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<(), S
     let server = start(config, factory)?;
     let shared = server.shared.clone();
     let watcher = std::thread::Builder::new()
-        .name("forkd-signals".into())
+        .name("kvmfork-signals".into())
         .spawn(move || {
             let mut seen = 0;
             for signal in signals.forever() {
                 seen += 1;
                 if seen == 1 {
-                    eprintln!("forkd serve: signal {signal}: draining (send again to stop now)");
+                    eprintln!("kvmfork serve: signal {signal}: draining (send again to stop now)");
                     shared.request_shutdown(false);
                 } else {
-                    eprintln!("forkd serve: signal {signal}: cancelling in-flight executions");
+                    eprintln!("kvmfork serve: signal {signal}: cancelling in-flight executions");
                     shared.request_shutdown(true);
                 }
             }
@@ -190,7 +190,7 @@ pub fn serve(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<(), S
     signal_handle.close();
     let _ = watcher.join();
     if result.is_ok() {
-        eprintln!("forkd serve: drained, exiting");
+        eprintln!("kvmfork serve: drained, exiting");
     }
     result
 }
@@ -205,14 +205,14 @@ pub fn start(
     let keys = ApiKeys::load(&config.api_keys_file, config.rate())?;
     match &keys {
         Some(keys) => eprintln!(
-            "forkd serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key per shard)",
+            "kvmfork serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key per shard)",
             keys.len(),
             config.api_keys_file.display(),
             config.rate_limit,
             config.rate_burst
         ),
         None => eprintln!(
-            "forkd serve: WARNING: auth OFF: no API keys file at {} (set {} or --api-keys-file)",
+            "kvmfork serve: WARNING: auth OFF: no API keys file at {} (set {} or --api-keys-file)",
             config.api_keys_file.display(),
             API_KEYS_ENV
         ),
@@ -220,7 +220,7 @@ pub fn start(
     let backend = choose_backend(config.force_epoll);
     let languages = factory.languages();
     if languages.is_empty() {
-        eprintln!("forkd serve: WARNING: no template is loaded; every exec will be refused");
+        eprintln!("kvmfork serve: WARNING: no template is loaded; every exec will be refused");
     }
     let listeners = bind_listeners(config.listen, config.shards)?;
     let local_addr = listeners[0]
@@ -277,12 +277,12 @@ pub fn start(
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), ServerError>>(1);
         let thread = std::thread::Builder::new()
-            .name(format!("forkd-shard{shard}"))
+            .name(format!("kvmfork-shard{shard}"))
             .spawn(move || {
                 if let Some(core) = core {
                     if !core_affinity::set_for_current(core) {
                         eprintln!(
-                            "forkd serve: shard {shard}: could not pin to core {}",
+                            "kvmfork serve: shard {shard}: could not pin to core {}",
                             core.id
                         );
                     }
@@ -320,7 +320,7 @@ pub fn start(
             .map_err(|_| ServerError::ShardPanicked(shard))??;
     }
     eprintln!(
-        "forkd serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
+        "kvmfork serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
         backend.name(),
         config.shards,
         config.workers_per_shard,
@@ -332,13 +332,13 @@ pub fn start(
 /// Probes io_uring once per process start and says why when falling back.
 fn choose_backend(force_epoll: bool) -> Backend {
     if force_epoll {
-        eprintln!("forkd serve: using epoll (--force-epoll)");
+        eprintln!("kvmfork serve: using epoll (--force-epoll)");
         return Backend::Epoll;
     }
     // Probed on a thread of its own so that no io_uring work is ever tied
     // to the caller's thread.
     let probed = std::thread::Builder::new()
-        .name("forkd-uring-probe".into())
+        .name("kvmfork-uring-probe".into())
         .spawn(uring::probe)
         .map_err(|e| format!("spawning the probe thread: {e}"))
         .and_then(|t| {
@@ -348,7 +348,7 @@ fn choose_backend(force_epoll: bool) -> Backend {
     match probed {
         Ok(()) => Backend::IoUring,
         Err(reason) => {
-            eprintln!("forkd serve: io_uring unavailable ({reason}); serving with epoll");
+            eprintln!("kvmfork serve: io_uring unavailable ({reason}); serving with epoll");
             Backend::Epoll
         }
     }

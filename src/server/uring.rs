@@ -355,7 +355,7 @@ impl UringLoop {
             self.touched.push(key);
         } else if result != -libc::ECANCELED {
             eprintln!(
-                "forkd serve: shard {}: accept failed: {}",
+                "kvmfork serve: shard {}: accept failed: {}",
                 self.ctx.shard,
                 io::Error::from_raw_os_error(-result)
             );
@@ -456,7 +456,7 @@ impl UringLoop {
             // Accept stopped after an error (EMFILE, ENFILE): try again.
             if let Err(e) = self.arm_accept() {
                 eprintln!(
-                    "forkd serve: shard {}: re-arming accept: {e}",
+                    "kvmfork serve: shard {}: re-arming accept: {e}",
                     self.ctx.shard
                 );
             }

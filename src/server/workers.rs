@@ -118,7 +118,7 @@ impl WorkerPool {
             let (factory, metrics, waker) = (factory.clone(), metrics.clone(), waker.clone());
             let (job_rx, done_tx, ready_tx) = (job_rx.clone(), done_tx.clone(), ready_tx.clone());
             let handle = std::thread::Builder::new()
-                .name(format!("forkd-s{shard}-w{worker}"))
+                .name(format!("kvmfork-s{shard}-w{worker}"))
                 .spawn(move || {
                     let lane = match factory.new_lane(shard) {
                         Ok(lane) => lane,
@@ -223,12 +223,12 @@ fn run_worker(
                 Err(_) => {
                     // The lane's state is unknown after a panic: replace it.
                     eprintln!(
-                        "forkd serve: shard {shard} worker {worker}: lane panicked; replacing it"
+                        "kvmfork serve: shard {shard} worker {worker}: lane panicked; replacing it"
                     );
                     match factory.new_lane(shard) {
                         Ok(fresh) => lane = fresh,
                         Err(e) => eprintln!(
-                            "forkd serve: shard {shard} worker {worker}: new lane failed: {e}"
+                            "kvmfork serve: shard {shard} worker {worker}: new lane failed: {e}"
                         ),
                     }
                     let failure = ExecFailure::Internal("the executor panicked".into());

@@ -152,7 +152,7 @@ impl GuestRam {
         // Transparent hugepages where the host allows it (a hint, so failure is
         // fine) — for the template's own RAM only: a fork's copy-on-write of a
         // 4 KiB guest write must not turn into a 2 MiB copy.
-        if sharing != Sharing::Private || std::env::var_os("FORKD_THP_FORKS").is_some() {
+        if sharing != Sharing::Private || crate::settings::var_os("THP_FORKS").is_some() {
             // SAFETY: advising our own mapping.
             unsafe { libc::madvise(aligned as *mut libc::c_void, size, libc::MADV_HUGEPAGE) };
         }

@@ -23,7 +23,7 @@ use super::memory::{GuestRam, PAGE_SIZE};
 use super::vcpu::VcpuState;
 use super::vm::VmState;
 
-pub const MAGIC: &[u8; 8] = b"FORKDSNP";
+pub const MAGIC: &[u8; 8] = b"KVMFKSNP";
 pub const FORMAT_VERSION: u32 = 1;
 /// Refuse absurd inputs before allocating for them.
 const MAX_STATE_FILE: u64 = 64 << 20;
@@ -32,9 +32,9 @@ const MAX_STATE_FILE: u64 = 64 << 20;
 pub enum SnapshotError {
     #[error("{0}: {1}")]
     Io(String, std::io::Error),
-    #[error("{0} is not a forkd snapshot (bad magic)")]
+    #[error("{0} is not a kvmfork snapshot (bad magic)")]
     BadMagic(String),
-    #[error("{path} has snapshot format version {found}; this forkd reads version {FORMAT_VERSION}: rebuild the template")]
+    #[error("{path} has snapshot format version {found}; this kvmfork reads version {FORMAT_VERSION}: rebuild the template")]
     Version { path: String, found: u32 },
     #[error("{0} is truncated ({1})")]
     Truncated(String, &'static str),
@@ -48,11 +48,11 @@ pub enum SnapshotError {
     Memory(#[from] super::memory::MemoryError),
 }
 
-/// What `forkd template inspect` prints, stored in the `META` section.
+/// What `kvmfork template inspect` prints, stored in the `META` section.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TemplateMeta {
     pub language: String,
-    pub forkd_version: String,
+    pub kvmfork_version: String,
     pub host_kind: super::cpuid::HostKind,
     pub cpu_vendor: String,
     pub cpu_model: String,
@@ -369,7 +369,7 @@ pub fn load_memory(path: &Path, info: &MemoryInfo) -> Result<File, SnapshotError
     if len != info.apparent_size {
         return Err(SnapshotError::Truncated(name, "memory file size differs from the metadata"));
     }
-    let memfd = GuestRam::create_memfd("forkd-template", len as usize)?;
+    let memfd = GuestRam::create_memfd("kvmfork-template", len as usize)?;
     let mut crc = crc32fast::Hasher::new();
     let mut nonzero = 0u64;
     let mut buf = vec![0u8; 2 << 20];
@@ -435,7 +435,7 @@ mod tests {
         let none = ArtifactInfo { path: String::new(), cache_key: String::new(), size: 0 };
         let meta = TemplateMeta {
             language: "python".into(),
-            forkd_version: "0".into(),
+            kvmfork_version: "0".into(),
             host_kind: HostKind::Pvm,
             cpu_vendor: "v".into(),
             cpu_model: "m".into(),

@@ -1,24 +1,24 @@
 //! Access to the real Python template for end-to-end tests. The template is
-//! built by `tests/run.sh` (`forkd template build`) before the tests run; a
+//! built by `tests/run.sh` (`kvmfork template build`) before the tests run; a
 //! missing template fails the test loudly, it never skips.
 #![allow(dead_code)]
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use forkd::api::{CancelToken, ExecRequest, ExecResult, Language};
-use forkd::engine::pool::{Pool, PoolConfig};
-use forkd::template::Template;
+use kvmfork::api::{CancelToken, ExecRequest, ExecResult, Language};
+use kvmfork::engine::pool::{Pool, PoolConfig};
+use kvmfork::template::Template;
 
 pub fn python_template() -> Arc<Template> {
     static T: OnceLock<Arc<Template>> = OnceLock::new();
     T.get_or_init(|| {
-        let dir = std::env::var_os("FORKD_TEMPLATE")
+        let dir = std::env::var_os("KVMFORK_TEMPLATE")
             .filter(|v| !v.is_empty())
             .map(std::path::PathBuf::from)
-            .or_else(|| forkd::template::find_cached(Language::Python))
+            .or_else(|| kvmfork::template::find_cached(Language::Python))
             .unwrap_or_else(|| {
-                panic!("no Python template: run `forkd template build` (tests/run.sh does) or set FORKD_TEMPLATE")
+                panic!("no Python template: run `kvmfork template build` (tests/run.sh does) or set KVMFORK_TEMPLATE")
             });
         Arc::new(Template::load(&dir).unwrap_or_else(|e| panic!("loading template {}: {e}", dir.display())))
     })

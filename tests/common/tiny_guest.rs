@@ -20,13 +20,13 @@
 //! ```
 #![allow(dead_code)]
 
-use forkd::template::Template;
-use forkd::vmm::cpuid::{self, HostKind};
-use forkd::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
-use forkd::vmm::memory::{GuestRam, Sharing};
-use forkd::vmm::snapshot::{ArtifactInfo, MachineState, TemplateMeta};
-use forkd::vmm::vcpu::{RunOutcome, Vcpu};
-use forkd::vmm::vm::Vm;
+use kvmfork::template::Template;
+use kvmfork::vmm::cpuid::{self, HostKind};
+use kvmfork::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use kvmfork::vmm::memory::{GuestRam, Sharing};
+use kvmfork::vmm::snapshot::{ArtifactInfo, MachineState, TemplateMeta};
+use kvmfork::vmm::vcpu::{RunOutcome, Vcpu};
+use kvmfork::vmm::vm::Vm;
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
@@ -94,7 +94,7 @@ pub fn tiny_template() -> Template {
     vcpu.fd().set_regs(&kvm_regs { rip: CODE_GPA, rflags: 2, ..Default::default() }).unwrap();
     let mut devices = LegacyDevices::new(irq, ConsoleSink::new(1024, false, None));
     let outcome = vcpu.run(&mut devices, &ram).unwrap();
-    assert_eq!(outcome, RunOutcome::Doorbell(forkd::contract::DOORBELL_READY as u32), "tiny agent did not ring READY");
+    assert_eq!(outcome, RunOutcome::Doorbell(kvmfork::contract::DOORBELL_READY as u32), "tiny agent did not ring READY");
     vcpu.complete_pending_io().unwrap();
     let vcpu_state = vcpu.save_state(&kvm).unwrap();
     assert_eq!(vcpu_state.sregs.cs.dpl, 3, "snapshot must be taken in user mode");
@@ -111,9 +111,9 @@ pub fn tiny_meta(state: &MachineState) -> TemplateMeta {
     let none = ArtifactInfo { path: String::new(), cache_key: String::new(), size: 0 };
     TemplateMeta {
         language: "python".into(),
-        forkd_version: "test".into(),
+        kvmfork_version: "test".into(),
         host_kind: HostKind::detect(),
-        cpu_vendor: forkd::template::cpu_identity().0,
+        cpu_vendor: kvmfork::template::cpu_identity().0,
         cpu_model: String::new(),
         ram_size: RAM_SIZE as u64,
         cmdline: String::new(),

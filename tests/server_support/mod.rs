@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use forkd::api::{ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language};
-use forkd::server::{Backend, ServeConfig, ServerHandle};
+use kvmfork::api::{ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language};
+use kvmfork::server::{Backend, ServeConfig, ServerHandle};
 
 /// What the test lanes observed, shared with the test.
 #[derive(Default)]
@@ -261,12 +261,12 @@ pub fn start(
         api_keys_file: keys_file
             .as_ref()
             .map(|f| f.path.clone())
-            .unwrap_or_else(|| PathBuf::from("/nonexistent/forkd-test-keys.json")),
+            .unwrap_or_else(|| PathBuf::from("/nonexistent/kvmfork-test-keys.json")),
         force_epoll: backend == Backend::Epoll,
         ..ServeConfig::default()
     };
     tweak(&mut config);
-    let handle = forkd::server::start(
+    let handle = kvmfork::server::start(
         config,
         Arc::new(TestFactory {
             events: events.clone(),
@@ -294,7 +294,7 @@ impl TempFile {
     pub fn new(text: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
-            "forkd-test-{}-{}.json",
+            "kvmfork-test-{}-{}.json",
             std::process::id(),
             N.fetch_add(1, Ordering::SeqCst)
         ));

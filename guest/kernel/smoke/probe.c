@@ -1,11 +1,11 @@
 /*
  * Kernel smoke probe: runs inside the guest (static binary, started by the
- * smoke test's /init) and exercises the kernel paths forkd's guest needs,
+ * smoke test's /init) and exercises the kernel paths kvmfork's guest needs,
  * several of which go through guest/kernel/patches on PVM hosts: every
  * syscall (patch 0004), fork/exec/wait, signal delivery and rt_sigreturn,
  * a timer signal interrupting a user-mode loop, threads (clone + futex),
  * epoll/eventfd/timerfd, AF_UNIX, mmap/madvise, memfd, user-mode faults
- * (#PF, #DE, #UD, #BP) turned into signals, and the forkd mailbox: mapped
+ * (#PF, #DE, #UD, #BP) turned into signals, and the kvmfork mailbox: mapped
  * from /dev/mem, fork generation bumped, then getrandom (patch 0005).
  * Prints "probe: ..." lines; exit status 0 only if every check passed.
  *

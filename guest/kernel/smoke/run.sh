@@ -7,17 +7,17 @@
 #
 # Needs /dev/kvm (fails loudly without it), qemu-system-x86_64, gcc with a
 # static glibc, busybox-static, cpio. QEMU is only a development probe here;
-# forkd's own VMM boots the same vmlinux. Env: FORKD_SMOKE_CPU (QEMU -cpu,
+# kvmfork's own VMM boots the same vmlinux. Env: KVMFORK_SMOKE_CPU (QEMU -cpu,
 # default qemu64,-cx16 as in kvm-host.md; "host,-arch-capabilities" mirrors
-# forkd's VMM), FORKD_SMOKE_TIMEOUT (seconds, default 900; a boot takes ~1 min
-# on an idle PVM host, several under load), FORKD_SMOKE_KEEP=1 keeps the work dir.
+# kvmfork's VMM), KVMFORK_SMOKE_TIMEOUT (seconds, default 900; a boot takes ~1 min
+# on an idle PVM host, several under load), KVMFORK_SMOKE_KEEP=1 keeps the work dir.
 set -euo pipefail
 
 smoke_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 kernel_dir=$(dirname "$smoke_dir")
-cpu=${FORKD_SMOKE_CPU:-qemu64,-cx16}
-timeout_s=${FORKD_SMOKE_TIMEOUT:-900}
-mailbox=0x8000000   # FORKD_MAILBOX_GPA in guest/contract.h
+cpu=${KVMFORK_SMOKE_CPU:-qemu64,-cx16}
+timeout_s=${KVMFORK_SMOKE_TIMEOUT:-900}
+mailbox=0x8000000   # KVMFORK_MAILBOX_GPA in guest/contract.h
 
 started=$SECONDS
 say() { printf '[kernel-smoke %4ds] %s\n' "$((SECONDS - started))" "$*" >&2; }
@@ -35,13 +35,13 @@ busybox=$(command -v busybox || true)
 out=$(bash "$kernel_dir/build.sh") || die "kernel build failed"
 vmlinux=$out/vmlinux
 
-work=$(mktemp -d /tmp/forkd-kernel-smoke.XXXXXX)
+work=$(mktemp -d /tmp/kvmfork-kernel-smoke.XXXXXX)
 qemu_pid=
 cleanup() {
     local status=$1
     [[ -n $qemu_pid ]] && kill "$qemu_pid" 2>/dev/null || true
     # A failed run keeps its console log and initramfs for inspection.
-    if [[ $status != 0 || ${FORKD_SMOKE_KEEP:-0} == 1 ]]; then
+    if [[ $status != 0 || ${KVMFORK_SMOKE_KEEP:-0} == 1 ]]; then
         say "work dir kept: $work"
     else
         rm -rf "$work"
@@ -69,7 +69,7 @@ EOF
 chmod +x "$root/init"
 (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$work/initramfs.cpio"
 
-cmdline="$(cat "$kernel_dir/cmdline.base") $(cat "$kernel_dir/cmdline.pvm") forkd.mailbox=$mailbox memmap=4M\$$mailbox"
+cmdline="$(cat "$kernel_dir/cmdline.base") $(cat "$kernel_dir/cmdline.pvm") kvmfork.mailbox=$mailbox memmap=4M\$$mailbox"
 log=$work/console.log
 say "booting $vmlinux (-cpu $cpu); console log: $log"
 # -device i8042: microvm has no keyboard controller, and reboot=k resets through it.

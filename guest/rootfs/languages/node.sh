@@ -75,18 +75,18 @@ language_fixup() {
         fi
         install -D -m 0644 "$unpacked/$package/$file" "$root/$file"
     done
-    install -d "$root/usr/lib/forkd"
-    install -m 0644 "$HERE/languages/node_agent.js" "$root/usr/lib/forkd/agent.js"
+    install -d "$root/usr/lib/kvmfork"
+    install -m 0644 "$HERE/languages/node_agent.js" "$root/usr/lib/kvmfork/agent.js"
     # /init reads node's command line from here, one argument per line.
-    printf '%s\n' $NODE_AGENT_FLAGS >"$root/usr/lib/forkd/node-flags"
+    printf '%s\n' $NODE_AGENT_FLAGS >"$root/usr/lib/kvmfork/node-flags"
     # The addon resolves napi_* from the node binary at load time.
     gcc -O2 -g0 -fPIC -shared -Wall -Wextra -Werror -std=gnu11 \
         -ffile-prefix-map="$work"=/build -I"$GUEST_DIR" -I"$dev/usr/include/node" -I"$dev/usr/include" \
         -I"$dev/usr/include/x86_64-linux-gnu" \
-        -o "$root/usr/lib/forkd/forkd_mailbox.node" "$HERE/languages/node_mailbox.c" \
+        -o "$root/usr/lib/kvmfork/kvmfork_mailbox.node" "$HERE/languages/node_mailbox.c" \
         -L"$lib" -l:libcrypto.so.3 -Wl,-rpath-link,"$lib" -Wl,--build-id=none ||
         die "building the N-API addon failed"
-    strip "$root/usr/lib/forkd/forkd_mailbox.node"
+    strip "$root/usr/lib/kvmfork/kvmfork_mailbox.node"
 }
 
 language_prune() {
@@ -110,7 +110,7 @@ language_finish() {
     log "self-test of the agent with the guest's node"
     # shellcheck disable=SC2086
     (cd / && env -i PATH=/usr/bin HOME=/root LANG=C.UTF-8 "${chroot[@]}" "$root" \
-        /usr/bin/node $NODE_AGENT_FLAGS /usr/lib/forkd/agent.js --selftest >&2) ||
+        /usr/bin/node $NODE_AGENT_FLAGS /usr/lib/kvmfork/agent.js --selftest >&2) ||
         die "the Node agent failed its self-test against the guest's node"
-    rm -f "$root"/tmp/forkd-*
+    rm -f "$root"/tmp/kvmfork-*
 }

@@ -1,7 +1,7 @@
-// forkd guest agent for Node.js (PID 1 of the Node template, exec'ed by
-// node_init.c as /usr/lib/forkd/agent.js).
+// kvmfork guest agent for Node.js (PID 1 of the Node template, exec'ed by
+// node_init.c as /usr/lib/kvmfork/agent.js).
 //
-// Boot: map the mailbox (forkd_mailbox.node), run every WARMUP snippet
+// Boot: map the mailbox (kvmfork_mailbox.node), run every WARMUP snippet
 // through the real request path and check its result (a mismatch is fatal:
 // a broken template never reaches READY), full GC, ring READY. The snapshot
 // is taken at that store; every fork resumes right after it with a request
@@ -41,18 +41,18 @@ require('os');
 require('buffer');
 require('string_decoder');
 
-const addon = require(path.join(__dirname, 'forkd_mailbox.node'));
+const addon = require(path.join(__dirname, 'kvmfork_mailbox.node'));
 const C = addon.contract;
 
 const MODE = process.argv.includes('--selftest')
   ? 'host-selftest'
-  : process.env.FORKD_GUEST_SELFTEST === '1' ? 'guest-selftest' : 'serve';
-const mailboxAddress = process.env.FORKD_MAILBOX_GPA;
-delete process.env.FORKD_MAILBOX_GPA;
-delete process.env.FORKD_GUEST_SELFTEST;
+  : process.env.KVMFORK_GUEST_SELFTEST === '1' ? 'guest-selftest' : 'serve';
+const mailboxAddress = process.env.KVMFORK_MAILBOX_GPA;
+delete process.env.KVMFORK_MAILBOX_GPA;
+delete process.env.KVMFORK_GUEST_SELFTEST;
 
 function log(message) {
-  fs.writeSync(2, `[${process.uptime().toFixed(3).padStart(9)}] forkd-agent(node): ${message}\n`);
+  fs.writeSync(2, `[${process.uptime().toFixed(3).padStart(9)}] kvmfork-agent(node): ${message}\n`);
 }
 
 function fatal(message) {
@@ -60,7 +60,7 @@ function fatal(message) {
 }
 
 if (MODE !== 'host-selftest' && mailboxAddress === undefined) {
-  fatal('FORKD_MAILBOX_GPA is not set (node_init.c sets it)');
+  fatal('KVMFORK_MAILBOX_GPA is not set (node_init.c sets it)');
 }
 const mailbox = addon.open(MODE === 'host-selftest' ? undefined : mailboxAddress);
 const view = new DataView(mailbox);
@@ -338,8 +338,8 @@ function startExec() {
   if (req.language !== C.LANG_NODE || req.codeLen > C.MB_CODE_MAX) {
     exec.status = C.STATUS_BAD_REQUEST;
     capture(false, req.language !== C.LANG_NODE
-      ? `forkd agent: unsupported language ${req.language} (this template runs node)\n`
-      : `forkd agent: code is ${req.codeLen} bytes, the limit is ${C.MB_CODE_MAX}\n`);
+      ? `kvmfork agent: unsupported language ${req.language} (this template runs node)\n`
+      : `kvmfork agent: code is ${req.codeLen} bytes, the limit is ${C.MB_CODE_MAX}\n`);
     exec.terminated = true;
     return;
   }
@@ -453,7 +453,7 @@ await sleep(1); console.log(await f(21)); setTimeout(() => console.log('later'),
     code: "const { randomBytes, createHash } = require('crypto'); console.log(randomBytes(16).length, createHash('sha256').update('abc').digest('hex').slice(0, 8), Math.random() < 1)",
     stdout: '16 ba7816bf true\n',
   },
-  { code: "const path = require('path'); const fs = require('fs'); fs.writeFileSync('/tmp/forkd-warm', 'ok'); console.log(fs.readFileSync('/tmp/forkd-warm', 'utf8'), path.join('a', 'b')); fs.unlinkSync('/tmp/forkd-warm')", stdout: 'ok a/b\n' },
+  { code: "const path = require('path'); const fs = require('fs'); fs.writeFileSync('/tmp/kvmfork-warm', 'ok'); console.log(fs.readFileSync('/tmp/kvmfork-warm', 'utf8'), path.join('a', 'b')); fs.unlinkSync('/tmp/kvmfork-warm')", stdout: 'ok a/b\n' },
   // Thread-pool work (async crypto, fs) keeps the loop alive without being
   // an "active resource"; the answer must wait for it.
   { code: "require('crypto').randomBytes(4, (e, b) => console.log(b.length))", stdout: '4\n' },
@@ -523,7 +523,7 @@ function startNext() {
     if (MODE !== 'serve') {
       log(`self-test passed: ${WARMUP.length} snippets`);
       process.exitCode = 0;
-      fs.writeSync(1, 'FORKD-SELFTEST-OK\n');
+      fs.writeSync(1, 'KVMFORK-SELFTEST-OK\n');
       if (MODE === 'guest-selftest') addon.powerOff();
       return false;
     }

@@ -1,7 +1,7 @@
 /*
- * forkd_mailbox.node: what the Node agent cannot do in JavaScript.
+ * kvmfork_mailbox.node: what the Node agent cannot do in JavaScript.
  *
- *   contract            every FORKD_* number the agent uses, from contract.h
+ *   contract            every KVMFORK_* number the agent uses, from contract.h
  *   open(gpa?)          maps the mailbox (and the doorbell page) from /dev/mem
  *                       at the guest-physical address `gpa` (a string); with
  *                       no address, a private anonymous mailbox and no
@@ -49,7 +49,7 @@ static double ns_per_tick;
 #define CHECK(env, call)                                                                           \
     do {                                                                                           \
         if ((call) != napi_ok) {                                                                   \
-            napi_throw_error((env), NULL, "forkd_mailbox: " #call " failed");                      \
+            napi_throw_error((env), NULL, "kvmfork_mailbox: " #call " failed");                      \
             return NULL;                                                                           \
         }                                                                                          \
     } while (0)
@@ -93,18 +93,18 @@ static int map_devmem(uint64_t gpa)
         return -errno;
     /* MAP_SHARED: stores reach the physical pages the VMM reads; the page
      * tables are filled at mmap time, so the hot path never faults here. */
-    void *base = mmap(NULL, FORKD_MAILBOX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)gpa);
+    void *base = mmap(NULL, KVMFORK_MAILBOX_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (off_t)gpa);
     if (base == MAP_FAILED) {
         int err = errno;
         close(fd);
         return -err;
     }
-    void *bell = mmap(NULL, FORKD_DOORBELL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
-                      (off_t)FORKD_DOORBELL_GPA);
+    void *bell = mmap(NULL, KVMFORK_DOORBELL_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                      (off_t)KVMFORK_DOORBELL_GPA);
     int err = bell == MAP_FAILED ? errno : 0;
     close(fd);
     if (err != 0) {
-        munmap(base, FORKD_MAILBOX_SIZE);
+        munmap(base, KVMFORK_MAILBOX_SIZE);
         return -err;
     }
     mailbox = base;
@@ -118,7 +118,7 @@ static napi_value js_open(napi_env env, napi_callback_info info)
     napi_value argv[1];
     CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
     if (mailbox != NULL) {
-        napi_throw_error(env, NULL, "forkd_mailbox: already open");
+        napi_throw_error(env, NULL, "kvmfork_mailbox: already open");
         return NULL;
     }
     napi_valuetype type = napi_undefined;
@@ -132,22 +132,22 @@ static napi_value js_open(napi_env env, napi_callback_info info)
         errno = 0;
         unsigned long long gpa = strtoull(text, &end, 0);
         if (errno != 0 || end == text || *end != '\0' || gpa % 4096 != 0) {
-            napi_throw_range_error(env, NULL, "forkd_mailbox: bad mailbox address");
+            napi_throw_range_error(env, NULL, "kvmfork_mailbox: bad mailbox address");
             return NULL;
         }
         int err = map_devmem(gpa);
         if (err != 0) {
             char message[160];
-            snprintf(message, sizeof message, "forkd_mailbox: mapping /dev/mem at %#llx: %s", gpa,
+            snprintf(message, sizeof message, "kvmfork_mailbox: mapping /dev/mem at %#llx: %s", gpa,
                      strerror(-err));
             napi_throw_error(env, NULL, message);
             return NULL;
         }
     } else {
-        void *base = mmap(NULL, FORKD_MAILBOX_SIZE, PROT_READ | PROT_WRITE,
+        void *base = mmap(NULL, KVMFORK_MAILBOX_SIZE, PROT_READ | PROT_WRITE,
                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
         if (base == MAP_FAILED) {
-            napi_throw_error(env, NULL, "forkd_mailbox: anonymous mapping failed");
+            napi_throw_error(env, NULL, "kvmfork_mailbox: anonymous mapping failed");
             return NULL;
         }
         mailbox = base;
@@ -155,7 +155,7 @@ static napi_value js_open(napi_env env, napi_callback_info info)
     }
     napi_value buffer;
     /* No finalizer: the mapping lives as long as the process. */
-    CHECK(env, napi_create_external_arraybuffer(env, mailbox, FORKD_MAILBOX_SIZE, NULL, NULL, &buffer));
+    CHECK(env, napi_create_external_arraybuffer(env, mailbox, KVMFORK_MAILBOX_SIZE, NULL, NULL, &buffer));
     return buffer;
 }
 
@@ -166,7 +166,7 @@ static napi_value js_ring(napi_env env, napi_callback_info info)
     uint32_t value = 0;
     CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
     if (argc < 1 || napi_get_value_uint32(env, argv[0], &value) != napi_ok) {
-        napi_throw_type_error(env, NULL, "forkd_mailbox.ring(value): value must be a u32");
+        napi_throw_type_error(env, NULL, "kvmfork_mailbox.ring(value): value must be a u32");
         return NULL;
     }
     ring_value(value);
@@ -209,7 +209,7 @@ static napi_value js_reseed(napi_env env, napi_callback_info info)
     CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
     if (argc < 1 || napi_get_buffer_info(env, argv[0], &data, &len) != napi_ok || len == 0 ||
         len > 1024) {
-        napi_throw_type_error(env, NULL, "forkd_mailbox.reseed(bytes): 1..1024 bytes in a Buffer");
+        napi_throw_type_error(env, NULL, "kvmfork_mailbox.reseed(bytes): 1..1024 bytes in a Buffer");
         return NULL;
     }
     /* One generate with the bytes as additional input on each DRBG moves
@@ -226,7 +226,7 @@ static napi_value js_reseed(napi_env env, napi_callback_info info)
         if (drbgs[i] == NULL ||
             EVP_RAND_generate(drbgs[i], scratch, sizeof scratch, 0, 0, data, len) != 1) {
             OPENSSL_cleanse(scratch, sizeof scratch);
-            napi_throw_error(env, NULL, "forkd_mailbox.reseed: OpenSSL refused the reseed");
+            napi_throw_error(env, NULL, "kvmfork_mailbox.reseed: OpenSSL refused the reseed");
             return NULL;
         }
     }
@@ -242,15 +242,15 @@ static napi_value js_fatal(napi_env env, napi_callback_info info)
     size_t len = strlen(message);
     if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc >= 1)
         napi_get_value_string_utf8(env, argv[0], message, sizeof message, &len);
-    fprintf(stderr, "forkd-agent: FATAL: %s\n", message);
+    fprintf(stderr, "kvmfork-agent: FATAL: %s\n", message);
     fflush(stderr);
     if (doorbell == NULL)
         exit(1); /* self-test on a development machine */
-    memcpy(mailbox + FORKD_MB_STDERR_OFF, message, len);
-    *(volatile uint32_t *)(mailbox + FORKD_MB_RESP_STDERR_LEN_OFF) = (uint32_t)len;
-    *(volatile uint32_t *)(mailbox + FORKD_MB_RESP_STDOUT_LEN_OFF) = 0;
-    *(volatile uint32_t *)(mailbox + FORKD_MB_RESP_STATUS_OFF) = FORKD_STATUS_AGENT_ERROR;
-    ring_value(FORKD_DOORBELL_FATAL);
+    memcpy(mailbox + KVMFORK_MB_STDERR_OFF, message, len);
+    *(volatile uint32_t *)(mailbox + KVMFORK_MB_RESP_STDERR_LEN_OFF) = (uint32_t)len;
+    *(volatile uint32_t *)(mailbox + KVMFORK_MB_RESP_STDOUT_LEN_OFF) = 0;
+    *(volatile uint32_t *)(mailbox + KVMFORK_MB_RESP_STATUS_OFF) = KVMFORK_STATUS_AGENT_ERROR;
+    ring_value(KVMFORK_DOORBELL_FATAL);
     for (;;) /* PID 1 must not exit: that panics the kernel. */
         pause();
 }
@@ -260,7 +260,7 @@ static napi_value js_power_off(napi_env env, napi_callback_info info)
     (void)info;
     sync();
     reboot(RB_POWER_OFF);
-    napi_throw_error(env, NULL, "forkd_mailbox.powerOff: reboot failed");
+    napi_throw_error(env, NULL, "kvmfork_mailbox.powerOff: reboot failed");
     return NULL;
 }
 
@@ -287,7 +287,7 @@ static napi_value init(napi_env env, napi_value exports)
         const char *name;
         double value;
     } constants[] = {
-#define C(name) {#name, (double)FORKD_##name}
+#define C(name) {#name, (double)KVMFORK_##name}
         C(MAILBOX_SIZE), C(MB_AGENT_STATE_OFF), C(MB_REQ_SEQ_OFF), C(MB_REQ_LANGUAGE_OFF),
         C(MB_REQ_TIMEOUT_MS_OFF), C(MB_REQ_CODE_LEN_OFF), C(MB_REQ_STDOUT_CAP_OFF),
         C(MB_REQ_STDERR_CAP_OFF), C(MB_FORK_GENERATION_OFF), C(MB_FORK_SEED_OFF), C(MB_SEED_LEN),

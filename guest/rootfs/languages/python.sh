@@ -39,7 +39,7 @@ language_fixup() {
     ln -sfn blas/libblas.so.3 "$multiarch/libblas.so.3"
     ln -sfn lapack/liblapack.so.3 "$multiarch/liblapack.so.3"
     ln -sfn python3.11 "$root/usr/bin/python3"
-    install -D -m 0644 "$AGENT_DIR/forkd_runner.py" "$root/usr/lib/forkd/forkd_runner.py"
+    install -D -m 0644 "$AGENT_DIR/kvmfork_runner.py" "$root/usr/lib/kvmfork/kvmfork_runner.py"
 }
 
 language_prune() {

@@ -2,7 +2,7 @@
 
 Run by languages/python.sh with the guest's own interpreter and libraries
 (the tree's dynamic loader, PYTHONHOME pointing into the tree). It imports
-what the agent imports, runs every warm-up snippet through forkd_runner.run
+what the agent imports, runs every warm-up snippet through kvmfork_runner.run
 and checks the results (a broken runner fails the build, not a 5-minute
 guest boot), then prints, one per line, the guest paths of the source files
 the template loaded: those are the ones worth precompiling.
@@ -16,15 +16,15 @@ import sys
 
 root = os.path.abspath(sys.argv[1])
 site.main()  # as the agent does (config.site_import = 1)
-sys.path.insert(0, os.path.join(root, "usr/lib/forkd"))
-import forkd_runner  # noqa: E402
+sys.path.insert(0, os.path.join(root, "usr/lib/kvmfork"))
+import kvmfork_runner  # noqa: E402
 
-for name in forkd_runner.TEMPLATE_MODULES:
+for name in kvmfork_runner.TEMPLATE_MODULES:
     __import__(name)
 
 failures = []
-for index, (code, expected_out, expected_status) in enumerate(forkd_runner.WARMUP):
-    out, err, status = forkd_runner.run(code.encode(), bytes(64))
+for index, (code, expected_out, expected_status) in enumerate(kvmfork_runner.WARMUP):
+    out, err, status = kvmfork_runner.run(code.encode(), bytes(64))
     if out.decode("utf-8", "replace") != expected_out or status != expected_status:
         failures.append(f"warm-up snippet {index} {code[:60]!r}: exit {status} (want {expected_status}), "
                         f"stdout {out[:120]!r}, stderr {err[-300:]!r}")

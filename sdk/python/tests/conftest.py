@@ -1,4 +1,4 @@
-"""Fixtures: the live forkd server (FORKD_URL) and a scripted local HTTP server."""
+"""Fixtures: the live kvmfork server (KVMFORK_URL) and a scripted local HTTP server."""
 
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from typing import Any, Callable, Dict, List, Optional, Union
 
 import pytest
 
-from forkd import Sandbox
+from kvmfork import Sandbox
 
 MISSING_SERVER = (
-    "FORKD_URL is not set: these tests run against a live forkd server. Start one and run e.g. "
-    "FORKD_URL=http://127.0.0.1:8080 python3 -m pytest (add FORKD_TEST_API_KEY=<key> when the "
-    "server has FORKD_API_KEYS_FILE set), or use sdk/run-tests.sh."
+    "KVMFORK_URL is not set: these tests run against a live kvmfork server. Start one and run e.g. "
+    "KVMFORK_URL=http://127.0.0.1:8080 python3 -m pytest (add KVMFORK_TEST_API_KEY=<key> when the "
+    "server has KVMFORK_API_KEYS_FILE set), or use sdk/run-tests.sh."
 )
 
 
 @pytest.fixture(scope="session")
 def live_url() -> str:
-    url = os.environ.get("FORKD_URL")
+    url = os.environ.get("KVMFORK_URL")
     if not url:
         pytest.fail(MISSING_SERVER, pytrace=False)
     return url
@@ -29,7 +29,7 @@ def live_url() -> str:
 
 @pytest.fixture(scope="session")
 def live_key() -> Optional[str]:
-    return os.environ.get("FORKD_TEST_API_KEY") or None
+    return os.environ.get("KVMFORK_TEST_API_KEY") or None
 
 
 @pytest.fixture()
@@ -131,7 +131,7 @@ def fake():
 @pytest.fixture()
 def fake_client(fake: FakeServer, monkeypatch: pytest.MonkeyPatch):
     """A client of ``fake`` that records retry sleeps instead of sleeping."""
-    monkeypatch.delenv("FORKD_API_KEY", raising=False)
+    monkeypatch.delenv("KVMFORK_API_KEY", raising=False)
     monkeypatch.delenv("ZEROBOOT_API_KEY", raising=False)
     client = Sandbox(base_url=fake.url, max_retries=3, backoff=0.5, max_backoff=30.0)
     client.slept = []  # type: ignore[attr-defined]

@@ -1,5 +1,5 @@
 """Client behaviour against a scripted local HTTP server: wire format, error
-mapping, retry/backoff, connection reuse. No forkd server needed."""
+mapping, retry/backoff, connection reuse. No kvmfork server needed."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import time
 import pytest
 
 from conftest import exec_answer, send
-from forkd import (APIError, AsyncSandbox, AuthError, BadRequest, ExecError, ExecRequest,
-                   ForkdError, NetworkError, ProtocolError, RateLimitError, Sandbox, SandboxError,
+from kvmfork import (APIError, AsyncSandbox, AuthError, BadRequest, ExecError, ExecRequest,
+                   KvmforkError, NetworkError, ProtocolError, RateLimitError, Sandbox, SandboxError,
                    SandboxTimeout, ServerBusy, check_result)
-from forkd.client import parse_retry_after
+from kvmfork.client import parse_retry_after
 
 
 def error_reply(status, code, message="refused", headers=None):
@@ -52,18 +52,18 @@ def test_run_returns_stdout_without_trailing_newlines(fake, fake_client):
 
 def test_base_url_path_prefix_is_kept(fake, monkeypatch):
     fake.script({"json": {"status": "ok"}})
-    with Sandbox(base_url=fake.url + "/forkd/") as client:
+    with Sandbox(base_url=fake.url + "/kvmfork/") as client:
         client.health()
-    assert fake.requests[0].path == "/forkd/v1/health"
+    assert fake.requests[0].path == "/kvmfork/v1/health"
 
 
-@pytest.mark.parametrize("arg, forkd_env, zeroboot_env, expected", [
-    ("from-arg", "from-forkd", "from-zeroboot", "from-arg"),
-    (None, "from-forkd", "from-zeroboot", "from-forkd"),
+@pytest.mark.parametrize("arg, kvmfork_env, zeroboot_env, expected", [
+    ("from-arg", "from-kvmfork", "from-zeroboot", "from-arg"),
+    (None, "from-kvmfork", "from-zeroboot", "from-kvmfork"),
     (None, None, "from-zeroboot", "from-zeroboot"),
 ])
-def test_api_key_resolution_order(fake, monkeypatch, arg, forkd_env, zeroboot_env, expected):
-    for name, value in (("FORKD_API_KEY", forkd_env), ("ZEROBOOT_API_KEY", zeroboot_env)):
+def test_api_key_resolution_order(fake, monkeypatch, arg, kvmfork_env, zeroboot_env, expected):
+    for name, value in (("KVMFORK_API_KEY", kvmfork_env), ("ZEROBOOT_API_KEY", zeroboot_env)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
@@ -72,6 +72,18 @@ def test_api_key_resolution_order(fake, monkeypatch, arg, forkd_env, zeroboot_en
     with Sandbox(arg, fake.url) as client:
         client.exec("pass")
     assert fake.requests[0].headers["Authorization"] == f"Bearer {expected}"
+
+
+def test_pre_rename_environment_names_still_work_with_a_deprecation_warning(fake, monkeypatch):
+    for name in ("KVMFORK_API_KEY", "ZEROBOOT_API_KEY", "KVMFORK_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FORKD_API_KEY", "from-legacy")
+    monkeypatch.setenv("FORKD_URL", fake.url)
+    fake.script({"json": exec_answer()})
+    with pytest.warns(DeprecationWarning, match="KVMFORK_URL"):
+        with Sandbox() as client:
+            client.exec("pass")
+    assert fake.requests[0].headers["Authorization"] == "Bearer from-legacy"
 
 
 def test_batch_items_of_every_form_keep_their_order(fake, fake_client):
@@ -166,7 +178,7 @@ def test_run_raises_exec_error_with_stderr_and_exit_code(fake, fake_client):
     err = info.value
     assert err.exit_code == 1 and err.stdout == "partial\n"
     assert "ValueError: boom" in err.stderr and "ValueError: boom" in str(err)
-    assert isinstance(err, SandboxError) and isinstance(err, ForkdError)
+    assert isinstance(err, SandboxError) and isinstance(err, KvmforkError)
 
 
 def test_run_raises_sandbox_timeout_on_timed_out(fake, fake_client):
@@ -344,27 +356,27 @@ def test_health_503_without_a_health_body_raises(fake, fake_client):
 
 
 def test_metrics_text(fake, fake_client):
-    fake.script({"body": b"# TYPE forkd_x counter\nforkd_x 1\n"})
-    assert fake_client.metrics() == "# TYPE forkd_x counter\nforkd_x 1\n"
+    fake.script({"body": b"# TYPE kvmfork_x counter\nkvmfork_x 1\n"})
+    assert fake_client.metrics() == "# TYPE kvmfork_x counter\nkvmfork_x 1\n"
     assert (fake.requests[0].method, fake.requests[0].path) == ("GET", "/v1/metrics")
 
 
 def test_closed_client_refuses_calls(fake):
     client = Sandbox(base_url=fake.url)
     client.close()
-    with pytest.raises(ForkdError):
+    with pytest.raises(KvmforkError):
         client.health()
 
 
 def test_bad_base_url_is_refused():
-    with pytest.raises(ForkdError):
+    with pytest.raises(KvmforkError):
         Sandbox(base_url="ftp://example")
 
 
 # -- async ------------------------------------------------------------------------
 
 def test_async_sandbox_runs_concurrently(fake, monkeypatch):
-    monkeypatch.delenv("FORKD_API_KEY", raising=False)
+    monkeypatch.delenv("KVMFORK_API_KEY", raising=False)
     monkeypatch.delenv("ZEROBOOT_API_KEY", raising=False)
     fake.script({"json": exec_answer("x\n")})
 

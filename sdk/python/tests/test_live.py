@@ -1,6 +1,6 @@
-"""The SDK against a live forkd server (FORKD_URL; FORKD_TEST_API_KEY when auth is on).
+"""The SDK against a live kvmfork server (KVMFORK_URL; KVMFORK_TEST_API_KEY when auth is on).
 
-These fail, never skip, when FORKD_URL is unset.
+These fail, never skip, when KVMFORK_URL is unset.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from forkd import (AsyncSandbox, AuthError, BadRequest, ExecError, NetworkError, Sandbox,
+from kvmfork import (AsyncSandbox, AuthError, BadRequest, ExecError, NetworkError, Sandbox,
                    SandboxTimeout)
 
 pytestmark = pytest.mark.live
@@ -103,10 +103,10 @@ def test_result_fields(sandbox):
 
 
 def test_every_run_starts_from_the_clean_template(sandbox):
-    path = f"/tmp/forkd-sdk-{uuid.uuid4().hex}"
+    path = f"/tmp/kvmfork-sdk-{uuid.uuid4().hex}"
     dirty = (
         "import builtins\n"
-        "builtins.forkd_sdk_marker = 'left behind'\n"
+        "builtins.kvmfork_sdk_marker = 'left behind'\n"
         "try:\n"
         f"    open({path!r}, 'w').write('left behind')\n"
         "except OSError:\n"
@@ -114,7 +114,7 @@ def test_every_run_starts_from_the_clean_template(sandbox):
         "print('dirtied')"
     )
     assert sandbox.run(dirty) == "dirtied"
-    check = f"import builtins, os; print(hasattr(builtins, 'forkd_sdk_marker'), os.path.exists({path!r}))"
+    check = f"import builtins, os; print(hasattr(builtins, 'kvmfork_sdk_marker'), os.path.exists({path!r}))"
     assert sandbox.run(check) == "False False"
 
 

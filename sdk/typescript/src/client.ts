@@ -1,10 +1,10 @@
-/** The forkd client: fetch-based, no runtime dependencies (Node >= 18). */
+/** The kvmfork client: fetch-based, no runtime dependencies (Node >= 18). */
 import {
   APIError,
   AuthError,
   BadRequest,
   ExecError,
-  ForkdError,
+  KvmforkError,
   NetworkError,
   ProtocolError,
   RateLimitError,
@@ -29,9 +29,9 @@ const HEALTH_TIMEOUT = 10;
 const NOT_SENT_CODES = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH"]);
 
 export interface SandboxOptions {
-  /** Bearer key; default `FORKD_API_KEY`, else `ZEROBOOT_API_KEY`, else none. */
+  /** Bearer key; default `KVMFORK_API_KEY`, else `ZEROBOOT_API_KEY`, else none. */
   apiKey?: string;
-  /** Default `FORKD_URL`, else `http://127.0.0.1:8080`. */
+  /** Default `KVMFORK_URL`, else `http://127.0.0.1:8080`. */
   baseUrl?: string;
   /** HTTP timeout in seconds; default: the run's time limit plus 30 s. */
   timeout?: number;
@@ -65,7 +65,7 @@ interface Answer {
   body: string;
 }
 
-/** Runs code in throwaway forkd sandboxes. One instance can serve many concurrent calls. */
+/** Runs code in throwaway kvmfork sandboxes. One instance can serve many concurrent calls. */
 export class Sandbox {
   readonly baseUrl: string;
   readonly apiKey: string | undefined;
@@ -88,10 +88,10 @@ export class Sandbox {
     if (typeof apiKeyOrOptions === "string") options.apiKey = apiKeyOrOptions;
     if (typeof baseUrlOrOptions === "string") options.baseUrl = baseUrlOrOptions;
 
-    this.apiKey = options.apiKey || env("FORKD_API_KEY") || env("ZEROBOOT_API_KEY") || undefined;
-    this.baseUrl = (options.baseUrl || env("FORKD_URL") || DEFAULT_BASE_URL).replace(/\/+$/, "");
+    this.apiKey = options.apiKey || env("KVMFORK_API_KEY") || env("ZEROBOOT_API_KEY") || legacyEnv("API_KEY") || undefined;
+    this.baseUrl = (options.baseUrl || env("KVMFORK_URL") || legacyEnv("URL") || DEFAULT_BASE_URL).replace(/\/+$/, "");
     if (!/^https?:\/\/[^/]/.test(this.baseUrl)) {
-      throw new ForkdError(`baseUrl must be an http:// or https:// URL, got ${JSON.stringify(this.baseUrl)}`);
+      throw new KvmforkError(`baseUrl must be an http:// or https:// URL, got ${JSON.stringify(this.baseUrl)}`);
     }
     this.timeout = options.timeout;
     this.maxRetries = options.maxRetries ?? 3;
@@ -102,10 +102,10 @@ export class Sandbox {
     }
     const globalFetch = (globalThis as { fetch?: typeof fetch }).fetch;
     const fetchImpl = options.fetch ?? globalFetch;
-    if (!fetchImpl) throw new ForkdError("no fetch available: use Node >= 18 or pass options.fetch");
+    if (!fetchImpl) throw new KvmforkError("no fetch available: use Node >= 18 or pass options.fetch");
     this.fetchImpl = fetchImpl;
     this.sleep = options.sleep ?? ((seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000)));
-    this.headers = { Accept: "application/json", "User-Agent": `forkd-typescript/${VERSION}` };
+    this.headers = { Accept: "application/json", "User-Agent": `kvmfork-typescript/${VERSION}` };
     if (this.apiKey) this.headers.Authorization = `Bearer ${this.apiKey}`;
   }
 
@@ -261,7 +261,7 @@ export function checkResult(result: ExecResult, timeout?: number): ExecResult {
 }
 
 /** Maps an HTTP error answer to its typed error. */
-function errorFromAnswer(answer: Answer): ForkdError {
+function errorFromAnswer(answer: Answer): KvmforkError {
   let code: string | undefined;
   let message: string | undefined;
   try {
@@ -364,4 +364,16 @@ function lastLine(stderr: string): string {
 function env(name: string): string | undefined {
   const processLike = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process;
   return processLike?.env?.[name] || undefined;
+}
+
+const warnedLegacy = new Set<string>();
+
+/** The pre-rename `FORKD_<name>`, still read for one release with a warning. */
+function legacyEnv(name: string): string | undefined {
+  const value = env(`FORKD_${name}`);
+  if (value && !warnedLegacy.has(name)) {
+    warnedLegacy.add(name);
+    console.warn(`kvmfork: FORKD_${name} is deprecated and will stop working in the next release; set KVMFORK_${name} instead`);
+  }
+  return value;
 }

@@ -1,6 +1,6 @@
 /**
- * Typed errors thrown by the forkd client. Everything thrown on purpose is a
- * {@link ForkdError}; HTTP failures carry `status` and the server's `code`,
+ * Typed errors thrown by the kvmfork client. Everything thrown on purpose is a
+ * {@link KvmforkError}; HTTP failures carry `status` and the server's `code`,
  * sandbox failures carry the {@link ExecResult} that caused them.
  */
 import type { ExecResult } from "./models.js";
@@ -11,7 +11,7 @@ export interface ErrorDetails {
   cause?: unknown;
 }
 
-export class ForkdError extends Error {
+export class KvmforkError extends Error {
   readonly status: number | undefined;
   readonly code: string | undefined;
 
@@ -28,7 +28,7 @@ export class ForkdError extends Error {
  * `sent` is false when the request certainly never reached the server
  * (connection refused, DNS failure), which makes it safe to retry.
  */
-export class NetworkError extends ForkdError {
+export class NetworkError extends KvmforkError {
   readonly sent: boolean;
 
   constructor(message: string, sent: boolean, cause?: unknown) {
@@ -37,11 +37,11 @@ export class NetworkError extends ForkdError {
   }
 }
 
-/** The server answered something that is not the forkd API. */
-export class ProtocolError extends ForkdError {}
+/** The server answered something that is not the kvmfork API. */
+export class ProtocolError extends KvmforkError {}
 
 /** An HTTP error status without a more specific class (404, 405, 5xx...). */
-export class APIError extends ForkdError {}
+export class APIError extends KvmforkError {}
 
 /** 400 or 413: the request was refused as invalid; retrying will not help. */
 export class BadRequest extends APIError {}
@@ -73,7 +73,7 @@ export class ServerBusy extends APIError {
  * The sandbox did not finish normally (guest crash, memory limit...).
  * Thrown by `run()`; `exec()` returns the result instead.
  */
-export class SandboxError extends ForkdError {
+export class SandboxError extends KvmforkError {
   readonly result: ExecResult;
 
   constructor(message: string, result: ExecResult) {

@@ -1,9 +1,9 @@
 /**
- * forkd: run untrusted code in throwaway KVM sandboxes.
+ * kvmfork: run untrusted code in throwaway KVM sandboxes.
  *
  * ```ts
- * import { Sandbox } from "@forkd/sdk";
- * const out = await new Sandbox(process.env.FORKD_API_KEY).run("print(1 + 1)"); // "2"
+ * import { Sandbox } from "@kvmfork/sdk";
+ * const out = await new Sandbox(process.env.KVMFORK_API_KEY).run("print(1 + 1)"); // "2"
  * ```
  */
 export { Sandbox, checkResult, parseRetryAfter, VERSION, DEFAULT_BASE_URL, SERVER_DEFAULT_EXEC_TIMEOUT } from "./client.js";
@@ -13,7 +13,7 @@ export type { ExecResult, ExecRequestBody, ErrorInfo, Health, Language } from ".
 export { SandboxTool, formatResult, MAX_TOOL_OUTPUT_CHARS } from "./tool.js";
 export type { ToolFormat, ToolOptions, Executor } from "./tool.js";
 export {
-  ForkdError,
+  KvmforkError,
   NetworkError,
   ProtocolError,
   APIError,

@@ -1,4 +1,4 @@
-/** Request and response types of the forkd API (wire names, snake_case). */
+/** Request and response types of the kvmfork API (wire names, snake_case). */
 import { ProtocolError } from "./errors.js";
 
 /** Languages the server accepts; `javascript` is an alias of `node`. */

@@ -1,20 +1,20 @@
-// Test helpers: the live forkd server (FORKD_URL) and a scripted local HTTP server.
+// Test helpers: the live kvmfork server (KVMFORK_URL) and a scripted local HTTP server.
 import { createServer } from "node:http";
 
 export const MISSING_SERVER =
-  "FORKD_URL is not set: these tests run against a live forkd server. Start one and run e.g. " +
-  "FORKD_URL=http://127.0.0.1:8080 node --test test/*.test.mjs (add FORKD_TEST_API_KEY=<key> when the server " +
-  "has FORKD_API_KEYS_FILE set), or use sdk/run-tests.sh.";
+  "KVMFORK_URL is not set: these tests run against a live kvmfork server. Start one and run e.g. " +
+  "KVMFORK_URL=http://127.0.0.1:8080 node --test test/*.test.mjs (add KVMFORK_TEST_API_KEY=<key> when the server " +
+  "has KVMFORK_API_KEYS_FILE set), or use sdk/run-tests.sh.";
 
-/** Base URL of the live server; throws (failing the test) when FORKD_URL is unset. */
+/** Base URL of the live server; throws (failing the test) when KVMFORK_URL is unset. */
 export function liveUrl() {
-  const url = process.env.FORKD_URL;
+  const url = process.env.KVMFORK_URL;
   if (!url) throw new Error(MISSING_SERVER);
   return url;
 }
 
 export function liveKey() {
-  return process.env.FORKD_TEST_API_KEY || undefined;
+  return process.env.KVMFORK_TEST_API_KEY || undefined;
 }
 
 /** A well-formed /v1/exec answer body. */

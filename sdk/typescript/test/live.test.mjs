@@ -1,5 +1,5 @@
-// The SDK against a live forkd server (FORKD_URL; FORKD_TEST_API_KEY when auth is on).
-// These fail, never skip, when FORKD_URL is unset.
+// The SDK against a live kvmfork server (KVMFORK_URL; KVMFORK_TEST_API_KEY when auth is on).
+// These fail, never skip, when KVMFORK_URL is unset.
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
 import { test } from "node:test";
@@ -68,10 +68,10 @@ test("result fields", async () => {
 
 test("every run starts from the clean template", async () => {
   const sb = sandbox();
-  const path = `/tmp/forkd-sdk-${randomUUID()}`;
-  const dirty = `import builtins\nbuiltins.forkd_sdk_marker = 1\ntry:\n    open(${JSON.stringify(path)}, 'w').write('x')\nexcept OSError:\n    pass\nprint('dirtied')`;
+  const path = `/tmp/kvmfork-sdk-${randomUUID()}`;
+  const dirty = `import builtins\nbuiltins.kvmfork_sdk_marker = 1\ntry:\n    open(${JSON.stringify(path)}, 'w').write('x')\nexcept OSError:\n    pass\nprint('dirtied')`;
   assert.equal(await sb.run(dirty), "dirtied");
-  assert.equal(await sb.run(`import builtins, os; print(hasattr(builtins, 'forkd_sdk_marker'), os.path.exists(${JSON.stringify(path)}))`), "False False");
+  assert.equal(await sb.run(`import builtins, os; print(hasattr(builtins, 'kvmfork_sdk_marker'), os.path.exists(${JSON.stringify(path)}))`), "False False");
 });
 
 test("batch keeps order", async () => {

@@ -1,16 +1,16 @@
 // Client behaviour against a scripted local HTTP server: wire format, error
-// mapping, retry/backoff. No forkd server needed.
+// mapping, retry/backoff. No kvmfork server needed.
 import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { after, before, beforeEach, describe, test } from "node:test";
 
 import {
-  APIError, AuthError, BadRequest, ExecError, ForkdError, NetworkError, ProtocolError, RateLimitError,
+  APIError, AuthError, BadRequest, ExecError, KvmforkError, NetworkError, ProtocolError, RateLimitError,
   Sandbox, SandboxError, SandboxTimeout, ServerBusy, checkResult, formatResult, isOk, parseRetryAfter,
 } from "../dist/esm/index.js";
 import { errorReply, execAnswer, fakeServer, recordingOptions, send } from "./helpers.mjs";
 
-delete process.env.FORKD_API_KEY;
+delete process.env.KVMFORK_API_KEY;
 delete process.env.ZEROBOOT_API_KEY;
 
 let fake;
@@ -56,29 +56,47 @@ describe("wire format", () => {
     assert.equal(await client().sb.run("x"), "a\n\nb");
   });
 
+  test("pre-rename FORKD_URL / FORKD_API_KEY still work, with a warning", async () => {
+    fake.script({ json: execAnswer() });
+    const warn = console.warn;
+    const warnings = [];
+    console.warn = (msg) => warnings.push(String(msg));
+    process.env.FORKD_URL = fake.url;
+    process.env.FORKD_API_KEY = "k-legacy";
+    try {
+      await new Sandbox().exec("pass");
+    } finally {
+      console.warn = warn;
+      delete process.env.FORKD_URL;
+      delete process.env.FORKD_API_KEY;
+    }
+    assert.equal(fake.requests[0].headers.authorization, "Bearer k-legacy");
+    assert.ok(warnings.some((w) => w.includes("KVMFORK_URL")), warnings.join("\n"));
+  });
+
   test("constructor forms and key resolution", async () => {
     fake.script({ json: execAnswer() });
     await new Sandbox("k-positional", fake.url).exec("pass");
     await new Sandbox("k-with-options", { baseUrl: fake.url }).exec("pass");
-    process.env.FORKD_API_KEY = "k-forkd-env";
+    process.env.KVMFORK_API_KEY = "k-kvmfork-env";
     process.env.ZEROBOOT_API_KEY = "k-zeroboot-env";
     try {
       await new Sandbox({ baseUrl: fake.url }).exec("pass");
-      delete process.env.FORKD_API_KEY;
+      delete process.env.KVMFORK_API_KEY;
       await new Sandbox({ baseUrl: fake.url }).exec("pass");
     } finally {
-      delete process.env.FORKD_API_KEY;
+      delete process.env.KVMFORK_API_KEY;
       delete process.env.ZEROBOOT_API_KEY;
     }
     assert.deepEqual(fake.requests.map((r) => r.headers.authorization), [
-      "Bearer k-positional", "Bearer k-with-options", "Bearer k-forkd-env", "Bearer k-zeroboot-env",
+      "Bearer k-positional", "Bearer k-with-options", "Bearer k-kvmfork-env", "Bearer k-zeroboot-env",
     ]);
   });
 
   test("a base URL path prefix is kept", async () => {
     fake.script({ json: { status: "ok", templates: [], shards: [] } });
-    await new Sandbox({ baseUrl: fake.url + "/forkd/" }).health();
-    assert.equal(fake.requests[0].path, "/forkd/v1/health");
+    await new Sandbox({ baseUrl: fake.url + "/kvmfork/" }).health();
+    assert.equal(fake.requests[0].path, "/kvmfork/v1/health");
   });
 
   test("batch items of every form keep their order", async () => {
@@ -122,7 +140,7 @@ describe("wire format", () => {
   });
 
   test("a bad base URL is refused", () => {
-    assert.throws(() => new Sandbox({ baseUrl: "ftp://example" }), ForkdError);
+    assert.throws(() => new Sandbox({ baseUrl: "ftp://example" }), KvmforkError);
   });
 });
 
@@ -144,7 +162,7 @@ describe("error mapping", () => {
       const { sb, slept } = client();
       const error = await sb.exec("pass").then(() => assert.fail("resolved"), (e) => e);
       assert.ok(error instanceof ErrorClass, `${error}`);
-      assert.ok(error instanceof ForkdError);
+      assert.ok(error instanceof KvmforkError);
       assert.equal(error.name, ErrorClass.name);
       assert.equal(error.status, status);
       assert.equal(error.code, code);
@@ -313,8 +331,8 @@ describe("health and metrics", () => {
   });
 
   test("metrics text", async () => {
-    fake.script({ body: "# TYPE forkd_x counter\nforkd_x 1\n" });
-    assert.equal(await client().sb.metrics(), "# TYPE forkd_x counter\nforkd_x 1\n");
+    fake.script({ body: "# TYPE kvmfork_x counter\nkvmfork_x 1\n" });
+    assert.equal(await client().sb.metrics(), "# TYPE kvmfork_x counter\nkvmfork_x 1\n");
     assert.deepEqual([fake.requests[0].method, fake.requests[0].path], ["GET", "/v1/metrics"]);
   });
 });

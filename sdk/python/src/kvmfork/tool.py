@@ -28,7 +28,7 @@ MAX_TOOL_OUTPUT_CHARS = 20_000
 
 
 class SandboxTool:
-    """A ``run_code(code, language)`` tool backed by a :class:`~forkd.Sandbox`."""
+    """A ``run_code(code, language)`` tool backed by a :class:`~kvmfork.Sandbox`."""
 
     def __init__(self, sandbox: "Sandbox", name: str = "run_code",
                  description: Optional[str] = None,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Dict, List, Optional, Tuple
 
-from .errors import ForkdError, NetworkError
+from .errors import KvmforkError, NetworkError
 
 # Errors that mean a kept-alive connection was closed by the server while idle.
 _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
@@ -34,7 +34,7 @@ class Transport:
     def __init__(self, base_url: str, headers: Dict[str, str], pool_size: int = 8):
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ForkdError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+            raise KvmforkError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
         self._https = parts.scheme == "https"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
@@ -111,7 +111,7 @@ class Transport:
     def _acquire(self, timeout: float) -> Tuple[http.client.HTTPConnection, bool]:
         with self._lock:
             if self._closed:
-                raise ForkdError("client is closed")
+                raise KvmforkError("client is closed")
             conn = self._idle.pop() if self._idle else None
         if conn is None:
             return self._connect(timeout), False

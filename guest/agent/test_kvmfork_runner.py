@@ -1,6 +1,6 @@
-"""Unit tests for forkd_runner's `python -c` semantics.
+"""Unit tests for kvmfork_runner's `python -c` semantics.
 
-Run with the guest's Python version: `python3.11 -m unittest guest/agent/test_forkd_runner.py`
+Run with the guest's Python version: `python3.11 -m unittest guest/agent/test_kvmfork_runner.py`
 (numpy-dependent cases are skipped by unittest only when numpy is absent on
 the host; the rootfs build runs every warm-up snippet against the guest's
 own numpy regardless).
@@ -12,13 +12,13 @@ import sys
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import forkd_runner  # noqa: E402
+import kvmfork_runner  # noqa: E402
 
 SEED = bytes(range(64))
 
 
 def run(code):
-    out, err, status = forkd_runner.run(code.encode(), SEED)
+    out, err, status = kvmfork_runner.run(code.encode(), SEED)
     return out.decode(), err.decode(), status
 
 
@@ -41,7 +41,7 @@ class ExitStatus(unittest.TestCase):
     def test_os_exit_keeps_output_and_status(self):
         out, err, status = run("print('a'); import os; os._exit(9)")
         self.assertEqual((out, status), ("a\n", 9))
-        self.assertIs(os._exit, forkd_runner.os._exit)  # restored for the host process
+        self.assertIs(os._exit, kvmfork_runner.os._exit)  # restored for the host process
 
 
 class Errors(unittest.TestCase):
@@ -105,9 +105,9 @@ class Namespace(unittest.TestCase):
 class Reseeding(unittest.TestCase):
     def test_seed_decides_random_stream(self):
         code = "import random\nprint(random.random())"
-        a = forkd_runner.run(code.encode(), SEED)
-        b = forkd_runner.run(code.encode(), SEED)
-        c = forkd_runner.run(code.encode(), bytes(64))
+        a = kvmfork_runner.run(code.encode(), SEED)
+        b = kvmfork_runner.run(code.encode(), SEED)
+        c = kvmfork_runner.run(code.encode(), bytes(64))
         self.assertEqual(a, b)
         self.assertNotEqual(a, c)
 
@@ -116,9 +116,9 @@ class Reseeding(unittest.TestCase):
     def test_seed_decides_numpy_stream(self):
         import numpy  # noqa: F401  (the runner reseeds numpy only once it is loaded)
         code = "import numpy\nprint(numpy.random.rand())"
-        a = forkd_runner.run(code.encode(), SEED)
-        self.assertEqual(a, forkd_runner.run(code.encode(), SEED))
-        self.assertNotEqual(a, forkd_runner.run(code.encode(), bytes(64)))
+        a = kvmfork_runner.run(code.encode(), SEED)
+        self.assertEqual(a, kvmfork_runner.run(code.encode(), SEED))
+        self.assertNotEqual(a, kvmfork_runner.run(code.encode(), bytes(64)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""forkd: run untrusted code in throwaway KVM sandboxes.
+"""kvmfork: run untrusted code in throwaway KVM sandboxes.
 
->>> from forkd import Sandbox
+>>> from kvmfork import Sandbox
 >>> Sandbox().run("print(1 + 1)")
 '2'
 """
@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .aio import AsyncSandbox  # noqa: E402
 from .client import Sandbox, check_result  # noqa: E402
-from .errors import (APIError, AuthError, BadRequest, ExecError, ForkdError,  # noqa: E402
+from .errors import (APIError, AuthError, BadRequest, ExecError, KvmforkError,  # noqa: E402
                      NetworkError, ProtocolError, RateLimitError, SandboxError, SandboxTimeout,
                      ServerBusy)
 from .models import LANGUAGES, ErrorInfo, ExecRequest, ExecResult  # noqa: E402
@@ -18,6 +18,6 @@ from .tool import AsyncSandboxTool, SandboxTool, format_result  # noqa: E402
 __all__ = [
     "__version__", "Sandbox", "AsyncSandbox", "check_result", "ExecRequest", "ExecResult",
     "ErrorInfo", "LANGUAGES", "SandboxTool", "AsyncSandboxTool", "format_result",
-    "ForkdError", "NetworkError", "ProtocolError", "APIError", "BadRequest", "AuthError",
+    "KvmforkError", "NetworkError", "ProtocolError", "APIError", "BadRequest", "AuthError",
     "RateLimitError", "ServerBusy", "SandboxError", "SandboxTimeout", "ExecError",
 ]

@@ -1,4 +1,4 @@
-"""The synchronous forkd client."""
+"""The synchronous kvmfork client."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import json
 import os
 import random
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import __version__
-from .errors import (APIError, AuthError, BadRequest, ExecError, ForkdError, NetworkError,
+from .errors import (APIError, AuthError, BadRequest, ExecError, KvmforkError, NetworkError,
                      ProtocolError, RateLimitError, SandboxError, SandboxTimeout, ServerBusy)
 from .models import BatchItem, ExecRequest, ExecResult
 from .transport import Response, Transport
@@ -27,13 +28,27 @@ _HTTP_TIMEOUT_MARGIN = 30.0
 _HEALTH_TIMEOUT = 10.0
 
 
+def _setting(name: str) -> Optional[str]:
+    """``KVMFORK_<name>``, else the pre-rename ``FORKD_<name>`` (deprecated, warned)."""
+    value = os.environ.get("KVMFORK_" + name)
+    if value:
+        return value
+    legacy = os.environ.get("FORKD_" + name)
+    if legacy:
+        warnings.warn(f"FORKD_{name} is deprecated and will stop working in the next release; "
+                      f"set KVMFORK_{name} instead", DeprecationWarning, stacklevel=3)
+    return legacy or None
+
+
 def resolve_api_key(api_key: Optional[str]) -> Optional[str]:
-    """The key from the argument, else ``FORKD_API_KEY``, else ``ZEROBOOT_API_KEY``."""
-    return api_key or os.environ.get("FORKD_API_KEY") or os.environ.get("ZEROBOOT_API_KEY") or None
+    """The key from the argument, else ``KVMFORK_API_KEY``, else ``ZEROBOOT_API_KEY``
+    (else the deprecated ``FORKD_API_KEY``)."""
+    return (api_key or os.environ.get("KVMFORK_API_KEY") or os.environ.get("ZEROBOOT_API_KEY")
+            or _setting("API_KEY"))
 
 
 class Sandbox:
-    """Runs code in throwaway forkd sandboxes.
+    """Runs code in throwaway kvmfork sandboxes.
 
     ``timeout`` is the HTTP timeout in seconds for each call; by default it is
     the run's own time limit plus a margin, so a slow run is never cut off by
@@ -54,12 +69,12 @@ class Sandbox:
         if backoff < 0 or max_backoff < 0:
             raise ValueError("backoff and max_backoff must be >= 0")
         self.api_key = resolve_api_key(api_key)
-        self.base_url = (base_url or os.environ.get("FORKD_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = (base_url or _setting("URL") or DEFAULT_BASE_URL).rstrip("/")
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        headers = {"User-Agent": f"forkd-python/{__version__}", "Accept": "application/json"}
+        headers = {"User-Agent": f"kvmfork-python/{__version__}", "Accept": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         self._transport = Transport(self.base_url, headers, pool_size)
@@ -124,7 +139,7 @@ class Sandbox:
     def as_tool(self, name: str = "run_code", description: Optional[str] = None,
                 languages: Sequence[str] = ("python", "node"),
                 timeout: Optional[float] = None) -> "SandboxTool":
-        """A :class:`~forkd.tool.SandboxTool` that lets an LLM call this sandbox."""
+        """A :class:`~kvmfork.tool.SandboxTool` that lets an LLM call this sandbox."""
         from .tool import SandboxTool
 
         return SandboxTool(self, name=name, description=description, languages=languages,
@@ -217,7 +232,7 @@ def to_request(item: BatchItem, language: str, timeout: Optional[float]) -> Exec
     raise TypeError(f"a batch item must be a str, dict or ExecRequest, not {type(item).__name__}")
 
 
-def error_from_response(resp: Response) -> ForkdError:
+def error_from_response(resp: Response) -> KvmforkError:
     """Maps an HTTP error answer to its typed exception."""
     code, message = None, None
     try:

@@ -1,4 +1,4 @@
-"""Request and response types of the forkd API."""
+"""Request and response types of the kvmfork API."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 class AsyncSandbox:
-    """Asynchronous twin of :class:`~forkd.Sandbox`; takes the same arguments."""
+    """Asynchronous twin of :class:`~kvmfork.Sandbox`; takes the same arguments."""
 
     def __init__(self, api_key: Optional[str] = None, base_url: Optional[str] = None,
                  **options: Any):
@@ -47,7 +47,7 @@ class AsyncSandbox:
     def as_tool(self, name: str = "run_code", description: Optional[str] = None,
                 languages: Sequence[str] = ("python", "node"),
                 timeout: Optional[float] = None) -> "AsyncSandboxTool":
-        """An :class:`~forkd.tool.AsyncSandboxTool` (its call is awaitable)."""
+        """An :class:`~kvmfork.tool.AsyncSandboxTool` (its call is awaitable)."""
         from .tool import AsyncSandboxTool
 
         return AsyncSandboxTool(self.sync, name=name, description=description,

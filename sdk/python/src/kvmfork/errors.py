@@ -1,9 +1,9 @@
-"""Typed errors raised by the forkd client.
+"""Typed errors raised by the kvmfork client.
 
-Every error derives from :class:`ForkdError`, so ``except ForkdError`` catches
+Every error derives from :class:`KvmforkError`, so ``except KvmforkError`` catches
 everything the SDK raises on purpose. HTTP-level failures carry the status and
 the server's machine-readable ``code``; sandbox-level failures carry the
-:class:`~forkd.models.ExecResult` that caused them.
+:class:`~kvmfork.models.ExecResult` that caused them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .models import ExecResult
 
 
-class ForkdError(Exception):
+class KvmforkError(Exception):
     """Base class of every error raised by the SDK.
 
     ``status`` is the HTTP status when the server answered with an error,
@@ -28,7 +28,7 @@ class ForkdError(Exception):
         self.code = code
 
 
-class NetworkError(ForkdError):
+class NetworkError(KvmforkError):
     """The server could not be reached, or the connection broke or timed out.
 
     ``sent`` is False when the request certainly never reached the server
@@ -40,11 +40,11 @@ class NetworkError(ForkdError):
         self.sent = sent
 
 
-class ProtocolError(ForkdError):
-    """The server answered something that is not the forkd API (bad JSON, wrong shape)."""
+class ProtocolError(KvmforkError):
+    """The server answered something that is not the kvmfork API (bad JSON, wrong shape)."""
 
 
-class APIError(ForkdError):
+class APIError(KvmforkError):
     """An HTTP error status without a more specific class (404, 405, 500, ...)."""
 
 
@@ -74,7 +74,7 @@ class ServerBusy(APIError):
         self.retry_after = retry_after
 
 
-class SandboxError(ForkdError):
+class SandboxError(KvmforkError):
     """The sandbox did not finish normally (guest crash, memory limit, ...).
 
     Raised by :meth:`Sandbox.run`; :meth:`Sandbox.exec` returns the result instead.

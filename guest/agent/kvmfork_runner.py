@@ -1,4 +1,4 @@
-"""Exec semantics of the forkd guest agent (`python -c` compatible).
+"""Exec semantics of the kvmfork guest agent (`python -c` compatible).
 
 The C agent (PID 1) loads this file once at boot, before the snapshot, and
 calls `run(code, seed)` for every request. Everything here runs on the fork's
