@@ -12,8 +12,12 @@ fn main() {
         if words.next() != Some("#define") {
             continue;
         }
-        let (Some(name), Some(value)) = (words.next(), words.next()) else { continue };
-        let Some(name) = name.strip_prefix("KVMFORK_") else { continue };
+        let (Some(name), Some(value)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some(name) = name.strip_prefix("KVMFORK_") else {
+            continue;
+        };
         let parsed = if let Some(hex) = value.strip_prefix("0x") {
             u64::from_str_radix(hex, 16)
         } else {

@@ -93,13 +93,34 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
         timeout: Duration::from_secs(30),
         cancel: CancelToken::new(),
     };
-    let _ = writeln!(out, "kvmfork bench fork — template {} ({}), host KVM: {}", t.dir.display(), t.meta.language, t.meta.host_kind.as_str());
-    let _ = writeln!(out, "code: {:?}, {} iterations per method\n", opts.code, opts.iterations);
-    let _ = writeln!(out, "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9}", "", "p50", "p90", "p99", "max", "mean");
+    let _ = writeln!(
+        out,
+        "kvmfork bench fork — template {} ({}), host KVM: {}",
+        t.dir.display(),
+        t.meta.language,
+        t.meta.host_kind.as_str()
+    );
+    let _ = writeln!(
+        out,
+        "code: {:?}, {} iterations per method\n",
+        opts.code, opts.iterations
+    );
+    let _ = writeln!(
+        out,
+        "{:<40} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "", "p50", "p90", "p99", "max", "mean"
+    );
 
     // Pooled: one pre-created VM, reset by dirty-page copy-back each round.
-    let mut pool = Pool::new(t.clone(), PoolConfig { max_idle: 1, prewarm: 1, limits: Limits::default() })
-        .map_err(|e| e.to_string())?;
+    let mut pool = Pool::new(
+        t.clone(),
+        PoolConfig {
+            max_idle: 1,
+            prewarm: 1,
+            limits: Limits::default(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
     let first = pool.exec(&req());
     if first.failure.is_some() || first.exit_code != 0 {
         return Err(format!(
@@ -145,7 +166,9 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
     let _ = writeln!(out, "{}", row("exec only (guest run), pooled", &pool_exec));
     let _ = writeln!(out, "{}", row("fork + exec, pooled reset", &pool_total));
     let _ = writeln!(out, "{}", row("fork + exec, fresh VM", &fresh_total));
-    let ratio = |a: &Histogram<u64>, b: &Histogram<u64>| a.value_at_quantile(0.5) as f64 / b.value_at_quantile(0.5).max(1) as f64;
+    let ratio = |a: &Histogram<u64>, b: &Histogram<u64>| {
+        a.value_at_quantile(0.5) as f64 / b.value_at_quantile(0.5).max(1) as f64
+    };
     let _ = writeln!(
         out,
         "\nfresh VM / pooled, p50: fork {:.1}x, fork+exec {:.1}x   (pool: {} forks, {} fresh fallbacks)",
@@ -185,7 +208,10 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
         let start = Instant::now();
         let mut alive = Vec::with_capacity(n);
         for i in 0..n {
-            alive.push(Sandbox::fork_fresh(&kvm, &t, true).map_err(|e| format!("sandbox {i} of {n}: {e}"))?);
+            alive.push(
+                Sandbox::fork_fresh(&kvm, &t, true)
+                    .map_err(|e| format!("sandbox {i} of {n}: {e}"))?,
+            );
         }
         let forked_avail = avail0.saturating_sub(meminfo_available_kb());
         let forked_rss = rss_kb().saturating_sub(rss0);

@@ -2,9 +2,9 @@
 
 pub mod api;
 pub mod bench;
+pub mod engine;
 pub mod server;
 pub mod settings;
-pub mod engine;
 pub mod template;
 pub mod vmm;
 

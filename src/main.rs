@@ -11,7 +11,11 @@ use kvmfork::api::{CancelToken, ExecRequest, Language};
 use kvmfork::template::{self, BuildOptions};
 
 #[derive(Parser)]
-#[command(name = "kvmfork", version, about = "Copy-on-write KVM sandboxes for running untrusted code")]
+#[command(
+    name = "kvmfork",
+    version,
+    about = "Copy-on-write KVM sandboxes for running untrusted code"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -123,7 +127,9 @@ fn parse_language(s: &str) -> Result<Language, String> {
 fn load_template(language: Language, dir: Option<PathBuf>) -> Result<template::Template, String> {
     let dir = match dir {
         Some(d) => d,
-        None => template::find_cached(language).ok_or_else(|| template::TemplateError::Missing(language.as_str().into()).to_string())?,
+        None => template::find_cached(language).ok_or_else(|| {
+            template::TemplateError::Missing(language.as_str().into()).to_string()
+        })?,
     };
     template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
 }
@@ -167,7 +173,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        Cmd::Template { command: TemplateCmd::Build { language, out, ram_mib, verbose, boot_timeout, rebuild, kernel, initrd } } => {
+        Cmd::Template {
+            command:
+                TemplateCmd::Build {
+                    language,
+                    out,
+                    ram_mib,
+                    verbose,
+                    boot_timeout,
+                    rebuild,
+                    kernel,
+                    initrd,
+                },
+        } => {
             let opts = BuildOptions {
                 language: parse_language(&language)?,
                 out,
@@ -182,30 +200,65 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             println!("{}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { command: BenchCmd::Fork { language, template: dir, iterations, alive, code, max_exec_alive } } => {
+        Cmd::Bench {
+            command:
+                BenchCmd::Fork {
+                    language,
+                    template: dir,
+                    iterations,
+                    alive,
+                    code,
+                    max_exec_alive,
+                },
+        } => {
             let language = parse_language(&language)?;
             let t = load_template(language, dir)?;
             let alive_counts = alive
                 .split(',')
                 .filter(|s| !s.trim().is_empty())
-                .map(|s| s.trim().parse::<usize>().map_err(|e| format!("--alive: {e}")))
+                .map(|s| {
+                    s.trim()
+                        .parse::<usize>()
+                        .map_err(|e| format!("--alive: {e}"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let code = code.unwrap_or_else(|| match language {
                 Language::Python => "print(1+1)".into(),
                 Language::Node => "console.log(1+1)".into(),
             });
-            let opts = kvmfork::bench::BenchOptions { iterations, alive_counts, code, language, max_exec_alive };
+            let opts = kvmfork::bench::BenchOptions {
+                iterations,
+                alive_counts,
+                code,
+                language,
+                max_exec_alive,
+            };
             let report = kvmfork::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Serve { server, template: dirs, pool_size, max_sandbox_dirty_mib, max_output_bytes } => {
+        Cmd::Serve {
+            server,
+            template: dirs,
+            pool_size,
+            max_sandbox_dirty_mib,
+            max_output_bytes,
+        } => {
             let config = server.to_config()?;
-            let dirs = if dirs.is_empty() { default_templates()? } else { dirs };
+            let dirs = if dirs.is_empty() {
+                default_templates()?
+            } else {
+                dirs
+            };
             let mut templates = Vec::new();
             for dir in dirs {
-                let t = template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))?;
-                eprintln!("kvmfork: serving {} template {}", t.meta.language, dir.display());
+                let t = template::Template::load(&dir)
+                    .map_err(|e| format!("loading template {}: {e}", dir.display()))?;
+                eprintln!(
+                    "kvmfork: serving {} template {}",
+                    t.meta.language,
+                    dir.display()
+                );
                 templates.push(t);
             }
             kvmfork::bench::raise_nofile_limit();
@@ -214,20 +267,34 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 stderr_cap: max_output_bytes,
                 max_dirty_pages: max_sandbox_dirty_mib * 256,
             };
-            let pool = kvmfork::engine::pool::PoolConfig { max_idle: pool_size, prewarm: pool_size.min(1), limits };
+            let pool = kvmfork::engine::pool::PoolConfig {
+                max_idle: pool_size,
+                prewarm: pool_size.min(1),
+                limits,
+            };
             let engine = kvmfork::engine::lane::Engine::new(templates, pool);
-            kvmfork::server::serve(config, std::sync::Arc::new(engine)).map_err(|e| e.to_string())?;
+            kvmfork::server::serve(config, std::sync::Arc::new(engine))
+                .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Template { command: TemplateCmd::Inspect { dir } } => {
+        Cmd::Template {
+            command: TemplateCmd::Inspect { dir },
+        } => {
             print!("{}", template::describe(&dir).map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { language, timeout, template: dir, code } => {
+        Cmd::Run {
+            language,
+            timeout,
+            template: dir,
+            code,
+        } => {
             let language = parse_language(&language)?;
             let code = if code == "-" {
                 let mut s = String::new();
-                std::io::stdin().read_to_string(&mut s).map_err(|e| e.to_string())?;
+                std::io::stdin()
+                    .read_to_string(&mut s)
+                    .map_err(|e| e.to_string())?;
                 s
             } else {
                 code
@@ -236,8 +303,20 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 return Err("--timeout must be a positive number of seconds".into());
             }
             let t = load_template(language, dir)?;
-            let mut lane = kvmfork::engine::pool::Pool::new(std::sync::Arc::new(t), kvmfork::engine::pool::PoolConfig { max_idle: 1, ..Default::default() }).map_err(|e| e.to_string())?;
-            let req = ExecRequest { code, language, timeout: Duration::from_secs_f64(timeout), cancel: CancelToken::new() };
+            let mut lane = kvmfork::engine::pool::Pool::new(
+                std::sync::Arc::new(t),
+                kvmfork::engine::pool::PoolConfig {
+                    max_idle: 1,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.to_string())?;
+            let req = ExecRequest {
+                code,
+                language,
+                timeout: Duration::from_secs_f64(timeout),
+                cancel: CancelToken::new(),
+            };
             let r = lane.exec(&req);
             use std::io::Write;
             let _ = std::io::stdout().write_all(&r.stdout);

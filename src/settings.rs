@@ -28,7 +28,11 @@ pub fn full_name(name: &str) -> String {
     format!("{PREFIX}{name}")
 }
 
-fn lookup(name: &str, get: impl Fn(&str) -> Option<OsString>, warn: impl Fn(&str, &str)) -> Option<OsString> {
+fn lookup(
+    name: &str,
+    get: impl Fn(&str) -> Option<OsString>,
+    warn: impl Fn(&str, &str),
+) -> Option<OsString> {
     let current = format!("{PREFIX}{name}");
     if let Some(v) = get(&current) {
         return Some(v);
@@ -41,7 +45,10 @@ fn lookup(name: &str, get: impl Fn(&str) -> Option<OsString>, warn: impl Fn(&str
 
 fn warn_once(legacy: &str, current: &str) {
     let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
-    if warned.get_or_insert_with(HashSet::new).insert(legacy.to_string()) {
+    if warned
+        .get_or_insert_with(HashSet::new)
+        .insert(legacy.to_string())
+    {
         eprintln!("kvmfork: warning: {legacy} is deprecated and will stop working in the next release; set {current} instead");
     }
 }
@@ -52,15 +59,22 @@ mod tests {
     use std::cell::RefCell;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<OsString> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| OsString::from(v))
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| OsString::from(v))
+        }
     }
 
     #[test]
     fn the_new_name_wins_and_is_not_warned_about() {
         let warned = RefCell::new(Vec::new());
-        let v = lookup("CACHE_DIR", env(&[("KVMFORK_CACHE_DIR", "/new"), ("FORKD_CACHE_DIR", "/old")]), |l, _| {
-            warned.borrow_mut().push(l.to_string())
-        });
+        let v = lookup(
+            "CACHE_DIR",
+            env(&[("KVMFORK_CACHE_DIR", "/new"), ("FORKD_CACHE_DIR", "/old")]),
+            |l, _| warned.borrow_mut().push(l.to_string()),
+        );
         assert_eq!(v.as_deref(), Some("/new".as_ref()));
         assert!(warned.borrow().is_empty());
     }
@@ -72,11 +86,17 @@ mod tests {
             warned.borrow_mut().push(format!("{l}->{c}"))
         });
         assert_eq!(v.as_deref(), Some("/old".as_ref()));
-        assert_eq!(*warned.borrow(), vec!["FORKD_CACHE_DIR->KVMFORK_CACHE_DIR".to_string()]);
+        assert_eq!(
+            *warned.borrow(),
+            vec!["FORKD_CACHE_DIR->KVMFORK_CACHE_DIR".to_string()]
+        );
     }
 
     #[test]
     fn unset_is_none() {
-        assert_eq!(lookup("CACHE_DIR", env(&[]), |_, _| panic!("no warning for unset")), None);
+        assert_eq!(
+            lookup("CACHE_DIR", env(&[]), |_, _| panic!("no warning for unset")),
+            None
+        );
     }
 }

@@ -85,11 +85,17 @@ impl Template {
         let (meta, state) = snapshot::read_state(&dir.join(STATE_FILE))?;
         let here = HostKind::detect();
         if meta.host_kind != here {
-            return Err(TemplateError::WrongHost { found: meta.host_kind.as_str().into(), here: here.as_str().into() });
+            return Err(TemplateError::WrongHost {
+                found: meta.host_kind.as_str().into(),
+                here: here.as_str().into(),
+            });
         }
         let (vendor, _) = cpu_identity();
         if meta.cpu_vendor != vendor {
-            return Err(TemplateError::WrongHost { found: meta.cpu_vendor.clone(), here: vendor });
+            return Err(TemplateError::WrongHost {
+                found: meta.cpu_vendor.clone(),
+                here: vendor,
+            });
         }
         let memfd = snapshot::load_memory(&dir.join(&meta.memory.file), &meta.memory)?;
         Template::from_parts(dir.to_path_buf(), meta, state, memfd)
@@ -97,7 +103,12 @@ impl Template {
 
     /// Assembles a template from a machine state and the memfd holding its
     /// RAM (sealed here). Used by `load` and by tests with tiny guests.
-    pub fn from_parts(dir: PathBuf, meta: TemplateMeta, state: MachineState, memfd: File) -> Result<Template, TemplateError> {
+    pub fn from_parts(
+        dir: PathBuf,
+        meta: TemplateMeta,
+        state: MachineState,
+        memfd: File,
+    ) -> Result<Template, TemplateError> {
         GuestRam::seal(&memfd)?;
         let source = GuestRam::map(&memfd, meta.ram_size as usize, Sharing::ReadOnly)?;
         let fork_lapic = if crate::settings::var_os("KEEP_TIMER").is_some() {
@@ -105,7 +116,14 @@ impl Template {
         } else {
             state.vcpu.lapic_timer_masked()
         };
-        Ok(Template { dir, meta, state, memfd, source, fork_lapic })
+        Ok(Template {
+            dir,
+            meta,
+            state,
+            memfd,
+            source,
+            fork_lapic,
+        })
     }
 
     pub fn language(&self) -> Option<Language> {
@@ -140,7 +158,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = crate::settings::var_os("CACHE_DIR") {
         return PathBuf::from(d);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/kvmfork")
 }
 
@@ -150,13 +170,24 @@ struct Progress {
 
 impl Progress {
     fn say(&self, stage: &str, msg: &str) {
-        eprintln!("[{:>7.1}s] {stage}: {msg}", self.start.elapsed().as_secs_f64());
+        eprintln!(
+            "[{:>7.1}s] {stage}: {msg}",
+            self.start.elapsed().as_secs_f64()
+        );
     }
 }
 
 /// Runs a cached build script; its last stdout line is the output directory.
-fn run_script(p: &Progress, stage: &str, script: &Path, args: &[&str]) -> Result<PathBuf, TemplateError> {
-    p.say(stage, &format!("bash {} {}", script.display(), args.join(" ")));
+fn run_script(
+    p: &Progress,
+    stage: &str,
+    script: &Path,
+    args: &[&str],
+) -> Result<PathBuf, TemplateError> {
+    p.say(
+        stage,
+        &format!("bash {} {}", script.display(), args.join(" ")),
+    );
     let out = Command::new("bash")
         .arg(script)
         .args(args)
@@ -168,10 +199,20 @@ fn run_script(p: &Progress, stage: &str, script: &Path, args: &[&str]) -> Result
         .output()
         .map_err(|e| TemplateError::Io(script.display().to_string(), e))?;
     if !out.status.success() {
-        return Err(TemplateError::Script(format!("{} failed with {}", script.display(), out.status)));
+        return Err(TemplateError::Script(format!(
+            "{} failed with {}",
+            script.display(),
+            out.status
+        )));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+    let dir = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
     let dir = PathBuf::from(dir);
     if !dir.is_dir() {
         return Err(TemplateError::Script(format!(
@@ -184,7 +225,9 @@ fn run_script(p: &Progress, stage: &str, script: &Path, args: &[&str]) -> Result
 }
 
 fn read_words(path: &Path) -> String {
-    std::fs::read_to_string(path).map(|s| s.split_whitespace().collect::<Vec<_>>().join(" ")).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// The kernel command line for `host`.
@@ -221,18 +264,25 @@ fn file_size(p: &Path) -> u64 {
 }
 
 fn dir_key(p: &Path) -> String {
-    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Builds (or finds in the cache) the template for `opts.language`.
 /// Returns the template directory.
 pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
-    let p = Progress { start: Instant::now() };
+    let p = Progress {
+        start: Instant::now(),
+    };
     let host = HostKind::detect();
     p.say("host", &format!("KVM kind: {}", host.as_str()));
     let gdir = guest_dir();
     let (kernel_dir, kernel) = match &opts.kernel {
-        Some(k) => (k.parent().map(Path::to_path_buf).unwrap_or_default(), k.clone()),
+        Some(k) => (
+            k.parent().map(Path::to_path_buf).unwrap_or_default(),
+            k.clone(),
+        ),
         None => {
             let d = run_script(&p, "kernel", &gdir.join("kernel/build.sh"), &[])?;
             let k = d.join("vmlinux");
@@ -240,9 +290,17 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
         }
     };
     let (rootfs_dir, initrd) = match &opts.initrd {
-        Some(i) => (i.parent().map(Path::to_path_buf).unwrap_or_default(), i.clone()),
+        Some(i) => (
+            i.parent().map(Path::to_path_buf).unwrap_or_default(),
+            i.clone(),
+        ),
         None => {
-            let d = run_script(&p, "rootfs", &gdir.join("rootfs/build.sh"), &["--language", opts.language.as_str()])?;
+            let d = run_script(
+                &p,
+                "rootfs",
+                &gdir.join("rootfs/build.sh"),
+                &["--language", opts.language.as_str()],
+            )?;
             let i = d.join("initramfs.cpio");
             (d, i)
         }
@@ -265,26 +323,41 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    let key: String = h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
-    let dir = opts
-        .out
-        .clone()
-        .unwrap_or_else(|| cache_dir().join("templates").join(format!("{}-{key}", opts.language.as_str())));
-    if !opts.rebuild && dir.join(STATE_FILE).is_file() && snapshot::read_state(&dir.join(STATE_FILE)).is_ok() {
+    let key: String = h
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let dir = opts.out.clone().unwrap_or_else(|| {
+        cache_dir()
+            .join("templates")
+            .join(format!("{}-{key}", opts.language.as_str()))
+    });
+    if !opts.rebuild
+        && dir.join(STATE_FILE).is_file()
+        && snapshot::read_state(&dir.join(STATE_FILE)).is_ok()
+    {
         p.say("template", &format!("cached: {}", dir.display()));
         return Ok(dir);
     }
     let tmp = dir.with_file_name(format!(
         "{}.tmp-{}",
-        dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| TemplateError::Io(tmp.display().to_string(), e))?;
 
-    p.say("boot", &format!("{} MiB RAM, cmdline: {cmdline}", opts.ram_mib));
+    p.say(
+        "boot",
+        &format!("{} MiB RAM, cmdline: {cmdline}", opts.ram_mib),
+    );
     let packages = read_packages(&rootfs_dir.join("manifest.json"));
-    let (meta, machine, ram) = boot_to_ready(&p, opts, host, &kernel, &initrd, &cmdline, ram_size, &tmp)?;
+    let (meta, machine, ram) =
+        boot_to_ready(&p, opts, host, &kernel, &initrd, &cmdline, ram_size, &tmp)?;
     p.say("snapshot", "writing memory (sparse) and machine state");
     let memory = snapshot::write_memory(&tmp.join(MEMORY_FILE), &ram)?;
     drop(ram);
@@ -297,8 +370,16 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
         cpu_model: model,
         ram_size,
         cmdline: cmdline.clone(),
-        kernel: ArtifactInfo { path: kernel.display().to_string(), cache_key: dir_key(&kernel_dir), size: file_size(&kernel) },
-        rootfs: ArtifactInfo { path: initrd.display().to_string(), cache_key: dir_key(&rootfs_dir), size: file_size(&initrd) },
+        kernel: ArtifactInfo {
+            path: kernel.display().to_string(),
+            cache_key: dir_key(&kernel_dir),
+            size: file_size(&kernel),
+        },
+        rootfs: ArtifactInfo {
+            path: initrd.display().to_string(),
+            cache_key: dir_key(&rootfs_dir),
+            size: file_size(&initrd),
+        },
         packages,
         memory,
         ..meta
@@ -314,14 +395,21 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
         ),
     );
 
-    p.say("verify", &format!("restoring the snapshot into a fresh VM and running {} through the mailbox", opts.language.as_str()));
+    p.say(
+        "verify",
+        &format!(
+            "restoring the snapshot into a fresh VM and running {} through the mailbox",
+            opts.language.as_str()
+        ),
+    );
     self_check(&p, &tmp)?;
 
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| TemplateError::Io(parent.display().to_string(), e))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| TemplateError::Io(parent.display().to_string(), e))?;
     }
     std::fs::rename(&tmp, &dir).map_err(|e| TemplateError::Io(dir.display().to_string(), e))?;
     p.say("done", &format!("template ready: {}", dir.display()));
@@ -329,8 +417,12 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
 }
 
 fn read_packages(manifest: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(manifest) else { return Vec::new() };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return Vec::new() };
+    let Ok(text) = std::fs::read_to_string(manifest) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
     match v.get("packages") {
         Some(serde_json::Value::Array(a)) => a
             .iter()
@@ -344,9 +436,10 @@ fn read_packages(manifest: &Path) -> Vec<String> {
                 other => other.to_string(),
             })
             .collect(),
-        Some(serde_json::Value::Object(o)) => {
-            o.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(&v.to_string()))).collect()
-        }
+        Some(serde_json::Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(&v.to_string())))
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -369,18 +462,30 @@ fn boot_to_ready(
     fill_random(&mut seed);
     ram.write(c::MAILBOX_GPA + c::MB_BOOT_SEED_OFF, &seed)?;
     let loaded = boot::load_linux(&ram, kernel, Some(initrd), cmdline)?;
-    p.say("boot", &format!("kernel entry {:#x}, initrd {} MiB at {:#x}", loaded.entry, loaded.initrd_size >> 20, loaded.initrd_addr));
+    p.say(
+        "boot",
+        &format!(
+            "kernel entry {:#x}, initrd {} MiB at {:#x}",
+            loaded.entry,
+            loaded.initrd_size >> 20,
+            loaded.initrd_addr
+        ),
+    );
 
     let mut vm = Vm::new(&kvm)?;
     vm.set_ram(&ram, false)?;
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| TemplateError::Io("eventfd".into(), e))?;
+    let irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(|e| TemplateError::Io("eventfd".into(), e))?;
     vm.register_irqfd(&irq, COM1_IRQ)?;
-    let mut cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(TemplateError::SupportedCpuid)?;
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(TemplateError::SupportedCpuid)?;
     cpuid::filter(&mut cpuid, host);
     let mut vcpu = Vcpu::new(&vm, 0)?;
     vcpu.set_cpuid(&cpuid)?;
     boot::setup_boot_vcpu(&vcpu, loaded.entry)?;
-    let log = File::create(out.join(CONSOLE_FILE)).map_err(|e| TemplateError::Io(CONSOLE_FILE.into(), e))?;
+    let log = File::create(out.join(CONSOLE_FILE))
+        .map_err(|e| TemplateError::Io(CONSOLE_FILE.into(), e))?;
     let mut devices = LegacyDevices::new(irq, ConsoleSink::new(64 << 10, opts.verbose, Some(log)));
 
     let timer = ThreadTimer::for_current_thread()?;
@@ -393,7 +498,9 @@ fn boot_to_ready(
         match outcome {
             RunOutcome::Doorbell(v) if v as u64 == c::DOORBELL_READY => break,
             RunOutcome::Doorbell(v) if v as u64 == c::DOORBELL_FATAL => {
-                return Err(TemplateError::AgentFatal(crate::engine::mailbox::read_fatal_message(&ram)))
+                return Err(TemplateError::AgentFatal(
+                    crate::engine::mailbox::read_fatal_message(&ram),
+                ))
             }
             RunOutcome::Doorbell(v) => {
                 return Err(TemplateError::BootCrashed {
@@ -402,7 +509,10 @@ fn boot_to_ready(
                 })
             }
             RunOutcome::Crashed(why) => {
-                return Err(TemplateError::BootCrashed { why, tail: devices.console().tail_text(30) })
+                return Err(TemplateError::BootCrashed {
+                    why,
+                    tail: devices.console().tail_text(30),
+                })
             }
             RunOutcome::Interrupted => {
                 if boot_start.elapsed() > opts.boot_timeout {
@@ -414,14 +524,24 @@ fn boot_to_ready(
                 if !opts.verbose && last_report.elapsed() >= Duration::from_secs(15) {
                     last_report = Instant::now();
                     let last = devices.console().tail_text(1);
-                    p.say("boot", &format!("guest running {:.0} s; console: {}", boot_start.elapsed().as_secs_f64(), last.trim()));
+                    p.say(
+                        "boot",
+                        &format!(
+                            "guest running {:.0} s; console: {}",
+                            boot_start.elapsed().as_secs_f64(),
+                            last.trim()
+                        ),
+                    );
                 }
             }
         }
     }
     timer.disarm()?;
     let boot_secs = boot_start.elapsed().as_secs_f64();
-    p.say("boot", &format!("agent READY after {boot_secs:.1} s of guest run time"));
+    p.say(
+        "boot",
+        &format!("agent READY after {boot_secs:.1} s of guest run time"),
+    );
     // KVM asks for one KVM_RUN with immediate_exit after an MMIO exit so the
     // access completes before state is read.
     vcpu.complete_pending_io()?;
@@ -443,11 +563,22 @@ fn boot_to_ready(
         cpu_model: String::new(),
         ram_size,
         cmdline: String::new(),
-        kernel: ArtifactInfo { path: String::new(), cache_key: String::new(), size: 0 },
-        rootfs: ArtifactInfo { path: String::new(), cache_key: String::new(), size: 0 },
+        kernel: ArtifactInfo {
+            path: String::new(),
+            cache_key: String::new(),
+            size: 0,
+        },
+        rootfs: ArtifactInfo {
+            path: String::new(),
+            cache_key: String::new(),
+            size: 0,
+        },
         packages: Vec::new(),
         boot_to_ready_seconds: boot_secs,
-        built_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        built_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         snapshot_rip: vcpu_state.regs.rip,
         snapshot_cpl: cpl,
         memory: Default::default(),
@@ -455,7 +586,15 @@ fn boot_to_ready(
     };
     drop(vcpu);
     drop(vm);
-    Ok((meta, MachineState { vcpu: vcpu_state, vm: vm_state, serial }, ram))
+    Ok((
+        meta,
+        MachineState {
+            vcpu: vcpu_state,
+            vm: vm_state,
+            serial,
+        },
+        ram,
+    ))
 }
 
 /// Restores the fresh template into a new VM and checks one round trip in
@@ -492,7 +631,11 @@ fn self_check(p: &Progress, dir: &Path) -> Result<(), TemplateError> {
     }
     p.say(
         "verify",
-        &format!("ok: 499999500000 (fork {:.0} µs, exec {:.2} ms)", fork.as_secs_f64() * 1e6, r.exec_time.as_secs_f64() * 1e3),
+        &format!(
+            "ok: 499999500000 (fork {:.0} µs, exec {:.2} ms)",
+            fork.as_secs_f64() * 1e6,
+            r.exec_time.as_secs_f64() * 1e3
+        ),
     );
     Ok(())
 }
@@ -504,8 +647,18 @@ pub fn describe(dir: &Path) -> Result<String, TemplateError> {
     use std::fmt::Write;
     let _ = writeln!(s, "template      {}", dir.display());
     let _ = writeln!(s, "language      {}", meta.language);
-    let _ = writeln!(s, "built         {} (unix), kvmfork {}", meta.built_at_unix, meta.kvmfork_version);
-    let _ = writeln!(s, "host          {} KVM, {} / {}", meta.host_kind.as_str(), meta.cpu_vendor, meta.cpu_model);
+    let _ = writeln!(
+        s,
+        "built         {} (unix), kvmfork {}",
+        meta.built_at_unix, meta.kvmfork_version
+    );
+    let _ = writeln!(
+        s,
+        "host          {} KVM, {} / {}",
+        meta.host_kind.as_str(),
+        meta.cpu_vendor,
+        meta.cpu_model
+    );
     let _ = writeln!(s, "guest RAM     {} MiB", meta.ram_size >> 20);
     let _ = writeln!(
         s,
@@ -516,15 +669,42 @@ pub fn describe(dir: &Path) -> Result<String, TemplateError> {
         meta.memory.nonzero_pages,
         meta.memory.crc32
     );
-    let _ = writeln!(s, "kernel        {} ({} bytes, cache {})", meta.kernel.path, meta.kernel.size, meta.kernel.cache_key);
-    let _ = writeln!(s, "rootfs        {} ({} bytes, cache {})", meta.rootfs.path, meta.rootfs.size, meta.rootfs.cache_key);
+    let _ = writeln!(
+        s,
+        "kernel        {} ({} bytes, cache {})",
+        meta.kernel.path, meta.kernel.size, meta.kernel.cache_key
+    );
+    let _ = writeln!(
+        s,
+        "rootfs        {} ({} bytes, cache {})",
+        meta.rootfs.path, meta.rootfs.size, meta.rootfs.cache_key
+    );
     let _ = writeln!(s, "cmdline       {}", meta.cmdline);
     let _ = writeln!(s, "boot to ready {:.1} s", meta.boot_to_ready_seconds);
-    let _ = writeln!(s, "snapshot at   RIP {:#x}, CPL {}, {} MSRs, {} CPUID leaves", meta.snapshot_rip, meta.snapshot_cpl, state.vcpu.msrs.len(), state.vcpu.cpuid.len());
+    let _ = writeln!(
+        s,
+        "snapshot at   RIP {:#x}, CPL {}, {} MSRs, {} CPUID leaves",
+        meta.snapshot_rip,
+        meta.snapshot_cpl,
+        state.vcpu.msrs.len(),
+        state.vcpu.cpuid.len()
+    );
     if meta.host_kind == HostKind::Pvm {
-        let _ = writeln!(s, "PVM masks     {}", cpuid::pvm_hidden_features().join(", "));
+        let _ = writeln!(
+            s,
+            "PVM masks     {}",
+            cpuid::pvm_hidden_features().join(", ")
+        );
     }
-    let _ = writeln!(s, "packages      {}", if meta.packages.is_empty() { "(not recorded)".into() } else { meta.packages.join(" ") });
+    let _ = writeln!(
+        s,
+        "packages      {}",
+        if meta.packages.is_empty() {
+            "(not recorded)".into()
+        } else {
+            meta.packages.join(" ")
+        }
+    );
     Ok(s)
 }
 
@@ -539,7 +719,9 @@ pub fn find_cached(language: Language) -> Option<PathBuf> {
             continue;
         }
         let state = entry.path().join(STATE_FILE);
-        let Ok(m) = std::fs::metadata(&state) else { continue };
+        let Ok(m) = std::fs::metadata(&state) else {
+            continue;
+        };
         let t = m.modified().unwrap_or(UNIX_EPOCH);
         if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
             best = Some((t, entry.path()));
@@ -547,4 +729,3 @@ pub fn find_cached(language: Language) -> Option<PathBuf> {
     }
     best.map(|(_, p)| p)
 }
-

@@ -25,24 +25,46 @@ const T: Duration = Duration::from_secs(60);
 fn javascript_gives_correct_output() {
     let mut p = node_pool();
     let r = p.exec(&js("console.log([1,2,3,4,5].reduce((a,b)=>a+b)/5)", T));
-    assert_eq!((out(&r), r.exit_code, r.failure.clone()), ("3\n".into(), 0, None), "stderr: {}", err(&r));
+    assert_eq!(
+        (out(&r), r.exit_code, r.failure.clone()),
+        ("3\n".into(), 0, None),
+        "stderr: {}",
+        err(&r)
+    );
     let r = p.exec(&js("console.log(1 + 1)", T));
     assert_eq!(out(&r), "2\n", "stderr: {}", err(&r));
-    let r = p.exec(&js("let s = 0; for (let i = 0; i < 1e6; i++) s += i; console.log(s, { a: [1, 'x'] })", T));
-    assert_eq!(out(&r), "499999500000 { a: [ 1, 'x' ] }\n", "stderr: {}", err(&r));
-    let r = p.exec(&js("console.error('to stderr'); process.stdout.write('x\\n')", T));
+    let r = p.exec(&js(
+        "let s = 0; for (let i = 0; i < 1e6; i++) s += i; console.log(s, { a: [1, 'x'] })",
+        T,
+    ));
+    assert_eq!(
+        out(&r),
+        "499999500000 { a: [ 1, 'x' ] }\n",
+        "stderr: {}",
+        err(&r)
+    );
+    let r = p.exec(&js(
+        "console.error('to stderr'); process.stdout.write('x\\n')",
+        T,
+    ));
     assert_eq!((out(&r), err(&r)), ("x\n".into(), "to stderr\n".into()));
 }
 
 #[test]
 fn async_code_with_await_and_timers_settles_before_the_answer() {
     let mut p = node_pool();
-    let code = "async function twice(x) { await new Promise(r => setTimeout(r, 20)); return 2 * x; }\n\
+    let code =
+        "async function twice(x) { await new Promise(r => setTimeout(r, 20)); return 2 * x; }\n\
                 console.log(await twice(21));\n\
                 setTimeout(() => console.log('timer'), 30);\n\
                 Promise.resolve().then(() => console.log('microtask'));";
     let r = p.exec(&js(code, T));
-    assert_eq!((out(&r), r.exit_code), ("42\nmicrotask\ntimer\n".into(), 0), "stderr: {}", err(&r));
+    assert_eq!(
+        (out(&r), r.exit_code),
+        ("42\nmicrotask\ntimer\n".into(), 0),
+        "stderr: {}",
+        err(&r)
+    );
 }
 
 #[test]
@@ -53,7 +75,12 @@ fn thread_pool_callbacks_complete_before_the_answer() {
     let r = p.exec(&js(code, T));
     let mut lines: Vec<String> = out(&r).lines().map(String::from).collect();
     lines.sort();
-    assert_eq!((lines, r.exit_code), (vec!["crypto 8".to_string(), "fs true".to_string()], 0), "stderr: {}", err(&r));
+    assert_eq!(
+        (lines, r.exit_code),
+        (vec!["crypto 8".to_string(), "fs true".to_string()], 0),
+        "stderr: {}",
+        err(&r)
+    );
 }
 
 #[test]
@@ -61,10 +88,20 @@ fn errors_and_exit_codes_follow_node_e() {
     let mut p = node_pool();
     let r = p.exec(&js("function f() { throw new Error('boom'); }\nf()", T));
     assert_eq!(r.exit_code, 1);
-    assert!(err(&r).contains("Error: boom") && err(&r).contains("at f ([eval]:1:"), "{}", err(&r));
-    let r = p.exec(&js("console.log('before'); process.exit(3); console.log('after')", T));
+    assert!(
+        err(&r).contains("Error: boom") && err(&r).contains("at f ([eval]:1:"),
+        "{}",
+        err(&r)
+    );
+    let r = p.exec(&js(
+        "console.log('before'); process.exit(3); console.log('after')",
+        T,
+    ));
     assert_eq!((r.exit_code, out(&r)), (3, "before\n".into()));
-    let r = p.exec(&js("setInterval(() => {}, 5); setTimeout(() => process.exit(5), 20)", T));
+    let r = p.exec(&js(
+        "setInterval(() => {}, 5); setTimeout(() => process.exit(5), 20)",
+        T,
+    ));
     assert_eq!(r.exit_code, 5, "stderr: {}", err(&r));
     let r = p.exec(&js("process.exitCode = 9", T));
     assert_eq!(r.exit_code, 9);
@@ -86,7 +123,10 @@ fn infinite_loop_times_out_and_next_exec_works() {
     let r = p.exec(&js("while (true) {}", Duration::from_secs(2)));
     let took = started.elapsed();
     assert_eq!(r.failure, Some(ExecFailure::Timeout));
-    assert!(took < Duration::from_secs(10), "timeout of 2 s returned after {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "timeout of 2 s returned after {took:?}"
+    );
     let r = p.exec(&js("console.log('alive')", T));
     assert_eq!(out(&r), "alive\n", "stderr: {}", err(&r));
 }
@@ -104,7 +144,10 @@ fn forks_get_distinct_randomness() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(fields.len(), 4, "fork {i}: {line:?}");
         for f in fields {
-            assert!(seen.insert(f.to_string()), "fork {i} repeated a random value: {f}");
+            assert!(
+                seen.insert(f.to_string()),
+                "fork {i} repeated a random value: {f}"
+            );
         }
     }
 }
@@ -114,8 +157,15 @@ fn secrets_do_not_leak_between_sandboxes() {
     let mut p = node_pool();
     let r = p.exec(&js("require('fs').writeFileSync('/tmp/secret', 's3cr3t'); globalThis.LEAK = 1; console.log('written')", T));
     assert_eq!(out(&r), "written\n", "stderr: {}", err(&r));
-    let r = p.exec(&js("console.log(require('fs').existsSync('/tmp/secret'), typeof LEAK)", T));
-    assert_eq!(out(&r), "false undefined\n", "the pooled VM kept the previous user's data");
+    let r = p.exec(&js(
+        "console.log(require('fs').existsSync('/tmp/secret'), typeof LEAK)",
+        T,
+    ));
+    assert_eq!(
+        out(&r),
+        "false undefined\n",
+        "the pooled VM kept the previous user's data"
+    );
 }
 
 #[test]
@@ -139,10 +189,21 @@ fn kvmfork_run_cli_runs_javascript() {
             .expect("kvmfork run starts")
     };
     let o = run("console.log([1,2,3,4,5].reduce((a,b)=>a+b)/5)");
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "3\n", "stderr: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "3\n",
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(o.status.code(), Some(0));
     let o = run("console.error('bad'); process.exit(7)");
-    assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned()), (Some(7), "bad\n".into()));
+    assert_eq!(
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        ),
+        (Some(7), "bad\n".into())
+    );
 }
 
 #[test]
@@ -160,17 +221,38 @@ fn http_routes_node_and_javascript_to_the_node_template() {
         rate_limit: 0.0,
         ..ServeConfig::default()
     };
-    let engine = Engine::new(vec![template], PoolConfig { max_idle: 1, prewarm: 1, ..Default::default() });
+    let engine = Engine::new(
+        vec![template],
+        PoolConfig {
+            max_idle: 1,
+            prewarm: 1,
+            ..Default::default()
+        },
+    );
     let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
     let mut c = Client::connect(handle.local_addr());
     let auth = format!("Bearer {KEY}");
     for language in ["node", "javascript"] {
-        let body = format!(r#"{{"code": "console.log([1,2,3,4,5].reduce((a,b)=>a+b)/5)", "language": "{language}"}}"#);
-        c.send("POST", "/v1/exec", &[("Authorization", auth.as_str()), ("Content-Type", "application/json")], Some(&body));
+        let body = format!(
+            r#"{{"code": "console.log([1,2,3,4,5].reduce((a,b)=>a+b)/5)", "language": "{language}"}}"#
+        );
+        c.send(
+            "POST",
+            "/v1/exec",
+            &[
+                ("Authorization", auth.as_str()),
+                ("Content-Type", "application/json"),
+            ],
+            Some(&body),
+        );
         let r = c.read_response();
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         let j = r.json();
-        assert_eq!((j["stdout"].as_str(), j["exit_code"].as_i64()), (Some("3\n"), Some(0)), "{j}");
+        assert_eq!(
+            (j["stdout"].as_str(), j["exit_code"].as_i64()),
+            (Some("3\n"), Some(0)),
+            "{j}"
+        );
     }
     handle.shutdown();
 }

@@ -15,12 +15,20 @@ const T: Duration = Duration::from_secs(60);
 fn python_and_numpy_give_correct_output() {
     let mut p = pool();
     let r = p.exec(&py("print(1 + 1)", T));
-    assert_eq!((out(&r), r.exit_code, r.failure.clone()), ("2\n".into(), 0, None), "stderr: {}", err(&r));
+    assert_eq!(
+        (out(&r), r.exit_code, r.failure.clone()),
+        ("2\n".into(), 0, None),
+        "stderr: {}",
+        err(&r)
+    );
     let r = p.exec(&py("print(sum(range(10**6)))", T));
     assert_eq!(out(&r), "499999500000\n");
     let r = p.exec(&py("import numpy as np\nprint(np.arange(10).mean())\nprint(int(np.ones((50, 50)).dot(np.ones(50)).sum()))", T));
     assert_eq!(out(&r), "4.5\n2500\n", "stderr: {}", err(&r));
-    let r = p.exec(&py("import sys\nprint('to stderr', file=sys.stderr)\nprint('x')", T));
+    let r = p.exec(&py(
+        "import sys\nprint('to stderr', file=sys.stderr)\nprint('x')",
+        T,
+    ));
     assert_eq!((out(&r), err(&r)), ("x\n".into(), "to stderr\n".into()));
 }
 
@@ -29,7 +37,12 @@ fn exceptions_and_exit_codes_follow_python_c() {
     let mut p = pool();
     let r = p.exec(&py("def f():\n    raise ValueError('boom')\nf()", T));
     assert_eq!(r.exit_code, 1);
-    assert!(err(&r).contains("Traceback (most recent call last)") && err(&r).contains("ValueError: boom"), "{}", err(&r));
+    assert!(
+        err(&r).contains("Traceback (most recent call last)")
+            && err(&r).contains("ValueError: boom"),
+        "{}",
+        err(&r)
+    );
     let r = p.exec(&py("import sys\nprint('before')\nsys.exit(3)", T));
     assert_eq!((r.exit_code, out(&r)), (3, "before\n".into()));
     let r = p.exec(&py("raise SystemExit('bye')", T));
@@ -48,7 +61,10 @@ fn infinite_loop_times_out_and_next_exec_works() {
     let r = p.exec(&py("while True: pass", Duration::from_secs(2)));
     let took = started.elapsed();
     assert_eq!(r.failure, Some(ExecFailure::Timeout));
-    assert!(took < Duration::from_secs(10), "timeout of 2 s returned after {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "timeout of 2 s returned after {took:?}"
+    );
     let r = p.exec(&py("print('alive')", T));
     assert_eq!(out(&r), "alive\n");
 }
@@ -58,14 +74,19 @@ fn secrets_do_not_leak_between_sandboxes() {
     let mut a = pool();
     let mut b = pool();
     let write = "SECRET = 's3cr3t'\nopen('/tmp/secret', 'w').write(SECRET)\nimport builtins; builtins.LEAK = SECRET\nprint('written')";
-    let check = "import os, builtins\nprint(os.path.exists('/tmp/secret'), hasattr(builtins, 'LEAK'))";
+    let check =
+        "import os, builtins\nprint(os.path.exists('/tmp/secret'), hasattr(builtins, 'LEAK'))";
     let r = a.exec(&py(write, T));
     assert_eq!(out(&r), "written\n", "stderr: {}", err(&r));
     // A concurrent sandbox (another VM) and the next user of the same pooled VM see nothing.
     let r = b.exec(&py(check, T));
     assert_eq!(out(&r), "False False\n");
     let r = a.exec(&py(check, T));
-    assert_eq!(out(&r), "False False\n", "the pooled VM kept the previous user's data");
+    assert_eq!(
+        out(&r),
+        "False False\n",
+        "the pooled VM kept the previous user's data"
+    );
 }
 
 #[test]
@@ -75,12 +96,19 @@ fn forks_get_distinct_randomness() {
     for i in 0..1000 {
         let r = p.exec(&py("import os; print(os.urandom(16).hex())", T));
         assert_eq!(r.exit_code, 0, "fork {i}: {}", err(&r));
-        assert!(seen.insert(out(&r)), "fork {i} repeated an os.urandom value");
+        assert!(
+            seen.insert(out(&r)),
+            "fork {i} repeated an os.urandom value"
+        );
     }
     let mut user = HashSet::new();
     for _ in 0..50 {
         let r = p.exec(&py("import random, numpy\nprint(random.random(), numpy.random.rand(), numpy.random.default_rng().random())", T));
-        assert!(user.insert(out(&r)), "user-space generators repeated across forks: {}", out(&r));
+        assert!(
+            user.insert(out(&r)),
+            "user-space generators repeated across forks: {}",
+            out(&r)
+        );
     }
 }
 
@@ -97,8 +125,14 @@ fn oversized_output_is_truncated_and_flagged() {
 fn hostile_programs_end_in_clear_results_and_the_engine_keeps_serving() {
     let mut p = pool();
     // Fork bomb: stopped by the timeout (or the guest dies); never the host.
-    let r = p.exec(&py("import os\nwhile True:\n    os.fork()", Duration::from_secs(3)));
-    assert!(r.failure.is_some() || r.exit_code != 0, "fork bomb gave a normal result");
+    let r = p.exec(&py(
+        "import os\nwhile True:\n    os.fork()",
+        Duration::from_secs(3),
+    ));
+    assert!(
+        r.failure.is_some() || r.exit_code != 0,
+        "fork bomb gave a normal result"
+    );
     assert_eq!(out(&p.exec(&py("print('ok')", T))), "ok\n");
     // Memory exhaustion: Python's MemoryError, or the dirty-page cap.
     let r = p.exec(&py("x = bytearray(2 * 1024**3)", Duration::from_secs(20)));
@@ -111,7 +145,12 @@ fn hostile_programs_end_in_clear_results_and_the_engine_keeps_serving() {
     assert_eq!(out(&p.exec(&py("print('ok')", T))), "ok\n");
     // os._exit in the agent (PID 1) panics the guest kernel: a crash result.
     let r = p.exec(&py("import os; os._exit(7)", Duration::from_secs(30)));
-    assert!(r.failure.is_some() || r.exit_code == 7, "os._exit: {:?} exit {}", r.failure, r.exit_code);
+    assert!(
+        r.failure.is_some() || r.exit_code == 7,
+        "os._exit: {:?} exit {}",
+        r.failure,
+        r.exit_code
+    );
     assert_eq!(out(&p.exec(&py("print('ok')", T))), "ok\n");
 }
 
@@ -129,18 +168,33 @@ fn execs_that_enter_the_guest_kernel_leave_a_reusable_vm() {
         let r = p.exec(&py(code, T));
         assert_eq!(r.failure, None, "{code}: {}", err(&r));
         let r = p.exec(&py("print('after')", T));
-        assert_eq!((out(&r), r.failure.clone()), ("after\n".into(), None), "exec after {code:?}: {}", err(&r));
+        assert_eq!(
+            (out(&r), r.failure.clone()),
+            ("after\n".into(), None),
+            "exec after {code:?}: {}",
+            err(&r)
+        );
     }
-    assert_eq!(p.stats().fresh_vm_forks, 0, "the pooled VM should have been reused throughout");
+    assert_eq!(
+        p.stats().fresh_vm_forks,
+        0,
+        "the pooled VM should have been reused throughout"
+    );
 }
 
 #[test]
 fn console_output_does_not_reach_the_next_user() {
     let mut p = pool();
     // Written to fd 1 directly (the guest console), then the next user crashes the guest.
-    let r = p.exec(&py("import os; os.write(1, b'TENANT-A-SECRET\\n'); print('a')", T));
+    let r = p.exec(&py(
+        "import os; os.write(1, b'TENANT-A-SECRET\\n'); print('a')",
+        T,
+    ));
     assert_eq!(out(&r), "a\n");
     let r = p.exec(&py("import os; os._exit(9)", Duration::from_secs(30)));
     let message = format!("{:?} {}", r.failure, err(&r));
-    assert!(!message.contains("TENANT-A-SECRET"), "previous user's console output leaked: {message}");
+    assert!(
+        !message.contains("TENANT-A-SECRET"),
+        "previous user's console output leaked: {message}"
+    );
 }

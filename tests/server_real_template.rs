@@ -40,9 +40,20 @@ fn start_live() -> Live {
         rate_limit: 0.0,
         ..ServeConfig::default()
     };
-    let engine = Engine::new(vec![template], PoolConfig { max_idle: 1, prewarm: 1, ..Default::default() });
+    let engine = Engine::new(
+        vec![template],
+        PoolConfig {
+            max_idle: 1,
+            prewarm: 1,
+            ..Default::default()
+        },
+    );
     let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
-    Live { addr: handle.local_addr(), handle: Some(handle), _keys: keys }
+    Live {
+        addr: handle.local_addr(),
+        handle: Some(handle),
+        _keys: keys,
+    }
 }
 
 fn text(r: &server_support::HttpResponse) -> String {
@@ -55,7 +66,15 @@ fn auth() -> String {
 
 fn exec(c: &mut Client, body: &str) -> server_support::HttpResponse {
     let a = auth();
-    c.send("POST", "/v1/exec", &[("Authorization", a.as_str()), ("Content-Type", "application/json")], Some(body));
+    c.send(
+        "POST",
+        "/v1/exec",
+        &[
+            ("Authorization", a.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        Some(body),
+    );
     c.read_response()
 }
 
@@ -70,14 +89,26 @@ fn endpoints_work_against_the_real_engine() {
     assert_eq!(j["stdout"], "2\n");
     assert_eq!(j["output"], "2\n");
     assert_eq!(j["exit_code"], 0);
-    for field in ["id", "fork_time_ms", "exec_time_ms", "total_time_ms", "duration_ms"] {
+    for field in [
+        "id",
+        "fork_time_ms",
+        "exec_time_ms",
+        "total_time_ms",
+        "duration_ms",
+    ] {
         assert!(!j[field].is_null(), "missing {field}: {j}");
     }
-    let r = exec(&mut c, r#"{"code": "import numpy as np\nprint(np.arange(10).mean())", "language": "python"}"#);
+    let r = exec(
+        &mut c,
+        r#"{"code": "import numpy as np\nprint(np.arange(10).mean())", "language": "python"}"#,
+    );
     assert_eq!(r.json()["stdout"], "4.5\n");
     let r = exec(&mut c, r#"{"code": "import sys; sys.exit(4)"}"#);
     assert_eq!(r.json()["exit_code"], 4);
-    let r = exec(&mut c, r#"{"code": "while True: pass", "timeout_seconds": 1}"#);
+    let r = exec(
+        &mut c,
+        r#"{"code": "while True: pass", "timeout_seconds": 1}"#,
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["timed_out"], true);
     // Batch, in order.
@@ -102,10 +133,17 @@ fn endpoints_work_against_the_real_engine() {
     assert!(text(&r).contains("python"), "{}", text(&r));
     c.send("GET", "/v1/metrics", &[], None);
     let r = c.read_response();
-    assert!(text(&r).contains("kvmfork_fork_seconds_bucket"), "{}", text(&r));
+    assert!(
+        text(&r).contains("kvmfork_fork_seconds_bucket"),
+        "{}",
+        text(&r)
+    );
     // Errors.
     let r = exec(&mut c, r#"{"code": "print(1)", "language": "cobol"}"#);
-    assert_eq!((r.status, r.error_code()), (400, "unknown_language".to_string()));
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, "unknown_language".to_string())
+    );
     let r = exec(&mut c, r#"{"code": "#);
     assert_eq!(r.status, 400);
     let mut anon = Client::connect(live.addr);
@@ -143,7 +181,12 @@ fn disconnect_mid_exec_reclaims_the_sandbox_and_shutdown_drains() {
     {
         let mut c = Client::connect(live.addr);
         let a = auth();
-        c.send("POST", "/v1/exec", &[("Authorization", a.as_str())], Some(r#"{"code": "while True: pass", "timeout_seconds": 120}"#));
+        c.send(
+            "POST",
+            "/v1/exec",
+            &[("Authorization", a.as_str())],
+            Some(r#"{"code": "while True: pass", "timeout_seconds": 120}"#),
+        );
         std::thread::sleep(Duration::from_millis(500));
         // Dropping the client closes the connection mid-exec.
     }
@@ -155,18 +198,29 @@ fn disconnect_mid_exec_reclaims_the_sandbox_and_shutdown_drains() {
         if r.status == 200 && r.json()["stdout"] == "next\n" {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "server did not recover: {} {}", r.status, text(&r));
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "server did not recover: {} {}",
+            r.status,
+            text(&r)
+        );
     }
     let mut m = Client::connect(live.addr);
     m.send("GET", "/v1/metrics", &[], None);
     let metrics = text(&m.read_response());
-    assert!(metrics.contains("cancel"), "no cancellation metric: {metrics}");
+    assert!(
+        metrics.contains("cancel"),
+        "no cancellation metric: {metrics}"
+    );
 
     // Draining: an exec in flight when shutdown starts still gets its answer.
     let addr = live.addr;
     let inflight = std::thread::spawn(move || {
         let mut c = Client::connect(addr);
-        exec(&mut c, r#"{"code": "x = 0\nfor i in range(3_000_000): x += i\nprint(x)"}"#)
+        exec(
+            &mut c,
+            r#"{"code": "x = 0\nfor i in range(3_000_000): x += i\nprint(x)"}"#,
+        )
     });
     std::thread::sleep(Duration::from_millis(300));
     let mut live = live;

@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// mov ebx,[rsi+0x228] (cmd_line_ptr); mov al,[rbx]; out 0x3f8,al;
 /// mov al,'K'; out 0x3f8,al; mov al,0xfe; out 0x64,al (reset); hlt loop.
 const TINY_KERNEL: [u8; 32] = [
-    0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00, 0x04, 0x30, 0x66, 0xba, 0xf8, 0x03, 0xee, 0x8b, 0x9e, 0x28, 0x02, 0x00,
-    0x00, 0x8a, 0x03, 0xee, 0xb0, 0x4b, 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
+    0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00, 0x04, 0x30, 0x66, 0xba, 0xf8, 0x03, 0xee, 0x8b, 0x9e, 0x28,
+    0x02, 0x00, 0x00, 0x8a, 0x03, 0xee, 0xb0, 0x4b, 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd,
 ];
 const LOAD_ADDR: u64 = 0x100_0000;
 
@@ -77,7 +77,9 @@ fn tiny_kernel_boots_in_long_mode_and_sees_boot_params() {
     vm.set_ram(&ram, false).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.register_irqfd(&irq, COM1_IRQ).unwrap();
-    let mut cpuid = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
     cpuid::filter(&mut cpuid, HostKind::detect());
     let mut vcpu = Vcpu::new(&vm, 0).unwrap();
     vcpu.set_cpuid(&cpuid).unwrap();
@@ -88,7 +90,10 @@ fn tiny_kernel_boots_in_long_mode_and_sees_boot_params() {
 
     let mut devices = LegacyDevices::new(irq, ConsoleSink::new(256, false, None));
     let outcome = vcpu.run(&mut devices, &ram).unwrap();
-    assert!(matches!(outcome, RunOutcome::Crashed(ref why) if why.contains("reset")), "{outcome:?}");
+    assert!(
+        matches!(outcome, RunOutcome::Crashed(ref why) if why.contains("reset")),
+        "{outcome:?}"
+    );
     // 4 e820 entries, the first command-line byte, then the marker.
     assert_eq!(devices.console().tail_text(1), "4XK");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -108,8 +113,19 @@ fn bad_kernel_images_are_refused() {
     let kernel = dir.join("vmlinux");
     std::fs::write(&kernel, tiny_elf(&TINY_KERNEL)).unwrap();
     let long = "x".repeat(5000);
-    assert!(matches!(boot::load_linux(&ram, &kernel, None, &long), Err(boot::BootError::CmdlineTooLong(_))));
-    let small = GuestRam::map(&GuestRam::create_memfd("small", 64 << 20).unwrap(), 64 << 20, Sharing::Shared).unwrap();
-    assert!(matches!(boot::load_linux(&small, &kernel, None, ""), Err(boot::BootError::RamTooSmall(_))));
+    assert!(matches!(
+        boot::load_linux(&ram, &kernel, None, &long),
+        Err(boot::BootError::CmdlineTooLong(_))
+    ));
+    let small = GuestRam::map(
+        &GuestRam::create_memfd("small", 64 << 20).unwrap(),
+        64 << 20,
+        Sharing::Shared,
+    )
+    .unwrap();
+    assert!(matches!(
+        boot::load_linux(&small, &kernel, None, ""),
+        Err(boot::BootError::RamTooSmall(_))
+    ));
     std::fs::remove_dir_all(&dir).unwrap();
 }

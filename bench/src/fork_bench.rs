@@ -57,13 +57,22 @@ const POOLED_TOTAL: &str = "fork + exec, pooled reset";
 const FRESH_TOTAL: &str = "fork + exec, fresh VM";
 
 /// Runs the benchmark binary and parses its report.
-pub fn run(kvmfork: &Path, template: &Path, iterations: usize, alive: &[usize], max_exec_alive: usize) -> Result<ForkBench, BenchError> {
+pub fn run(
+    kvmfork: &Path,
+    template: &Path,
+    iterations: usize,
+    alive: &[usize],
+    max_exec_alive: usize,
+) -> Result<ForkBench, BenchError> {
     let output = Command::new(kvmfork)
         .args(command_args(iterations, alive, max_exec_alive))
         .arg("--template")
         .arg(template)
         .output()
-        .map_err(|source| BenchError::Spawn { what: "kvmfork bench fork".into(), source })?;
+        .map_err(|source| BenchError::Spawn {
+            what: "kvmfork bench fork".into(),
+            source,
+        })?;
     if !output.status.success() {
         return Err(BenchError::ForkBenchFailed {
             status: output.status.to_string(),
@@ -75,11 +84,24 @@ pub fn run(kvmfork: &Path, template: &Path, iterations: usize, alive: &[usize], 
 
 /// `kvmfork bench fork` arguments (without --template).
 pub fn command_args(iterations: usize, alive: &[usize], max_exec_alive: usize) -> Vec<String> {
-    let alive_list = alive.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
-    ["bench", "fork", "--iterations", &iterations.to_string(), "--alive", &alive_list, "--max-exec-alive", &max_exec_alive.to_string()]
+    let alive_list = alive
         .iter()
-        .map(|s| s.to_string())
-        .collect()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "bench",
+        "fork",
+        "--iterations",
+        &iterations.to_string(),
+        "--alive",
+        &alive_list,
+        "--max-exec-alive",
+        &max_exec_alive.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Parses `kvmfork bench fork` output (see src/bench.rs in kvmfork).
@@ -89,7 +111,8 @@ pub fn parse(text: &str) -> Result<ForkBench, BenchError> {
             .lines()
             .find(|l| l.starts_with(label) && l[label.len()..].starts_with(' '))
             .ok_or_else(|| BenchError::ParseForkBench(format!("no row {label:?}")))?;
-        parse_row(&line[label.len()..]).map_err(|e| BenchError::ParseForkBench(format!("row {label:?}: {e}")))
+        parse_row(&line[label.len()..])
+            .map_err(|e| BenchError::ParseForkBench(format!("row {label:?}: {e}")))
     };
     let alive = parse_alive(text)?;
     Ok(ForkBench {
@@ -115,12 +138,22 @@ fn parse_row(cells: &str) -> Result<Percentiles, String> {
         .and_then(|t| t.parse().ok())
         .ok_or_else(|| format!("bad count {:?}", tokens[5]))?;
     let t = |i: usize| parse_time_us(tokens[i]);
-    Ok(Percentiles { p50_us: t(0)?, p90_us: t(1)?, p99_us: t(2)?, max_us: t(3)?, mean_us: t(4)?, n })
+    Ok(Percentiles {
+        p50_us: t(0)?,
+        p90_us: t(1)?,
+        p99_us: t(2)?,
+        max_us: t(3)?,
+        mean_us: t(4)?,
+        n,
+    })
 }
 
 /// "35µs" -> 35, "12.3ms" -> 12300, "1.5s" -> 1500000.
 fn parse_time_us(token: &str) -> Result<f64, String> {
-    let (number, scale) = if let Some(v) = token.strip_suffix("µs").or_else(|| token.strip_suffix("us")) {
+    let (number, scale) = if let Some(v) = token
+        .strip_suffix("µs")
+        .or_else(|| token.strip_suffix("us"))
+    {
         (v, 1.0)
     } else if let Some(v) = token.strip_suffix("ms") {
         (v, 1e3)
@@ -129,15 +162,22 @@ fn parse_time_us(token: &str) -> Result<f64, String> {
     } else {
         return Err(format!("no unit in {token:?}"));
     };
-    number.parse::<f64>().map(|v| v * scale).map_err(|_| format!("bad number in {token:?}"))
+    number
+        .parse::<f64>()
+        .map(|v| v * scale)
+        .map_err(|_| format!("bad number in {token:?}"))
 }
 
 /// The table after the "alive" header, one row per alive count:
 /// `N  forked-MemAvail KiB  forked-RSS KiB  exec-MemAvail KiB|(not run)  exec-RSS KiB|(not run)  secs s`.
 fn parse_alive(text: &str) -> Result<Vec<AliveRow>, BenchError> {
-    let mut lines = text.lines().skip_while(|l| !l.trim_start().starts_with("alive"));
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("alive"));
     if lines.next().is_none() {
-        return Err(BenchError::ParseForkBench("no memory table (header \"alive\")".into()));
+        return Err(BenchError::ParseForkBench(
+            "no memory table (header \"alive\")".into(),
+        ));
     }
     let mut rows = Vec::new();
     for line in lines {
@@ -164,11 +204,16 @@ fn parse_alive(text: &str) -> Result<Vec<AliveRow>, BenchError> {
             forked_rss_kib: required(3)?,
             exec_mem_available_kib: kib(5).ok_or_else(bad)?,
             exec_rss_kib: kib(7).ok_or_else(bad)?,
-            seconds: tokens[9].strip_suffix('s').and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+            seconds: tokens[9]
+                .strip_suffix('s')
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(bad)?,
         });
     }
     if rows.is_empty() {
-        return Err(BenchError::ParseForkBench("memory table has no rows".into()));
+        return Err(BenchError::ParseForkBench(
+            "memory table has no rows".into(),
+        ));
     }
     Ok(rows)
 }
@@ -204,7 +249,14 @@ mod tests {
         let bench = parse(SAMPLE).unwrap();
         assert_eq!(
             bench.pooled_fork,
-            Percentiles { p50_us: 38.0, p90_us: 45.0, p99_us: 90.0, max_us: 1200.0, mean_us: 41.0, n: 500 }
+            Percentiles {
+                p50_us: 38.0,
+                p90_us: 45.0,
+                p99_us: 90.0,
+                max_us: 1200.0,
+                mean_us: 41.0,
+                n: 500
+            }
         );
         assert_eq!(bench.fresh_fork.p99_us, 2100.0);
         assert_eq!(bench.pooled_exec_only.max_us, 22_000.0);

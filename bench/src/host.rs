@@ -88,8 +88,16 @@ fn git_commit(workspace: &Path) -> String {
     match run(&["rev-parse", "--short=12", "HEAD"]) {
         Some(hash) => {
             // Only the product's sources count: bench output files change on every run.
-            let dirty = run(&["status", "--porcelain", "--", "src", "guest", "Cargo.lock", "Cargo.toml"])
-                .is_some_and(|s| !s.is_empty());
+            let dirty = run(&[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "guest",
+                "Cargo.lock",
+                "Cargo.toml",
+            ])
+            .is_some_and(|s| !s.is_empty());
             if dirty {
                 format!("{hash}+dirty")
             } else {
@@ -109,7 +117,8 @@ mod tests {
         let cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n";
         assert_eq!(cpu_model(cpuinfo).as_deref(), Some("AMD EPYC 7B13"));
         assert_eq!(cpu_model("processor : 0\n"), None);
-        let meminfo = "MemTotal:       24683520 kB\nMemFree:        1000 kB\nMemAvailable:   2000 kB\n";
+        let meminfo =
+            "MemTotal:       24683520 kB\nMemFree:        1000 kB\nMemAvailable:   2000 kB\n";
         assert_eq!(meminfo_kib(meminfo, "MemTotal"), Some(24_683_520));
         assert_eq!(meminfo_kib(meminfo, "MemAvailable"), Some(2000));
         assert_eq!(meminfo_kib(meminfo, "Mem"), None);

@@ -46,18 +46,39 @@ impl LoadSpec<'_> {
     }
 
     pub fn run(&self) -> Result<LoadResult, BenchError> {
-        let what = format!("loadgen {} -c {} {}", self.request, self.connections, self.url);
-        let args = Args::try_parse_from(self.argv()).map_err(|e| BenchError::Load { what: what.clone(), detail: e.to_string() })?;
-        let config = args.to_config().map_err(|e| BenchError::Load { what: what.clone(), detail: e.to_string() })?;
-        let limit = loadgen::raise_nofile_limit().map_err(|e| BenchError::Load { what: what.clone(), detail: e.to_string() })?;
+        let what = format!(
+            "loadgen {} -c {} {}",
+            self.request, self.connections, self.url
+        );
+        let args = Args::try_parse_from(self.argv()).map_err(|e| BenchError::Load {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        let config = args.to_config().map_err(|e| BenchError::Load {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        let limit = loadgen::raise_nofile_limit().map_err(|e| BenchError::Load {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
         if limit < self.connections as u64 + 128 {
             return Err(BenchError::Load {
                 what,
-                detail: format!("open-files limit {limit} is too low for {} connections; raise `ulimit -n`", self.connections),
+                detail: format!(
+                    "open-files limit {limit} is too low for {} connections; raise `ulimit -n`",
+                    self.connections
+                ),
             });
         }
-        let result = loadgen::run(&config).map_err(|e| BenchError::Load { what, detail: e.to_string() })?;
-        Ok(LoadResult { report: Report::new(&config, &result), latency: result.recorder.latency.clone() })
+        let result = loadgen::run(&config).map_err(|e| BenchError::Load {
+            what,
+            detail: e.to_string(),
+        })?;
+        Ok(LoadResult {
+            report: Report::new(&config, &result),
+            latency: result.recorder.latency.clone(),
+        })
     }
 }
 
@@ -81,7 +102,10 @@ pub fn tiny_server() -> String {
                     pending.extend_from_slice(&buf[..n]);
                     while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
                         pending.drain(..end + 4);
-                        if stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").is_err() {
+                        if stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -117,7 +141,13 @@ mod tests {
     fn a_refused_target_is_counted_as_errors() {
         let port = crate::process::free_port().unwrap();
         let url = format!("http://{port}");
-        let spec = LoadSpec { url: &url, request: "print", connections: 2, duration: Duration::from_millis(200), warmup: Duration::ZERO };
+        let spec = LoadSpec {
+            url: &url,
+            request: "print",
+            connections: 2,
+            duration: Duration::from_millis(200),
+            warmup: Duration::ZERO,
+        };
         let result = spec.run().unwrap();
         assert_eq!(result.report.requests.ok, 0);
         assert!(result.report.errors.by_kind.connect > 0);

@@ -37,7 +37,10 @@ pub enum BenchError {
     #[error("cannot install the peers' packages: {0}")]
     Install(String),
     #[error("cannot start {what}: {source}")]
-    Spawn { what: String, source: std::io::Error },
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
     #[error("{what} did not come up: {detail}")]
     NotReady { what: String, detail: String },
     #[error("{what} answered wrongly: {detail}")]
@@ -49,7 +52,10 @@ pub enum BenchError {
     #[error("{what}: {detail}")]
     Load { what: String, detail: String },
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot draw {path}: {message}")]
     Plot { path: PathBuf, message: String },
 }
@@ -58,7 +64,10 @@ pub enum BenchError {
 const FORK_SERVER_MAX_CHILDREN: usize = 2;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("bench/ lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench/ lives in the workspace")
+        .to_path_buf()
 }
 
 /// A comma-separated list of counts ("1,16,256,1000").
@@ -131,10 +140,14 @@ struct Args {
 impl Args {
     fn kvmfork_path(&self) -> PathBuf {
         self.kvmfork.clone().unwrap_or_else(|| {
-            std::env::var_os("KVMFORK_BIN").map(PathBuf::from).unwrap_or_else(|| {
-                let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace().join("target"));
-                target.join("release/kvmfork")
-            })
+            std::env::var_os("KVMFORK_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let target = std::env::var_os("CARGO_TARGET_DIR")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| workspace().join("target"));
+                    target.join("release/kvmfork")
+                })
         })
     }
 }
@@ -169,8 +182,17 @@ fn version_of(argv: &[&str]) -> String {
         .output()
         .ok()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
         })
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown version".into())
@@ -188,7 +210,13 @@ fn http_series(
     let url = server.url();
     let mut points = Vec::new();
     for &c in connections {
-        let spec = LoadSpec { url: &url, request, connections: c, duration, warmup };
+        let spec = LoadSpec {
+            url: &url,
+            request,
+            connections: c,
+            duration,
+            warmup,
+        };
         let result = spec.run()?;
         let r = &result.report;
         progress.step(&format!(
@@ -196,24 +224,36 @@ fn http_series(
             server.name, r.ok_rps, r.latency.p50_ms, r.latency.p99_ms, r.errors.total
         ));
         curves.push((c, result.latency.clone()));
-        points.push(HttpPoint { connections: c, loadgen: spec.argv().join(" "), report: result.report });
+        points.push(HttpPoint {
+            connections: c,
+            loadgen: spec.argv().join(" "),
+            report: result.report,
+        });
     }
     Ok(points)
 }
 
 fn spawn_stats(result: &spawn::SpawnResult) -> SpawnStats {
-    SpawnStats { parallel: result.parallel, per_second: result.per_second(), latency: LatencySummary::of(&result.latency) }
+    SpawnStats {
+        parallel: result.parallel,
+        per_second: result.per_second(),
+        latency: LatencySummary::of(&result.latency),
+    }
 }
 
 fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
-    let progress = Progress { start: Instant::now() };
+    let progress = Progress {
+        start: Instant::now(),
+    };
     let kvmfork = args.kvmfork_path();
     if !kvmfork.is_file() {
         return Err(BenchError::MissingKvmfork(kvmfork));
     }
     let template = match &args.template {
         Some(t) => t.clone(),
-        None => peers::find_template("python").ok_or_else(|| BenchError::MissingTemplate(peers::kvmfork_cache_dir().join("templates")))?,
+        None => peers::find_template("python").ok_or_else(|| {
+            BenchError::MissingTemplate(peers::kvmfork_cache_dir().join("templates"))
+        })?,
     };
     if !template.join("state.snap").is_file() {
         return Err(BenchError::MissingTemplate(template));
@@ -226,7 +266,10 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     let workdir = tempfile::Builder::new()
         .prefix("kvmfork-bench-")
         .tempdir()
-        .map_err(|source| BenchError::Write { path: std::env::temp_dir(), source })?;
+        .map_err(|source| BenchError::Write {
+            path: std::env::temp_dir(),
+            source,
+        })?;
     let host = host::Host::probe(&workspace());
     let load_before = host::load_average();
     progress.step(&format!(
@@ -239,24 +282,52 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     ));
     let mut curves = Curves::default();
 
-    progress.step(&format!("kvmfork bench fork ({} iterations, alive {:?})", args.fork_iterations, args.alive.0));
-    let fork = fork_bench::run(&kvmfork, &template, args.fork_iterations, &args.alive.0, args.max_exec_alive)?;
+    progress.step(&format!(
+        "kvmfork bench fork ({} iterations, alive {:?})",
+        args.fork_iterations, args.alive.0
+    ));
+    let fork = fork_bench::run(
+        &kvmfork,
+        &template,
+        args.fork_iterations,
+        &args.alive.0,
+        args.max_exec_alive,
+    )?;
     progress.step(&format!(
         "  pooled fork p50 {:.0} µs, fork+exec p50 {:.0} µs; fresh VM fork p50 {:.0} µs",
         fork.pooled_fork.p50_us, fork.pooled_total.p50_us, fork.fresh_fork.p50_us
     ));
 
     progress.step("kvmfork serve");
-    let (server, kvmfork_serve_args) = peers::start_kvmfork(&kvmfork, &template, workdir.path(), args.queue_depth)?;
-    let kvmfork_exec = http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut curves.kvmfork_exec)?;
-    let kvmfork_health =
-        http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.kvmfork_health)?;
+    let (server, kvmfork_serve_args) =
+        peers::start_kvmfork(&kvmfork, &template, workdir.path(), args.queue_depth)?;
+    let kvmfork_exec = http_series(
+        &progress,
+        &server,
+        "print",
+        &args.connections.0,
+        args.duration,
+        args.warmup,
+        &mut curves.kvmfork_exec,
+    )?;
+    let kvmfork_health = http_series(
+        &progress,
+        &server,
+        "health",
+        &args.connections.0,
+        args.health_duration,
+        args.warmup / 2,
+        &mut curves.kvmfork_health,
+    )?;
     server.stop(Duration::from_secs(30));
 
     // Two fork servers: one with what kvmfork's template has (numpy imported
     // before the fork, which makes every fork copy a bigger process), and the
     // bare interpreter, the cheapest fork there is.
-    let numpy = Command::new(&args.python).args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
+    let numpy = Command::new(&args.python)
+        .args(["-c", "import numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     let mut variants: Vec<(&str, Vec<&str>)> = Vec::new();
     if numpy {
         variants.push(("fork server, numpy preloaded", vec!["numpy"]));
@@ -265,40 +336,89 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     let script = workspace().join("bench/peers/fork_server.py");
     let mut fork_servers = Vec::new();
     for (label, preload) in variants {
-        progress.step(&format!("{label} ({cores} workers, {FORK_SERVER_MAX_CHILDREN} execs at once each)"));
-        let server = peers::start_fork_server(&args.python, &script, cores, FORK_SERVER_MAX_CHILDREN, &preload, workdir.path())?;
+        progress.step(&format!(
+            "{label} ({cores} workers, {FORK_SERVER_MAX_CHILDREN} execs at once each)"
+        ));
+        let server = peers::start_fork_server(
+            &args.python,
+            &script,
+            cores,
+            FORK_SERVER_MAX_CHILDREN,
+            &preload,
+            workdir.path(),
+        )?;
         let mut series = Vec::new();
-        let points = http_series(&progress, &server, "print", &args.connections.0, args.duration, args.warmup, &mut series)?;
+        let points = http_series(
+            &progress,
+            &server,
+            "print",
+            &args.connections.0,
+            args.duration,
+            args.warmup,
+            &mut series,
+        )?;
         server.stop(Duration::from_secs(10));
         curves.fork_servers.push((label.to_string(), series));
-        fork_servers.push(PeerServer { label: label.into(), preload: preload.iter().map(|m| m.to_string()).collect(), points });
+        fork_servers.push(PeerServer {
+            label: label.into(),
+            preload: preload.iter().map(|m| m.to_string()).collect(),
+            points,
+        });
     }
 
     progress.step(&format!("nginx ({cores} workers)"));
     let server = peers::start_nginx(workdir.path(), cores)?;
-    let nginx = http_series(&progress, &server, "health", &args.connections.0, args.health_duration, args.warmup / 2, &mut curves.nginx)?;
+    let nginx = http_series(
+        &progress,
+        &server,
+        "health",
+        &args.connections.0,
+        args.health_duration,
+        args.warmup / 2,
+        &mut curves.nginx,
+    )?;
     server.stop(Duration::from_secs(10));
 
     let code = "print(1+1)";
     let mut spawn_peers = vec![
-        (SpawnPeer::python(report::PYTHON_C, &args.python, code, "2\n"), "none (a new process)", true),
-        (SpawnPeer::bubblewrap(report::BWRAP, peers::BWRAP.path, &args.python, code, "2\n"), "namespaces (bubblewrap)", true),
+        (
+            SpawnPeer::python(report::PYTHON_C, &args.python, code, "2\n"),
+            "none (a new process)",
+            true,
+        ),
+        (
+            SpawnPeer::bubblewrap(report::BWRAP, peers::BWRAP.path, &args.python, code, "2\n"),
+            "namespaces (bubblewrap)",
+            true,
+        ),
     ];
     if numpy {
         // kvmfork's template has numpy imported; a fresh process pays for the import.
         spawn_peers.push((
-            SpawnPeer::python(report::PYTHON_C_NUMPY, &args.python, "import numpy; print(1+1)", "2\n"),
+            SpawnPeer::python(
+                report::PYTHON_C_NUMPY,
+                &args.python,
+                "import numpy; print(1+1)",
+                "2\n",
+            ),
             "none (a new process)",
             false,
         ));
     }
     let mut spawn = Vec::new();
     for (peer, isolation, with_parallel) in spawn_peers {
-        let iterations = if with_parallel { args.spawn_iterations } else { (args.spawn_iterations / 4).max(10) };
+        let iterations = if with_parallel {
+            args.spawn_iterations
+        } else {
+            (args.spawn_iterations / 4).max(10)
+        };
         progress.step(&format!("{} ({iterations} runs serially)", peer.label));
         let serial = peer.measure(iterations, 1, 3)?;
         let parallel = if with_parallel {
-            progress.step(&format!("{} ({iterations} runs, {cores} at once)", peer.label));
+            progress.step(&format!(
+                "{} ({iterations} runs, {cores} at once)",
+                peer.label
+            ));
             Some(spawn_stats(&peer.measure(iterations, cores, 0)?))
         } else {
             None
@@ -306,9 +426,14 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         progress.step(&format!(
             "  p50 {:.1} ms{}",
             LatencySummary::of(&serial.latency).p50_ms,
-            parallel.as_ref().map_or(String::new(), |p| format!(", {:.0} runs/s at {cores} at once", p.per_second))
+            parallel.as_ref().map_or(String::new(), |p| format!(
+                ", {:.0} runs/s at {cores} at once",
+                p.per_second
+            ))
         ));
-        curves.spawn.push((peer.label.clone(), serial.latency.clone()));
+        curves
+            .spawn
+            .push((peer.label.clone(), serial.latency.clone()));
         spawn.push(SpawnRow {
             label: peer.label.clone(),
             isolation: isolation.into(),
@@ -333,7 +458,9 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         python: args.python.clone(),
         python_version: version_of(&[&args.python, "--version"]),
         bwrap_version: version_of(&[peers::BWRAP.path, "--version"]),
-        nginx_version: version_of(&[peers::NGINX.path, "-v"]).trim_start_matches("nginx version: ").to_string(),
+        nginx_version: version_of(&[peers::NGINX.path, "-v"])
+            .trim_start_matches("nginx version: ")
+            .to_string(),
         kvmfork_serve_args,
         fork_server_workers: cores,
         fork_server_max_children: FORK_SERVER_MAX_CHILDREN,
@@ -357,37 +484,66 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
 }
 
 fn find(series: &[(usize, Histogram<u64>)], connections: usize) -> Option<&Histogram<u64>> {
-    series.iter().find(|(c, _)| *c == connections).map(|(_, h)| h)
+    series
+        .iter()
+        .find(|(c, _)| *c == connections)
+        .map(|(_, h)| h)
 }
 
 /// Draws the plots; returns (title, path relative to benchmarks.md).
-fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec<(String, String)>, BenchError> {
+fn draw_plots(
+    results: &Results,
+    curves: &Curves,
+    plot_dir: &Path,
+) -> Result<Vec<(String, String)>, BenchError> {
     let mut drawn = Vec::new();
     let mut one_at_a_time = Vec::new();
     if let Some(h) = find(&curves.kvmfork_exec, 1) {
-        one_at_a_time.push(plots::Curve { label: "kvmfork HTTP exec (1 connection)".into(), histogram: h });
+        one_at_a_time.push(plots::Curve {
+            label: "kvmfork HTTP exec (1 connection)".into(),
+            histogram: h,
+        });
     }
     for (label, series) in &curves.fork_servers {
         if let Some(h) = find(series, 1) {
-            one_at_a_time.push(plots::Curve { label: format!("{label} HTTP exec (1 connection)"), histogram: h });
+            one_at_a_time.push(plots::Curve {
+                label: format!("{label} HTTP exec (1 connection)"),
+                histogram: h,
+            });
         }
     }
     for (label, h) in &curves.spawn {
-        one_at_a_time.push(plots::Curve { label: format!("{label} (spawn to exit)"), histogram: h });
+        one_at_a_time.push(plots::Curve {
+            label: format!("{label} (spawn to exit)"),
+            histogram: h,
+        });
     }
     let title = format!("{}, one at a time", results.settings.code);
     plots::render(&plot_dir.join("one-at-a-time.png"), &title, &one_at_a_time)?;
     drawn.push((title, "bench/one-at-a-time.png".to_string()));
     for &c in &results.settings.connections {
         let mut named: Vec<(String, &Series)> = vec![("kvmfork exec".into(), &curves.kvmfork_exec)];
-        named.extend(curves.fork_servers.iter().map(|(label, series)| (format!("{label} exec"), series)));
+        named.extend(
+            curves
+                .fork_servers
+                .iter()
+                .map(|(label, series)| (format!("{label} exec"), series)),
+        );
         named.push(("kvmfork GET /v1/health".into(), &curves.kvmfork_health));
         named.push(("nginx return 200".into(), &curves.nginx));
         let lines: Vec<plots::Curve> = named
             .into_iter()
-            .filter_map(|(label, series)| find(series, c).map(|h| plots::Curve { label, histogram: h }))
+            .filter_map(|(label, series)| {
+                find(series, c).map(|h| plots::Curve {
+                    label,
+                    histogram: h,
+                })
+            })
             .collect();
-        let title = format!("HTTP, {c} connection{}, closed loop", if c == 1 { "" } else { "s" });
+        let title = format!(
+            "HTTP, {c} connection{}, closed loop",
+            if c == 1 { "" } else { "s" }
+        );
         let file = format!("http-c{c}.png");
         plots::render(&plot_dir.join(&file), &title, &lines)?;
         drawn.push((title, format!("bench/{file}")));
@@ -396,7 +552,10 @@ fn draw_plots(results: &Results, curves: &Curves, plot_dir: &Path) -> Result<Vec
 }
 
 fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
-    std::fs::write(path, contents).map_err(|source| BenchError::Write { path: path.to_path_buf(), source })
+    std::fs::write(path, contents).map_err(|source| BenchError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn main() -> ExitCode {
@@ -410,24 +569,36 @@ fn main() -> ExitCode {
     };
     let plot_dir = args.out_dir.join("bench");
     let outputs = std::fs::create_dir_all(&plot_dir)
-        .map_err(|source| BenchError::Write { path: plot_dir.clone(), source })
+        .map_err(|source| BenchError::Write {
+            path: plot_dir.clone(),
+            source,
+        })
         .and_then(|()| draw_plots(&results, &curves, &plot_dir))
         .and_then(|plots| {
             let json = serde_json::to_string_pretty(&results).expect("results serialise") + "\n";
             write(&plot_dir.join("results.json"), &json)?;
             // The rows the README quotes, ready to paste or include.
             write(&plot_dir.join("headline.md"), &report::headline(&results))?;
-            write(&args.out_dir.join("benchmarks.md"), &report::render(&results, &plots))
+            write(
+                &args.out_dir.join("benchmarks.md"),
+                &report::render(&results, &plots),
+            )
         });
     if let Err(e) = outputs {
         eprintln!("bench: {e}");
         return ExitCode::from(2);
     }
     println!("{}", report::headline(&results));
-    eprintln!("bench: wrote {} and {}", args.out_dir.join("benchmarks.md").display(), plot_dir.display());
+    eprintln!(
+        "bench: wrote {} and {}",
+        args.out_dir.join("benchmarks.md").display(),
+        plot_dir.display()
+    );
     let errors = results.kvmfork_errors();
     if errors > 0 {
-        eprintln!("bench: kvmfork failed {errors} requests during the run (see the errors columns)");
+        eprintln!(
+            "bench: kvmfork failed {errors} requests during the run (see the errors columns)"
+        );
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

@@ -18,21 +18,40 @@ pub struct Requirement {
     pub package: &'static str,
 }
 
-pub const BWRAP: Requirement = Requirement { path: "/usr/bin/bwrap", package: "bubblewrap" };
-pub const NGINX: Requirement = Requirement { path: "/usr/sbin/nginx", package: "nginx-light" };
-pub const FONT: Requirement = Requirement { path: "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", package: "fonts-dejavu-core" };
+pub const BWRAP: Requirement = Requirement {
+    path: "/usr/bin/bwrap",
+    package: "bubblewrap",
+};
+pub const NGINX: Requirement = Requirement {
+    path: "/usr/sbin/nginx",
+    package: "nginx-light",
+};
+pub const FONT: Requirement = Requirement {
+    path: "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    package: "fonts-dejavu-core",
+};
 
 /// Installs the missing ones with apt-get when running as root; otherwise
 /// says which command to run.
 pub fn ensure_installed(requirements: &[Requirement]) -> Result<(), BenchError> {
-    let missing: Vec<&str> = requirements.iter().filter(|r| !Path::new(r.path).exists()).map(|r| r.package).collect();
+    let missing: Vec<&str> = requirements
+        .iter()
+        .filter(|r| !Path::new(r.path).exists())
+        .map(|r| r.package)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    let command = format!("apt-get install -y --no-install-recommends {}", missing.join(" "));
+    let command = format!(
+        "apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(BenchError::Install(format!("missing {}; run as root or: sudo {command}", missing.join(", "))));
+        return Err(BenchError::Install(format!(
+            "missing {}; run as root or: sudo {command}",
+            missing.join(", ")
+        )));
     }
     eprintln!("bench: installing {}", missing.join(", "));
     let apt = |args: &[&str]| {
@@ -52,7 +71,10 @@ pub fn ensure_installed(requirements: &[Requirement]) -> Result<(), BenchError> 
         }
     }
     if let Some(r) = requirements.iter().find(|r| !Path::new(r.path).exists()) {
-        return Err(BenchError::Install(format!("{} still missing after installing {}", r.path, r.package)));
+        return Err(BenchError::Install(format!(
+            "{} still missing after installing {}",
+            r.path, r.package
+        )));
     }
     Ok(())
 }
@@ -66,7 +88,10 @@ pub fn find_template(language: &str) -> Option<PathBuf> {
 pub fn kvmfork_cache_dir() -> PathBuf {
     std::env::var_os("KVMFORK_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/kvmfork"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/kvmfork")
+        })
 }
 
 fn find_template_in(cache: &Path, language: &str) -> Option<PathBuf> {
@@ -79,7 +104,9 @@ fn find_template_in(cache: &Path, language: &str) -> Option<PathBuf> {
             name.starts_with(&prefix) && !name.contains(".tmp-")
         })
         .filter_map(|e| {
-            let modified = std::fs::metadata(e.path().join("state.snap")).and_then(|m| m.modified()).ok()?;
+            let modified = std::fs::metadata(e.path().join("state.snap"))
+                .and_then(|m| m.modified())
+                .ok()?;
             Some((modified, e.path()))
         })
         .max()
@@ -88,7 +115,12 @@ fn find_template_in(cache: &Path, language: &str) -> Option<PathBuf> {
 
 /// `kvmfork serve` with auth and rate limiting off and a queue deep enough that
 /// 1000 connections wait instead of getting 503s.
-pub fn start_kvmfork(kvmfork: &Path, template: &Path, workdir: &Path, queue_depth: usize) -> Result<(Server, Vec<String>), BenchError> {
+pub fn start_kvmfork(
+    kvmfork: &Path,
+    template: &Path,
+    workdir: &Path,
+    queue_depth: usize,
+) -> Result<(Server, Vec<String>), BenchError> {
     let addr = process::free_port()?;
     let args: Vec<String> = vec![
         "serve".into(),
@@ -103,8 +135,18 @@ pub fn start_kvmfork(kvmfork: &Path, template: &Path, workdir: &Path, queue_dept
     ];
     let mut command = Command::new(kvmfork);
     // No keys file in an empty working directory and no $KVMFORK_API_KEYS_FILE: auth off.
-    command.args(&args).current_dir(workdir).env_remove("KVMFORK_API_KEYS_FILE");
-    let server = Server::start("kvmfork serve", command, addr, "/v1/health", workdir.join("kvmfork-serve.log"), Duration::from_secs(300))?;
+    command
+        .args(&args)
+        .current_dir(workdir)
+        .env_remove("KVMFORK_API_KEYS_FILE");
+    let server = Server::start(
+        "kvmfork serve",
+        command,
+        addr,
+        "/v1/health",
+        workdir.join("kvmfork-serve.log"),
+        Duration::from_secs(300),
+    )?;
     process::check_exec(&server)?;
     Ok((server, args))
 }
@@ -120,12 +162,24 @@ pub fn start_fork_server(
 ) -> Result<Server, BenchError> {
     let addr = process::free_port()?;
     let mut command = Command::new(python);
-    command.arg(script).args(["--listen", &addr.to_string(), "--workers", &workers.to_string()]);
+    command.arg(script).args([
+        "--listen",
+        &addr.to_string(),
+        "--workers",
+        &workers.to_string(),
+    ]);
     command.args(["--max-children", &max_children.to_string()]);
     for module in preload {
         command.args(["--preload", module]);
     }
-    let server = Server::start("fork server", command, addr, "/v1/health", workdir.join("fork-server.log"), Duration::from_secs(60))?;
+    let server = Server::start(
+        "fork server",
+        command,
+        addr,
+        "/v1/health",
+        workdir.join("fork-server.log"),
+        Duration::from_secs(60),
+    )?;
     process::check_exec(&server)?;
     Ok(server)
 }
@@ -134,17 +188,48 @@ pub fn start_fork_server(
 pub fn start_nginx(workdir: &Path, workers: usize) -> Result<Server, BenchError> {
     let addr = process::free_port()?;
     let dir = workdir.join("nginx");
-    std::fs::create_dir_all(&dir).map_err(|source| BenchError::Write { path: dir.clone(), source })?;
+    std::fs::create_dir_all(&dir).map_err(|source| BenchError::Write {
+        path: dir.clone(),
+        source,
+    })?;
     let conf_path = dir.join("nginx.conf");
-    std::fs::write(&conf_path, nginx_conf(&dir, addr, workers)).map_err(|source| BenchError::Write { path: conf_path.clone(), source })?;
+    std::fs::write(&conf_path, nginx_conf(&dir, addr, workers)).map_err(|source| {
+        BenchError::Write {
+            path: conf_path.clone(),
+            source,
+        }
+    })?;
     let mut command = Command::new(NGINX.path);
-    command.arg("-p").arg(&dir).arg("-e").arg(dir.join("error.log")).arg("-c").arg(&conf_path);
-    let server = Server::start("nginx", command, addr, "/v1/health", workdir.join("nginx.log"), Duration::from_secs(30))?;
+    command
+        .arg("-p")
+        .arg(&dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(&conf_path);
+    let server = Server::start(
+        "nginx",
+        command,
+        addr,
+        "/v1/health",
+        workdir.join("nginx.log"),
+        Duration::from_secs(30),
+    )?;
     // The port was free a moment ago; make sure the answer is really ours.
-    let response = process::http_request(addr, "GET", "/v1/health", None)
-        .map_err(|e| BenchError::Probe { what: "nginx".into(), detail: e.to_string() })?;
-    if !response.header("server").is_some_and(|s| s.starts_with("nginx")) || response.body != b"ok\n" {
-        return Err(BenchError::Probe { what: "nginx".into(), detail: format!("unexpected answer {response:?}") });
+    let response =
+        process::http_request(addr, "GET", "/v1/health", None).map_err(|e| BenchError::Probe {
+            what: "nginx".into(),
+            detail: e.to_string(),
+        })?;
+    if !response
+        .header("server")
+        .is_some_and(|s| s.starts_with("nginx"))
+        || response.body != b"ok\n"
+    {
+        return Err(BenchError::Probe {
+            what: "nginx".into(),
+            detail: format!("unexpected answer {response:?}"),
+        });
     }
     Ok(server)
 }
@@ -168,7 +253,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = crate::workspace().join("bench/peers/fork_server.py");
         let server = start_fork_server("/usr/bin/python3", &script, 1, 1, &[], dir.path()).unwrap();
-        let response = process::http_request(server.addr, "POST", "/v1/exec", Some(r#"{"code":"print(6*7)"}"#)).unwrap();
+        let response = process::http_request(
+            server.addr,
+            "POST",
+            "/v1/exec",
+            Some(r#"{"code":"print(6*7)"}"#),
+        )
+        .unwrap();
         assert_eq!(response.status, 200);
         let json: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         assert_eq!(json["stdout"], "42\n");
@@ -180,15 +271,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = start_nginx(dir.path(), 1).unwrap();
         let response = process::http_request(server.addr, "GET", "/anything", None).unwrap();
-        assert_eq!((response.status, response.body.as_slice()), (200, &b"ok\n"[..]));
+        assert_eq!(
+            (response.status, response.body.as_slice()),
+            (200, &b"ok\n"[..])
+        );
         let addr = server.addr;
         server.stop(Duration::from_secs(10));
-        assert!(process::http_request(addr, "GET", "/", None).is_err(), "nginx still answers after stop");
+        assert!(
+            process::http_request(addr, "GET", "/", None).is_err(),
+            "nginx still answers after stop"
+        );
     }
 
     #[test]
     fn bubblewrap_peer_runs_python_without_network() {
-        let peer = crate::spawn::SpawnPeer::bubblewrap("bwrap", BWRAP.path, "/usr/bin/python3", "print(1+1)", "2\n");
+        let peer = crate::spawn::SpawnPeer::bubblewrap(
+            "bwrap",
+            BWRAP.path,
+            "/usr/bin/python3",
+            "print(1+1)",
+            "2\n",
+        );
         peer.run_once().unwrap();
         // --unshare-all gives the sandbox its own network namespace: a port the
         // host listens on right now is not reachable from inside.
@@ -197,9 +300,16 @@ mod tests {
         let probe = format!(
             "import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2)\n    print('reached host')\nexcept OSError as e:\n    print(type(e).__name__)"
         );
-        let isolated = crate::spawn::SpawnPeer::bubblewrap("bwrap-net", BWRAP.path, "/usr/bin/python3", &probe, "ConnectionRefusedError\n");
+        let isolated = crate::spawn::SpawnPeer::bubblewrap(
+            "bwrap-net",
+            BWRAP.path,
+            "/usr/bin/python3",
+            &probe,
+            "ConnectionRefusedError\n",
+        );
         isolated.run_once().unwrap();
-        let host = crate::spawn::SpawnPeer::python("host", "/usr/bin/python3", &probe, "reached host\n");
+        let host =
+            crate::spawn::SpawnPeer::python("host", "/usr/bin/python3", &probe, "reached host\n");
         host.run_once().unwrap();
     }
 
@@ -216,7 +326,13 @@ mod tests {
     fn finds_the_newest_complete_template() {
         let cache = tempfile::tempdir().unwrap();
         let templates = cache.path().join("templates");
-        for name in ["python-old", "python-new", "python-new.tmp-123", "node-x", "python-empty"] {
+        for name in [
+            "python-old",
+            "python-new",
+            "python-new.tmp-123",
+            "node-x",
+            "python-empty",
+        ] {
             std::fs::create_dir_all(templates.join(name)).unwrap();
         }
         std::fs::write(templates.join("python-old/state.snap"), b"").unwrap();
@@ -225,8 +341,17 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(templates.join("python-new.tmp-123/state.snap"), b"").unwrap();
         std::fs::write(templates.join("node-x/state.snap"), b"").unwrap();
-        assert_eq!(find_template_in(cache.path(), "python"), Some(templates.join("python-new")));
-        assert_eq!(find_template_in(cache.path(), "node"), Some(templates.join("node-x")));
-        assert_eq!(find_template_in(&cache.path().join("nowhere"), "python"), None);
+        assert_eq!(
+            find_template_in(cache.path(), "python"),
+            Some(templates.join("python-new"))
+        );
+        assert_eq!(
+            find_template_in(cache.path(), "node"),
+            Some(templates.join("node-x"))
+        );
+        assert_eq!(
+            find_template_in(&cache.path().join("nowhere"), "python"),
+            None
+        );
     }
 }

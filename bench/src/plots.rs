@@ -48,18 +48,38 @@ fn latency_label(ms: f64) -> String {
 }
 
 pub fn render(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<(), BenchError> {
-    let plot_error = |message: String| BenchError::Plot { path: path.to_path_buf(), message };
+    let plot_error = |message: String| BenchError::Plot {
+        path: path.to_path_buf(),
+        message,
+    };
     load_font(None).map_err(|e| plot_error(e.to_string()))?;
-    let lines: Vec<(&str, Vec<(f64, f64)>)> =
-        curves.iter().map(|c| (c.label.as_str(), curve(c.histogram))).filter(|(_, points)| !points.is_empty()).collect();
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|c| (c.label.as_str(), curve(c.histogram)))
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
     if lines.is_empty() {
         return Err(plot_error("no measurements to plot".into()));
     }
     let points = || lines.iter().flat_map(|(_, p)| p.iter());
     let x_max = points().map(|p| p.0).fold(1.0, f64::max).ceil();
     // Decade bounds so the log axis has round labels.
-    let y_min = 10f64.powf(points().map(|p| p.1).fold(f64::INFINITY, f64::min).max(0.001).log10().floor());
-    let y_max = 10f64.powf(points().map(|p| p.1).fold(0.0, f64::max).max(y_min * 10.0).log10().ceil());
+    let y_min = 10f64.powf(
+        points()
+            .map(|p| p.1)
+            .fold(f64::INFINITY, f64::min)
+            .max(0.001)
+            .log10()
+            .floor(),
+    );
+    let y_max = 10f64.powf(
+        points()
+            .map(|p| p.1)
+            .fold(0.0, f64::max)
+            .max(y_min * 10.0)
+            .log10()
+            .ceil(),
+    );
 
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
     let draw = |e: &dyn std::fmt::Display| plot_error(e.to_string());
@@ -89,7 +109,9 @@ pub fn render(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<(), Benc
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(|e| draw(&e))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()
@@ -129,8 +151,14 @@ mod tests {
             slow.record(20_000 + 50 * i).unwrap();
         }
         let curves = [
-            Curve { label: "fast".into(), histogram: &fast },
-            Curve { label: "slow".into(), histogram: &slow },
+            Curve {
+                label: "fast".into(),
+                histogram: &fast,
+            },
+            Curve {
+                label: "slow".into(),
+                histogram: &slow,
+            },
         ];
         render(&path, "test", &curves).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -142,7 +170,15 @@ mod tests {
     fn nothing_to_plot_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let empty = loadgen::stats::new_histogram();
-        let err = render(&dir.path().join("x.png"), "t", &[Curve { label: "e".into(), histogram: &empty }]).unwrap_err();
+        let err = render(
+            &dir.path().join("x.png"),
+            "t",
+            &[Curve {
+                label: "e".into(),
+                histogram: &empty,
+            }],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no measurements"), "{err}");
     }
 }

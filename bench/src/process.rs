@@ -28,15 +28,29 @@ impl Server {
         log: std::path::PathBuf,
         patience: Duration,
     ) -> Result<Server, BenchError> {
-        let log_file = std::fs::File::create(&log).map_err(|source| BenchError::Write { path: log.clone(), source })?;
-        let log_err = log_file.try_clone().map_err(|source| BenchError::Write { path: log.clone(), source })?;
+        let log_file = std::fs::File::create(&log).map_err(|source| BenchError::Write {
+            path: log.clone(),
+            source,
+        })?;
+        let log_err = log_file.try_clone().map_err(|source| BenchError::Write {
+            path: log.clone(),
+            source,
+        })?;
         let child = command
             .stdin(Stdio::null())
             .stdout(log_file)
             .stderr(log_err)
             .spawn()
-            .map_err(|source| BenchError::Spawn { what: name.into(), source })?;
-        let mut server = Server { name: name.into(), addr, child, log };
+            .map_err(|source| BenchError::Spawn {
+                what: name.into(),
+                source,
+            })?;
+        let mut server = Server {
+            name: name.into(),
+            addr,
+            child,
+            log,
+        };
         let deadline = Instant::now() + patience;
         loop {
             if let Ok(response) = http_request(addr, "GET", ready_path, None) {
@@ -45,12 +59,18 @@ impl Server {
                 }
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(BenchError::NotReady { what: name.into(), detail: format!("exited ({status}); {}", server.log_tail()) });
+                return Err(BenchError::NotReady {
+                    what: name.into(),
+                    detail: format!("exited ({status}); {}", server.log_tail()),
+                });
             }
             if Instant::now() > deadline {
                 return Err(BenchError::NotReady {
                     what: name.into(),
-                    detail: format!("no 200 from GET {ready_path} within {patience:?}; {}", server.log_tail()),
+                    detail: format!(
+                        "no 200 from GET {ready_path} within {patience:?}; {}",
+                        server.log_tail()
+                    ),
                 });
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -64,7 +84,11 @@ impl Server {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        format!("last log lines ({}):\n{}", self.log.display(), lines[lines.len().saturating_sub(15)..].join("\n"))
+        format!(
+            "last log lines ({}):\n{}",
+            self.log.display(),
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        )
     }
 
     /// Asks the server to stop and waits; SIGKILL after `grace`.
@@ -99,8 +123,14 @@ impl Drop for Server {
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> Result<SocketAddr, BenchError> {
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| BenchError::Spawn { what: "port probe".into(), source })?;
-    listener.local_addr().map_err(|source| BenchError::Spawn { what: "port probe".into(), source })
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| BenchError::Spawn {
+        what: "port probe".into(),
+        source,
+    })?;
+    listener.local_addr().map_err(|source| BenchError::Spawn {
+        what: "port probe".into(),
+        source,
+    })
 }
 
 #[derive(Debug)]
@@ -112,25 +142,38 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// One request on a fresh connection with `Connection: close`; reads to EOF.
-pub fn http_request(addr: SocketAddr, method: &str, path: &str, json_body: Option<&str>) -> std::io::Result<Response> {
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = json_body.unwrap_or("");
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if json_body.is_some() {
-        request += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+        request += &format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
     }
     request += "\r\n";
     request += body;
     stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
-    parse_response(&raw).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response"))
+    parse_response(&raw).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response")
+    })
 }
 
 fn parse_response(raw: &[u8]) -> Option<Response> {
@@ -143,16 +186,27 @@ fn parse_response(raw: &[u8]) -> Option<Response> {
         .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
         .collect::<Vec<_>>();
     let mut body = raw[end + 4..].to_vec();
-    if let Some(len) = headers.iter().find(|(n, _)| n.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse::<usize>().ok()) {
+    if let Some(len) = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+    {
         body.truncate(len);
     }
-    Some(Response { status, headers, body })
+    Some(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// Sends `print(1+1)` once and checks the answer is a 200 whose stdout is "2\n":
 /// a server is only measured after it has shown it computes the right thing.
 pub fn check_exec(server: &Server) -> Result<(), BenchError> {
-    let fail = |detail: String| BenchError::Probe { what: server.name.clone(), detail };
+    let fail = |detail: String| BenchError::Probe {
+        what: server.name.clone(),
+        detail,
+    };
     let response = http_request(
         server.addr,
         "POST",
@@ -162,11 +216,17 @@ pub fn check_exec(server: &Server) -> Result<(), BenchError> {
     .map_err(|e| fail(format!("POST /v1/exec: {e}")))?;
     let body = String::from_utf8_lossy(&response.body);
     if response.status != 200 {
-        return Err(fail(format!("POST /v1/exec answered {}: {body}", response.status)));
+        return Err(fail(format!(
+            "POST /v1/exec answered {}: {body}",
+            response.status
+        )));
     }
-    let json: serde_json::Value = serde_json::from_str(&body).map_err(|e| fail(format!("response is not JSON ({e}): {body}")))?;
+    let json: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|e| fail(format!("response is not JSON ({e}): {body}")))?;
     if json["stdout"] != "2\n" || json["exit_code"] != 0 {
-        return Err(fail(format!("print(1+1) did not print 2 with exit code 0: {body}")));
+        return Err(fail(format!(
+            "print(1+1) did not print 2 with exit code 0: {body}"
+        )));
     }
     Ok(())
 }
@@ -198,11 +258,16 @@ mod tests {
                 let n = stream.read(&mut buf).unwrap();
                 got.extend_from_slice(&buf[..n]);
             }
-            stream.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi").unwrap();
+            stream
+                .write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nhi")
+                .unwrap();
             String::from_utf8(got).unwrap()
         });
         let response = http_request(addr, "POST", "/v1/x", Some("{}")).unwrap();
-        assert_eq!((response.status, response.body.as_slice()), (201, &b"hi"[..]));
+        assert_eq!(
+            (response.status, response.body.as_slice()),
+            (201, &b"hi"[..])
+        );
         let request = server.join().unwrap();
         assert!(request.starts_with("POST /v1/x HTTP/1.1\r\n"), "{request}");
         assert!(request.contains("Content-Length: 2\r\n"), "{request}");

@@ -87,9 +87,18 @@ fn errors_cell(point: &HttpPoint) -> String {
     if e.total == 0 {
         return "0".into();
     }
-    let mut parts: Vec<String> = e.by_status.iter().map(|(s, n)| format!("{n}×{s}")).collect();
+    let mut parts: Vec<String> = e
+        .by_status
+        .iter()
+        .map(|(s, n)| format!("{n}×{s}"))
+        .collect();
     let k = &e.by_kind;
-    for (name, n) in [("connect", k.connect), ("timeout", k.timeout), ("parse", k.parse), ("closed", k.closed)] {
+    for (name, n) in [
+        ("connect", k.connect),
+        ("timeout", k.timeout),
+        ("parse", k.parse),
+        ("closed", k.closed),
+    ] {
         if n > 0 {
             parts.push(format!("{n} {name}"));
         }
@@ -109,7 +118,11 @@ pub const BWRAP: &str = "bwrap + python3 -c";
 pub fn headline(results: &Results) -> String {
     let mut out = String::new();
     let f = &results.fork;
-    let _ = writeln!(out, "| measurement ({}) | kvmfork | peer | kvmfork vs peer |", results.settings.code.replace('|', "\\|"));
+    let _ = writeln!(
+        out,
+        "| measurement ({}) | kvmfork | peer | kvmfork vs peer |",
+        results.settings.code.replace('|', "\\|")
+    );
     let _ = writeln!(out, "|---|---|---|---|");
     let _ = writeln!(
         out,
@@ -153,7 +166,10 @@ pub fn headline(results: &Results) -> String {
         }
     }
     for server in &results.fork_servers {
-        if let (Some(kvmfork), Some(peer)) = (Results::best(&results.kvmfork_exec), Results::best(&server.points)) {
+        if let (Some(kvmfork), Some(peer)) = (
+            Results::best(&results.kvmfork_exec),
+            Results::best(&server.points),
+        ) {
             let _ = writeln!(
                 out,
                 "| HTTP exec, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., {}) | {} |",
@@ -181,9 +197,18 @@ pub fn headline(results: &Results) -> String {
             }
         }
     }
-    let top = results.settings.connections.iter().max().copied().unwrap_or(0);
+    let top = results
+        .settings
+        .connections
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(0);
     for server in &results.fork_servers {
-        if let (Some(kvmfork), Some(peer)) = (Results::at(&results.kvmfork_exec, top), Results::at(&server.points, top)) {
+        if let (Some(kvmfork), Some(peer)) = (
+            Results::at(&results.kvmfork_exec, top),
+            Results::at(&server.points, top),
+        ) {
             let _ = writeln!(
                 out,
                 "| HTTP exec, {top} connections: p50 / p99, errors | {} / {}, {} errors | {} / {}, {} errors ({}) | {} (p50) |",
@@ -198,7 +223,10 @@ pub fn headline(results: &Results) -> String {
             );
         }
     }
-    if let (Some(kvmfork), Some(peer)) = (Results::best(&results.kvmfork_health), Results::best(&results.nginx)) {
+    if let (Some(kvmfork), Some(peer)) = (
+        Results::best(&results.kvmfork_health),
+        Results::best(&results.nginx),
+    ) {
         let _ = writeln!(
             out,
             "| GET /v1/health, best throughput | {} req/s ({} conn.) | {} req/s ({} conn., nginx `return 200`) | {} |",
@@ -216,7 +244,12 @@ pub fn headline(results: &Results) -> String {
             row.alive, row.forked_mem_available_kib
         );
     }
-    if let Some((row, kib)) = f.alive.iter().filter_map(|r| r.exec_mem_available_kib.map(|k| (r, k))).max_by_key(|(r, _)| r.alive) {
+    if let Some((row, kib)) = f
+        .alive
+        .iter()
+        .filter_map(|r| r.exec_mem_available_kib.map(|k| (r, k)))
+        .max_by_key(|(r, _)| r.alive)
+    {
         let _ = writeln!(
             out,
             "| host memory per live sandbox, {} alive, after each ran the snippet | {kib:.0} KiB (drop in MemAvailable) | — | — |",
@@ -239,7 +272,14 @@ fn percentiles_row(name: &str, p: &Percentiles) -> String {
 }
 
 fn latency_cells(l: &LatencySummary) -> String {
-    format!("{} | {} | {} | {} | {}", ms(l.p50_ms), ms(l.p90_ms), ms(l.p99_ms), ms(l.p99_9_ms), ms(l.max_ms))
+    format!(
+        "{} | {} | {} | {} | {}",
+        ms(l.p50_ms),
+        ms(l.p90_ms),
+        ms(l.p99_ms),
+        ms(l.p99_9_ms),
+        ms(l.max_ms)
+    )
 }
 
 /// kvmfork's row per connection count, then each peer's with kvmfork's ratio to it.
@@ -305,7 +345,11 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
 
     let _ = writeln!(out, "## Headline\n");
     if results.kvmfork_errors() > 0 {
-        let _ = writeln!(out, "**kvmfork failed {} requests in this run; see the tables below.**\n", results.kvmfork_errors());
+        let _ = writeln!(
+            out,
+            "**kvmfork failed {} requests in this run; see the tables below.**\n",
+            results.kvmfork_errors()
+        );
     }
     out += &headline(results);
 
@@ -316,7 +360,10 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
          *fresh VM*: a new KVM VM + vCPU per fork with the template mapped copy-on-write (Zeroboot's method).\n",
         s.fork_iterations
     );
-    let _ = writeln!(out, "| | p50 | p90 | p99 | max | mean | n |\n|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| | p50 | p90 | p99 | max | mean | n |\n|---|---|---|---|---|---|---|"
+    );
     for (name, p) in [
         ("fork to runnable, pooled reset", &f.pooled_fork),
         ("fork to runnable, fresh VM", &f.fresh_fork),
@@ -360,7 +407,10 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         );
     }
 
-    let _ = writeln!(out, "\n## One run at a time: kvmfork against a process per run\n");
+    let _ = writeln!(
+        out,
+        "\n## One run at a time: kvmfork against a process per run\n"
+    );
     let _ = writeln!(
         out,
         "kvmfork rows are HTTP round trips through `kvmfork serve` (loadgen, 1 connection), so they include HTTP \
@@ -384,7 +434,10 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
                 server.label,
                 latency_cells(&p.report.latency),
                 p.report.latency.count,
-                kvmfork1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, p.report.latency.p50_ms))
+                kvmfork1.map_or("n/a".into(), |f| latency_ratio(
+                    f.report.latency.p50_ms,
+                    p.report.latency.p50_ms
+                ))
             );
         }
     }
@@ -396,12 +449,23 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
             row.isolation,
             latency_cells(&row.serial.latency),
             row.serial.latency.count,
-            kvmfork1.map_or("n/a".into(), |f| latency_ratio(f.report.latency.p50_ms, row.serial.latency.p50_ms))
+            kvmfork1.map_or("n/a".into(), |f| latency_ratio(
+                f.report.latency.p50_ms,
+                row.serial.latency.p50_ms
+            ))
         );
     }
-    let parallel: Vec<&SpawnRow> = results.spawn.iter().filter(|r| r.parallel.is_some()).collect();
+    let parallel: Vec<&SpawnRow> = results
+        .spawn
+        .iter()
+        .filter(|r| r.parallel.is_some())
+        .collect();
     if !parallel.is_empty() {
-        let _ = writeln!(out, "\nProcesses spawned {} at a time (one per core):\n", parallel[0].parallel.as_ref().map_or(0, |p| p.parallel));
+        let _ = writeln!(
+            out,
+            "\nProcesses spawned {} at a time (one per core):\n",
+            parallel[0].parallel.as_ref().map_or(0, |p| p.parallel)
+        );
         let _ = writeln!(out, "| method | runs/s | p50 | p90 | p99 | p99.9 | max | kvmfork best exec req/s vs it |\n|---|---|---|---|---|---|---|---|");
         let best = Results::best(&results.kvmfork_exec);
         for row in parallel {
@@ -412,24 +476,45 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
                 row.label,
                 rps(par.per_second),
                 latency_cells(&par.latency),
-                best.map_or("n/a".into(), |b| throughput_ratio(b.report.ok_rps, par.per_second))
+                best.map_or("n/a".into(), |b| throughput_ratio(
+                    b.report.ok_rps,
+                    par.per_second
+                ))
             );
         }
     }
 
-    let _ = writeln!(out, "\n## HTTP exec under load: kvmfork against the fork servers\n");
+    let _ = writeln!(
+        out,
+        "\n## HTTP exec under load: kvmfork against the fork servers\n"
+    );
     let _ = writeln!(
         out,
         "loadgen closed loop, `print(1+1)` as POST /v1/exec, {:.0} s per point after {:.0} s of warm-up; \
          loadgen, the server and everything else share the {} cores.\n",
         s.exec_duration_s, s.warmup_s, h.cores
     );
-    let peers: Vec<(&str, &[HttpPoint])> = results.fork_servers.iter().map(|s| (s.label.as_str(), s.points.as_slice())).collect();
+    let peers: Vec<(&str, &[HttpPoint])> = results
+        .fork_servers
+        .iter()
+        .map(|s| (s.label.as_str(), s.points.as_slice()))
+        .collect();
     http_table(&mut out, &results.kvmfork_exec, &peers);
 
-    let _ = writeln!(out, "\n## Raw HTTP: kvmfork GET /v1/health against nginx `return 200`\n");
-    let _ = writeln!(out, "loadgen closed loop, {:.0} s per point.\n", s.health_duration_s);
-    http_table(&mut out, &results.kvmfork_health, &[("nginx", results.nginx.as_slice())]);
+    let _ = writeln!(
+        out,
+        "\n## Raw HTTP: kvmfork GET /v1/health against nginx `return 200`\n"
+    );
+    let _ = writeln!(
+        out,
+        "loadgen closed loop, {:.0} s per point.\n",
+        s.health_duration_s
+    );
+    http_table(
+        &mut out,
+        &results.kvmfork_health,
+        &[("nginx", results.nginx.as_slice())],
+    );
 
     if !plots.is_empty() {
         let _ = writeln!(out, "\n## Plots\n");
@@ -466,14 +551,22 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         "- **bubblewrap**: {} with read-only /usr, fresh /proc, /dev, /tmp, every namespace unshared (`--unshare-all`, no network), `--die-with-parent --new-session`.",
         s.bwrap_version
     );
-    let _ = writeln!(out, "- **nginx**: {} with `worker_processes {}`, `return 200` from memory, access log off.", s.nginx_version, s.nginx_workers);
+    let _ = writeln!(
+        out,
+        "- **nginx**: {} with `worker_processes {}`, `return 200` from memory, access log off.",
+        s.nginx_version, s.nginx_workers
+    );
     let _ = writeln!(
         out,
         "- Every server is checked before it is measured (`print(1+1)` must return stdout `2`), measured alone, and stopped; \
          latency counts successful (2xx) responses only and every other outcome is in the errors column. \
          The raw numbers are in [bench/results.json](bench/results.json)."
     );
-    let _ = writeln!(out, "\n<details><summary>kvmfork bench fork output</summary>\n\n```text\n{}```\n</details>", f.raw);
+    let _ = writeln!(
+        out,
+        "\n<details><summary>kvmfork bench fork output</summary>\n\n```text\n{}```\n</details>",
+        f.raw
+    );
     out
 }
 
@@ -485,9 +578,19 @@ mod tests {
     use std::time::Duration;
 
     fn point(url: &str, connections: usize) -> HttpPoint {
-        let spec = LoadSpec { url, request: "health", connections, duration: Duration::from_millis(200), warmup: Duration::ZERO };
+        let spec = LoadSpec {
+            url,
+            request: "health",
+            connections,
+            duration: Duration::from_millis(200),
+            warmup: Duration::ZERO,
+        };
         let result = spec.run().unwrap();
-        HttpPoint { connections, loadgen: spec.argv().join(" "), report: result.report }
+        HttpPoint {
+            connections,
+            loadgen: spec.argv().join(" "),
+            report: result.report,
+        }
     }
 
     fn spawn_row(label: &str, ms: u64, parallel: bool) -> SpawnRow {
@@ -495,7 +598,11 @@ mod tests {
         for i in 0..100 {
             h.record(ms * 1000 + i).unwrap();
         }
-        let stats = |parallel| SpawnStats { parallel, per_second: 1000.0 / ms as f64 * parallel as f64, latency: LatencySummary::of(&h) };
+        let stats = |parallel| SpawnStats {
+            parallel,
+            per_second: 1000.0 / ms as f64 * parallel as f64,
+            latency: LatencySummary::of(&h),
+        };
         SpawnRow {
             label: label.into(),
             isolation: "none".into(),
@@ -547,19 +654,34 @@ mod tests {
             // The 2-connection kvmfork point hits a closed port: every request fails.
             kvmfork_exec: vec![point(&up, 1), point(&refused, 2)],
             fork_servers: vec![
-                PeerServer { label: "fork server, numpy preloaded".into(), preload: vec!["numpy".into()], points: vec![point(&up, 1), point(&up, 2)] },
-                PeerServer { label: "fork server, bare CPython".into(), preload: vec![], points: vec![point(&up, 1)] },
+                PeerServer {
+                    label: "fork server, numpy preloaded".into(),
+                    preload: vec!["numpy".into()],
+                    points: vec![point(&up, 1), point(&up, 2)],
+                },
+                PeerServer {
+                    label: "fork server, bare CPython".into(),
+                    preload: vec![],
+                    points: vec![point(&up, 1)],
+                },
             ],
             kvmfork_health: vec![point(&up, 1), point(&up, 2)],
             nginx: vec![point(&up, 1), point(&up, 2)],
-            spawn: vec![spawn_row(PYTHON_C, 20, true), spawn_row(BWRAP, 30, true), spawn_row(PYTHON_C_NUMPY, 200, false)],
+            spawn: vec![
+                spawn_row(PYTHON_C, 20, true),
+                spawn_row(BWRAP, 30, true),
+                spawn_row(PYTHON_C_NUMPY, 200, false),
+            ],
         }
     }
 
     #[test]
     fn page_states_the_machine_and_every_section() {
         let results = sample_results();
-        let plots = vec![("HTTP, 1 connection".to_string(), "bench/http-c1.png".to_string())];
+        let plots = vec![(
+            "HTTP, 1 connection".to_string(),
+            "bench/http-c1.png".to_string(),
+        )];
         let page = render(&results, &plots);
         for needle in [
             "| CPU | 2 × Test CPU |",
@@ -597,7 +719,10 @@ mod tests {
         }
         assert!(headline.contains("| fork to runnable, p50 | 38 µs (pooled VM, copy-back reset) | 812 µs (fresh VM per fork) | kvmfork 21× faster |"), "{headline}");
         assert!(headline.contains("| fork + exec, in-process, p50 | 170 µs | 12.5 ms (fresh VM per fork) | kvmfork 74× faster |"), "{headline}");
-        assert!(headline.contains("(`bwrap + python3 -c`, spawn to exit)"), "{headline}");
+        assert!(
+            headline.contains("(`bwrap + python3 -c`, spawn to exit)"),
+            "{headline}"
+        );
         assert!(headline.contains("(`python3 -c`, 2 at once)"), "{headline}");
         assert!(headline.contains("| host memory per live sandbox, 1000 alive, forked (runnable) | 740 KiB (drop in MemAvailable) |"), "{headline}");
         assert!(headline.contains("| host memory per live sandbox, 100 alive, after each ran the snippet | 2200 KiB (drop in MemAvailable) |"), "{headline}");

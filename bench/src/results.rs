@@ -99,7 +99,9 @@ pub struct SpawnStats {
 impl Results {
     /// The kvmfork point with the most successful requests per second.
     pub fn best(points: &[HttpPoint]) -> Option<&HttpPoint> {
-        points.iter().max_by(|a, b| a.report.ok_rps.total_cmp(&b.report.ok_rps))
+        points
+            .iter()
+            .max_by(|a, b| a.report.ok_rps.total_cmp(&b.report.ok_rps))
     }
 
     pub fn at(points: &[HttpPoint], connections: usize) -> Option<&HttpPoint> {
@@ -108,6 +110,10 @@ impl Results {
 
     /// Requests kvmfork failed anywhere in the run (the table flags them).
     pub fn kvmfork_errors(&self) -> u64 {
-        self.kvmfork_exec.iter().chain(&self.kvmfork_health).map(HttpPoint::errors).sum()
+        self.kvmfork_exec
+            .iter()
+            .chain(&self.kvmfork_health)
+            .map(HttpPoint::errors)
+            .sum()
     }
 }

@@ -44,17 +44,49 @@ impl SpawnPeer {
 
     /// `python3 -c CODE` inside bubblewrap: read-only /usr, fresh /proc, /dev
     /// and /tmp, every namespace unshared (no network), killed with its parent.
-    pub fn bubblewrap(label: &str, bwrap: &str, python: &str, code: &str, expected: &str) -> SpawnPeer {
+    pub fn bubblewrap(
+        label: &str,
+        bwrap: &str,
+        python: &str,
+        code: &str,
+        expected: &str,
+    ) -> SpawnPeer {
         let argv: Vec<String> = [
-            bwrap, "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
-            "--symlink", "usr/bin", "/bin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--unshare-all",
-            "--die-with-parent", "--new-session", python, "-c", code,
+            bwrap,
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--proc",
+            "/proc",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+            "--unshare-all",
+            "--die-with-parent",
+            "--new-session",
+            python,
+            "-c",
+            code,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         // /etc is not bound: CPython starts without it, and nothing of the host leaks in.
-        SpawnPeer { label: label.into(), argv, expected_stdout: expected.into() }
+        SpawnPeer {
+            label: label.into(),
+            argv,
+            expected_stdout: expected.into(),
+        }
     }
 
     /// Runs it once, returning how long spawn-to-exit took.
@@ -64,7 +96,10 @@ impl SpawnPeer {
             .args(&self.argv[1..])
             .stdin(Stdio::null())
             .output()
-            .map_err(|source| BenchError::Spawn { what: self.label.clone(), source })?;
+            .map_err(|source| BenchError::Spawn {
+                what: self.label.clone(),
+                source,
+            })?;
         let took = start.elapsed();
         let stdout = String::from_utf8_lossy(&output.stdout);
         if !output.status.success() || stdout != self.expected_stdout {
@@ -84,7 +119,12 @@ impl SpawnPeer {
 
     /// `iterations` runs spread over `parallel` threads, after `warmup` runs
     /// that fill the page cache and are not counted.
-    pub fn measure(&self, iterations: usize, parallel: usize, warmup: usize) -> Result<SpawnResult, BenchError> {
+    pub fn measure(
+        &self,
+        iterations: usize,
+        parallel: usize,
+        warmup: usize,
+    ) -> Result<SpawnResult, BenchError> {
         for _ in 0..warmup {
             self.run_once()?;
         }
@@ -96,7 +136,10 @@ impl SpawnPeer {
             for _ in 0..parallel.max(1) {
                 scope.spawn(|| {
                     let mut local = loadgen::stats::new_histogram();
-                    while remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+                    while remaining
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
                         match self.run_once() {
                             Ok(took) => {
                                 let _ = local.record(loadgen::stats::micros(took));
@@ -107,7 +150,11 @@ impl SpawnPeer {
                             }
                         }
                     }
-                    merged.lock().unwrap().add(&local).expect("same histogram bounds");
+                    merged
+                        .lock()
+                        .unwrap()
+                        .add(&local)
+                        .expect("same histogram bounds");
                 });
             }
         });
@@ -115,7 +162,11 @@ impl SpawnPeer {
         if let Some(e) = first_error.into_inner().unwrap() {
             return Err(e);
         }
-        Ok(SpawnResult { latency: merged.into_inner().unwrap(), elapsed, parallel: parallel.max(1) })
+        Ok(SpawnResult {
+            latency: merged.into_inner().unwrap(),
+            elapsed,
+            parallel: parallel.max(1),
+        })
     }
 }
 
@@ -142,10 +193,17 @@ mod tests {
 
     #[test]
     fn wrong_output_or_exit_status_fails_the_peer() {
-        let err = sh("wrong", "echo 3", "2\n").measure(5, 2, 0).unwrap_err().to_string();
+        let err = sh("wrong", "echo 3", "2\n")
+            .measure(5, 2, 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("wrong") && err.contains("\"3\\n\""), "{err}");
         assert!(sh("exit", "echo 2; exit 1", "2\n").run_once().is_err());
-        let missing = SpawnPeer { label: "missing".into(), argv: vec!["/nonexistent/python3".into()], expected_stdout: String::new() };
+        let missing = SpawnPeer {
+            label: "missing".into(),
+            argv: vec!["/nonexistent/python3".into()],
+            expected_stdout: String::new(),
+        };
         assert!(matches!(missing.run_once(), Err(BenchError::Spawn { .. })));
     }
 

@@ -9,15 +9,23 @@ fn bench() -> Command {
 
 fn run(command: &mut Command) -> (i32, String) {
     let output = command.output().expect("run bench");
-    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn a_missing_kvmfork_binary_names_the_build_command() {
     let out = tempfile::tempdir().unwrap();
-    let (code, stderr) = run(bench().args(["--kvmfork", "/nonexistent/kvmfork", "--out-dir"]).arg(out.path()));
+    let (code, stderr) = run(bench()
+        .args(["--kvmfork", "/nonexistent/kvmfork", "--out-dir"])
+        .arg(out.path()));
     assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("cargo build --release -p kvmfork"), "{stderr}");
+    assert!(
+        stderr.contains("cargo build --release -p kvmfork"),
+        "{stderr}"
+    );
     assert!(!out.path().join("benchmarks.md").exists());
 }
 

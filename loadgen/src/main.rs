@@ -42,10 +42,17 @@ fn main() -> ExitCode {
         }
     };
     let report = Report::new(&config, &result);
-    let text = if args.json { report.to_json() + "\n" } else { report.to_text() };
+    let text = if args.json {
+        report.to_json() + "\n"
+    } else {
+        report.to_text()
+    };
     // A closed pipe (`| head`) is not an error worth a panic.
     let mut stdout = std::io::stdout().lock();
-    if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+    if let Err(e) = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             eprintln!("loadgen: cannot write the report: {e}");
             return ExitCode::from(2);

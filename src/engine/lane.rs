@@ -14,7 +14,10 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(templates: Vec<Template>, cfg: PoolConfig) -> Engine {
-        Engine { templates: templates.into_iter().map(Arc::new).collect(), cfg }
+        Engine {
+            templates: templates.into_iter().map(Arc::new).collect(),
+            cfg,
+        }
     }
 }
 
@@ -26,7 +29,11 @@ impl Lane for EngineLane {
     fn exec(&mut self, req: &ExecRequest) -> ExecResult {
         match self.pools.iter_mut().find(|(l, _)| *l == req.language) {
             Some((_, pool)) => pool.exec(req),
-            None => ExecResult { exit_code: -1, failure: Some(ExecFailure::NoTemplate), ..Default::default() },
+            None => ExecResult {
+                exit_code: -1,
+                failure: Some(ExecFailure::NoTemplate),
+                ..Default::default()
+            },
         }
     }
 
@@ -50,8 +57,17 @@ impl LaneFactory for Engine {
     fn new_lane(&self, _shard: usize) -> Result<Box<dyn Lane>, String> {
         let mut pools = Vec::new();
         for t in &self.templates {
-            let lang = t.language().ok_or_else(|| format!("template {} has unknown language {}", t.dir.display(), t.meta.language))?;
-            pools.push((lang, Pool::new(t.clone(), self.cfg.clone()).map_err(|e| e.to_string())?));
+            let lang = t.language().ok_or_else(|| {
+                format!(
+                    "template {} has unknown language {}",
+                    t.dir.display(),
+                    t.meta.language
+                )
+            })?;
+            pools.push((
+                lang,
+                Pool::new(t.clone(), self.cfg.clone()).map_err(|e| e.to_string())?,
+            ));
         }
         Ok(Box::new(EngineLane { pools }))
     }

@@ -37,7 +37,11 @@ pub enum ResponseError {
     #[error("agent reported unknown status {0}")]
     UnknownStatus(u32),
     #[error("{area} length {len} exceeds the cap of {cap} bytes")]
-    LengthOverCap { area: &'static str, len: u32, cap: u32 },
+    LengthOverCap {
+        area: &'static str,
+        len: u32,
+        cap: u32,
+    },
     #[error("guest memory access failed: {0}")]
     Memory(String),
 }
@@ -61,8 +65,14 @@ pub fn write_request(ram: &GuestRam, req: &MailboxRequest) -> Result<Vec<u64>, M
     ram.write_u32(MB + c::MB_REQ_FLAGS_OFF, 0)?;
     ram.write_u32(MB + c::MB_REQ_TIMEOUT_MS_OFF, req.timeout_ms)?;
     ram.write_u32(MB + c::MB_REQ_CODE_LEN_OFF, req.code.len() as u32)?;
-    ram.write_u32(MB + c::MB_REQ_STDOUT_CAP_OFF, req.stdout_cap.min(c::MB_STDOUT_MAX as u32))?;
-    ram.write_u32(MB + c::MB_REQ_STDERR_CAP_OFF, req.stderr_cap.min(c::MB_STDERR_MAX as u32))?;
+    ram.write_u32(
+        MB + c::MB_REQ_STDOUT_CAP_OFF,
+        req.stdout_cap.min(c::MB_STDOUT_MAX as u32),
+    )?;
+    ram.write_u32(
+        MB + c::MB_REQ_STDERR_CAP_OFF,
+        req.stderr_cap.min(c::MB_STDERR_MAX as u32),
+    )?;
     ram.write_u64(MB + c::MB_FORK_GENERATION_OFF, req.fork_generation)?;
     ram.write(MB + c::MB_FORK_SEED_OFF, &req.fork_seed)?;
     ram.write(MB + c::MB_CODE_OFF, req.code)?;
@@ -75,10 +85,18 @@ pub fn write_request(ram: &GuestRam, req: &MailboxRequest) -> Result<Vec<u64>, M
 
 /// Reads and validates the response to request `seq`. Every length is
 /// checked against both the contract maximum and the cap the host asked for.
-pub fn read_response(ram: &GuestRam, seq: u64, stdout_cap: u32, stderr_cap: u32) -> Result<MailboxResponse, ResponseError> {
+pub fn read_response(
+    ram: &GuestRam,
+    seq: u64,
+    stdout_cap: u32,
+    stderr_cap: u32,
+) -> Result<MailboxResponse, ResponseError> {
     let found = ram.read_u64(MB + c::MB_RESP_SEQ_OFF)?;
     if found != seq {
-        return Err(ResponseError::WrongSequence { found, expected: seq });
+        return Err(ResponseError::WrongSequence {
+            found,
+            expected: seq,
+        });
     }
     let status = ram.read_u32(MB + c::MB_RESP_STATUS_OFF)?;
     if ![c::STATUS_OK, c::STATUS_BAD_REQUEST, c::STATUS_AGENT_ERROR].contains(&(status as u64)) {
@@ -86,8 +104,20 @@ pub fn read_response(ram: &GuestRam, seq: u64, stdout_cap: u32, stderr_cap: u32)
     }
     let exit_code = ram.read_u32(MB + c::MB_RESP_EXIT_CODE_OFF)? as i32;
     let flags = ram.read_u32(MB + c::MB_RESP_FLAGS_OFF)?;
-    let stdout = read_area(ram, "stdout", c::MB_RESP_STDOUT_LEN_OFF, c::MB_STDOUT_OFF, stdout_cap.min(c::MB_STDOUT_MAX as u32))?;
-    let stderr = read_area(ram, "stderr", c::MB_RESP_STDERR_LEN_OFF, c::MB_STDERR_OFF, stderr_cap.min(c::MB_STDERR_MAX as u32))?;
+    let stdout = read_area(
+        ram,
+        "stdout",
+        c::MB_RESP_STDOUT_LEN_OFF,
+        c::MB_STDOUT_OFF,
+        stdout_cap.min(c::MB_STDOUT_MAX as u32),
+    )?;
+    let stderr = read_area(
+        ram,
+        "stderr",
+        c::MB_RESP_STDERR_LEN_OFF,
+        c::MB_STDERR_OFF,
+        stderr_cap.min(c::MB_STDERR_MAX as u32),
+    )?;
     Ok(MailboxResponse {
         status,
         exit_code,
@@ -98,7 +128,13 @@ pub fn read_response(ram: &GuestRam, seq: u64, stdout_cap: u32, stderr_cap: u32)
     })
 }
 
-fn read_area(ram: &GuestRam, area: &'static str, len_off: u64, data_off: u64, cap: u32) -> Result<Vec<u8>, ResponseError> {
+fn read_area(
+    ram: &GuestRam,
+    area: &'static str,
+    len_off: u64,
+    data_off: u64,
+    cap: u32,
+) -> Result<Vec<u8>, ResponseError> {
     let len = ram.read_u32(MB + len_off)?;
     if len > cap {
         return Err(ResponseError::LengthOverCap { area, len, cap });
@@ -110,7 +146,10 @@ fn read_area(ram: &GuestRam, area: &'static str, len_off: u64, data_off: u64, ca
 
 /// The message an agent left with a FATAL doorbell (bounded, lossy UTF-8).
 pub fn read_fatal_message(ram: &GuestRam) -> String {
-    let len = ram.read_u32(MB + c::MB_RESP_STDERR_LEN_OFF).unwrap_or(0).min(4096);
+    let len = ram
+        .read_u32(MB + c::MB_RESP_STDERR_LEN_OFF)
+        .unwrap_or(0)
+        .min(4096);
     let mut buf = vec![0u8; len as usize];
     let _ = ram.read(MB + c::MB_STDERR_OFF, &mut buf);
     String::from_utf8_lossy(&buf).into_owned()
@@ -132,9 +171,14 @@ mod tests {
         ram.write_u32(MB + c::MB_RESP_STATUS_OFF, status).unwrap();
         ram.write_u32(MB + c::MB_RESP_EXIT_CODE_OFF, 3).unwrap();
         ram.write(MB + c::MB_STDOUT_OFF, out).unwrap();
-        ram.write_u32(MB + c::MB_RESP_STDOUT_LEN_OFF, out_len).unwrap();
+        ram.write_u32(MB + c::MB_RESP_STDOUT_LEN_OFF, out_len)
+            .unwrap();
         ram.write_u32(MB + c::MB_RESP_STDERR_LEN_OFF, 0).unwrap();
-        ram.write_u32(MB + c::MB_RESP_FLAGS_OFF, c::RESP_FLAG_STDOUT_TRUNCATED as u32).unwrap();
+        ram.write_u32(
+            MB + c::MB_RESP_FLAGS_OFF,
+            c::RESP_FLAG_STDOUT_TRUNCATED as u32,
+        )
+        .unwrap();
     }
 
     #[test]
@@ -153,22 +197,44 @@ mod tests {
         };
         let pages = write_request(&ram, &req).unwrap();
         assert_eq!(pages.len(), 3, "header page + two code pages");
-        assert_eq!(ram.read_u32(MB + c::MB_REQ_CODE_LEN_OFF).unwrap(), code.len() as u32);
+        assert_eq!(
+            ram.read_u32(MB + c::MB_REQ_CODE_LEN_OFF).unwrap(),
+            code.len() as u32
+        );
         respond(&ram, 9, 0, b"hi", 2);
         let resp = read_response(&ram, 9, 10, 10).unwrap();
-        assert_eq!((resp.stdout.as_slice(), resp.exit_code, resp.stdout_truncated), (&b"hi"[..], 3, true));
+        assert_eq!(
+            (
+                resp.stdout.as_slice(),
+                resp.exit_code,
+                resp.stdout_truncated
+            ),
+            (&b"hi"[..], 3, true)
+        );
     }
 
     #[test]
     fn hostile_lengths_and_statuses_are_refused() {
         let ram = ram();
         respond(&ram, 1, 0, b"", u32::MAX);
-        assert!(matches!(read_response(&ram, 1, 10, 10), Err(ResponseError::LengthOverCap { .. })));
+        assert!(matches!(
+            read_response(&ram, 1, 10, 10),
+            Err(ResponseError::LengthOverCap { .. })
+        ));
         respond(&ram, 1, 0, b"", 11);
-        assert!(matches!(read_response(&ram, 1, 10, 10), Err(ResponseError::LengthOverCap { .. })));
+        assert!(matches!(
+            read_response(&ram, 1, 10, 10),
+            Err(ResponseError::LengthOverCap { .. })
+        ));
         respond(&ram, 1, 77, b"", 0);
-        assert_eq!(read_response(&ram, 1, 10, 10), Err(ResponseError::UnknownStatus(77)));
+        assert_eq!(
+            read_response(&ram, 1, 10, 10),
+            Err(ResponseError::UnknownStatus(77))
+        );
         respond(&ram, 2, 0, b"", 0);
-        assert!(matches!(read_response(&ram, 1, 10, 10), Err(ResponseError::WrongSequence { .. })));
+        assert!(matches!(
+            read_response(&ram, 1, 10, 10),
+            Err(ResponseError::WrongSequence { .. })
+        ));
     }
 }

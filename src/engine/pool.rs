@@ -26,7 +26,11 @@ pub struct PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { max_idle: 4, prewarm: 1, limits: Limits::default() }
+        PoolConfig {
+            max_idle: 4,
+            prewarm: 1,
+            limits: Limits::default(),
+        }
     }
 }
 
@@ -56,7 +60,15 @@ pub struct ResetTotals {
 impl Pool {
     pub fn new(template: Arc<Template>, cfg: PoolConfig) -> Result<Pool, SandboxError> {
         let kvm = Kvm::new().map_err(|e| SandboxError::Vm(crate::vmm::vm::VmError::CreateVm(e)))?;
-        let mut pool = Pool { kvm, template, idle: Vec::new(), timer: None, cfg, stats: LaneStats::default(), resets: ResetTotals::default() };
+        let mut pool = Pool {
+            kvm,
+            template,
+            idle: Vec::new(),
+            timer: None,
+            cfg,
+            stats: LaneStats::default(),
+            resets: ResetTotals::default(),
+        };
         for _ in 0..pool.cfg.prewarm.min(pool.cfg.max_idle) {
             let sb = Sandbox::fork_fresh(&pool.kvm, &pool.template, true)?;
             pool.idle.push(sb);
@@ -125,7 +137,8 @@ impl Pool {
     /// Resets every used idle sandbox now (off the request path).
     pub fn reset_idle(&mut self) {
         let t = self.template.clone();
-        self.idle.retain_mut(|sb| !sb.used() || sb.reset(&t).is_ok());
+        self.idle
+            .retain_mut(|sb| !sb.used() || sb.reset(&t).is_ok());
         self.stats.pooled_vms = self.idle.len();
     }
 
@@ -149,11 +162,17 @@ impl Pool {
         let template = self.template.clone();
         let mut result = match self.timer() {
             Ok(timer) => sb.exec(&template, req, &limits, timer),
-            Err(e) => ExecResult { exit_code: -1, failure: Some(ExecFailure::Internal(e.to_string())), ..Default::default() },
+            Err(e) => ExecResult {
+                exit_code: -1,
+                failure: Some(ExecFailure::Internal(e.to_string())),
+                ..Default::default()
+            },
         };
         match &result.failure {
             Some(ExecFailure::Timeout) => self.stats.timeouts += 1,
-            Some(ExecFailure::GuestCrashed(_)) | Some(ExecFailure::BadResponse(_)) => self.stats.guest_errors += 1,
+            Some(ExecFailure::GuestCrashed(_)) | Some(ExecFailure::BadResponse(_)) => {
+                self.stats.guest_errors += 1
+            }
             _ => {}
         }
         self.release(sb);

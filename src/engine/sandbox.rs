@@ -17,9 +17,9 @@ use super::mailbox::{self, MailboxRequest, CODE_MAX};
 use crate::api::{ExecFailure, ExecRequest, ExecResult};
 use crate::contract as c;
 use crate::template::Template;
+use crate::vmm::cpuid::HostKind;
 use crate::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
 use crate::vmm::kick::ThreadTimer;
-use crate::vmm::cpuid::HostKind;
 use crate::vmm::memory::{GuestRam, Sharing};
 use crate::vmm::stats::{StatsSample, VcpuStats};
 use crate::vmm::vcpu::{RunOutcome, Vcpu};
@@ -67,7 +67,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { stdout_cap: 1 << 20, stderr_cap: 1 << 20, max_dirty_pages: 64 << 8 /* 64 MiB */ }
+        Limits {
+            stdout_cap: 1 << 20,
+            stderr_cap: 1 << 20,
+            max_dirty_pages: 64 << 8, /* 64 MiB */
+        }
     }
 }
 
@@ -116,8 +120,16 @@ impl Sandbox {
         // VM-wide state (PIT, clock, irqchips) before the vCPU's.
         vm.restore_state(&t.state.vm)?;
         vcpu.restore_state(&t.state.vcpu, &t.fork_lapic)?;
-        let devices = LegacyDevices::with_serial_state(irq, ConsoleSink::new(CONSOLE_TAIL, false, None), &t.state.serial);
-        let stats = if pooled { VcpuStats::open(vcpu.fd()).ok() } else { None };
+        let devices = LegacyDevices::with_serial_state(
+            irq,
+            ConsoleSink::new(CONSOLE_TAIL, false, None),
+            &t.state.serial,
+        );
+        let stats = if pooled {
+            VcpuStats::open(vcpu.fd()).ok()
+        } else {
+            None
+        };
         Ok(Sandbox {
             vcpu,
             vm,
@@ -161,7 +173,9 @@ impl Sandbox {
             self.kernel_entered = false;
         }
         let t1 = Instant::now();
-        let n = self.ram.copy_pages_from(&t.source, BitIter::new(&self.ever_dirty));
+        let n = self
+            .ram
+            .copy_pages_from(&t.source, BitIter::new(&self.ever_dirty));
         let t2 = Instant::now();
         let t3;
         if std::mem::take(&mut self.user_mode_only) {
@@ -171,14 +185,22 @@ impl Sandbox {
             self.vcpu.restore_user_state(&t.state.vcpu)?;
         } else {
             self.vm.restore_state(&t.state.vm)?;
-            self.devices.reset_to(&t.state.serial).map_err(SandboxError::EventFd)?;
+            self.devices
+                .reset_to(&t.state.serial)
+                .map_err(SandboxError::EventFd)?;
             t3 = Instant::now();
             self.vcpu.restore_fast(&t.state.vcpu, &t.fork_lapic)?;
         }
         let t4 = Instant::now();
         self.used = false;
         self.timer_unmasked = false;
-        Ok(ResetStats { pages: n, dirty_log: t1 - t0, copy: t2 - t1, vm_state: t3 - t2, vcpu_state: t4 - t3 })
+        Ok(ResetStats {
+            pages: n,
+            dirty_log: t1 - t0,
+            copy: t2 - t1,
+            vm_state: t3 - t2,
+            vcpu_state: t4 - t3,
+        })
     }
 
     /// ORs KVM's dirty bitmap into `ever_dirty`.
@@ -197,7 +219,10 @@ impl Sandbox {
     }
 
     fn dirty_page_count(&self) -> usize {
-        self.ever_dirty.iter().map(|w| w.count_ones() as usize).sum()
+        self.ever_dirty
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum()
     }
 
     /// The vCPU (tests inspect registers after a reset).
@@ -221,9 +246,18 @@ impl Sandbox {
 
     /// Runs one request to completion. `timer` must belong to the calling
     /// thread (it kicks this thread's vCPU run).
-    pub fn exec(&mut self, t: &Template, req: &ExecRequest, limits: &Limits, timer: &ThreadTimer) -> ExecResult {
+    pub fn exec(
+        &mut self,
+        t: &Template,
+        req: &ExecRequest,
+        limits: &Limits,
+        timer: &ThreadTimer,
+    ) -> ExecResult {
         let started = Instant::now();
-        let mut result = ExecResult { exit_code: -1, ..Default::default() };
+        let mut result = ExecResult {
+            exit_code: -1,
+            ..Default::default()
+        };
         if req.code.len() > CODE_MAX {
             result.failure = Some(ExecFailure::Rejected(format!(
                 "code is {} bytes; the limit is {CODE_MAX}",
@@ -267,7 +301,12 @@ impl Sandbox {
         }
         result.exec_time = started.elapsed();
         match outcome {
-            Ok(()) => match mailbox::read_response(&self.ram, self.seq, limits.stdout_cap, limits.stderr_cap) {
+            Ok(()) => match mailbox::read_response(
+                &self.ram,
+                self.seq,
+                limits.stdout_cap,
+                limits.stderr_cap,
+            ) {
                 Ok(resp) => {
                     result.stdout = resp.stdout;
                     result.stderr = resp.stderr;
@@ -276,11 +315,14 @@ impl Sandbox {
                     match resp.status as u64 {
                         c::STATUS_OK => result.exit_code = resp.exit_code,
                         c::STATUS_BAD_REQUEST => {
-                            result.failure = Some(ExecFailure::Rejected(String::from_utf8_lossy(&result.stderr).into_owned()))
+                            result.failure = Some(ExecFailure::Rejected(
+                                String::from_utf8_lossy(&result.stderr).into_owned(),
+                            ))
                         }
                         _ => {
-                            result.failure =
-                                Some(ExecFailure::GuestCrashed(String::from_utf8_lossy(&result.stderr).into_owned()))
+                            result.failure = Some(ExecFailure::GuestCrashed(
+                                String::from_utf8_lossy(&result.stderr).into_owned(),
+                            ))
                         }
                     }
                 }
@@ -301,15 +343,22 @@ impl Sandbox {
     /// instruction beyond the doorbell store, a fault or interrupt delivered to
     /// the guest, or a halt. Without counters the answer is "yes".
     fn left_user_mode(&self, before: &Option<StatsSample>) -> bool {
-        let (Some(stats), Some(before)) = (self.stats.as_ref(), before.as_ref()) else { return true };
-        let Ok(after) = stats.sample() else { return true };
+        let (Some(stats), Some(before)) = (self.stats.as_ref(), before.as_ref()) else {
+            return true;
+        };
+        let Ok(after) = stats.sample() else {
+            return true;
+        };
         let delta = |name: &str| match (stats.get(before, name), stats.get(&after, name)) {
             (Some(a), Some(b)) => Some(b.wrapping_sub(a)),
             _ => None,
         };
-        let (Some(emulated), Some(faults), Some(irqs), Some(halts)) =
-            (delta("insn_emulation"), delta("pf_guest"), delta("irq_injections"), delta("halt_exits"))
-        else {
+        let (Some(emulated), Some(faults), Some(irqs), Some(halts)) = (
+            delta("insn_emulation"),
+            delta("pf_guest"),
+            delta("irq_injections"),
+            delta("halt_exits"),
+        ) else {
             return true;
         };
         emulated > 1 || faults > 0 || irqs > 0 || halts > 0
@@ -322,9 +371,14 @@ impl Sandbox {
         if started.elapsed() >= TIMER_GRACE {
             return true;
         }
-        let (Some(stats), Some(before)) = (self.stats.as_ref(), before.as_ref()) else { return true };
+        let (Some(stats), Some(before)) = (self.stats.as_ref(), before.as_ref()) else {
+            return true;
+        };
         let Ok(now) = stats.sample() else { return true };
-        match (stats.get(before, "halt_exits"), stats.get(&now, "halt_exits")) {
+        match (
+            stats.get(before, "halt_exits"),
+            stats.get(&now, "halt_exits"),
+        ) {
             (Some(a), Some(b)) => b != a,
             _ => true,
         }
@@ -343,11 +397,16 @@ impl Sandbox {
         let deadline = started + req.timeout;
         let arm = |now: Instant| {
             let left = deadline.saturating_duration_since(now);
-            timer.arm(left.min(CHECK_INTERVAL)).map_err(|e| ExecFailure::Internal(e.to_string()))
+            timer
+                .arm(left.min(CHECK_INTERVAL))
+                .map_err(|e| ExecFailure::Internal(e.to_string()))
         };
         arm(Instant::now())?;
         loop {
-            let outcome = self.vcpu.run(&mut self.devices, &self.ram).map_err(|e| ExecFailure::Internal(e.to_string()))?;
+            let outcome = self
+                .vcpu
+                .run(&mut self.devices, &self.ram)
+                .map_err(|e| ExecFailure::Internal(e.to_string()))?;
             match outcome {
                 RunOutcome::Doorbell(v) if v as u64 == c::DOORBELL_DONE => return Ok(()),
                 RunOutcome::Doorbell(v) if v as u64 == c::DOORBELL_FATAL => {
@@ -357,7 +416,9 @@ impl Sandbox {
                     )))
                 }
                 RunOutcome::Doorbell(v) => {
-                    return Err(ExecFailure::BadResponse(format!("unexpected doorbell value {v:#x}")))
+                    return Err(ExecFailure::BadResponse(format!(
+                        "unexpected doorbell value {v:#x}"
+                    )))
                 }
                 RunOutcome::Crashed(why) => {
                     let tail = self.console_tail(12);
@@ -376,7 +437,8 @@ impl Sandbox {
                         return Err(ExecFailure::Timeout);
                     }
                     if self.vm.dirty_logging() {
-                        self.collect_dirty().map_err(|e| ExecFailure::Internal(e.to_string()))?;
+                        self.collect_dirty()
+                            .map_err(|e| ExecFailure::Internal(e.to_string()))?;
                         if self.dirty_page_count() > limits.max_dirty_pages {
                             return Err(ExecFailure::MemoryLimit);
                         }
@@ -412,7 +474,11 @@ struct BitIter<'a> {
 
 impl<'a> BitIter<'a> {
     fn new(words: &'a [u64]) -> Self {
-        BitIter { words, index: 0, current: words.first().copied().unwrap_or(0) }
+        BitIter {
+            words,
+            index: 0,
+            current: words.first().copied().unwrap_or(0),
+        }
     }
 }
 
@@ -434,7 +500,13 @@ pub fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: writing into the remaining part of `buf`.
-        let n = unsafe { libc::getrandom(buf[filled..].as_mut_ptr() as *mut libc::c_void, buf.len() - filled, 0) };
+        let n = unsafe {
+            libc::getrandom(
+                buf[filled..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - filled,
+                0,
+            )
+        };
         if n > 0 {
             filled += n as usize;
         }
@@ -451,7 +523,10 @@ mod tests {
         for b in [0u64, 1, 63, 64, 130, 1000] {
             set_bit(&mut bm, b);
         }
-        assert_eq!(BitIter::new(&bm).collect::<Vec<_>>(), vec![0, 1, 63, 64, 130, 1000]);
+        assert_eq!(
+            BitIter::new(&bm).collect::<Vec<_>>(),
+            vec![0, 1, 63, 64, 130, 1000]
+        );
         assert_eq!(BitIter::new(&[]).count(), 0);
         assert_eq!(BitIter::new(&[0, 0, 1 << 5]).collect::<Vec<_>>(), vec![133]);
     }

@@ -178,7 +178,10 @@ impl EpollLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: leave the rest in the backlog until the next event.
-                    eprintln!("kvmfork serve: shard {}: accept failed: {e}", self.ctx.shard);
+                    eprintln!(
+                        "kvmfork serve: shard {}: accept failed: {e}",
+                        self.ctx.shard
+                    );
                     return;
                 }
             }

@@ -23,7 +23,9 @@ pub enum BootError {
     LoadKernel(linux_loader::loader::Error),
     #[error("reading initrd {0}: {1}")]
     ReadInitrd(String, std::io::Error),
-    #[error("initrd of {size} bytes does not fit in guest RAM above the mailbox ({ram} bytes of RAM)")]
+    #[error(
+        "initrd of {size} bytes does not fit in guest RAM above the mailbox ({ram} bytes of RAM)"
+    )]
     InitrdTooLarge { size: u64, ram: u64 },
     #[error("kernel command line is {0} bytes; at most {CMDLINE_MAX} fit")]
     CmdlineTooLong(usize),
@@ -59,18 +61,28 @@ pub struct LoadedKernel {
 
 /// Loads `vmlinux` and the initrd into `ram` and writes boot_params and the
 /// command line.
-pub fn load_linux(ram: &GuestRam, kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> Result<LoadedKernel, BootError> {
+pub fn load_linux(
+    ram: &GuestRam,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+) -> Result<LoadedKernel, BootError> {
     let ram_size = ram.size() as u64;
     if ram_size < MIN_RAM {
         return Err(BootError::RamTooSmall(ram_size));
     }
-    let mut image = File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.display().to_string(), e))?;
-    let view = ram.vm_memory_view().map_err(|e| BootError::View(e.to_string()))?;
-    let loaded = Elf::load(&view, None, &mut image, Some(GuestAddress(HIMEM_START))).map_err(BootError::LoadKernel)?;
+    let mut image =
+        File::open(kernel).map_err(|e| BootError::OpenKernel(kernel.display().to_string(), e))?;
+    let view = ram
+        .vm_memory_view()
+        .map_err(|e| BootError::View(e.to_string()))?;
+    let loaded = Elf::load(&view, None, &mut image, Some(GuestAddress(HIMEM_START)))
+        .map_err(BootError::LoadKernel)?;
 
     let (initrd_addr, initrd_size) = match initrd {
         Some(path) => {
-            let data = std::fs::read(path).map_err(|e| BootError::ReadInitrd(path.display().to_string(), e))?;
+            let data = std::fs::read(path)
+                .map_err(|e| BootError::ReadInitrd(path.display().to_string(), e))?;
             let size = data.len() as u64;
             let top = ram_size;
             let addr = top.checked_sub(size).map(|a| a & !(PAGE as u64 - 1));
@@ -79,7 +91,12 @@ pub fn load_linux(ram: &GuestRam, kernel: &Path, initrd: Option<&Path>, cmdline:
                     ram.write(addr, &data)?;
                     (addr, size)
                 }
-                _ => return Err(BootError::InitrdTooLarge { size, ram: ram_size }),
+                _ => {
+                    return Err(BootError::InitrdTooLarge {
+                        size,
+                        ram: ram_size,
+                    })
+                }
             }
         }
         None => (0, 0),
@@ -103,14 +120,22 @@ pub fn load_linux(ram: &GuestRam, kernel: &Path, initrd: Option<&Path>, cmdline:
     params.hdr.ramdisk_size = initrd_size as u32;
     let e820 = e820_map(ram_size);
     for (i, &(addr, size, kind)) in e820.iter().enumerate() {
-        params.e820_table[i] = boot_e820_entry { addr, size, r#type: kind };
+        params.e820_table[i] = boot_e820_entry {
+            addr,
+            size,
+            r#type: kind,
+        };
     }
     params.e820_entries = e820.len() as u8;
     ram.write(ZERO_PAGE_ADDR, pod_bytes(&params))?;
 
     write_page_tables(ram)?;
     write_gdt(ram)?;
-    Ok(LoadedKernel { entry: loaded.kernel_load.0, initrd_addr, initrd_size })
+    Ok(LoadedKernel {
+        entry: loaded.kernel_load.0,
+        initrd_addr,
+        initrd_size,
+    })
 }
 
 const PAGE: usize = 4096;
@@ -152,7 +177,11 @@ fn segment_from_gdt(entry: u64, index: u8) -> kvm_segment {
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base: ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff),
-        limit: if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit },
+        limit: if g == 1 {
+            (raw_limit << 12) | 0xfff
+        } else {
+            raw_limit
+        },
         selector: u16::from(index) * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -216,27 +245,40 @@ pub fn setup_boot_vcpu(vcpu: &Vcpu, entry: u64) -> Result<(), BootError> {
     };
     fd.set_regs(&regs).map_err(BootError::SetRegs)?;
 
-    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
     fd.set_fpu(&fpu).map_err(BootError::SetFpu)?;
 
-    let msr = |index: u32, data: u64| kvm_msr_entry { index, data, ..Default::default() };
+    let msr = |index: u32, data: u64| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     let entries = [
-        msr(0x174, 0),                  // IA32_SYSENTER_CS
-        msr(0x175, 0),                  // IA32_SYSENTER_ESP
-        msr(0x176, 0),                  // IA32_SYSENTER_EIP
-        msr(0xc000_0081, 0),            // STAR
-        msr(0xc000_0083, 0),            // CSTAR
-        msr(0xc000_0102, 0),            // KERNEL_GS_BASE
-        msr(0xc000_0084, 0),            // SYSCALL_MASK
-        msr(0xc000_0082, 0),            // LSTAR
-        msr(0x10, 0),                   // TSC
-        msr(0x1a0, 1),                  // MISC_ENABLE: fast strings
-        msr(0x2ff, (1 << 11) | 6),      // MTRRdefType: enabled, write-back
+        msr(0x174, 0),             // IA32_SYSENTER_CS
+        msr(0x175, 0),             // IA32_SYSENTER_ESP
+        msr(0x176, 0),             // IA32_SYSENTER_EIP
+        msr(0xc000_0081, 0),       // STAR
+        msr(0xc000_0083, 0),       // CSTAR
+        msr(0xc000_0102, 0),       // KERNEL_GS_BASE
+        msr(0xc000_0084, 0),       // SYSCALL_MASK
+        msr(0xc000_0082, 0),       // LSTAR
+        msr(0x10, 0),              // TSC
+        msr(0x1a0, 1),             // MISC_ENABLE: fast strings
+        msr(0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
     ];
     let msrs = Msrs::from_entries(&entries).map_err(|e| BootError::SetMsrs(format!("{e:?}")))?;
-    let n = fd.set_msrs(&msrs).map_err(|e| BootError::SetMsrs(e.to_string()))?;
+    let n = fd
+        .set_msrs(&msrs)
+        .map_err(|e| BootError::SetMsrs(e.to_string()))?;
     if n != entries.len() {
-        return Err(BootError::SetMsrs(format!("stopped at MSR {:#x}", entries[n].index)));
+        return Err(BootError::SetMsrs(format!(
+            "stopped at MSR {:#x}",
+            entries[n].index
+        )));
     }
 
     // LINT0 = ExtINT (the PIC), LINT1 = NMI, as a BIOS would leave them.
@@ -260,7 +302,10 @@ mod tests {
     #[test]
     fn gdt_segments_decode_as_long_mode_flat() {
         let cs = segment_from_gdt(GDT[1], 1);
-        assert_eq!((cs.l, cs.present, cs.selector, cs.limit), (1, 1, 8, 0xffff_ffff));
+        assert_eq!(
+            (cs.l, cs.present, cs.selector, cs.limit),
+            (1, 1, 8, 0xffff_ffff)
+        );
         let ds = segment_from_gdt(GDT[2], 2);
         assert_eq!((ds.db, ds.type_, ds.selector), (1, 3, 16));
         assert_eq!(segment_from_gdt(GDT[0], 0).unusable, 1);

@@ -25,7 +25,10 @@ impl HostKind {
             return HostKind::Pvm;
         }
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let flags = cpuinfo.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+        let flags = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("flags"))
+            .unwrap_or("");
         if flags.split_whitespace().any(|f| f == "vmx" || f == "svm") {
             HostKind::Hardware
         } else {
@@ -106,7 +109,15 @@ mod tests {
     use kvm_bindings::kvm_cpuid_entry2;
 
     fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax: !0, ebx: !0, ecx: !0, edx: !0, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: !0,
+            ebx: !0,
+            ecx: !0,
+            edx: !0,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -121,7 +132,11 @@ mod tests {
         assert_eq!(e[2].eax, 0);
         let mut hw = CpuId::from_entries(&entries).unwrap();
         filter(&mut hw, HostKind::Hardware);
-        assert_ne!(hw.as_slice()[0].ecx & (1 << 26), 0, "xsave kept on hardware KVM");
+        assert_ne!(
+            hw.as_slice()[0].ecx & (1 << 26),
+            0,
+            "xsave kept on hardware KVM"
+        );
         assert_eq!((hw.as_slice()[0].ebx >> 16) & 0xff, 1, "one logical cpu");
     }
 }

@@ -39,7 +39,14 @@ pub struct ConsoleSink {
 
 impl ConsoleSink {
     pub fn new(tail_cap: usize, echo: bool, log: Option<std::fs::File>) -> Self {
-        ConsoleSink { tail: VecDeque::with_capacity(tail_cap), tail_cap, echo, log, line: Vec::new(), total: 0 }
+        ConsoleSink {
+            tail: VecDeque::with_capacity(tail_cap),
+            tail_cap,
+            echo,
+            log,
+            line: Vec::new(),
+            total: 0,
+        }
     }
 
     /// The last bytes the guest printed, lossily decoded.
@@ -103,15 +110,22 @@ pub struct LegacyDevices {
 
 impl LegacyDevices {
     pub fn new(irq: EventFd, sink: ConsoleSink) -> Self {
-        LegacyDevices { serial: Serial::new(IrqFdTrigger(irq), sink), cmos_index: 0 }
+        LegacyDevices {
+            serial: Serial::new(IrqFdTrigger(irq), sink),
+            cmos_index: 0,
+        }
     }
 
     /// Restores the UART registers the guest driver programmed (so a fork's
     /// console keeps working exactly as in the template).
     pub fn with_serial_state(irq: EventFd, sink: ConsoleSink, state: &SerialState) -> Self {
-        let serial = Serial::from_state(state, IrqFdTrigger(irq), vm_superio::serial::NoEvents, sink)
-            .unwrap_or_else(|_| panic!("serial state from a validated snapshot"));
-        LegacyDevices { serial, cmos_index: 0 }
+        let serial =
+            Serial::from_state(state, IrqFdTrigger(irq), vm_superio::serial::NoEvents, sink)
+                .unwrap_or_else(|_| panic!("serial state from a validated snapshot"));
+        LegacyDevices {
+            serial,
+            cmos_index: 0,
+        }
     }
 
     /// Back to the template's UART registers with an empty console, so
@@ -128,7 +142,9 @@ impl LegacyDevices {
     }
 
     pub fn pio_write(&mut self, port: u16, data: &[u8]) -> PortAction {
-        let Some(&value) = data.first() else { return PortAction::Continue };
+        let Some(&value) = data.first() else {
+            return PortAction::Continue;
+        };
         match port {
             p if (COM1_BASE..COM1_BASE + 8).contains(&p) => {
                 // A failed IRQ injection only loses an interrupt; the driver polls.
@@ -170,7 +186,10 @@ mod tests {
             assert_eq!(dev.pio_write(COM1_BASE, &[*b]), PortAction::Continue);
         }
         assert_eq!(dev.console().tail_text(1), "world");
-        assert_eq!(dev.pio_write(I8042_COMMAND, &[I8042_RESET_CMD]), PortAction::Reset);
+        assert_eq!(
+            dev.pio_write(I8042_COMMAND, &[I8042_RESET_CMD]),
+            PortAction::Reset
+        );
         let mut buf = [0u8; 1];
         dev.pio_read(0x1234, &mut buf);
         assert_eq!(buf[0], 0xff);

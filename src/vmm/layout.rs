@@ -43,7 +43,11 @@ pub fn e820_map(ram_size: u64) -> Vec<(u64, u64, u32)> {
         (0, EBDA_START, E820_RAM),
         (HIMEM_START, MAILBOX_GPA - HIMEM_START, E820_RAM),
         (MAILBOX_GPA, MAILBOX_SIZE, E820_RESERVED),
-        (MAILBOX_GPA + MAILBOX_SIZE, ram_size - MAILBOX_GPA - MAILBOX_SIZE, E820_RAM),
+        (
+            MAILBOX_GPA + MAILBOX_SIZE,
+            ram_size - MAILBOX_GPA - MAILBOX_SIZE,
+            E820_RAM,
+        ),
     ]
 }
 
@@ -61,7 +65,9 @@ mod tests {
             last_end = start + len;
         }
         assert_eq!(last_end, ram);
-        assert!(map.iter().any(|&(s, l, t)| s == MAILBOX_GPA && l == MAILBOX_SIZE && t == E820_RESERVED));
+        assert!(map
+            .iter()
+            .any(|&(s, l, t)| s == MAILBOX_GPA && l == MAILBOX_SIZE && t == E820_RESERVED));
         assert!(DOORBELL_GPA >= ram, "doorbell must be outside RAM");
     }
 }

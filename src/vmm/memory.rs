@@ -80,7 +80,8 @@ impl GuestRam {
 
     /// Seals a template memfd against any further change of size or content.
     pub fn seal(file: &File) -> Result<(), MemoryError> {
-        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        let seals =
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
         // SAFETY: fcntl on a valid fd with constant arguments.
         let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
         if r < 0 {
@@ -93,7 +94,10 @@ impl GuestRam {
     pub fn map(file: &File, size: usize, sharing: Sharing) -> Result<GuestRam, MemoryError> {
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
         if file_len < size as u64 {
-            return Err(MemoryError::FileTooSmall { file: file_len, ram: size as u64 });
+            return Err(MemoryError::FileTooSmall {
+                file: file_len,
+                ram: size as u64,
+            });
         }
         let reserve = size + HUGE_PAGE_SIZE;
         // SAFETY: anonymous PROT_NONE reservation; no existing memory is touched.
@@ -108,7 +112,10 @@ impl GuestRam {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(MemoryError::Reserve(std::io::Error::last_os_error(), reserve));
+            return Err(MemoryError::Reserve(
+                std::io::Error::last_os_error(),
+                reserve,
+            ));
         }
         let start = raw as usize;
         let aligned = (start + HUGE_PAGE_SIZE - 1) & !(HUGE_PAGE_SIZE - 1);
@@ -193,7 +200,11 @@ impl GuestRam {
             let off = (p as usize) * PAGE_SIZE;
             // SAFETY: `p` is a page index inside both mappings of equal size.
             unsafe {
-                std::ptr::copy_nonoverlapping(source.as_ptr().add(off), self.as_ptr().add(off), PAGE_SIZE)
+                std::ptr::copy_nonoverlapping(
+                    source.as_ptr().add(off),
+                    self.as_ptr().add(off),
+                    PAGE_SIZE,
+                )
             };
             n += 1;
         }
@@ -204,13 +215,20 @@ impl GuestRam {
         let end = addr.checked_add(len as u64);
         match end {
             Some(end) if end <= self.size as u64 => Ok(addr as usize),
-            _ => Err(MemoryError::OutOfRange { addr, len, size: self.size }),
+            _ => Err(MemoryError::OutOfRange {
+                addr,
+                len,
+                size: self.size,
+            }),
         }
     }
 
     /// Copies `data` into guest RAM at `addr` (bounds-checked).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
-        assert!(self.sharing != Sharing::ReadOnly, "write to a read-only template view");
+        assert!(
+            self.sharing != Sharing::ReadOnly,
+            "write to a read-only template view"
+        );
         let off = self.check(addr, data.len())?;
         // SAFETY: range checked against the mapping size above.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.as_ptr().add(off), data.len()) };
@@ -221,7 +239,9 @@ impl GuestRam {
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let off = self.check(addr, buf.len())?;
         // SAFETY: range checked against the mapping size above.
-        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(off), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
+        };
         Ok(())
     }
 
@@ -283,7 +303,11 @@ mod tests {
         let private = GuestRam::map(&file, 4 << 20, Sharing::Private).unwrap();
         assert_eq!(private.read_u64(0x1000).unwrap(), 0xdead_beef);
         private.write_u64(0x1000, 7).unwrap();
-        assert_eq!(shared.read_u64(0x1000).unwrap(), 0xdead_beef, "fork write leaked into template");
+        assert_eq!(
+            shared.read_u64(0x1000).unwrap(),
+            0xdead_beef,
+            "fork write leaked into template"
+        );
         assert_eq!(private.read_u64(0x1000).unwrap(), 7);
     }
 

@@ -39,7 +39,11 @@ pub enum SnapshotError {
     #[error("{0} is truncated ({1})")]
     Truncated(String, &'static str),
     #[error("{path} is corrupted: checksum {found:#010x}, expected {expected:#010x}")]
-    Checksum { path: String, found: u32, expected: u32 },
+    Checksum {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
     #[error("snapshot is incompatible with this host or build: {0}")]
     Incompatible(String),
     #[error("snapshot metadata: {0}")]
@@ -139,7 +143,9 @@ fn pod_from<T>(name: &str, bytes: &[u8]) -> Result<T, SnapshotError> {
 fn pod_vec_from<T: Copy>(name: &str, bytes: &[u8]) -> Result<Vec<T>, SnapshotError> {
     let size = std::mem::size_of::<T>();
     if bytes.len() % size != 0 {
-        return Err(SnapshotError::Incompatible(format!("section {name} is not a whole number of entries")));
+        return Err(SnapshotError::Incompatible(format!(
+            "section {name} is not a whole number of entries"
+        )));
     }
     Ok(bytes
         .chunks_exact(size)
@@ -166,7 +172,9 @@ fn serial_bytes(s: &SerialState) -> Vec<u8> {
 
 fn serial_from(bytes: &[u8]) -> Result<SerialState, SnapshotError> {
     if bytes.len() < 9 {
-        return Err(SnapshotError::Incompatible("serial section too short".into()));
+        return Err(SnapshotError::Incompatible(
+            "serial section too short".into(),
+        ));
     }
     Ok(SerialState {
         baud_divisor_low: bytes[0],
@@ -222,7 +230,10 @@ pub fn encode_state(meta: &TemplateMeta, m: &MachineState) -> Vec<u8> {
 }
 
 /// Parses and validates `state.snap` bytes. `path` names the file in errors.
-pub fn decode_state(path: &str, data: &[u8]) -> Result<(TemplateMeta, MachineState), SnapshotError> {
+pub fn decode_state(
+    path: &str,
+    data: &[u8],
+) -> Result<(TemplateMeta, MachineState), SnapshotError> {
     if data.len() < 8 || &data[..8] != MAGIC {
         return Err(SnapshotError::BadMagic(path.into()));
     }
@@ -231,13 +242,20 @@ pub fn decode_state(path: &str, data: &[u8]) -> Result<(TemplateMeta, MachineSta
     }
     let version = u32::from_le_bytes(data[8..12].try_into().unwrap());
     if version != FORMAT_VERSION {
-        return Err(SnapshotError::Version { path: path.into(), found: version });
+        return Err(SnapshotError::Version {
+            path: path.into(),
+            found: version,
+        });
     }
     let (body, trailer) = data.split_at(data.len() - 4);
     let expected = u32::from_le_bytes(trailer.try_into().unwrap());
     let found = crc32fast::hash(body);
     if found != expected {
-        return Err(SnapshotError::Checksum { path: path.into(), found, expected });
+        return Err(SnapshotError::Checksum {
+            path: path.into(),
+            found,
+            expected,
+        });
     }
     let count = u32::from_le_bytes(body[12..16].try_into().unwrap());
     let mut pos = 16usize;
@@ -291,7 +309,11 @@ pub fn decode_state(path: &str, data: &[u8]) -> Result<(TemplateMeta, MachineSta
     Ok((meta, MachineState { vcpu, vm, serial }))
 }
 
-pub fn write_state(path: &Path, meta: &TemplateMeta, m: &MachineState) -> Result<(), SnapshotError> {
+pub fn write_state(
+    path: &Path,
+    meta: &TemplateMeta,
+    m: &MachineState,
+) -> Result<(), SnapshotError> {
     let bytes = encode_state(meta, m);
     let tmp = path.with_extension("tmp");
     let io = |e| SnapshotError::Io(tmp.display().to_string(), e);
@@ -307,7 +329,9 @@ pub fn read_state(path: &Path) -> Result<(TemplateMeta, MachineState), SnapshotE
     let mut f = File::open(path).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     if len > MAX_STATE_FILE {
-        return Err(SnapshotError::Incompatible(format!("{name} is {len} bytes; too large for a state file")));
+        return Err(SnapshotError::Incompatible(format!(
+            "{name} is {len} bytes; too large for a state file"
+        )));
     }
     let mut data = Vec::with_capacity(len as usize);
     f.read_to_end(&mut data).map_err(io)?;
@@ -319,7 +343,9 @@ fn is_zero(page: &[u8]) -> bool {
         // SAFETY: reinterpreting bytes as u64 words; align_to handles alignment.
         unsafe { page.align_to::<u64>() }
     };
-    prefix.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && suffix.iter().all(|&b| b == 0)
+    prefix.iter().all(|&b| b == 0)
+        && words.iter().all(|&w| w == 0)
+        && suffix.iter().all(|&b| b == 0)
 }
 
 /// Writes guest RAM as a sparse file: all-zero pages become holes. Returns
@@ -346,7 +372,10 @@ pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<MemoryInfo, SnapshotE
     f.sync_all().map_err(io)?;
     let allocated = allocated_bytes(path);
     Ok(MemoryInfo {
-        file: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        file: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         apparent_size: ram.size() as u64,
         allocated_size: allocated,
         nonzero_pages: nonzero,
@@ -356,7 +385,9 @@ pub fn write_memory(path: &Path, ram: &GuestRam) -> Result<MemoryInfo, SnapshotE
 
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// Loads `memory.bin` into a fresh sealed memfd (forks map it privately),
@@ -367,7 +398,10 @@ pub fn load_memory(path: &Path, info: &MemoryInfo) -> Result<File, SnapshotError
     let f = File::open(path).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     if len != info.apparent_size {
-        return Err(SnapshotError::Truncated(name, "memory file size differs from the metadata"));
+        return Err(SnapshotError::Truncated(
+            name,
+            "memory file size differs from the metadata",
+        ));
     }
     let memfd = GuestRam::create_memfd("kvmfork-template", len as usize)?;
     let mut crc = crc32fast::Hasher::new();
@@ -377,7 +411,13 @@ pub fn load_memory(path: &Path, info: &MemoryInfo) -> Result<File, SnapshotError
     while offset < len {
         // Skip holes quickly: jump to the next data region.
         // SAFETY: lseek on a valid fd.
-        let data = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), offset as i64, libc::SEEK_DATA) };
+        let data = unsafe {
+            libc::lseek(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                offset as i64,
+                libc::SEEK_DATA,
+            )
+        };
         if data < 0 {
             break; // no more data: the rest is a hole
         }
@@ -400,7 +440,11 @@ pub fn load_memory(path: &Path, info: &MemoryInfo) -> Result<File, SnapshotError
     }
     let found = crc.finalize();
     if found != info.crc32 || nonzero != info.nonzero_pages {
-        return Err(SnapshotError::Checksum { path: name, found, expected: info.crc32 });
+        return Err(SnapshotError::Checksum {
+            path: name,
+            found,
+            expected: info.crc32,
+        });
     }
     Ok(memfd)
 }
@@ -414,7 +458,11 @@ mod tests {
         let mut regs = kvm_regs::default();
         regs.rip = 0x4242;
         let vcpu = VcpuState {
-            cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: 7, ..Default::default() }],
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 7,
+                ..Default::default()
+            }],
             mp_state: kvm_mp_state::default(),
             regs,
             sregs: kvm_sregs::default(),
@@ -422,7 +470,11 @@ mod tests {
             xcrs: None,
             debugregs: kvm_debugregs::default(),
             lapic: kvm_lapic_state::default(),
-            msrs: vec![kvm_msr_entry { index: 0x10, data: 99, ..Default::default() }],
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 99,
+                ..Default::default()
+            }],
             events: kvm_vcpu_events::default(),
         };
         let vm = VmState {
@@ -432,7 +484,11 @@ mod tests {
             pit: kvm_pit_state2::default(),
             clock: kvm_clock_data::default(),
         };
-        let none = ArtifactInfo { path: String::new(), cache_key: String::new(), size: 0 };
+        let none = ArtifactInfo {
+            path: String::new(),
+            cache_key: String::new(),
+            size: 0,
+        };
         let meta = TemplateMeta {
             language: "python".into(),
             kvmfork_version: "0".into(),
@@ -451,7 +507,14 @@ mod tests {
             memory: MemoryInfo::default(),
             xsave_size: 0,
         };
-        (meta, MachineState { vcpu, vm, serial: SerialState::default() })
+        (
+            meta,
+            MachineState {
+                vcpu,
+                vm,
+                serial: SerialState::default(),
+            },
+        )
     }
 
     fn reseal(bytes: &mut Vec<u8>) {
@@ -478,17 +541,29 @@ mod tests {
         let good = encode_state(&meta, &m);
         let mut flipped = good.clone();
         flipped[100] ^= 0xff;
-        assert!(matches!(decode_state("s", &flipped), Err(SnapshotError::Checksum { .. })));
+        assert!(matches!(
+            decode_state("s", &flipped),
+            Err(SnapshotError::Checksum { .. })
+        ));
         for cut in [0, 7, 15, 19, good.len() / 2, good.len() - 1] {
-            assert!(decode_state("s", &good[..cut]).is_err(), "truncated at {cut} was accepted");
+            assert!(
+                decode_state("s", &good[..cut]).is_err(),
+                "truncated at {cut} was accepted"
+            );
         }
         let mut magic = good.clone();
         magic[0] = b'X';
-        assert!(matches!(decode_state("s", &magic), Err(SnapshotError::BadMagic(_))));
+        assert!(matches!(
+            decode_state("s", &magic),
+            Err(SnapshotError::BadMagic(_))
+        ));
         let mut version = good.clone();
         version[8..12].copy_from_slice(&99u32.to_le_bytes());
         reseal(&mut version);
-        assert!(matches!(decode_state("s", &version), Err(SnapshotError::Version { found: 99, .. })));
+        assert!(matches!(
+            decode_state("s", &version),
+            Err(SnapshotError::Version { found: 99, .. })
+        ));
         // A section of the wrong size (as from another KVM header version).
         let mut wrong = good.clone();
         let meta_len = u32::from_le_bytes(wrong[20..24].try_into().unwrap()) as usize;
@@ -498,7 +573,9 @@ mod tests {
         wrong.remove(regs_len_at + 4);
         wrong[regs_len_at..regs_len_at + 4].copy_from_slice(&(regs_len - 1).to_le_bytes());
         reseal(&mut wrong);
-        let err = decode_state("s", &wrong).err().expect("wrong section size accepted");
+        let err = decode_state("s", &wrong)
+            .err()
+            .expect("wrong section size accepted");
         assert!(matches!(err, SnapshotError::Incompatible(_)), "{err}");
     }
 }

@@ -40,35 +40,48 @@ impl VcpuStats {
         // SAFETY: the fd was just returned to us and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         let mut header = [0u8; 24];
-        file.read_exact_at(&mut header, 0).map_err(StatsError::Read)?;
-        let word = |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().unwrap()) as u64;
+        file.read_exact_at(&mut header, 0)
+            .map_err(StatsError::Read)?;
+        let word =
+            |i: usize| u32::from_le_bytes(header[i * 4..i * 4 + 4].try_into().unwrap()) as u64;
         let (name_size, num_desc, desc_offset, data_offset) = (word(1), word(2), word(4), word(5));
         if num_desc > 4096 || name_size > 4096 {
             return Err(StatsError::Malformed);
         }
         let desc_size = 16 + name_size;
         let mut descs = vec![0u8; (desc_size * num_desc) as usize];
-        file.read_exact_at(&mut descs, desc_offset).map_err(StatsError::Read)?;
+        file.read_exact_at(&mut descs, desc_offset)
+            .map_err(StatsError::Read)?;
         let mut counters = Vec::new();
         let mut data_len = 0usize;
         for d in descs.chunks_exact(desc_size as usize) {
             let size = u16::from_le_bytes([d[6], d[7]]) as usize;
             let offset = u32::from_le_bytes(d[8..12].try_into().unwrap()) as u64;
             let name_bytes = &d[16..];
-            let end = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
+            let end = name_bytes
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(name_bytes.len());
             let name = String::from_utf8_lossy(&name_bytes[..end]).into_owned();
             data_len = data_len.max(offset as usize + size * 8);
             if size == 1 {
                 counters.push((name, offset));
             }
         }
-        Ok(VcpuStats { file, data_offset, counters, data_len })
+        Ok(VcpuStats {
+            file,
+            data_offset,
+            counters,
+            data_len,
+        })
     }
 
     /// Reads every counter once (one pread).
     pub fn sample(&self) -> Result<StatsSample, StatsError> {
         let mut data = vec![0u8; self.data_len];
-        self.file.read_exact_at(&mut data, self.data_offset).map_err(StatsError::Read)?;
+        self.file
+            .read_exact_at(&mut data, self.data_offset)
+            .map_err(StatsError::Read)?;
         Ok(StatsSample { data })
     }
 
@@ -76,7 +89,9 @@ impl VcpuStats {
     pub fn get(&self, sample: &StatsSample, name: &str) -> Option<u64> {
         let &(_, off) = self.counters.iter().find(|(n, _)| n == name)?;
         let off = off as usize;
-        Some(u64::from_le_bytes(sample.data[off..off + 8].try_into().unwrap()))
+        Some(u64::from_le_bytes(
+            sample.data[off..off + 8].try_into().unwrap(),
+        ))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {

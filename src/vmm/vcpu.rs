@@ -133,8 +133,14 @@ pub struct Vcpu {
 impl Vcpu {
     pub fn new(vm: &super::vm::Vm, id: u64) -> Result<Vcpu, VcpuError> {
         let fd = vm.fd().create_vcpu(id).map_err(VcpuError::Create)?;
-        let all = (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS | kvm_bindings::KVM_SYNC_X86_EVENTS) as i32;
-        let sync_regs = vm.fd().check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS as libc::c_ulong) & all == all;
+        let all = (kvm_bindings::KVM_SYNC_X86_REGS
+            | kvm_bindings::KVM_SYNC_X86_SREGS
+            | kvm_bindings::KVM_SYNC_X86_EVENTS) as i32;
+        let sync_regs = vm
+            .fd()
+            .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS as libc::c_ulong)
+            & all
+            == all;
         Ok(Vcpu { fd, sync_regs })
     }
 
@@ -157,7 +163,11 @@ impl Vcpu {
 
     /// Runs until the doorbell rings, the guest dies, or a kick arrives.
     /// Port and MMIO exits in between are served by `devices`.
-    pub fn run(&mut self, devices: &mut LegacyDevices, ram: &GuestRam) -> Result<RunOutcome, VcpuError> {
+    pub fn run(
+        &mut self,
+        devices: &mut LegacyDevices,
+        ram: &GuestRam,
+    ) -> Result<RunOutcome, VcpuError> {
         loop {
             let exit = match self.fd.run() {
                 Ok(exit) => exit,
@@ -172,7 +182,8 @@ impl Vcpu {
                 VcpuExit::IoOut(port, data) => {
                     if devices.pio_write(port, data) == PortAction::Reset {
                         return Ok(RunOutcome::Crashed(
-                            "guest requested a reset (reboot, or kernel panic with panic=-1)".into(),
+                            "guest requested a reset (reboot, or kernel panic with panic=-1)"
+                                .into(),
                         ));
                     }
                 }
@@ -187,20 +198,32 @@ impl Vcpu {
                     // Writes to nothing are dropped, like on a real bus.
                 }
                 VcpuExit::MmioRead(_, data) => data.fill(0xff),
-                VcpuExit::Hlt => return Ok(RunOutcome::Crashed("guest halted with interrupts off".into())),
+                VcpuExit::Hlt => {
+                    return Ok(RunOutcome::Crashed(
+                        "guest halted with interrupts off".into(),
+                    ))
+                }
                 VcpuExit::Shutdown => {
                     return Ok(RunOutcome::Crashed("guest shut down (triple fault)".into()))
                 }
                 VcpuExit::SystemEvent(kind, _) => {
-                    return Ok(RunOutcome::Crashed(format!("guest system event {kind} (shutdown/reset)")))
+                    return Ok(RunOutcome::Crashed(format!(
+                        "guest system event {kind} (shutdown/reset)"
+                    )))
                 }
                 VcpuExit::FailEntry(reason, cpu) => {
                     return Ok(RunOutcome::Crashed(format!(
                         "KVM entry failed: hardware reason {reason:#x} on cpu {cpu}"
                     )))
                 }
-                VcpuExit::InternalError => return Ok(RunOutcome::Crashed(self.describe_internal_error(ram))),
-                other => return Ok(RunOutcome::Crashed(format!("unexpected vCPU exit {other:?}"))),
+                VcpuExit::InternalError => {
+                    return Ok(RunOutcome::Crashed(self.describe_internal_error(ram)))
+                }
+                other => {
+                    return Ok(RunOutcome::Crashed(format!(
+                        "unexpected vCPU exit {other:?}"
+                    )))
+                }
             }
         }
     }
@@ -222,7 +245,10 @@ impl Vcpu {
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
         let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
         let ndata = (internal.ndata as usize).min(internal.data.len());
-        let data: Vec<String> = internal.data[..ndata].iter().map(|d| format!("{d:#x}")).collect();
+        let data: Vec<String> = internal.data[..ndata]
+            .iter()
+            .map(|d| format!("{d:#x}"))
+            .collect();
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
         let cpl = self.fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0);
         let mut bytes = String::new();
@@ -230,7 +256,11 @@ impl Vcpu {
             if t.valid != 0 {
                 let mut buf = [0u8; 16];
                 if ram.read(t.physical_address, &mut buf).is_ok() {
-                    bytes = buf.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ");
+                    bytes = buf
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(" ");
                 }
             }
         }
@@ -267,18 +297,37 @@ impl Vcpu {
             .as_slice()
             .to_vec();
         let msrs = self.save_msrs(kvm)?;
-        let events = self.fd.get_vcpu_events().map_err(VcpuError::GetVcpuEvents)?;
-        Ok(VcpuState { cpuid, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, events })
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(VcpuError::GetVcpuEvents)?;
+        Ok(VcpuState {
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+        })
     }
 
     /// Every MSR KVM lists that this vCPU can actually read (read one by one:
     /// some listed MSRs are refused by some hosts), TSC deadline last.
     fn save_msrs(&self, kvm: &Kvm) -> Result<Vec<kvm_msr_entry>, VcpuError> {
-        let list = kvm.get_msr_index_list().map_err(VcpuError::GetMsrIndexList)?;
+        let list = kvm
+            .get_msr_index_list()
+            .map_err(VcpuError::GetMsrIndexList)?;
         let mut out = Vec::new();
         for &index in list.as_slice() {
-            let mut one = Msrs::from_entries(&[kvm_msr_entry { index, ..Default::default() }])
-                .map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
+            let mut one = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
             if let Ok(1) = self.fd.get_msrs(&mut one) {
                 out.push(one.as_slice()[0]);
             }
@@ -290,21 +339,32 @@ impl Vcpu {
 
     /// Restores state in Firecracker's order, each step's reason beside it.
     /// `lapic` lets the fork engine pass a variant (timer masked).
-    pub fn restore_state(&self, state: &VcpuState, lapic: &kvm_lapic_state) -> Result<(), VcpuError> {
+    pub fn restore_state(
+        &self,
+        state: &VcpuState,
+        lapic: &kvm_lapic_state,
+    ) -> Result<(), VcpuError> {
         // CPUID first: later steps (xsave size, MSR validity) depend on it.
-        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
+        let cpuid =
+            CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
         self.fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;
         // MP state before regs/events: it may reset pending events.
-        self.fd.set_mp_state(state.mp_state).map_err(VcpuError::SetMpState)?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(VcpuError::SetMpState)?;
         // Regs clear pending exceptions, so they go before vcpu events.
         self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
         // Sregs restore the APIC base; the LAPIC comes after them.
-        self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(VcpuError::SetSregs)?;
         self.restore_fpu_debug_lapic(state, lapic)?;
         // All MSRs, TSC deadline last (it needs the TSC and the LAPIC first).
         self.restore_msrs(&state.msrs)?;
         // Events last: everything above may have cleared pending ones.
-        self.fd.set_vcpu_events(&state.events).map_err(VcpuError::SetVcpuEvents)?;
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(VcpuError::SetVcpuEvents)?;
         Ok(())
     }
 
@@ -314,22 +374,32 @@ impl Vcpu {
     /// them (in that order) at the next KVM_RUN — after the LAPIC and MSRs,
     /// which is fine here because a pooled vCPU returns to the very state it
     /// was created with (same APIC base, same CR3/EFER: no MMU reset).
-    pub fn restore_fast(&mut self, state: &VcpuState, lapic: &kvm_lapic_state) -> Result<(), VcpuError> {
+    pub fn restore_fast(
+        &mut self,
+        state: &VcpuState,
+        lapic: &kvm_lapic_state,
+    ) -> Result<(), VcpuError> {
         // MP state before regs/events: it may reset pending events.
-        self.fd.set_mp_state(state.mp_state).map_err(VcpuError::SetMpState)?;
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(VcpuError::SetMpState)?;
         if self.sync_regs {
             self.stage_sync_regs(state);
         } else {
             // Regs clear pending exceptions, so they go before vcpu events.
             self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
             // Sregs restore the APIC base; the LAPIC comes after them.
-            self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
+            self.fd
+                .set_sregs(&state.sregs)
+                .map_err(VcpuError::SetSregs)?;
         }
         self.restore_fpu_debug_lapic(state, lapic)?;
         self.restore_changed_msrs(&state.msrs)?;
         if !self.sync_regs {
             // Events last: everything above may have cleared pending ones.
-            self.fd.set_vcpu_events(&state.events).map_err(VcpuError::SetVcpuEvents)?;
+            self.fd
+                .set_vcpu_events(&state.events)
+                .map_err(VcpuError::SetVcpuEvents)?;
         }
         Ok(())
     }
@@ -355,8 +425,12 @@ impl Vcpu {
             self.stage_sync_regs(state);
         } else {
             self.fd.set_regs(&state.regs).map_err(VcpuError::SetRegs)?;
-            self.fd.set_sregs(&state.sregs).map_err(VcpuError::SetSregs)?;
-            self.fd.set_vcpu_events(&state.events).map_err(VcpuError::SetVcpuEvents)?;
+            self.fd
+                .set_sregs(&state.sregs)
+                .map_err(VcpuError::SetSregs)?;
+            self.fd
+                .set_vcpu_events(&state.events)
+                .map_err(VcpuError::SetVcpuEvents)?;
         }
         // SAFETY: the xsave buffer came from KVM_GET_XSAVE on the same host kind.
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(VcpuError::SetXsave)
@@ -365,14 +439,20 @@ impl Vcpu {
     /// The middle of both restore paths: FPU/SSE state, XCRs, debug registers,
     /// then the LAPIC (after sregs, which carry the APIC base, and before the
     /// MSRs, or the TSC deadline is lost).
-    fn restore_fpu_debug_lapic(&self, state: &VcpuState, lapic: &kvm_lapic_state) -> Result<(), VcpuError> {
+    fn restore_fpu_debug_lapic(
+        &self,
+        state: &VcpuState,
+        lapic: &kvm_lapic_state,
+    ) -> Result<(), VcpuError> {
         // SAFETY: the xsave buffer came from KVM_GET_XSAVE on the same host kind
         // (compatibility is checked when a snapshot is loaded).
         unsafe { self.fd.set_xsave(&state.xsave) }.map_err(VcpuError::SetXsave)?;
         if let Some(xcrs) = &state.xcrs {
             self.fd.set_xcrs(xcrs).map_err(VcpuError::SetXcrs)?;
         }
-        self.fd.set_debug_regs(&state.debugregs).map_err(VcpuError::SetDebugRegs)?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(VcpuError::SetDebugRegs)?;
         self.fd.set_lapic(lapic).map_err(VcpuError::SetLapic)
     }
 
@@ -388,16 +468,30 @@ impl Vcpu {
         let has_new_kvmclock = msrs.iter().any(|m| m.index == MSR_KVM_SYSTEM_TIME_NEW);
         let wanted: Vec<kvm_msr_entry> = msrs
             .iter()
-            .filter(|m| !(has_new_kvmclock && (m.index == MSR_KVM_WALL_CLOCK || m.index == MSR_KVM_SYSTEM_TIME)))
+            .filter(|m| {
+                !(has_new_kvmclock
+                    && (m.index == MSR_KVM_WALL_CLOCK || m.index == MSR_KVM_SYSTEM_TIME))
+            })
             .copied()
             .collect();
-        let probe: Vec<kvm_msr_entry> = wanted.iter().map(|m| kvm_msr_entry { index: m.index, ..Default::default() }).collect();
-        let mut current = Msrs::from_entries(&probe).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
+        let probe: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                ..Default::default()
+            })
+            .collect();
+        let mut current =
+            Msrs::from_entries(&probe).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
         if self.fd.get_msrs(&mut current).unwrap_or(0) != wanted.len() {
             return self.restore_msrs(&wanted);
         }
-        let changed: Vec<kvm_msr_entry> =
-            wanted.iter().zip(current.as_slice()).filter(|(want, now)| want.data != now.data).map(|(want, _)| *want).collect();
+        let changed: Vec<kvm_msr_entry> = wanted
+            .iter()
+            .zip(current.as_slice())
+            .filter(|(want, now)| want.data != now.data)
+            .map(|(want, _)| *want)
+            .collect();
         if changed.is_empty() {
             return Ok(());
         }
@@ -406,7 +500,8 @@ impl Vcpu {
 
     fn restore_msrs(&self, msrs: &[kvm_msr_entry]) -> Result<(), VcpuError> {
         for chunk in msrs.chunks(256) {
-            let list = Msrs::from_entries(chunk).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
+            let list =
+                Msrs::from_entries(chunk).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
             let n = self.fd.set_msrs(&list).map_err(VcpuError::SetMsrs)?;
             if n != chunk.len() {
                 return Err(VcpuError::SetMsrsShort(chunk[n].index));
@@ -431,7 +526,11 @@ impl Vcpu {
         self.fd.set_lapic(&lapic).map_err(VcpuError::SetLapic)?;
         if tsc_deadline_mode {
             // Any deadline in the past fires immediately.
-            self.restore_msrs(&[kvm_msr_entry { index: MSR_IA32_TSC_DEADLINE, data: 1, ..Default::default() }])?;
+            self.restore_msrs(&[kvm_msr_entry {
+                index: MSR_IA32_TSC_DEADLINE,
+                data: 1,
+                ..Default::default()
+            }])?;
         }
         Ok(())
     }

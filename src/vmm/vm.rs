@@ -71,13 +71,21 @@ impl Vm {
     /// Creates a VM with the in-kernel irqchip (PIC + IOAPIC + LAPIC) and PIT.
     pub fn new(kvm: &Kvm) -> Result<Vm, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::SetTssAddress)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmError::SetTssAddress)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(VmError::SetIdentityMap)?;
         fd.create_irq_chip().map_err(VmError::CreateIrqChip)?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         fd.create_pit2(pit).map_err(VmError::CreatePit)?;
-        Ok(Vm { fd, ram_size: 0, dirty_logging: false })
+        Ok(Vm {
+            fd,
+            ram_size: 0,
+            dirty_logging: false,
+        })
     }
 
     pub fn fd(&self) -> &VmFd {
@@ -92,12 +100,20 @@ impl Vm {
     /// lacks the capability.
     pub fn enable_cumulative_dirty_log(&self) -> Result<bool, VmError> {
         let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
-        if self.fd.check_extension_raw(cap as libc::c_ulong) & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32 == 0 {
+        if self.fd.check_extension_raw(cap as libc::c_ulong)
+            & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32
+            == 0
+        {
             return Ok(false);
         }
-        let mut enable = kvm_bindings::kvm_enable_cap { cap, ..Default::default() };
+        let mut enable = kvm_bindings::kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
         enable.args[0] = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as u64;
-        self.fd.enable_cap(&enable).map_err(VmError::EnableManualDirtyProtect)?;
+        self.fd
+            .enable_cap(&enable)
+            .map_err(VmError::EnableManualDirtyProtect)?;
         Ok(true)
     }
 
@@ -106,7 +122,11 @@ impl Vm {
     pub fn set_ram(&mut self, ram: &GuestRam, log_dirty: bool) -> Result<(), VmError> {
         let region = kvm_userspace_memory_region {
             slot: 0,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: ram.size() as u64,
             userspace_addr: ram.host_addr(),
@@ -143,7 +163,9 @@ impl Vm {
     /// call, or — with [`Vm::enable_cumulative_dirty_log`] — every page ever
     /// written.
     pub fn take_dirty_log(&self) -> Result<Vec<u64>, VmError> {
-        self.fd.get_dirty_log(0, self.ram_size as usize).map_err(VmError::GetDirtyLog)
+        self.fd
+            .get_dirty_log(0, self.ram_size as usize)
+            .map_err(VmError::GetDirtyLog)
     }
 
     pub fn dirty_logging(&self) -> bool {
@@ -151,13 +173,22 @@ impl Vm {
     }
 
     /// Wires an eventfd to a GSI (used for the serial IRQ).
-    pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(evt, gsi).map_err(VmError::RegisterIrqFd)
+    pub fn register_irqfd(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        gsi: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(VmError::RegisterIrqFd)
     }
 
     pub fn save_state(&self) -> Result<VmState, VmError> {
         let chip = |id| -> Result<kvm_irqchip, VmError> {
-            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
             self.fd.get_irqchip(&mut c).map_err(VmError::GetIrqChip)?;
             Ok(c)
         };
@@ -176,11 +207,20 @@ impl Vm {
         self.fd.set_pit2(&state.pit).map_err(VmError::SetPit)?;
         // Only the clock value is restored; flags from GET_CLOCK (e.g.
         // KVM_CLOCK_TSC_STABLE) are refused by SET_CLOCK.
-        let clock = kvm_clock_data { clock: state.clock.clock, ..Default::default() };
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
         self.fd.set_clock(&clock).map_err(VmError::SetClock)?;
-        self.fd.set_irqchip(&state.pic_master).map_err(VmError::SetIrqChip)?;
-        self.fd.set_irqchip(&state.pic_slave).map_err(VmError::SetIrqChip)?;
-        self.fd.set_irqchip(&state.ioapic).map_err(VmError::SetIrqChip)?;
+        self.fd
+            .set_irqchip(&state.pic_master)
+            .map_err(VmError::SetIrqChip)?;
+        self.fd
+            .set_irqchip(&state.pic_slave)
+            .map_err(VmError::SetIrqChip)?;
+        self.fd
+            .set_irqchip(&state.ioapic)
+            .map_err(VmError::SetIrqChip)?;
         Ok(())
     }
 }

@@ -29,9 +29,22 @@ pub fn node_template() -> Arc<Template> {
 }
 
 pub fn node_pool() -> Pool {
-    Pool::new(node_template(), PoolConfig { max_idle: 1, prewarm: 1, ..Default::default() }).expect("pool on the real Node template")
+    Pool::new(
+        node_template(),
+        PoolConfig {
+            max_idle: 1,
+            prewarm: 1,
+            ..Default::default()
+        },
+    )
+    .expect("pool on the real Node template")
 }
 
 pub fn js(code: &str, timeout: Duration) -> ExecRequest {
-    ExecRequest { code: code.into(), language: Language::Node, timeout, cancel: CancelToken::new() }
+    ExecRequest {
+        code: code.into(),
+        language: Language::Node,
+        timeout,
+        cancel: CancelToken::new(),
+    }
 }

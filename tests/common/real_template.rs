@@ -26,11 +26,24 @@ pub fn python_template() -> Arc<Template> {
 }
 
 pub fn pool() -> Pool {
-    Pool::new(python_template(), PoolConfig { max_idle: 1, prewarm: 1, ..Default::default() }).expect("pool on the real template")
+    Pool::new(
+        python_template(),
+        PoolConfig {
+            max_idle: 1,
+            prewarm: 1,
+            ..Default::default()
+        },
+    )
+    .expect("pool on the real template")
 }
 
 pub fn py(code: &str, timeout: Duration) -> ExecRequest {
-    ExecRequest { code: code.into(), language: Language::Python, timeout, cancel: CancelToken::new() }
+    ExecRequest {
+        code: code.into(),
+        language: Language::Python,
+        timeout,
+        cancel: CancelToken::new(),
+    }
 }
 
 pub fn out(r: &ExecResult) -> String {
