@@ -41,10 +41,19 @@
 #define KVMFORK_MB_BOOT_SEED_OFF 0x010          /* 64 bytes */
 #define KVMFORK_MB_SEED_LEN 64
 
+/* agent writes at boot: user-mode address of its interrupt entry (0 = none).
+ * To interrupt a session's run without entering the guest kernel, the host
+ * stops the vCPU while it is at CPL 3, skips the 128-byte red zone, pushes
+ * the interrupted RIP on the user stack and sets RIP to this address; the
+ * entry saves every register, asks the runtime to raise KeyboardInterrupt at
+ * its next safe point, restores everything and returns with `ret $128`. */
+#define KVMFORK_MB_INTERRUPT_ENTRY_OFF 0x050  /* u64 */
+#define KVMFORK_INTERRUPT_RED_ZONE 128
+
 /* request: host writes, agent reads */
 #define KVMFORK_MB_REQ_SEQ_OFF 0x080            /* u64, host increments per request */
 #define KVMFORK_MB_REQ_LANGUAGE_OFF 0x088       /* u32, KVMFORK_LANG_* */
-#define KVMFORK_MB_REQ_FLAGS_OFF 0x08c          /* u32, reserved, 0 */
+#define KVMFORK_MB_REQ_FLAGS_OFF 0x08c          /* u32, KVMFORK_REQ_FLAG_* */
 #define KVMFORK_MB_REQ_TIMEOUT_MS_OFF 0x090     /* u32, informational (the VMM enforces it) */
 #define KVMFORK_MB_REQ_CODE_LEN_OFF 0x094       /* u32, bytes of UTF-8 code at KVMFORK_MB_CODE_OFF */
 #define KVMFORK_MB_REQ_STDOUT_CAP_OFF 0x098     /* u32, agent writes at most this many stdout bytes */
@@ -59,6 +68,7 @@
 #define KVMFORK_MB_RESP_STDOUT_LEN_OFF 0x110    /* u32 */
 #define KVMFORK_MB_RESP_STDERR_LEN_OFF 0x114    /* u32 */
 #define KVMFORK_MB_RESP_FLAGS_OFF 0x118         /* u32, KVMFORK_RESP_FLAG_* */
+#define KVMFORK_MB_RESP_RESULT_LEN_OFF 0x11c    /* u32, bytes of UTF-8 text at KVMFORK_MB_RESULT_OFF */
 #define KVMFORK_MB_RESP_EXEC_NS_OFF 0x120       /* u64, agent-measured run time of the code */
 
 /* data areas */
@@ -68,6 +78,8 @@
 #define KVMFORK_MB_STDOUT_MAX 0x100000          /* 1 MiB */
 #define KVMFORK_MB_STDERR_OFF 0x201000
 #define KVMFORK_MB_STDERR_MAX 0x100000          /* 1 MiB */
+#define KVMFORK_MB_RESULT_OFF 0x301000          /* repr of a session run's final expression */
+#define KVMFORK_MB_RESULT_MAX 0x40000           /* 256 KiB */
 
 /* ---- doorbell values (u32 stored at KVMFORK_DOORBELL_GPA) ---- */
 #define KVMFORK_DOORBELL_READY 0x52454459       /* "YDER": agent warm; snapshot point */
@@ -92,5 +104,12 @@
 /* ---- response flags ---- */
 #define KVMFORK_RESP_FLAG_STDOUT_TRUNCATED 1
 #define KVMFORK_RESP_FLAG_STDERR_TRUNCATED 2
+#define KVMFORK_RESP_FLAG_HAS_RESULT 4         /* the run ended with an expression whose value is not None/undefined */
+#define KVMFORK_RESP_FLAG_RESULT_TRUNCATED 8
+#define KVMFORK_RESP_FLAG_INTERRUPTED 16       /* the run was stopped by the host's interrupt (KeyboardInterrupt) */
+
+/* ---- request flags ---- */
+#define KVMFORK_REQ_FLAG_SESSION 1             /* keep the namespace of earlier runs in this VM (globals, imports) and report the final expression's value */
+#define KVMFORK_REQ_FLAG_RESEED 2              /* reseed user-space RNGs from the fork seed: set on every stateless run and on a session's first run after create, fork or restore */
 
 #endif /* KVMFORK_CONTRACT_H */
