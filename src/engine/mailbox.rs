@@ -17,6 +17,8 @@ pub struct MailboxRequest<'a> {
     pub stderr_cap: u32,
     pub fork_generation: u64,
     pub fork_seed: [u8; 64],
+    /// `KVMFORK_REQ_FLAG_*`.
+    pub flags: u32,
 }
 
 /// The decoded, validated response.
@@ -28,6 +30,11 @@ pub struct MailboxResponse {
     pub stderr: Vec<u8>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// repr of a session run's final expression (UTF-8, validated).
+    pub result: Option<String>,
+    pub result_truncated: bool,
+    /// The run ended because the host interrupted it.
+    pub interrupted: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -44,6 +51,8 @@ pub enum ResponseError {
     },
     #[error("guest memory access failed: {0}")]
     Memory(String),
+    #[error("the final-expression result is not valid UTF-8")]
+    ResultNotUtf8,
 }
 
 impl From<MemoryError> for ResponseError {
@@ -62,7 +71,7 @@ pub fn write_request(ram: &GuestRam, req: &MailboxRequest) -> Result<Vec<u64>, M
     assert!(req.code.len() <= CODE_MAX, "caller checks the code size");
     ram.write_u64(MB + c::MB_REQ_SEQ_OFF, req.seq)?;
     ram.write_u32(MB + c::MB_REQ_LANGUAGE_OFF, req.language)?;
-    ram.write_u32(MB + c::MB_REQ_FLAGS_OFF, 0)?;
+    ram.write_u32(MB + c::MB_REQ_FLAGS_OFF, req.flags)?;
     ram.write_u32(MB + c::MB_REQ_TIMEOUT_MS_OFF, req.timeout_ms)?;
     ram.write_u32(MB + c::MB_REQ_CODE_LEN_OFF, req.code.len() as u32)?;
     ram.write_u32(
@@ -118,6 +127,18 @@ pub fn read_response(
         c::MB_STDERR_OFF,
         stderr_cap.min(c::MB_STDERR_MAX as u32),
     )?;
+    let result = if flags & c::RESP_FLAG_HAS_RESULT as u32 != 0 {
+        let bytes = read_area(
+            ram,
+            "result",
+            c::MB_RESP_RESULT_LEN_OFF,
+            c::MB_RESULT_OFF,
+            c::MB_RESULT_MAX as u32,
+        )?;
+        Some(String::from_utf8(bytes).map_err(|_| ResponseError::ResultNotUtf8)?)
+    } else {
+        None
+    };
     Ok(MailboxResponse {
         status,
         exit_code,
@@ -125,7 +146,16 @@ pub fn read_response(
         stderr,
         stdout_truncated: flags & c::RESP_FLAG_STDOUT_TRUNCATED as u32 != 0,
         stderr_truncated: flags & c::RESP_FLAG_STDERR_TRUNCATED as u32 != 0,
+        result,
+        result_truncated: flags & c::RESP_FLAG_RESULT_TRUNCATED as u32 != 0,
+        interrupted: flags & c::RESP_FLAG_INTERRUPTED as u32 != 0,
     })
+}
+
+/// The user-mode address of the agent's interrupt entry (0: the agent has
+/// none and a timed-out session cannot be interrupted, only ended).
+pub fn read_interrupt_entry(ram: &GuestRam) -> u64 {
+    ram.read_u64(MB + c::MB_INTERRUPT_ENTRY_OFF).unwrap_or(0)
 }
 
 fn read_area(
@@ -194,6 +224,7 @@ mod tests {
             stderr_cap: 10,
             fork_generation: 5,
             fork_seed: [7; 64],
+            flags: c::REQ_FLAG_SESSION as u32,
         };
         let pages = write_request(&ram, &req).unwrap();
         assert_eq!(pages.len(), 3, "header page + two code pages");
@@ -236,5 +267,35 @@ mod tests {
             read_response(&ram, 1, 10, 10),
             Err(ResponseError::WrongSequence { .. })
         ));
+    }
+
+    #[test]
+    fn a_final_expression_result_is_read_only_when_flagged_and_validated() {
+        let ram = ram();
+        respond(&ram, 4, 0, b"", 0);
+        ram.write(MB + c::MB_RESULT_OFF, b"'x'").unwrap();
+        ram.write_u32(MB + c::MB_RESP_RESULT_LEN_OFF, 3).unwrap();
+        assert_eq!(
+            read_response(&ram, 4, 10, 10).unwrap().result,
+            None,
+            "no HAS_RESULT flag"
+        );
+        let flags = (c::RESP_FLAG_HAS_RESULT | c::RESP_FLAG_INTERRUPTED) as u32;
+        ram.write_u32(MB + c::MB_RESP_FLAGS_OFF, flags).unwrap();
+        let resp = read_response(&ram, 4, 10, 10).unwrap();
+        assert_eq!(resp.result.as_deref(), Some("'x'"));
+        assert!(resp.interrupted && !resp.result_truncated);
+        ram.write_u32(MB + c::MB_RESP_RESULT_LEN_OFF, c::MB_RESULT_MAX as u32 + 1)
+            .unwrap();
+        assert!(matches!(
+            read_response(&ram, 4, 10, 10),
+            Err(ResponseError::LengthOverCap { area: "result", .. })
+        ));
+        ram.write(MB + c::MB_RESULT_OFF, &[0xff, 0xfe]).unwrap();
+        ram.write_u32(MB + c::MB_RESP_RESULT_LEN_OFF, 2).unwrap();
+        assert_eq!(
+            read_response(&ram, 4, 10, 10),
+            Err(ResponseError::ResultNotUtf8)
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 
-use super::sandbox::{Limits, Sandbox, SandboxError};
+use super::sandbox::{Checkpoint, ExecMode, Limits, Sandbox, SandboxError};
 use crate::api::{ExecFailure, ExecRequest, ExecResult, LaneStats};
 use crate::template::Template;
 use crate::vmm::kick::ThreadTimer;
@@ -179,6 +179,71 @@ impl Pool {
         result.fork_time = fork_time;
         result.total_time = started.elapsed();
         result
+    }
+
+    /// A sandbox for a new session: like a fork, but the caller keeps it
+    /// (and gives it back with [`Pool::release`] when the session ends).
+    pub fn open_session(&mut self) -> Result<Sandbox, SandboxError> {
+        let (sb, _) = self.acquire()?;
+        self.stats.forks += 1;
+        Ok(sb)
+    }
+
+    /// One run in a session's sandbox, with this pool's limits and timer.
+    pub fn run_session(
+        &mut self,
+        sb: &mut Sandbox,
+        req: &ExecRequest,
+        reseed: bool,
+        limits: &Limits,
+    ) -> ExecResult {
+        let started = Instant::now();
+        let template = self.template.clone();
+        let mut result = match self.timer() {
+            Ok(timer) => sb.exec_in(ExecMode::Session { reseed }, &template, req, limits, timer),
+            Err(e) => ExecResult {
+                exit_code: -1,
+                failure: Some(ExecFailure::Internal(e.to_string())),
+                ..Default::default()
+            },
+        };
+        match &result.failure {
+            Some(ExecFailure::Timeout) => self.stats.timeouts += 1,
+            Some(ExecFailure::GuestCrashed(_)) | Some(ExecFailure::BadResponse(_)) => {
+                self.stats.guest_errors += 1
+            }
+            _ => {}
+        }
+        result.total_time = started.elapsed();
+        result
+    }
+
+    /// The state of a session's sandbox, for forks and rollback.
+    pub fn checkpoint(&mut self, sb: &mut Sandbox) -> Result<Checkpoint, SandboxError> {
+        let template = self.template.clone();
+        sb.checkpoint(&self.kvm, &template)
+    }
+
+    /// A new sandbox holding `cp`'s state (a child of a live fork, or a
+    /// session started from a checkpoint).
+    pub fn sandbox_from(&mut self, cp: &Checkpoint) -> Result<Sandbox, SandboxError> {
+        let mut sb = self.open_session()?;
+        match sb.apply(&self.template, cp) {
+            Ok(()) => Ok(sb),
+            Err(e) => {
+                drop(sb);
+                self.stats.destroyed_vms += 1;
+                self.stats.live_vms = self.stats.live_vms.saturating_sub(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Rolls a session's sandbox back to `cp` in place.
+    pub fn restore(&mut self, sb: &mut Sandbox, cp: &Checkpoint) -> Result<(), SandboxError> {
+        let template = self.template.clone();
+        sb.reset(&template)?;
+        sb.apply(&template, cp)
     }
 
     pub fn reset_totals(&self) -> ResetTotals {

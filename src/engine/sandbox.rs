@@ -22,8 +22,9 @@ use crate::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
 use crate::vmm::kick::ThreadTimer;
 use crate::vmm::memory::{GuestRam, Sharing};
 use crate::vmm::stats::{StatsSample, VcpuStats};
-use crate::vmm::vcpu::{RunOutcome, Vcpu};
-use crate::vmm::vm::Vm;
+use crate::vmm::vcpu::{RunOutcome, Vcpu, VcpuState};
+use crate::vmm::vm::{Vm, VmState};
+use vm_superio::serial::SerialState;
 
 /// How often a running exec is checked for cancellation, and when a long
 /// exec gets its timer interrupt back.
@@ -31,6 +32,50 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a busy exec runs before it gets timer interrupts back anyway.
 const TIMER_GRACE: Duration = Duration::from_millis(500);
 const CONSOLE_TAIL: usize = 8 << 10;
+/// How long a timed-out session run gets to reach user mode, take the host
+/// interrupt and answer, before the session is given up as wedged.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+
+/// How one run treats the guest's program state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExecMode {
+    /// `python -c` / `node -e` semantics in a fresh fork, RNGs reseeded.
+    Stateless,
+    /// A run in a live session: the namespace of earlier runs persists and
+    /// the final expression's value is returned. `reseed` on the first run
+    /// after the session was created, forked or restored, so every child has
+    /// its own randomness while a session's own seeded streams stay its own.
+    Session { reseed: bool },
+}
+
+/// The complete state of a live sandbox at its DONE doorbell, relative to
+/// its template: the pages that differ, plus machine state. Forks and
+/// restores apply it onto a VM that holds the template's state.
+pub struct Checkpoint {
+    /// Address of the template this layer applies to (a checkpoint applied
+    /// to another template's VM would be garbage: refused).
+    template: *const Template,
+    /// Guest page numbers, ascending, and their contents, page after page.
+    pages: Vec<u64>,
+    data: Vec<u8>,
+    vcpu: VcpuState,
+    vm: VmState,
+    serial: SerialState,
+    seq: u64,
+    generation: u64,
+    timer_unmasked: bool,
+}
+
+// SAFETY: `template` is only compared, never dereferenced; every other field
+// is owned data.
+unsafe impl Send for Checkpoint {}
+
+impl Checkpoint {
+    /// Bytes of guest memory the checkpoint holds (its own dirty pages).
+    pub fn dirty_bytes(&self) -> u64 {
+        self.data.len() as u64
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -44,6 +89,10 @@ pub enum SandboxError {
     EventFd(std::io::Error),
     #[error(transparent)]
     Kick(#[from] crate::vmm::kick::KickError),
+    #[error("restoring the serial port: {0}")]
+    Serial(std::io::Error),
+    #[error("checkpoint belongs to another template")]
+    ForeignCheckpoint,
 }
 
 /// Where a reset's time went (for `kvmfork bench fork`).
@@ -99,6 +148,9 @@ pub struct Sandbox {
     user_mode_only: bool,
     host_pages: Vec<u64>,
     seq: u64,
+    /// Fork generation in the mailbox (the guest kernel reseeds its CRNG
+    /// when it changes).
+    generation: u64,
     used: bool,
     poisoned: bool,
     timer_unmasked: bool,
@@ -141,6 +193,7 @@ impl Sandbox {
             user_mode_only: false,
             host_pages: Vec::new(),
             seq: 0,
+            generation: 0,
             used: false,
             poisoned: false,
             timer_unmasked: false,
@@ -154,6 +207,86 @@ impl Sandbox {
 
     pub fn used(&self) -> bool {
         self.used
+    }
+
+    /// The sandbox failed (timeout without recovery, crash, bad response)
+    /// and must be destroyed.
+    pub fn poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Guest memory this sandbox holds apart from its template (pages ever
+    /// written since it was forked, including a checkpoint's layer).
+    pub fn dirty_bytes(&self) -> u64 {
+        (self.dirty_page_count() + self.host_pages.len()) as u64
+            * crate::vmm::memory::PAGE_SIZE as u64
+    }
+
+    /// Captures this sandbox's state at its last DONE doorbell. The sandbox
+    /// stays usable. `kvm` reads the MSR list.
+    pub fn checkpoint(&mut self, kvm: &Kvm, t: &Template) -> Result<Checkpoint, SandboxError> {
+        // KVM asks for one KVM_RUN with immediate_exit after an MMIO exit so
+        // the doorbell store completes before state is read.
+        self.vcpu.complete_pending_io()?;
+        self.collect_dirty()?;
+        for p in std::mem::take(&mut self.host_pages) {
+            set_bit(&mut self.ever_dirty, p);
+        }
+        let pages: Vec<u64> = BitIter::new(&self.ever_dirty).collect();
+        let page = crate::vmm::memory::PAGE_SIZE;
+        let mut data = vec![0u8; pages.len() * page];
+        for (chunk, &p) in data.chunks_exact_mut(page).zip(&pages) {
+            self.ram.read(p * page as u64, chunk)?;
+        }
+        // vCPU before VM-wide state, as the template capture does.
+        let vcpu = self.vcpu.save_state(kvm)?;
+        let vm = self.vm.save_state()?;
+        Ok(Checkpoint {
+            template: t as *const Template,
+            pages,
+            data,
+            vcpu,
+            vm,
+            serial: self.devices.serial.state(),
+            seq: self.seq,
+            generation: self.generation,
+            timer_unmasked: self.timer_unmasked,
+        })
+    }
+
+    /// Puts `cp` into this sandbox, which must hold its template's state
+    /// (fresh, or just reset): the layer's pages over the template's, then
+    /// the checkpoint's machine state.
+    pub fn apply(&mut self, t: &Template, cp: &Checkpoint) -> Result<(), SandboxError> {
+        if !std::ptr::eq(cp.template, t) {
+            return Err(SandboxError::ForeignCheckpoint);
+        }
+        let page = crate::vmm::memory::PAGE_SIZE;
+        for (chunk, &p) in cp.data.chunks_exact(page).zip(&cp.pages) {
+            self.ram.write(p * page as u64, chunk)?;
+            // Host writes are not in KVM's dirty log: remember them so a
+            // later reset copies the template's page back.
+            set_bit(&mut self.ever_dirty, p);
+        }
+        // The layer holds the session's guest page tables, written behind a
+        // shadow MMU's back: its cached translations must go.
+        self.vm.zap_guest_mappings(&self.ram)?;
+        // VM-wide state (PIT, clock, irqchips) before the vCPU's.
+        self.vm.restore_state(&cp.vm)?;
+        self.devices
+            .reset_to(&cp.serial)
+            .map_err(SandboxError::Serial)?;
+        self.vcpu.restore_state(&cp.vcpu, &cp.vcpu.lapic)?;
+        self.seq = cp.seq;
+        self.generation = cp.generation;
+        self.timer_unmasked = cp.timer_unmasked;
+        // Nothing of the template's machine state can be assumed any more,
+        // and a reset must drop the shadow MMU again (it reverts the layer's
+        // page tables behind KVM's back).
+        self.used = true;
+        self.kernel_entered = true;
+        self.user_mode_only = false;
+        Ok(())
     }
 
     /// Returns a used sandbox to the template's exact state: copy back every
@@ -253,6 +386,18 @@ impl Sandbox {
         limits: &Limits,
         timer: &ThreadTimer,
     ) -> ExecResult {
+        self.exec_in(ExecMode::Stateless, t, req, limits, timer)
+    }
+
+    /// Runs one request in `mode`; see [`ExecMode`].
+    pub fn exec_in(
+        &mut self,
+        mode: ExecMode,
+        t: &Template,
+        req: &ExecRequest,
+        limits: &Limits,
+        timer: &ThreadTimer,
+    ) -> ExecResult {
         let started = Instant::now();
         let mut result = ExecResult {
             exit_code: -1,
@@ -265,12 +410,25 @@ impl Sandbox {
             )));
             return result;
         }
+        let first_run = !self.used;
         self.used = true;
         self.seq += 1;
         let mut fork_seed = [0u8; 64];
         fill_random(&mut fork_seed);
-        let mut gen = [0u8; 8];
-        fill_random(&mut gen);
+        let (flags, reseed) = match mode {
+            ExecMode::Stateless => (c::REQ_FLAG_RESEED as u32, true),
+            ExecMode::Session { reseed: true } => {
+                ((c::REQ_FLAG_SESSION | c::REQ_FLAG_RESEED) as u32, true)
+            }
+            ExecMode::Session { reseed: false } => (c::REQ_FLAG_SESSION as u32, false),
+        };
+        if reseed || self.generation == 0 {
+            // A new generation makes the guest kernel reseed its CRNG the
+            // next time anything asks it for randomness.
+            let mut gen = [0u8; 8];
+            fill_random(&mut gen);
+            self.generation = u64::from_le_bytes(gen) | 1;
+        }
         let mreq = MailboxRequest {
             seq: self.seq,
             language: req.language.contract_id(),
@@ -278,8 +436,9 @@ impl Sandbox {
             code: req.code.as_bytes(),
             stdout_cap: limits.stdout_cap,
             stderr_cap: limits.stderr_cap,
-            fork_generation: u64::from_le_bytes(gen) | 1,
+            fork_generation: self.generation,
             fork_seed,
+            flags,
         };
         match mailbox::write_request(&self.ram, &mreq) {
             Ok(pages) => self.host_pages.extend(pages),
@@ -291,13 +450,29 @@ impl Sandbox {
         }
         self.vcpu.bind_kick_to_current_thread();
         let before = self.stats.as_ref().and_then(|s| s.sample().ok());
-        let outcome = self.run_guest(t, req, limits, timer, started, &before);
+        let mut outcome = self.run_guest(t, req, limits, timer, started, &before);
+        let mut interrupted = false;
+        if outcome == Err(ExecFailure::Timeout) && matches!(mode, ExecMode::Session { .. }) {
+            // A session outlives a timed-out run when the agent can be
+            // interrupted (KeyboardInterrupt) and answers within the grace.
+            outcome = self.interrupt(t, limits, timer);
+            interrupted = outcome.is_ok();
+        }
         let _ = timer.disarm();
         if t.meta.host_kind == HostKind::Pvm {
-            self.kernel_entered = self.left_user_mode(&before);
+            let entered = self.left_user_mode(&before);
             // Only a clean DONE counts: anything else poisons the sandbox anyway.
             // (An exec that had its timer given back changed the LAPIC.)
-            self.user_mode_only = !self.kernel_entered && !self.timer_unmasked && outcome.is_ok();
+            let user_only = !entered && !self.timer_unmasked && outcome.is_ok();
+            if first_run {
+                self.kernel_entered = entered;
+                self.user_mode_only = user_only;
+            } else {
+                // Several runs since the last reset (a session): any one of
+                // them decides.
+                self.kernel_entered |= entered;
+                self.user_mode_only &= user_only;
+            }
         }
         result.exec_time = started.elapsed();
         match outcome {
@@ -312,7 +487,13 @@ impl Sandbox {
                     result.stderr = resp.stderr;
                     result.stdout_truncated = resp.stdout_truncated;
                     result.stderr_truncated = resp.stderr_truncated;
+                    result.result = resp.result;
+                    result.result_truncated = resp.result_truncated;
                     match resp.status as u64 {
+                        c::STATUS_OK if interrupted => {
+                            result.exit_code = resp.exit_code;
+                            result.failure = Some(ExecFailure::Timeout);
+                        }
                         c::STATUS_OK => result.exit_code = resp.exit_code,
                         c::STATUS_BAD_REQUEST => {
                             result.failure = Some(ExecFailure::Rejected(
@@ -337,6 +518,88 @@ impl Sandbox {
             }
         }
         result
+    }
+
+    /// Interrupts a timed-out session run the way a signal would, without
+    /// the guest kernel: once the vCPU is stopped at CPL 3, push its RIP
+    /// below the red zone of the user stack and jump to the agent's
+    /// interrupt entry (guest/contract.h), then wait for DONE. A vCPU that is
+    /// in the guest kernel (a syscall, a fault, idle) is run a little longer,
+    /// with its timer, until it is back in user mode. Err(Timeout) when the
+    /// agent has no entry or does not answer within the grace: the session
+    /// is lost.
+    fn interrupt(
+        &mut self,
+        t: &Template,
+        limits: &Limits,
+        timer: &ThreadTimer,
+    ) -> Result<(), ExecFailure> {
+        let entry = mailbox::read_interrupt_entry(&self.ram);
+        if entry == 0 {
+            return Err(ExecFailure::Timeout);
+        }
+        let internal = |e: &dyn std::fmt::Display| ExecFailure::Internal(e.to_string());
+        let grace_end = Instant::now() + INTERRUPT_GRACE;
+        loop {
+            let sregs = self.vcpu.fd().get_sregs().map_err(|e| internal(&e))?;
+            if sregs.cs.dpl == 3 {
+                break;
+            }
+            if Instant::now() >= grace_end {
+                return Err(ExecFailure::Timeout);
+            }
+            if !self.timer_unmasked {
+                // The kernel may be waiting for a tick (a sleep) to go back.
+                self.vcpu
+                    .resume_lapic_timer(&t.state.vcpu.lapic)
+                    .map_err(|e| internal(&e))?;
+                self.timer_unmasked = true;
+            }
+            timer.arm(CHECK_INTERVAL).map_err(|e| internal(&e))?;
+            match self
+                .vcpu
+                .run(&mut self.devices, &self.ram)
+                .map_err(|e| internal(&e))?
+            {
+                RunOutcome::Interrupted => {}
+                // The run finished on its own after all.
+                RunOutcome::Doorbell(v) if v as u64 == c::DOORBELL_DONE => return Ok(()),
+                _ => return Err(ExecFailure::Timeout),
+            }
+        }
+        let mut regs = self.vcpu.fd().get_regs().map_err(|e| internal(&e))?;
+        let slot = regs.rsp.wrapping_sub(c::INTERRUPT_RED_ZONE + 8);
+        self.write_guest_virtual(slot, &regs.rip.to_le_bytes())
+            .ok_or(ExecFailure::Timeout)?;
+        regs.rsp = slot;
+        regs.rip = entry;
+        self.vcpu.fd().set_regs(&regs).map_err(|e| internal(&e))?;
+        let req = ExecRequest {
+            code: String::new(),
+            language: crate::api::Language::Python,
+            timeout: INTERRUPT_GRACE,
+            cancel: crate::api::CancelToken::new(),
+        };
+        let restarted = Instant::now();
+        self.run_guest(t, &req, limits, timer, restarted, &None)
+    }
+
+    /// Writes `data` at a guest virtual address of the current address
+    /// space (user pages only, writable), page by page; None if any byte is
+    /// not mapped so.
+    fn write_guest_virtual(&mut self, gva: u64, data: &[u8]) -> Option<()> {
+        for (i, byte) in data.iter().enumerate() {
+            let t = self.vcpu.fd().translate_gva(gva + i as u64).ok()?;
+            if t.valid == 0 || t.writeable == 0 || t.usermode == 0 {
+                return None;
+            }
+            self.ram
+                .write(t.physical_address, std::slice::from_ref(byte))
+                .ok()?;
+            self.host_pages
+                .push(t.physical_address / crate::vmm::memory::PAGE_SIZE as u64);
+        }
+        Some(())
     }
 
     /// Whether the guest left user mode since `before`: any emulated
