@@ -50,6 +50,8 @@ enum Cmd {
         /// Most bytes of stdout (and of stderr) returned per exec.
         #[arg(long, default_value_t = 1 << 20)]
         max_output_bytes: u32,
+        #[command(flatten)]
+        sessions: kvmfork::engine::session::SessionArgs,
     },
     /// Run code in a fresh fork of the template and print its output.
     Run {
@@ -243,8 +245,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             pool_size,
             max_sandbox_dirty_mib,
             max_output_bytes,
+            sessions,
         } => {
             let config = server.to_config()?;
+            let sessions = sessions.to_config(max_output_bytes)?;
             let dirs = if dirs.is_empty() {
                 default_templates()?
             } else {
@@ -272,7 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 prewarm: pool_size.min(1),
                 limits,
             };
-            let engine = kvmfork::engine::lane::Engine::new(templates, pool);
+            let engine = kvmfork::engine::lane::Engine::with_sessions(templates, pool, sessions);
             kvmfork::server::serve(config, std::sync::Arc::new(engine))
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)

@@ -4,25 +4,42 @@
 use std::sync::Arc;
 
 use super::pool::{Pool, PoolConfig};
-use crate::api::{ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language};
+use super::session::{Directory, SessionConfig, SessionTable};
+use crate::api::{
+    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language, Owner,
+    SessionInfo, SessionOp, SessionReply,
+};
 use crate::template::Template;
 
 pub struct Engine {
     templates: Vec<Arc<Template>>,
     cfg: PoolConfig,
+    sessions: Arc<SessionConfig>,
+    directory: Arc<Directory>,
 }
 
 impl Engine {
     pub fn new(templates: Vec<Template>, cfg: PoolConfig) -> Engine {
+        Self::with_sessions(templates, cfg, SessionConfig::default())
+    }
+
+    pub fn with_sessions(
+        templates: Vec<Template>,
+        cfg: PoolConfig,
+        sessions: SessionConfig,
+    ) -> Engine {
         Engine {
             templates: templates.into_iter().map(Arc::new).collect(),
             cfg,
+            sessions: Arc::new(sessions),
+            directory: Arc::new(Directory::default()),
         }
     }
 }
 
 pub struct EngineLane {
     pools: Vec<(Language, Pool)>,
+    sessions: SessionTable,
 }
 
 impl Lane for EngineLane {
@@ -35,6 +52,14 @@ impl Lane for EngineLane {
                 ..Default::default()
             },
         }
+    }
+
+    fn session(&mut self, op: SessionOp) -> SessionReply {
+        self.sessions.handle(&mut self.pools, op)
+    }
+
+    fn tick(&mut self) {
+        self.sessions.tick(&mut self.pools);
     }
 
     fn stats(&self) -> LaneStats {
@@ -54,7 +79,11 @@ impl Lane for EngineLane {
 }
 
 impl LaneFactory for Engine {
-    fn new_lane(&self, _shard: usize) -> Result<Box<dyn Lane>, String> {
+    fn new_lane(&self, shard: usize) -> Result<Box<dyn Lane>, String> {
+        self.new_worker_lane(shard, 0)
+    }
+
+    fn new_worker_lane(&self, shard: usize, worker: usize) -> Result<Box<dyn Lane>, String> {
         let mut pools = Vec::new();
         for t in &self.templates {
             let lang = t.language().ok_or_else(|| {
@@ -69,7 +98,17 @@ impl LaneFactory for Engine {
                 Pool::new(t.clone(), self.cfg.clone()).map_err(|e| e.to_string())?,
             ));
         }
-        Ok(Box::new(EngineLane { pools }))
+        let sessions =
+            SessionTable::new(shard, worker, self.sessions.clone(), self.directory.clone());
+        Ok(Box::new(EngineLane { pools, sessions }))
+    }
+
+    fn list_sessions(&self, owner: Owner) -> Vec<SessionInfo> {
+        self.directory.list(owner)
+    }
+
+    fn node_name(&self) -> String {
+        self.sessions.node.clone()
     }
 
     fn languages(&self) -> Vec<Language> {

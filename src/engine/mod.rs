@@ -4,6 +4,7 @@ pub mod lane;
 pub mod mailbox;
 pub mod pool;
 pub mod sandbox;
+pub mod session;
 
 use crate::api::ExecFailure;
 
