@@ -121,6 +121,9 @@ impl HttpConn {
         let State::Exec { pending, .. } = &mut self.state else {
             return;
         };
+        if pending.session.is_some() {
+            pending.session_reply = completion.session;
+        }
         let Some(slot) = pending.results.get_mut(completion.slot) else {
             return;
         };
@@ -224,7 +227,7 @@ impl HttpConn {
                     else {
                         unreachable!()
                     };
-                    let dispatch = ctx.dispatch(route, &self.inbuf[..len], self.key, now);
+                    let dispatch = ctx.dispatch(route, &head, &self.inbuf[..len], self.key, now);
                     self.inbuf.drain(..len);
                     self.request_started = None;
                     match dispatch {
@@ -450,6 +453,7 @@ mod tests {
             started: Instant::now(),
             shutdown: AtomicBool::new(false),
             force: AtomicBool::new(false),
+            session_queues: std::sync::OnceLock::new(),
         });
         ShardCtx::new(0, shared, pool)
     }

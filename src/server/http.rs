@@ -18,7 +18,20 @@ pub enum Method {
     Get,
     Head,
     Post,
+    Delete,
     Other,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Head => "HEAD",
+            Method::Post => "POST",
+            Method::Delete => "DELETE",
+            Method::Other => "OTHER",
+        }
+    }
 }
 
 /// The parts of a request head the server acts on.
@@ -97,6 +110,7 @@ pub fn parse_head(buf: &[u8], limits: HeadLimits) -> Result<Option<RequestHead>,
         Some("GET") => Method::Get,
         Some("HEAD") => Method::Head,
         Some("POST") => Method::Post,
+        Some("DELETE") => Method::Delete,
         _ => Method::Other,
     };
     let target = req.path.unwrap_or("/");

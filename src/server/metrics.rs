@@ -27,6 +27,8 @@ pub enum Endpoint {
     ExecBatch,
     Health,
     Metrics,
+    /// Every `/v1/sandboxes…` and `/v1/checkpoints/…` route.
+    Sandboxes,
     Other,
 }
 
@@ -37,6 +39,7 @@ impl Endpoint {
             Endpoint::ExecBatch => "/v1/exec/batch",
             Endpoint::Health => "/v1/health",
             Endpoint::Metrics => "/v1/metrics",
+            Endpoint::Sandboxes => "/v1/sandboxes",
             Endpoint::Other => "other",
         }
     }

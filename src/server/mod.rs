@@ -19,6 +19,7 @@ mod epoll;
 mod event;
 mod http;
 mod metrics;
+mod sessions;
 mod shard;
 mod uring;
 mod wire;
@@ -254,6 +255,7 @@ pub fn start(
         started: Instant::now(),
         shutdown: AtomicBool::new(false),
         force: AtomicBool::new(false),
+        session_queues: std::sync::OnceLock::new(),
     });
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -262,15 +264,22 @@ pub fn start(
         local_addr,
         threads: Vec::with_capacity(config.shards),
     };
-    for (shard, listener) in listeners.into_iter().enumerate() {
-        let pool = WorkerPool::start(
+    // Every shard's workers first: any shard may hand a session request to
+    // any other shard's worker.
+    let mut pools = Vec::with_capacity(config.shards);
+    for shard in 0..config.shards {
+        pools.push(WorkerPool::start(
             shard,
             config.workers_per_shard,
             config.queue_depth,
             factory.clone(),
             metrics[shard].clone(),
             wakers[shard].clone(),
-        )?;
+        )?);
+    }
+    let queues = pools.iter().map(WorkerPool::direct_queues).collect();
+    let _ = shared.session_queues.set(queues);
+    for ((shard, listener), pool) in listeners.into_iter().enumerate().zip(pools) {
         let ctx = ShardCtx::new(shard, shared.clone(), pool);
         let waker = wakers[shard].clone();
         let recv_buffers = config.recv_buffers;

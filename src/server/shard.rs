@@ -10,9 +10,12 @@ use super::auth::{ApiKeys, RateLimiter};
 use super::config::ServeConfig;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
+use super::sessions::{self, SessionRoute};
 use super::wire::{self, ApiError, DecodeRules, ExecSpec};
-use super::workers::{Completion, ConnKey, Job, Waker, WorkerPool};
-use crate::api::{CancelToken, ExecFailure, ExecRequest, ExecResult, LaneFactory};
+use super::workers::{Completion, ConnKey, Job, Waker, Work, WorkerPool};
+use crate::api::{
+    CancelToken, ExecFailure, ExecRequest, ExecResult, LaneFactory, Owner, SessionReply,
+};
 
 /// Which event loop serves requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +47,9 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Cancel whatever is still running and exit now.
     pub force: AtomicBool,
+    /// Every shard's per-worker session queues, `[shard][worker]`; set once
+    /// all shards' workers run.
+    pub session_queues: std::sync::OnceLock<Vec<Vec<crossbeam_channel::Sender<Job>>>>,
 }
 
 impl Shared {
@@ -65,12 +71,20 @@ pub enum Route {
     ExecBatch,
     Health,
     Metrics,
+    /// A `/v1/sandboxes…` or `/v1/checkpoints/…` route, for the API key `owner`.
+    Session {
+        route: SessionRoute,
+        owner: Owner,
+    },
 }
 
 /// Executions of one request that are queued or running.
 pub struct PendingExec {
     pub endpoint: Endpoint,
     pub batch: bool,
+    /// Set for a session operation; its answer arrives in `session_reply`.
+    pub session: Option<SessionRoute>,
+    pub session_reply: Option<SessionReply>,
     pub results: Vec<Option<ExecResult>>,
     pub remaining: usize,
     pub tokens: Vec<CancelToken>,
@@ -134,6 +148,22 @@ impl ShardCtx {
         head: &RequestHead,
         now: Instant,
     ) -> Result<Route, (Endpoint, Response)> {
+        if let Some(matched) = sessions::route(&head.path, head.method.as_str()) {
+            let endpoint = Endpoint::Sandboxes;
+            let route = match matched {
+                Ok(route) => route,
+                Err(allow) => {
+                    let err = ApiError::new(
+                        405,
+                        "method_not_allowed",
+                        format!("{} allows {allow}", head.path),
+                    );
+                    return Err((endpoint, error_response(&err).with_header("Allow", allow)));
+                }
+            };
+            let owner = self.authorize(head, endpoint, now)?;
+            return Ok(Route::Session { route, owner });
+        }
         let (route, allow) = match head.path.as_str() {
             "/v1/exec" => (Route::Exec, "POST"),
             "/v1/exec/batch" => (Route::ExecBatch, "POST"),
@@ -148,6 +178,7 @@ impl ShardCtx {
         let method_ok = match route {
             Route::Exec | Route::ExecBatch => head.method == Method::Post,
             Route::Health | Route::Metrics => matches!(head.method, Method::Get | Method::Head),
+            Route::Session { .. } => unreachable!("matched above"),
         };
         if !method_ok {
             let err = ApiError::new(
@@ -158,6 +189,21 @@ impl ShardCtx {
             return Err((endpoint, error_response(&err).with_header("Allow", allow)));
         }
         if matches!(route, Route::Exec | Route::ExecBatch) {
+            self.authorize(head, endpoint, now)?;
+        }
+        Ok(route)
+    }
+
+    /// Auth, rate limit and drain checks for routes that run code; the
+    /// caller's key index (None with auth off).
+    fn authorize(
+        &mut self,
+        head: &RequestHead,
+        endpoint: Endpoint,
+        now: Instant,
+    ) -> Result<Owner, (Endpoint, Response)> {
+        let mut owner = None;
+        {
             if let Some(keys) = &self.shared.keys {
                 let Some(key) = head.bearer.as_deref().and_then(|token| keys.lookup(token)) else {
                     let err = ApiError::new(
@@ -170,6 +216,7 @@ impl ShardCtx {
                         error_response(&err).with_header("WWW-Authenticate", "Bearer"),
                     ));
                 };
+                owner = Some(key);
                 if let Err(wait) = self.rate.try_acquire(key, now) {
                     let err =
                         ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
@@ -187,12 +234,22 @@ impl ShardCtx {
                 ));
             }
         }
-        Ok(route)
+        Ok(owner)
     }
 
     /// Handles a complete request.
-    pub fn dispatch(&mut self, route: Route, body: &[u8], conn: ConnKey, now: Instant) -> Dispatch {
+    pub fn dispatch(
+        &mut self,
+        route: Route,
+        head: &RequestHead,
+        body: &[u8],
+        conn: ConnKey,
+        now: Instant,
+    ) -> Dispatch {
         match route {
+            Route::Session { route, owner } => {
+                self.dispatch_session(route, owner, head, body, conn)
+            }
             Route::Health => Dispatch::Respond(self.health(now)),
             Route::Metrics => {
                 let text = metrics::render(&self.shared.shards, self.shared.backend.name());
@@ -207,6 +264,13 @@ impl ShardCtx {
                 Ok(spec) => self.submit(Endpoint::Exec, false, vec![spec], conn),
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
+            Route::ExecBatch if sessions::batch_source(body).is_some() => self.dispatch_session(
+                SessionRoute::Batch,
+                owner_of_batch(head, &self.shared),
+                head,
+                body,
+                conn,
+            ),
             Route::ExecBatch => match wire::decode_batch(body, &self.shared.rules) {
                 Ok(specs) if specs.is_empty() => {
                     Dispatch::Respond(Response::json(200, br#"{"results":[]}"#.to_vec()))
@@ -215,6 +279,88 @@ impl ShardCtx {
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
         }
+    }
+
+    fn dispatch_session(
+        &mut self,
+        route: SessionRoute,
+        owner: Owner,
+        head: &RequestHead,
+        body: &[u8],
+        conn: ConnKey,
+    ) -> Dispatch {
+        if route == SessionRoute::List {
+            let list = self.shared.factory.list_sessions(owner);
+            return Dispatch::Respond(Response::json(200, sessions::list_json(&list)));
+        }
+        let node = self.shared.factory.node_name();
+        let op = match sessions::decode(route, &head.path, body, owner, &node, &self.shared.rules) {
+            Ok(op) => op,
+            Err(err) => return Dispatch::Respond(error_response(&err)),
+        };
+        let target = sessions::target(&op);
+        let job = Job {
+            conn,
+            slot: 0,
+            work: Work::Session(op),
+            reply: None,
+        };
+        let sent = match target {
+            None => {
+                if self.pool.room() == 0 {
+                    return Dispatch::Respond(self.busy(
+                        "queue_full",
+                        "all workers are busy and the queue is full; retry later",
+                    ));
+                }
+                self.pool.submit(job).is_ok()
+            }
+            Some((shard, worker)) => {
+                let queue = self
+                    .shared
+                    .session_queues
+                    .get()
+                    .and_then(|q| q.get(shard))
+                    .and_then(|w| w.get(worker));
+                let Some(queue) = queue else {
+                    let text = sessions::path_sandbox_text(&head.path);
+                    return Dispatch::Respond(error_response(&ApiError::new(
+                        404,
+                        "sandbox_not_found",
+                        format!("no sandbox {text} on this node"),
+                    )));
+                };
+                let job = Job {
+                    reply: Some(self.pool.reply()),
+                    ..job
+                };
+                match queue.try_send(job) {
+                    Ok(()) => true,
+                    Err(crossbeam_channel::TrySendError::Full(_)) => {
+                        return Dispatch::Respond(self.busy(
+                            "sandbox_busy",
+                            "too many requests are queued for this sandbox; retry later",
+                        ))
+                    }
+                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
+                }
+            }
+        };
+        if !sent {
+            return Dispatch::Respond(self.busy("shutting_down", "the server is shutting down"));
+        }
+        self.jobs_in_flight += 1;
+        self.metrics.stats().execs_in_flight += 1;
+        Dispatch::Pending(PendingExec {
+            endpoint: Endpoint::Sandboxes,
+            batch: false,
+            session: Some(route),
+            session_reply: None,
+            results: vec![None],
+            remaining: 1,
+            // Session runs outlive a client that goes away.
+            tokens: Vec::new(),
+        })
     }
 
     fn submit(
@@ -241,7 +387,16 @@ impl ShardCtx {
                 timeout: spec.timeout,
                 cancel,
             };
-            if self.pool.submit(Job { conn, slot, req }).is_err() {
+            if self
+                .pool
+                .submit(Job {
+                    conn,
+                    slot,
+                    work: Work::Exec(req),
+                    reply: None,
+                })
+                .is_err()
+            {
                 // Cannot happen after the room check (single producer); fail
                 // the whole request rather than answer with holes.
                 for token in &tokens {
@@ -259,6 +414,8 @@ impl ShardCtx {
         Dispatch::Pending(PendingExec {
             endpoint,
             batch,
+            session: None,
+            session_reply: None,
             results: vec![None; n],
             remaining: n,
             tokens,
@@ -270,15 +427,32 @@ impl ShardCtx {
         self.jobs_in_flight -= 1;
         let mut stats = self.metrics.stats();
         stats.execs_in_flight = stats.execs_in_flight.saturating_sub(1);
-        if completion.ran {
+        let ran_code = match &completion.session {
+            None => true,
+            Some(reply) => matches!(reply, SessionReply::Exec { .. }),
+        };
+        if completion.ran && ran_code {
             stats.record_exec(&completion.result);
+        } else if completion.ran {
         } else {
             stats.cancelled += 1;
         }
     }
 
     /// Builds the response once all of a request's executions are back.
-    pub fn finish(&mut self, pending: PendingExec) -> Response {
+    pub fn finish(&mut self, mut pending: PendingExec) -> Response {
+        if pending.session.is_some() {
+            let reply = pending.session_reply.take().unwrap_or_else(|| {
+                SessionReply::Error(crate::api::SessionError::new(
+                    500,
+                    "internal",
+                    "the worker sent no answer",
+                ))
+            });
+            let ids = &mut self.ids;
+            let (status, body) = sessions::encode(&reply, &mut || ids.next());
+            return Response::json(status, body);
+        }
         let results: Vec<ExecResult> = pending
             .results
             .into_iter()
@@ -379,12 +553,21 @@ impl ShardCtx {
     }
 }
 
+/// The key of an already-authorised batch request (auth ran in `admit`).
+fn owner_of_batch(head: &RequestHead, shared: &Shared) -> Owner {
+    shared
+        .keys
+        .as_ref()
+        .and_then(|keys| head.bearer.as_deref().and_then(|t| keys.lookup(t)))
+}
+
 fn endpoint_of(route: Route) -> Endpoint {
     match route {
         Route::Exec => Endpoint::Exec,
         Route::ExecBatch => Endpoint::ExecBatch,
         Route::Health => Endpoint::Health,
         Route::Metrics => Endpoint::Metrics,
+        Route::Session { .. } => Endpoint::Sandboxes,
     }
 }
 

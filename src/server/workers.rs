@@ -13,7 +13,12 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use super::metrics::ShardMetrics;
-use crate::api::{ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory};
+use crate::api::{
+    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, SessionOp, SessionReply,
+};
+
+/// How often an idle worker lets its lane do housekeeping (expire sessions).
+const TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Identifies a connection slot and its incarnation, so a completion for a
 /// connection that has since closed (and whose slot was reused) is dropped.
@@ -23,17 +28,38 @@ pub struct ConnKey {
     pub generation: u32,
 }
 
+/// What a worker is asked to do.
+pub enum Work {
+    /// A stateless run in a throwaway fork.
+    Exec(ExecRequest),
+    /// An operation on a live session this worker's lane owns.
+    Session(SessionOp),
+}
+
+/// Where a completion goes: the shard that received the request (which may
+/// not be the shard whose worker ran it).
+#[derive(Clone)]
+pub struct Reply {
+    done: Sender<Completion>,
+    waker: Arc<Waker>,
+}
+
 pub struct Job {
     pub conn: ConnKey,
     /// Position in a batch (0 for single execs).
     pub slot: usize,
-    pub req: ExecRequest,
+    pub work: Work,
+    /// None: the worker's own shard.
+    pub reply: Option<Reply>,
 }
 
 pub struct Completion {
     pub conn: ConnKey,
     pub slot: usize,
+    /// The run's result (a session exec's too; default for other session ops).
     pub result: ExecResult,
+    /// The answer to a session operation.
+    pub session: Option<SessionReply>,
     /// False when the job was cancelled before a worker started it.
     pub ran: bool,
 }
@@ -93,7 +119,10 @@ impl Waker {
 /// The shard side of its worker threads.
 pub struct WorkerPool {
     jobs: Option<Sender<Job>>,
+    /// One queue per worker for the sessions its lane owns.
+    direct: Vec<Sender<Job>>,
     completions: Receiver<Completion>,
+    reply: Reply,
     capacity: usize,
     metrics: Arc<ShardMetrics>,
     threads: Vec<JoinHandle<()>>,
@@ -113,14 +142,21 @@ impl WorkerPool {
         let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(queue_depth);
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
+        let reply = Reply {
+            done: done_tx.clone(),
+            waker: waker.clone(),
+        };
         let mut threads = Vec::with_capacity(workers);
+        let mut direct = Vec::with_capacity(workers);
         for worker in 0..workers {
             let (factory, metrics, waker) = (factory.clone(), metrics.clone(), waker.clone());
             let (job_rx, done_tx, ready_tx) = (job_rx.clone(), done_tx.clone(), ready_tx.clone());
+            let (direct_tx, direct_rx) = crossbeam_channel::bounded::<Job>(queue_depth.max(1));
+            direct.push(direct_tx);
             let handle = std::thread::Builder::new()
                 .name(format!("kvmfork-s{shard}-w{worker}"))
                 .spawn(move || {
-                    let lane = match factory.new_lane(shard) {
+                    let lane = match factory.new_worker_lane(shard, worker) {
                         Ok(lane) => lane,
                         Err(message) => {
                             let _ = ready_tx.send(Err(message));
@@ -130,8 +166,12 @@ impl WorkerPool {
                     metrics.set_lane_stats(worker, lane.stats());
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
+                    let queues = Queues {
+                        shared: &job_rx,
+                        direct: &direct_rx,
+                    };
                     run_worker(
-                        shard, worker, lane, &*factory, &job_rx, &done_tx, &metrics, &waker,
+                        shard, worker, lane, &*factory, queues, &done_tx, &metrics, &waker,
                     );
                 })
                 .map_err(WorkerError::Spawn)?;
@@ -140,7 +180,9 @@ impl WorkerPool {
         drop(ready_tx);
         let mut pool = WorkerPool {
             jobs: Some(job_tx),
+            direct,
             completions: done_rx,
+            reply,
             capacity: queue_depth,
             metrics,
             threads,
@@ -183,6 +225,16 @@ impl WorkerPool {
         })
     }
 
+    /// The per-worker session queues (for every shard's use).
+    pub fn direct_queues(&self) -> Vec<Sender<Job>> {
+        self.direct.clone()
+    }
+
+    /// Where other shards send this shard's completions.
+    pub fn reply(&self) -> Reply {
+        self.reply.clone()
+    }
+
     pub fn try_completion(&self) -> Option<Completion> {
         self.completions.try_recv().ok()
     }
@@ -190,6 +242,7 @@ impl WorkerPool {
     /// Closes the queue and waits for the workers to finish their jobs and exit.
     pub fn shutdown(&mut self) {
         self.jobs = None;
+        self.direct.clear();
         for handle in self.threads.drain(..) {
             let _ = handle.join();
         }
@@ -202,60 +255,105 @@ impl Drop for WorkerPool {
     }
 }
 
+struct Queues<'a> {
+    shared: &'a Receiver<Job>,
+    direct: &'a Receiver<Job>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_worker(
     shard: usize,
     worker: usize,
     mut lane: Box<dyn Lane>,
     factory: &dyn LaneFactory,
-    jobs: &Receiver<Job>,
+    queues: Queues,
     done: &Sender<Completion>,
     metrics: &ShardMetrics,
     waker: &Waker,
 ) {
-    while let Ok(job) = jobs.recv() {
-        metrics.queued.fetch_sub(1, Ordering::Relaxed);
-        let (result, ran) = if job.req.cancel.is_cancelled() {
-            (cancelled_before_start(), false)
-        } else {
-            match catch_unwind(AssertUnwindSafe(|| lane.exec(&job.req))) {
-                Ok(result) => (result, true),
+    loop {
+        // Session jobs first: they are the owner's and cannot go elsewhere.
+        let job = match queues.direct.try_recv() {
+            Ok(job) => job,
+            Err(_) => {
+                crossbeam_channel::select! {
+                    recv(queues.direct) -> job => match job { Ok(job) => job, Err(_) => return },
+                    recv(queues.shared) -> job => match job {
+                        Ok(job) => {
+                            metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                            job
+                        }
+                        // The shard closed its queue: shut down.
+                        Err(_) => return,
+                    },
+                    default(TICK) => {
+                        lane.tick();
+                        continue;
+                    }
+                }
+            }
+        };
+        let (result, session, ran) = match job.work {
+            Work::Exec(req) if req.cancel.is_cancelled() => (cancelled_before_start(), None, false),
+            work => match catch_unwind(AssertUnwindSafe(|| match work {
+                Work::Exec(req) => (lane.exec(&req), None),
+                Work::Session(op) => match lane.session(op) {
+                    SessionReply::Exec { info, result } => {
+                        (result.clone(), Some(SessionReply::Exec { info, result }))
+                    }
+                    reply => (ExecResult::default(), Some(reply)),
+                },
+            })) {
+                Ok((result, session)) => (result, session, true),
                 Err(_) => {
-                    // The lane's state is unknown after a panic: replace it.
+                    // The lane's state is unknown after a panic: replace it
+                    // (its sessions are lost with it).
                     eprintln!(
                         "kvmfork serve: shard {shard} worker {worker}: lane panicked; replacing it"
                     );
-                    match factory.new_lane(shard) {
+                    match factory.new_worker_lane(shard, worker) {
                         Ok(fresh) => lane = fresh,
                         Err(e) => eprintln!(
                             "kvmfork serve: shard {shard} worker {worker}: new lane failed: {e}"
                         ),
                     }
                     let failure = ExecFailure::Internal("the executor panicked".into());
-                    (
-                        ExecResult {
-                            exit_code: -1,
-                            failure: Some(failure),
-                            ..Default::default()
-                        },
-                        true,
-                    )
+                    let result = ExecResult {
+                        exit_code: -1,
+                        failure: Some(failure),
+                        ..Default::default()
+                    };
+                    let session = Some(SessionReply::Error(crate::api::SessionError::new(
+                        500,
+                        "internal",
+                        "the executor failed; the sandboxes it held are gone",
+                    )));
+                    (result, session, true)
                 }
-            }
+            },
         };
         metrics.set_lane_stats(worker, lane.stats());
-        if done
-            .send(Completion {
-                conn: job.conn,
-                slot: job.slot,
-                result,
-                ran,
-            })
-            .is_err()
-        {
-            return;
+        let completion = Completion {
+            conn: job.conn,
+            slot: job.slot,
+            result,
+            session,
+            ran,
+        };
+        match &job.reply {
+            Some(reply) => {
+                // The receiving shard may be gone (shutdown): nothing to do.
+                if reply.done.send(completion).is_ok() {
+                    reply.waker.wake();
+                }
+            }
+            None => {
+                if done.send(completion).is_err() {
+                    return;
+                }
+                waker.wake();
+            }
         }
-        waker.wake();
     }
 }
 
