@@ -122,6 +122,12 @@ pub struct LaneStats {
     pub destroyed_vms: u64,
     pub timeouts: u64,
     pub guest_errors: u64,
+    /// Live sessions this lane holds, and their guest memory apart from the template.
+    pub sessions: usize,
+    pub session_memory_bytes: u64,
+    /// Checkpoints held, and their memory.
+    pub checkpoints: usize,
+    pub checkpoint_bytes: u64,
 }
 
 /// A single-threaded executor owning its own VM pool. Each worker thread of a
@@ -176,7 +182,8 @@ pub type Owner = Option<usize>;
 #[derive(Clone, Debug)]
 pub struct SessionSpec {
     pub language: Language,
-    pub ttl: Duration,
+    /// None: the server's default.
+    pub ttl: Option<Duration>,
     pub metadata: serde_json::Value,
 }
 

@@ -39,6 +39,7 @@ fn start(sessions: SessionConfig) -> Live {
         shards: 2,
         workers_per_shard: 2,
         queue_depth: 16,
+        max_batch: 8,
         api_keys_file: keys.path.clone(),
         rate_limit: 0.0,
         max_timeout: Duration::from_secs(60),

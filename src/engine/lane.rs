@@ -74,6 +74,12 @@ impl Lane for EngineLane {
             s.timeouts += p.timeouts;
             s.guest_errors += p.guest_errors;
         }
+        (
+            s.sessions,
+            s.session_memory_bytes,
+            s.checkpoints,
+            s.checkpoint_bytes,
+        ) = self.sessions.usage();
         s
     }
 }

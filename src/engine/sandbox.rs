@@ -168,7 +168,7 @@ impl Sandbox {
         vm.set_ram(&ram, pooled)?;
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(SandboxError::EventFd)?;
         vm.register_irqfd(&irq, COM1_IRQ)?;
-        let vcpu = Vcpu::new(&vm, 0)?;
+        let mut vcpu = Vcpu::new(&vm, 0)?;
         // VM-wide state (PIT, clock, irqchips) before the vCPU's.
         vm.restore_state(&t.state.vm)?;
         vcpu.restore_state(&t.state.vcpu, &t.fork_lapic)?;
@@ -261,6 +261,9 @@ impl Sandbox {
         if !std::ptr::eq(cp.template, t) {
             return Err(SandboxError::ForeignCheckpoint);
         }
+        // Whatever the guest wrote so far must be in `ever_dirty` before the
+        // memslot is re-created below (that restarts KVM's log).
+        self.collect_dirty()?;
         let page = crate::vmm::memory::PAGE_SIZE;
         for (chunk, &p) in cp.data.chunks_exact(page).zip(&cp.pages) {
             self.ram.write(p * page as u64, chunk)?;

@@ -463,7 +463,7 @@ impl SessionTable {
                 format!("count must be between 1 and {MAX_FORK_COUNT}"),
             ));
         }
-        let ttl = self.ttl(Some(spec.ttl))?;
+        let ttl = self.ttl(spec.ttl)?;
         let (language, metadata) = match &from_checkpoint {
             Some(cid) => match self.checkpoints.get(&cid.text) {
                 Some(c) if c.owner == owner => (
@@ -807,6 +807,22 @@ impl SessionTable {
         }
         self.tombstones
             .retain(|_, t| now.duration_since(t.at) < TOMBSTONE_TTL);
+    }
+
+    /// (sessions, their memory, checkpoints, their memory) in this lane.
+    pub fn usage(&self) -> (usize, u64, usize, u64) {
+        let memory = self.sessions.values().map(|s| s.info.memory_bytes).sum();
+        let cp_bytes = self
+            .checkpoints
+            .values()
+            .map(|c| c.checkpoint.dirty_bytes())
+            .sum();
+        (
+            self.sessions.len(),
+            memory,
+            self.checkpoints.len(),
+            cp_bytes,
+        )
     }
 
     /// Live sessions in this lane.

@@ -103,6 +103,13 @@ pub struct ShardStats {
     pub fork: LatencyHistogram,
     pub exec: LatencyHistogram,
     pub total: LatencyHistogram,
+    /// How long a live fork held its parent (state capture).
+    pub sandbox_fork_pause: LatencyHistogram,
+    /// Time to start one child of a live fork (or a session from a checkpoint).
+    pub sandbox_child_start: LatencyHistogram,
+    pub sandbox_checkpoint: LatencyHistogram,
+    pub sandbox_restore: LatencyHistogram,
+    pub sandboxes_created: u64,
     pub requests: BTreeMap<(Endpoint, u16), u64>,
     pub requests_in_flight: u64,
     pub connections_open: u64,
@@ -116,6 +123,30 @@ pub struct ShardStats {
 }
 
 impl ShardStats {
+    /// Records what a session operation cost.
+    pub fn record_session(&mut self, reply: &crate::api::SessionReply) {
+        use crate::api::SessionReply;
+        let ms = |v: f64| std::time::Duration::from_secs_f64(v / 1e3);
+        match reply {
+            SessionReply::Created(list) => {
+                for info in list.iter().flatten() {
+                    self.sandboxes_created += 1;
+                    self.sandbox_child_start.record(ms(info.fork_time_ms));
+                }
+            }
+            SessionReply::Forked { pause, forks, .. } => {
+                self.sandbox_fork_pause.record(*pause);
+                for info in forks.iter().flatten() {
+                    self.sandboxes_created += 1;
+                    self.sandbox_child_start.record(ms(info.fork_time_ms));
+                }
+            }
+            SessionReply::Checkpointed { pause, .. } => self.sandbox_checkpoint.record(*pause),
+            SessionReply::Restored { restore, .. } => self.sandbox_restore.record(*restore),
+            _ => {}
+        }
+    }
+
     /// Records the outcome of one exec that a worker ran.
     pub fn record_exec(&mut self, result: &ExecResult) {
         match &result.failure {
@@ -137,6 +168,11 @@ impl ShardStats {
         self.fork.merge(&other.fork);
         self.exec.merge(&other.exec);
         self.total.merge(&other.total);
+        self.sandbox_fork_pause.merge(&other.sandbox_fork_pause);
+        self.sandbox_child_start.merge(&other.sandbox_child_start);
+        self.sandbox_checkpoint.merge(&other.sandbox_checkpoint);
+        self.sandbox_restore.merge(&other.sandbox_restore);
+        self.sandboxes_created += other.sandboxes_created;
         for (k, v) in &other.requests {
             *self.requests.entry(*k).or_default() += v;
         }
@@ -200,6 +236,10 @@ pub fn add_lane_stats(total: &mut LaneStats, s: &LaneStats) {
     total.destroyed_vms += s.destroyed_vms;
     total.timeouts += s.timeouts;
     total.guest_errors += s.guest_errors;
+    total.sessions += s.sessions;
+    total.session_memory_bytes += s.session_memory_bytes;
+    total.checkpoints += s.checkpoints;
+    total.checkpoint_bytes += s.checkpoint_bytes;
 }
 
 /// A consistent-enough view of all shards, taken one shard at a time.
@@ -360,6 +400,60 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
         out,
         "kvmfork_pool_vms{{state=\"live\"}} {}",
         snap.lanes.live_vms
+    );
+    gauge(
+        &mut out,
+        "kvmfork_sandboxes_live",
+        "Live sessions (sandboxes kept between execs).",
+        snap.lanes.sessions as u64,
+    );
+    gauge(
+        &mut out,
+        "kvmfork_sandbox_memory_bytes",
+        "Guest memory the live sessions hold apart from their templates.",
+        snap.lanes.session_memory_bytes,
+    );
+    gauge(
+        &mut out,
+        "kvmfork_checkpoints",
+        "Checkpoints held in memory.",
+        snap.lanes.checkpoints as u64,
+    );
+    gauge(
+        &mut out,
+        "kvmfork_checkpoint_memory_bytes",
+        "Guest memory the checkpoints hold.",
+        snap.lanes.checkpoint_bytes,
+    );
+    counter(
+        &mut out,
+        "kvmfork_sandboxes_created_total",
+        "Sessions started (new, from a checkpoint, or children of a live fork).",
+        s.sandboxes_created,
+    );
+    histogram(
+        &mut out,
+        "kvmfork_sandbox_fork_pause_seconds",
+        "How long a live fork held its parent sandbox to capture its state.",
+        &s.sandbox_fork_pause,
+    );
+    histogram(
+        &mut out,
+        "kvmfork_sandbox_start_seconds",
+        "Time to start one session: a new one, one from a checkpoint, or a child of a live fork.",
+        &s.sandbox_child_start,
+    );
+    histogram(
+        &mut out,
+        "kvmfork_sandbox_checkpoint_seconds",
+        "Time to capture a checkpoint of a session.",
+        &s.sandbox_checkpoint,
+    );
+    histogram(
+        &mut out,
+        "kvmfork_sandbox_restore_seconds",
+        "Time to roll a session back to a checkpoint.",
+        &s.sandbox_restore,
     );
     counter(
         &mut out,

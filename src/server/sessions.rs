@@ -307,7 +307,7 @@ pub fn decode(
             };
             let spec = SessionSpec {
                 language,
-                ttl: ttl.unwrap_or(Duration::ZERO),
+                ttl,
                 metadata,
             };
             SessionOp::Create {

@@ -431,9 +431,13 @@ impl ShardCtx {
             None => true,
             Some(reply) => matches!(reply, SessionReply::Exec { .. }),
         };
+        if let Some(reply) = &completion.session {
+            stats.record_session(reply);
+        }
         if completion.ran && ran_code {
             stats.record_exec(&completion.result);
         } else if completion.ran {
+            // A session operation that ran no code.
         } else {
             stats.cancelled += 1;
         }

@@ -340,10 +340,17 @@ impl Vcpu {
     /// Restores state in Firecracker's order, each step's reason beside it.
     /// `lapic` lets the fork engine pass a variant (timer masked).
     pub fn restore_state(
-        &self,
+        &mut self,
         state: &VcpuState,
         lapic: &kvm_lapic_state,
     ) -> Result<(), VcpuError> {
+        if self.sync_regs {
+            // Registers a fast restore staged in kvm_run would be applied at
+            // the next KVM_RUN, over the ones set below.
+            self.fd.clear_sync_dirty_reg(SyncReg::Register);
+            self.fd.clear_sync_dirty_reg(SyncReg::SystemRegister);
+            self.fd.clear_sync_dirty_reg(SyncReg::VcpuEvents);
+        }
         // CPUID first: later steps (xsave size, MSR validity) depend on it.
         let cpuid =
             CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::MsrList(format!("{e:?}")))?;
