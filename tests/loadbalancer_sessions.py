@@ -190,17 +190,22 @@ def main():
         report(ok, f"{len(bodies)} sessions from_checkpoint {n} through HAProxy all landed on {n} and answer execs")
 
     # ---- a batch from_sandbox, the field last, goes to the session's node ----
+    # Batches 2-4 put the field 20 KiB into the body: inside the 31 KiB
+    # deploy/haproxy.cfg searches (tune.bufsize 32768), past the 15 KiB a
+    # default HAProxy buffer would show (then they would be balanced, and
+    # some would reach the other node).
     for n in PORTS:
         source = by_node[n][0]
         ok = True
-        for t in range(3):
-            body = {"executions": [{"code": f"print({t} * 7)"}, {"code": f"print('{n}', {t})"}], "from_sandbox": source}
+        for t in range(5):
+            pad = " # " + "x" * 20000 if t >= 2 else ""
+            body = {"executions": [{"code": f"print({t} * 7){pad}"}, {"code": f"print('{n}', {t})"}], "from_sandbox": source}
             status, doc = call("POST", "/v1/exec/batch", body)
             outs = [r.get("stdout") for r in doc.get("results", [])] if isinstance(doc, dict) else []
             if status != 200 or outs != [f"{t * 7}\n", f"{n} {t}\n"]:
                 ok = False
                 note(f"batch from_sandbox {source}: {status} {doc}")
-        report(ok, f"3 batches from_sandbox on {n} through HAProxy answered 200 with the right results")
+        report(ok, f"5 batches from_sandbox on {n} through HAProxy (3 with the field 20 KiB in) answered 200 with the right results")
 
     not_found_after = {n: not_found_total(p) for n, p in PORTS.items()}
     report(
