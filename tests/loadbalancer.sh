@@ -4,7 +4,11 @@
 # Shows that requests through the proxy are spread over both nodes (each
 # node's own /v1/metrics counters), that stopping a node gets it taken out by
 # the /v1/health check with every request still answered by the other node,
-# and that a restarted node is put back. Then runs Prometheus with the
+# and that a restarted node is put back. Live sessions (node ids n1, n2) go
+# to the node their id names: execs, forks, checkpoints, from_checkpoint and
+# from_sandbox requests through the proxy all reach the right node
+# (tests/loadbalancer_sessions.py); a stopped node's sessions fail fast with
+# 503 and are gone after its restart. Then runs Prometheus with the
 # committed deploy/prometheus.yml against the nodes and checks that every
 # query of deploy/grafana-dashboard.json returns data. Needs /dev/kvm,
 # haproxy, prometheus, curl, python3, the release binary and a built Python
@@ -82,8 +86,9 @@ printf '["%s"]\n' "$key" >"$work/keys.json"
 
 # ---- nodes ----
 declare -A node_pid
-start_node() { # name port
-  "$kvmfork" serve --listen "127.0.0.1:$2" --template "$template" \
+# --node-id must match deploy/haproxy.cfg: kvmfork1 is n1, kvmfork2 is n2.
+start_node() { # name port node-id
+  "$kvmfork" serve --listen "127.0.0.1:$2" --node-id "$3" --template "$template" \
     --shards 1 --workers-per-shard 1 --pool-size 1 \
     --api-keys-file "$work/keys.json" --rate-limit 0 --drain-timeout-seconds 10 \
     >>"$work/$1.log" 2>&1 &
@@ -99,8 +104,8 @@ wait_healthy() { # name port
   done
   die "$1 did not become healthy on port $2 within 120 s"
 }
-start_node node1 "$port1"
-start_node node2 "$port2"
+start_node node1 "$port1" n1
+start_node node2 "$port2" n2
 wait_healthy node1 "$port1"
 wait_healthy node2 "$port2"
 say "nodes up: node1 127.0.0.1:$port1, node2 127.0.0.1:$port2"
@@ -119,28 +124,30 @@ haproxy_pid=$!
 pids+=("$haproxy_pid")
 lb="http://127.0.0.1:$lb_port"
 
-# "status/check_status" of a server in backend kvmfork_nodes, from the stats
-# CSV (columns found by name), e.g. "UP/L7OK", "DOWN/L4CON". Before its first
-# check a server shows "UP 1/2/INI", which is not yet a passed check.
-server_state() { # server
-  curl -fsS "http://127.0.0.1:$stats_port/stats;csv" 2>/dev/null | awk -F, -v sv="$1" '
+# "status/check_status" of a server in a backend (kvmfork_nodes unless
+# given), from the stats CSV (columns found by name), e.g. "UP/L7OK",
+# "DOWN/L4CON". Before its first check a server shows "UP 1/2/INI", which is
+# not yet a passed check.
+server_state() { # server [backend]
+  curl -fsS "http://127.0.0.1:$stats_port/stats;csv" 2>/dev/null | awk -F, -v sv="$1" -v be="${2:-kvmfork_nodes}" '
     NR == 1 { for (i = 1; i <= NF; i++) { if ($i == "status") st = i; if ($i == "check_status") ck = i }; next }
-    $1 == "kvmfork_nodes" && $2 == sv { print $st "/" $ck }'
+    $1 == be && $2 == sv { print $st "/" $ck }'
 }
-wait_state() { # server wanted-state-pattern seconds
+wait_state() { # server wanted-state-pattern seconds [backend]
   local _ s=""
   for _ in $(seq 1 $(($3 * 5))); do
-    s=$(server_state "$1")
+    s=$(server_state "$1" "${4:-}")
     # shellcheck disable=SC2053 # $2 is a glob on purpose
     [[ $s == $2 ]] && return 0
     kill -0 "$haproxy_pid" 2>/dev/null || die "haproxy exited"
     sleep 0.2
   done
-  say "$1 is '$s' in HAProxy, wanted $2"
+  say "$1 is '$s' in HAProxy (${4:-kvmfork_nodes}), wanted $2"
   return 1
 }
-if wait_state kvmfork1 UP/L7OK 20 && wait_state kvmfork2 UP/L7OK 20; then
-  pass "HAProxy health checks (GET /v1/health) see both nodes UP"
+if wait_state kvmfork1 UP/L7OK 20 && wait_state kvmfork2 UP/L7OK 20 &&
+  wait_state kvmfork1 UP/L7OK 20 kvmfork_n1 && wait_state kvmfork2 UP/L7OK 20 kvmfork_n2; then
+  pass "HAProxy health checks (GET /v1/health) see both nodes UP, in the balanced and the per-node backends"
 else
   die "the nodes are not UP in HAProxy"
 fi
@@ -191,7 +198,39 @@ if [[ $code == 401 ]]; then pass "an exec without a key is refused (401) through
 code=$(curl -s -o /dev/null -w '%{http_code}' "$lb/v1/metrics")
 if [[ $code == 404 ]]; then pass "/v1/metrics is not exposed through the public entry point (404)"; else fail "/v1/metrics through HAProxy got $code, not 404"; fi
 
-# ---- 2. a stopped node is taken out by the health check ----
+# ---- 2. live sessions through HAProxy, routed by their node id ----
+survivors=$work/survivors
+if python3 "$root/tests/loadbalancer_sessions.py" "$lb" "$key" "$port1" "$port2" \
+  "$KVMFORK_LB_ADMIN_SOCKET" "$survivors" >"$work/sessions.out" 2>"$work/sessions.log"; then
+  rc=0
+else
+  rc=$?
+fi
+while IFS=$'\t' read -r verdict what; do
+  case $verdict in
+  ok) pass "$what" ;;
+  FAIL) fail "$what" ;;
+  *) say "  $what" ;;
+  esac
+done <"$work/sessions.out"
+((rc == 0)) || fail "tests/loadbalancer_sessions.py crashed (status $rc, see sessions.log)"
+sid1=$(awk '$1 == "n1" { print $2 }' "$survivors" 2>/dev/null || true)
+sid2=$(awk '$1 == "n2" { print $2 }' "$survivors" 2>/dev/null || true)
+[[ -n $sid1 && -n $sid2 ]] || die "the session phase left no session on each node for the next checks"
+
+# A session exec through HAProxy: prints "STATUS ERROR-CODE" for an error,
+# else "STATUS STDOUT" (its trailing newline dropped).
+session_exec() { # sandbox-id code
+  local status
+  status=$(curl -sS --max-time 30 -o "$work/exec.out" -w '%{http_code}' -H "Authorization: Bearer $key" \
+    -d "{\"code\":\"$2\"}" "$lb/v1/sandboxes/$1/exec" 2>>"$work/curl.log") || status=000
+  python3 -c 'import json,sys
+try: r = json.load(open(sys.argv[2]))
+except ValueError: r = {}
+print(sys.argv[1], r["error"]["code"] if r.get("error") else str(r.get("stdout")).rstrip("\n"))' "$status" "$work/exec.out"
+}
+
+# ---- 3. a stopped node is taken out by the health check ----
 kill -TERM "${node_pid[node2]}"
 if wait "${node_pid[node2]}"; then pass "node2 drained and exited on SIGTERM"; else fail "node2 exited with status $? on SIGTERM"; fi
 if wait_state kvmfork2 'DOWN/*' 15; then
@@ -208,12 +247,24 @@ if ((ok == m && got1 == m)); then
 else
   fail "with node2 down: $ok of $m execs answered, node1 ran $got1"
 fi
+# Its sessions are not sent to node1: HAProxy answers 503 node_unavailable
+# itself, within the one retry's turn-around.
+t0=$(date +%s%N)
+got=$(session_exec "$sid2" "print(2)")
+ms=$((($(date +%s%N) - t0) / 1000000))
+if [[ $got == "503 node_unavailable" ]] && ((ms < 5000)); then
+  pass "a session on the stopped node2 gets 503 node_unavailable from HAProxy in $ms ms"
+else
+  fail "a session on the stopped node2 got '$got' in $ms ms, not 503 node_unavailable within 5 s"
+fi
+got=$(session_exec "$sid1" "print(1 + 1)")
+if [[ $got == "200 2" ]]; then pass "a session on node1 still answers while node2 is down"; else fail "a session on node1 got '$got' while node2 is down"; fi
 
-# ---- 3. a restarted node is put back ----
-start_node node2 "$port2"
+# ---- 4. a restarted node is put back ----
+start_node node2 "$port2" n2
 wait_healthy node2 "$port2"
-if wait_state kvmfork2 UP/L7OK 20; then
-  pass "HAProxy put the restarted node2 back UP"
+if wait_state kvmfork2 UP/L7OK 20 && wait_state kvmfork2 UP/L7OK 20 kvmfork_n2; then
+  pass "HAProxy put the restarted node2 back UP (balanced and per-node backends)"
 else
   fail "HAProxy did not put node2 back UP within 20 s"
 fi
@@ -228,7 +279,18 @@ else
   fail "after the restart: $ok of $n execs answered, node2 ran $got2"
 fi
 
-# ---- 4. monitoring: the committed Prometheus config and Grafana dashboard ----
+# Sessions live in a node's memory: the restarted node2 has lost its own and
+# says so itself (its own 404, not another node's refusal).
+got=$(session_exec "$sid2" "print(2)")
+if [[ $got == "404 sandbox_not_found" ]] && ! grep -q "not on this node" "$work/exec.out"; then
+  pass "after its restart node2 answers 404 sandbox_not_found for its old session"
+else
+  fail "the old session on the restarted node2 got '$got': $(cat "$work/exec.out")"
+fi
+code=$(curl -s -o /dev/null -w '%{http_code}' -X DELETE -H "Authorization: Bearer $key" "$lb/v1/sandboxes/$sid1")
+if [[ $code == 204 ]]; then pass "the last session (on node1) deleted through HAProxy"; else fail "deleting the session on node1 got $code, not 204"; fi
+
+# ---- 5. monitoring: the committed Prometheus config and Grafana dashboard ----
 # Prometheus runs deploy/prometheus.yml with the targets pointed at these
 # nodes and a 1 s scrape interval; every dashboard query must return data.
 prometheus=$(command -v prometheus || true)
