@@ -497,6 +497,8 @@ def test_create_without_a_client_owns_one_until_everything_made_from_it_is_close
     fake.script({"json": sandbox_answer(SBX)})
     connected = LiveSandbox.connect(SBX, base_url=fake.url)
     assert connected.sandbox_id == SBX and fake.requests[-1].method == "GET"
+    fake.script(error_reply(404, "sandbox_expired"))
+    assert connected.close() is False and connected.client._transport._closed
 
 
 def test_create_without_a_client_closes_it_when_creation_fails(fake):
