@@ -577,3 +577,35 @@ def test_async_create_classmethod(fake, monkeypatch):
     asyncio.run(main())
     assert fake.requests[0].json() == {"ttl_seconds": 9}
     assert fake.requests[1].method == "DELETE"
+
+
+def test_create_sandboxes_of_one_reads_the_single_answer(fake, fake_client):
+    fake.script({"status": 201, "json": sandbox_answer(SBX)})
+    group = fake_client.create_sandboxes(1, ttl_seconds=10)
+    assert fake.requests[0].json() == {"ttl_seconds": 10}
+    assert [sb.sandbox_id for sb in group] == [SBX] and group.errors == []
+
+
+def test_async_fork_partial_failure(fake, monkeypatch):
+    monkeypatch.delenv("KVMFORK_API_KEY", raising=False)
+    fake.script({"status": 201, "json": sandbox_answer(SBX)},
+                {"status": 201, "json": {"source_id": SBX, "pause_ms": 1.0, "forks": [
+                    sandbox_answer("sbx_c1"),
+                    {"error": {"code": "too_many_sandboxes", "message": "full"}}]}})
+
+    async def main():
+        async with AsyncSandbox(base_url=fake.url) as client:
+            sb = await client.create_sandbox()
+            kept = await sb.fork(2, allow_partial=True)
+            assert [c.sandbox_id for c in kept] == ["sbx_c1"]
+            assert isinstance(kept[0], AsyncLiveSandbox)
+            assert [(i, type(e)) for i, e in kept.errors] == [(1, QuotaExceeded)]
+            fake.requests.clear()
+            fake.script({"status": 201, "json": {"source_id": SBX, "pause_ms": 1.0, "forks": [
+                sandbox_answer("sbx_c2"), {"error": {"code": "too_many_sandboxes", "message": "full"}}]}},
+                DELETED)
+            with pytest.raises(PartialFailure):
+                await sb.fork(2)
+
+    asyncio.run(main())
+    assert (fake.requests[-1].method, fake.requests[-1].path) == ("DELETE", "/v1/sandboxes/sbx_c2")

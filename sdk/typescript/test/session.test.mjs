@@ -104,6 +104,14 @@ describe("create, get, list", () => {
     assert.deepEqual(calls().slice(1), [["DELETE", "/v1/sandboxes/sbx_a"]]);
   });
 
+  test("createSandboxes of one reads the single answer", async () => {
+    fake.script({ status: 201, json: sandboxAnswer() });
+    const group = await client().sb.createSandboxes(1, { ttlSeconds: 10 });
+    assert.deepEqual(fake.requests[0].json(), { ttl_seconds: 10 });
+    assert.deepEqual(group.map((s) => s.sandboxId), [SBX]);
+    assert.deepEqual(group.errors, []);
+  });
+
   test("createSandboxes validates count", async () => {
     await assert.rejects(client().sb.createSandboxes(0), RangeError);
     assert.equal(fake.requests.length, 0);
