@@ -81,7 +81,7 @@ class FakeServer:
                 else:
                     send(self, reply)
 
-            do_GET = do_POST = handle_any
+            do_GET = do_POST = do_DELETE = handle_any
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -99,6 +99,12 @@ class FakeServer:
 
 
 def send(handler: BaseHTTPRequestHandler, reply: Dict[str, Any]) -> None:
+    if reply.get("status") == 204:
+        handler.send_response(204)
+        for name, value in reply.get("headers", {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        return
     body = reply.get("body")
     if body is None:
         body = json.dumps(reply.get("json", {})).encode()
@@ -118,6 +124,24 @@ def exec_answer(stdout: str = "", **fields: Any) -> Dict[str, Any]:
               "timed_out": False, "stdout_truncated": False, "stderr_truncated": False,
               "error": None}
     answer.update(fields)
+    return answer
+
+
+def sandbox_answer(sandbox_id: str = "sbx_n0_0_0_1", **fields: Any) -> Dict[str, Any]:
+    """A well-formed live sandbox description."""
+    answer = {"sandbox_id": sandbox_id, "language": "python", "template": "python-0123",
+              "created_at": 1764620000.5, "expires_at": 1764620300.5, "fork_time_ms": 0.3,
+              "execution_count": 0, "memory_bytes": 0, "metadata": None}
+    answer.update(fields)
+    return answer
+
+
+def session_exec_answer(stdout: str = "", result: Any = None, execution_count: int = 1,
+                        sandbox_id: str = "sbx_n0_0_0_1", **fields: Any) -> Dict[str, Any]:
+    """A well-formed /v1/sandboxes/{id}/exec answer body."""
+    answer = exec_answer(stdout, **fields)
+    answer.update({"sandbox_id": sandbox_id, "execution_count": execution_count,
+                   "result": None if result is None else {"text": result, "truncated": False}})
     return answer
 
 

@@ -1,20 +1,22 @@
 /** The kvmfork client: fetch-based, no runtime dependencies (Node >= 18). */
 import {
-  APIError,
-  AuthError,
-  BadRequest,
   ExecError,
   KvmforkError,
   NetworkError,
   ProtocolError,
+  QuotaExceeded,
   RateLimitError,
   SandboxError,
   SandboxTimeout,
   ServerBusy,
+  typedError,
 } from "./errors.js";
+import type { ErrorContext } from "./errors.js";
 import { describe, parseExecResult } from "./models.js";
 import type { ExecRequestBody, ExecResult, Health, Language } from "./models.js";
 import { SandboxTool } from "./tool.js";
+import { createSandbox, createSandboxes, deleteCheckpoint, getSandbox, listSandboxes } from "./session.js";
+import type { Checkpoint, CreateSandboxOptions, CreateSandboxesOptions, LiveSandbox, SandboxList } from "./session.js";
 import type { ToolFormat, ToolOptions } from "./tool.js";
 
 export const VERSION = "0.1.0";
@@ -25,6 +27,9 @@ export const SERVER_DEFAULT_EXEC_TIMEOUT = 30;
 // forking happen before the guest's clock starts.
 const HTTP_TIMEOUT_MARGIN = 30;
 const HEALTH_TIMEOUT = 10;
+// HTTP timeout of session operations that start or copy VMs (create, fork,
+// checkpoint, restore); the quick ones pass their own.
+const SESSION_OP_TIMEOUT = 120;
 // Errors from Node's fetch (undici) meaning the request never left this host.
 const NOT_SENT_CODES = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH"]);
 
@@ -59,7 +64,8 @@ export interface RunOptions {
 /** An item of {@link Sandbox.runBatch}: code, or code with its own options. */
 export type BatchItem = string | { code: string; language?: Language | string; timeout?: number; timeout_seconds?: number };
 
-interface Answer {
+/** @internal An HTTP answer as read by the client. */
+export interface Answer {
   status: number;
   headers: Headers;
   body: string;
@@ -170,6 +176,54 @@ export class Sandbox {
     return (await this.call("GET", "/v1/metrics", undefined, this.timeout ?? HEALTH_TIMEOUT, options.signal)).body;
   }
 
+  /**
+   * Starts a live sandbox whose state persists between runs (`POST /v1/sandboxes`).
+   * `language` defaults to the server's (python), `ttlSeconds` to 300;
+   * `fromCheckpoint` starts it from a {@link Checkpoint} (or its id).
+   * `await using sb = await client.createSandbox()` deletes it at the end of the scope.
+   */
+  createSandbox(options: CreateSandboxOptions = {}): Promise<LiveSandbox> {
+    return createSandbox(this, options);
+  }
+
+  /**
+   * Starts `count` live sandboxes in one request. When some cannot be
+   * started the others are deleted and {@link PartialFailure} is thrown
+   * (`allowPartial: true`: resolved, the failures in `.errors`).
+   */
+  createSandboxes(count: number, options: CreateSandboxesOptions = {}): Promise<SandboxList> {
+    return createSandboxes(this, count, options);
+  }
+
+  /** The live sandbox `sandboxId` of this key; rejects with {@link SandboxNotFound} (`SandboxExpired`, `SandboxEnded`). */
+  getSandbox(sandboxId: string, options: { signal?: AbortSignal } = {}): Promise<LiveSandbox> {
+    return getSandbox(this, sandboxId, options.signal);
+  }
+
+  /** This key's live sandboxes, oldest first (`GET /v1/sandboxes`). */
+  listSandboxes(options: { signal?: AbortSignal } = {}): Promise<LiveSandbox[]> {
+    return listSandboxes(this, options.signal);
+  }
+
+  /** Drops a checkpoint; rejects with {@link CheckpointNotFound} when it is gone. */
+  deleteCheckpoint(checkpoint: string | Checkpoint, options: { signal?: AbortSignal } = {}): Promise<void> {
+    return deleteCheckpoint(this, checkpoint, options.signal);
+  }
+
+  /**
+   * @internal Sends one API request with this client's retry policy (used by
+   * the live sandbox classes). `context` names the sandbox or checkpoint for
+   * the 404 errors.
+   */
+  _request(method: string, path: string, payload: unknown, timeout: number | undefined, signal?: AbortSignal, context: ErrorContext = {}): Promise<Answer> {
+    return this.call(method, path, payload, timeout ?? this.timeout ?? SESSION_OP_TIMEOUT, signal, context);
+  }
+
+  /** @internal The HTTP timeout for runs with these time limits. */
+  _httpTimeout(execTimeouts: Array<number | undefined>): number {
+    return this.httpTimeout(execTimeouts);
+  }
+
   /** A `run_code(code, language)` tool for an LLM, backed by this sandbox. */
   asTool(options: ToolOptions = {}): SandboxTool {
     return new SandboxTool(this, options);
@@ -187,15 +241,18 @@ export class Sandbox {
     return limit + HTTP_TIMEOUT_MARGIN;
   }
 
-  private async call(method: string, path: string, payload: unknown, timeout: number, signal?: AbortSignal): Promise<Answer> {
+  private async call(method: string, path: string, payload: unknown, timeout: number, signal?: AbortSignal, context: ErrorContext = {}): Promise<Answer> {
     const body = payload === undefined ? undefined : JSON.stringify(payload);
     for (let attempt = 0; ; attempt++) {
       let delay: number;
       try {
         const answer = await this.send(method, path, body, timeout, signal);
         if (answer.status >= 200 && answer.status < 300) return answer;
-        const error = errorFromAnswer(answer);
+        const error = errorFromAnswer(answer, context);
         if (!(error instanceof RateLimitError || error instanceof ServerBusy) || attempt >= this.maxRetries) throw error;
+        // A quota (too many live sandboxes, checkpoint budget) is not freed
+        // by waiting: only retry when the server says when.
+        if (error instanceof QuotaExceeded && error.retryAfter === undefined) throw error;
         if (error.retryAfter !== undefined) {
           if (error.retryAfter > this.maxBackoff) throw error;
           delay = error.retryAfter;
@@ -261,7 +318,7 @@ export function checkResult(result: ExecResult, timeout?: number): ExecResult {
 }
 
 /** Maps an HTTP error answer to its typed error. */
-function errorFromAnswer(answer: Answer): KvmforkError {
+function errorFromAnswer(answer: Answer, context: ErrorContext = {}): KvmforkError {
   let code: string | undefined;
   let message: string | undefined;
   try {
@@ -278,25 +335,7 @@ function errorFromAnswer(answer: Answer): KvmforkError {
   }
   message ??= answer.body.trim().slice(0, 500) || "no details";
   const text = `HTTP ${answer.status}${code ? ` ${code}` : ""}: ${message}`;
-  const details = { status: answer.status, code };
-  switch (answer.status) {
-    case 400:
-    case 411:
-    case 413:
-    case 417:
-    case 422:
-    case 431:
-      return new BadRequest(text, details);
-    case 401:
-    case 403:
-      return new AuthError(text, details);
-    case 429:
-      return new RateLimitError(text, { ...details, retryAfter: parseRetryAfter(answer.headers.get("Retry-After")) });
-    case 503:
-      return new ServerBusy(text, { ...details, retryAfter: parseRetryAfter(answer.headers.get("Retry-After")) });
-    default:
-      return new APIError(text, details);
-  }
+  return typedError(answer.status, code, text, { ...context, retryAfter: parseRetryAfter(answer.headers.get("Retry-After")) });
 }
 
 /** Seconds from a `Retry-After` header (delta-seconds or HTTP date). */
@@ -329,7 +368,8 @@ function batchItemBody(item: BatchItem, defaults: RunOptions): ExecRequestBody {
   return requestBody(item.code, item.language ?? defaults.language, item.timeout ?? item.timeout_seconds ?? defaults.timeout);
 }
 
-function parseJson(answer: Answer): unknown {
+/** @internal */
+export function parseJson(answer: Answer): unknown {
   try {
     return JSON.parse(answer.body);
   } catch (error) {

@@ -10,6 +10,10 @@ export { Sandbox, checkResult, parseRetryAfter, VERSION, DEFAULT_BASE_URL, SERVE
 export type { SandboxOptions, RunOptions, BatchItem } from "./client.js";
 export { isOk, parseExecResult } from "./models.js";
 export type { ExecResult, ExecRequestBody, ErrorInfo, Health, Language } from "./models.js";
+export { LiveSandbox, Checkpoint, SandboxList, parseSandboxInfo, parseSessionExecResult } from "./session.js";
+export type {
+  SandboxInfo, SessionExecResult, CreateSandboxOptions, CreateSandboxesOptions, ForkOptions, RunCodeOptions, LiveSandboxCreateOptions,
+} from "./session.js";
 export { SandboxTool, formatResult, MAX_TOOL_OUTPUT_CHARS } from "./tool.js";
 export type { ToolFormat, ToolOptions, Executor } from "./tool.js";
 export {
@@ -24,5 +28,12 @@ export {
   SandboxError,
   SandboxTimeout,
   ExecError,
+  QuotaExceeded,
+  SandboxNotFound,
+  SandboxExpired,
+  SandboxEnded,
+  CheckpointNotFound,
+  PartialFailure,
+  QUOTA_CODES,
 } from "./errors.js";
-export type { ErrorDetails } from "./errors.js";
+export type { ErrorDetails, SandboxGoneReason, StartFailure } from "./errors.js";

@@ -8,7 +8,7 @@ const sdk = require(path.join(__dirname, ".."));
 
 test("require() gives the CommonJS build with the full surface", async () => {
   assert.equal(require.resolve(path.join(__dirname, "..")), path.join(__dirname, "..", "dist", "cjs", "index.js"));
-  for (const name of ["Sandbox", "ExecError", "SandboxTimeout", "RateLimitError", "ServerBusy", "AuthError", "BadRequest", "SandboxTool"]) {
+  for (const name of ["Sandbox", "ExecError", "SandboxTimeout", "RateLimitError", "ServerBusy", "AuthError", "BadRequest", "SandboxTool", "LiveSandbox", "Checkpoint", "SandboxNotFound", "QuotaExceeded"]) {
     assert.equal(typeof sdk[name], "function", name);
   }
   const server = createServer((req, res) => {

@@ -26,6 +26,22 @@ export function execAnswer(stdout = "", fields = {}) {
   };
 }
 
+/** A well-formed live sandbox description. */
+export function sandboxAnswer(sandboxId = "sbx_n0_0_0_1", fields = {}) {
+  return {
+    sandbox_id: sandboxId, language: "python", template: "python-0123", created_at: 1764620000.5,
+    expires_at: 1764620300.5, fork_time_ms: 0.3, execution_count: 0, memory_bytes: 0, metadata: null, ...fields,
+  };
+}
+
+/** A well-formed /v1/sandboxes/{id}/exec answer body. */
+export function sessionExecAnswer(stdout = "", { result = null, executionCount = 1, sandboxId = "sbx_n0_0_0_1", ...fields } = {}) {
+  return {
+    ...execAnswer(stdout, fields), sandbox_id: sandboxId, execution_count: executionCount,
+    result: result === null ? null : { text: result, truncated: false },
+  };
+}
+
 export function errorReply(status, code, message = "refused", headers = {}) {
   return { status, json: { error: { code, message } }, headers };
 }
@@ -57,6 +73,10 @@ export async function fakeServer() {
 }
 
 export function send(res, reply) {
+  if (reply.status === 204) {
+    res.writeHead(204, reply.headers ?? {});
+    return res.end();
+  }
   const body = reply.body ?? JSON.stringify(reply.json ?? {});
   res.writeHead(reply.status ?? 200, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(body), ...(reply.headers ?? {}) });
   res.end(body);

@@ -61,12 +61,16 @@ describe("wire format", () => {
     const warn = console.warn;
     const warnings = [];
     console.warn = (msg) => warnings.push(String(msg));
+    // KVMFORK_URL (set when run by sdk/run-tests.sh) would take precedence.
+    const kvmforkUrl = process.env.KVMFORK_URL;
+    delete process.env.KVMFORK_URL;
     process.env.FORKD_URL = fake.url;
     process.env.FORKD_API_KEY = "k-legacy";
     try {
       await new Sandbox().exec("pass");
     } finally {
       console.warn = warn;
+      if (kvmforkUrl !== undefined) process.env.KVMFORK_URL = kvmforkUrl;
       delete process.env.FORKD_URL;
       delete process.env.FORKD_API_KEY;
     }

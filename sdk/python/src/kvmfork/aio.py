@@ -7,10 +7,13 @@ Each call runs the thread-safe synchronous client in a worker thread
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from .client import Sandbox
+from .aio_session import (AsyncCheckpoint, AsyncLiveSandbox, AsyncSandboxList, Starting,
+                          _sync_list)
 from .models import BatchItem, ExecResult
+from .session import Checkpoint
 
 if TYPE_CHECKING:
     from .tool import AsyncSandboxTool
@@ -43,6 +46,47 @@ class AsyncSandbox:
 
     async def metrics(self) -> str:
         return await asyncio.to_thread(self.sync.metrics)
+
+    # -- live sandboxes (sessions) --------------------------------------------
+
+    def create_sandbox(self, language: Optional[str] = None, *,
+                       ttl_seconds: Optional[float] = None,
+                       metadata: Optional[Mapping[str, Any]] = None,
+                       from_checkpoint: "Union[None, str, Checkpoint, AsyncCheckpoint]" = None,
+                       ) -> "Starting[AsyncLiveSandbox]":
+        """Starts a live sandbox: ``sb = await client.create_sandbox(...)``, or
+        ``async with client.create_sandbox(...) as sb:`` to delete it on exit."""
+        if isinstance(from_checkpoint, AsyncCheckpoint):
+            from_checkpoint = from_checkpoint.sync
+
+        async def start() -> AsyncLiveSandbox:
+            return AsyncLiveSandbox(await asyncio.to_thread(
+                self.sync.create_sandbox, language, ttl_seconds=ttl_seconds, metadata=metadata,
+                from_checkpoint=from_checkpoint))
+
+        return Starting(start)
+
+    async def create_sandboxes(self, count: int, language: Optional[str] = None, *,
+                               ttl_seconds: Optional[float] = None,
+                               metadata: Optional[Mapping[str, Any]] = None,
+                               from_checkpoint: "Union[None, str, Checkpoint, AsyncCheckpoint]" = None,
+                               allow_partial: bool = False) -> AsyncSandboxList:
+        if isinstance(from_checkpoint, AsyncCheckpoint):
+            from_checkpoint = from_checkpoint.sync
+        return AsyncSandboxList(await asyncio.to_thread(
+            self.sync.create_sandboxes, count, language, ttl_seconds=ttl_seconds,
+            metadata=metadata, from_checkpoint=from_checkpoint, allow_partial=allow_partial))
+
+    async def get_sandbox(self, sandbox_id: str) -> AsyncLiveSandbox:
+        return AsyncLiveSandbox(await asyncio.to_thread(self.sync.get_sandbox, sandbox_id))
+
+    async def list_sandboxes(self) -> List[AsyncLiveSandbox]:
+        return await asyncio.to_thread(_sync_list, self.sync)
+
+    async def delete_checkpoint(self, checkpoint: "Union[str, Checkpoint, AsyncCheckpoint]") -> None:
+        if isinstance(checkpoint, AsyncCheckpoint):
+            checkpoint = checkpoint.sync
+        await asyncio.to_thread(self.sync.delete_checkpoint, checkpoint)
 
     def as_tool(self, name: str = "run_code", description: Optional[str] = None,
                 languages: Sequence[str] = ("python", "node"),

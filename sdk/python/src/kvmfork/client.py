@@ -8,15 +8,17 @@ import os
 import random
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from . import __version__
-from .errors import (APIError, AuthError, BadRequest, ExecError, KvmforkError, NetworkError,
-                     ProtocolError, RateLimitError, SandboxError, SandboxTimeout, ServerBusy)
+from .errors import (APIError, AuthError, BadRequest, CheckpointNotFound, ExecError, KvmforkError,
+                     NetworkError, ProtocolError, QuotaExceeded, RateLimitError, SandboxEnded,
+                     SandboxError, SandboxExpired, SandboxNotFound, SandboxTimeout, ServerBusy)
 from .models import BatchItem, ExecRequest, ExecResult
 from .transport import Response, Transport
 
 if TYPE_CHECKING:
+    from .session import Checkpoint, LiveSandbox, SandboxList
     from .tool import SandboxTool
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
@@ -136,6 +138,55 @@ class Sandbox:
         resp = self._call("GET", "/v1/metrics", None, self.timeout or _HEALTH_TIMEOUT)
         return resp.body.decode("utf-8", "replace")
 
+    # -- live sandboxes (sessions) --------------------------------------------
+
+    def create_sandbox(self, language: Optional[str] = None, *,
+                       ttl_seconds: Optional[float] = None,
+                       metadata: Optional[Mapping[str, Any]] = None,
+                       from_checkpoint: "Union[None, str, Checkpoint]" = None) -> "LiveSandbox":
+        """Starts a live sandbox whose state persists between runs
+        (``POST /v1/sandboxes``). ``language`` defaults to the server's
+        (python), ``ttl_seconds`` to 300; ``from_checkpoint`` starts it from a
+        :class:`~kvmfork.Checkpoint` (or its id) instead of the template.
+        Use it as a context manager to delete it on exit."""
+        from .session import create_sandbox
+
+        return create_sandbox(self, language, ttl_seconds=ttl_seconds, metadata=metadata,
+                              from_checkpoint=from_checkpoint)
+
+    def create_sandboxes(self, count: int, language: Optional[str] = None, *,
+                         ttl_seconds: Optional[float] = None,
+                         metadata: Optional[Mapping[str, Any]] = None,
+                         from_checkpoint: "Union[None, str, Checkpoint]" = None,
+                         allow_partial: bool = False) -> "SandboxList":
+        """Starts ``count`` live sandboxes in one request. When some cannot be
+        started, the others are deleted and :class:`~kvmfork.PartialFailure`
+        is raised (``allow_partial=True``: returned, failures in ``.errors``)."""
+        from .session import create_sandboxes
+
+        return create_sandboxes(self, count, language, ttl_seconds=ttl_seconds,
+                                metadata=metadata, from_checkpoint=from_checkpoint,
+                                allow_partial=allow_partial)
+
+    def get_sandbox(self, sandbox_id: str) -> "LiveSandbox":
+        """The live sandbox ``sandbox_id`` of this key; raises
+        :class:`~kvmfork.SandboxNotFound` (``SandboxExpired``, ``SandboxEnded``)."""
+        from .session import get_sandbox
+
+        return get_sandbox(self, sandbox_id)
+
+    def list_sandboxes(self) -> "List[LiveSandbox]":
+        """This key's live sandboxes, oldest first (``GET /v1/sandboxes``)."""
+        from .session import list_sandboxes
+
+        return list_sandboxes(self)
+
+    def delete_checkpoint(self, checkpoint: "Union[str, Checkpoint]") -> None:
+        """Drops a checkpoint; raises :class:`~kvmfork.CheckpointNotFound` when it is gone."""
+        from .session import delete_checkpoint
+
+        delete_checkpoint(self, checkpoint)
+
     def as_tool(self, name: str = "run_code", description: Optional[str] = None,
                 languages: Sequence[str] = ("python", "node"),
                 timeout: Optional[float] = None) -> "SandboxTool":
@@ -173,7 +224,8 @@ class Sandbox:
         return limit + _HTTP_TIMEOUT_MARGIN
 
     def _call(self, method: str, path: str, payload: Optional[Mapping[str, Any]],
-              timeout: float) -> Response:
+              timeout: float, *, sandbox_id: Optional[str] = None,
+              checkpoint_id: Optional[str] = None) -> Response:
         body = json.dumps(payload).encode("utf-8") if payload is not None else None
         attempt = 0
         while True:
@@ -186,8 +238,13 @@ class Sandbox:
             else:
                 if 200 <= resp.status < 300:
                     return resp
-                error = error_from_response(resp)
+                error = error_from_response(resp, sandbox_id=sandbox_id,
+                                            checkpoint_id=checkpoint_id)
                 if not isinstance(error, (RateLimitError, ServerBusy)) or attempt >= self.max_retries:
+                    raise error
+                # A quota (too many live sandboxes, checkpoint budget) is not
+                # freed by waiting: only retry when the server says when.
+                if isinstance(error, QuotaExceeded) and error.retry_after is None:
                     raise error
                 if error.retry_after is not None:
                     if error.retry_after > self.max_backoff:
@@ -232,8 +289,10 @@ def to_request(item: BatchItem, language: str, timeout: Optional[float]) -> Exec
     raise TypeError(f"a batch item must be a str, dict or ExecRequest, not {type(item).__name__}")
 
 
-def error_from_response(resp: Response) -> KvmforkError:
-    """Maps an HTTP error answer to its typed exception."""
+def error_from_response(resp: Response, *, sandbox_id: Optional[str] = None,
+                        checkpoint_id: Optional[str] = None) -> KvmforkError:
+    """Maps an HTTP error answer to its typed exception (``sandbox_id`` and
+    ``checkpoint_id`` name what the request was about, for the 404 errors)."""
     code, message = None, None
     try:
         data = json.loads(resp.body)
@@ -247,17 +306,52 @@ def error_from_response(resp: Response) -> KvmforkError:
     if message is None:
         message = resp.body.decode("utf-8", "replace").strip()[:500] or "no details"
     text = f"HTTP {resp.status}{f' {code}' if code else ''}: {message}"
-    status = resp.status
+    return typed_error(resp.status, code, text,
+                       retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                       sandbox_id=sandbox_id, checkpoint_id=checkpoint_id)
+
+
+#: 429 codes for quotas that waiting does not clear (see :class:`QuotaExceeded`).
+QUOTA_CODES = frozenset({"too_many_sandboxes", "server_sandbox_limit",
+                         "checkpoint_budget_exceeded"})
+
+# The status of each session error code, for the per-item errors inside a
+# 201 answer (fork or create of several sandboxes), which carry none.
+_SESSION_CODE_STATUS = {
+    "too_many_sandboxes": 429, "server_sandbox_limit": 429, "checkpoint_budget_exceeded": 429,
+    "sandbox_not_found": 404, "sandbox_expired": 404, "sandbox_ended": 404,
+    "checkpoint_not_found": 404, "sandbox_busy": 503, "queue_full": 503,
+    "invalid_ttl": 400, "invalid_count": 400, "language_mismatch": 400,
+    "checkpoint_mismatch": 400, "no_template": 400, "fork_failed": 500,
+    "checkpoint_failed": 500, "internal": 500,
+}
+
+
+def typed_error(status: Optional[int], code: Optional[str], text: str, *,
+                retry_after: Optional[float] = None, sandbox_id: Optional[str] = None,
+                checkpoint_id: Optional[str] = None) -> KvmforkError:
+    """The exception for an error ``code`` (and HTTP ``status``, inferred from
+    the code when None)."""
+    if status is None and code is not None:
+        status = _SESSION_CODE_STATUS.get(code)
     if status in (400, 411, 413, 417, 422, 431):
         return BadRequest(text, status=status, code=code)
     if status in (401, 403):
         return AuthError(text, status=status, code=code)
+    if status == 404:
+        if code == "sandbox_expired":
+            return SandboxExpired(text, status=status, code=code, sandbox_id=sandbox_id)
+        if code == "sandbox_ended":
+            return SandboxEnded(text, status=status, code=code, sandbox_id=sandbox_id)
+        if code == "sandbox_not_found":
+            return SandboxNotFound(text, status=status, code=code, sandbox_id=sandbox_id)
+        if code == "checkpoint_not_found":
+            return CheckpointNotFound(text, status=status, code=code, checkpoint_id=checkpoint_id)
     if status == 429:
-        return RateLimitError(text, status=status, code=code,
-                              retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+        cls = QuotaExceeded if code in QUOTA_CODES else RateLimitError
+        return cls(text, status=status, code=code, retry_after=retry_after)
     if status == 503:
-        return ServerBusy(text, status=status, code=code,
-                          retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+        return ServerBusy(text, status=status, code=code, retry_after=retry_after)
     return APIError(text, status=status, code=code)
 
 

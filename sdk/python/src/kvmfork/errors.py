@@ -8,7 +8,7 @@ the server's machine-readable ``code``; sandbox-level failures carry the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from .models import ExecResult
@@ -98,3 +98,74 @@ class ExecError(SandboxError):
         self.stdout = result.stdout
         self.stderr = result.stderr
         self.exit_code = result.exit_code
+
+
+class QuotaExceeded(RateLimitError):
+    """429 for a limit that waiting does not clear: ``too_many_sandboxes`` (this key
+    holds its maximum of live sandboxes), ``server_sandbox_limit`` (the server is
+    full) or ``checkpoint_budget_exceeded`` (this key's checkpoints would exceed
+    its memory budget).
+
+    Not retried unless the server sends ``Retry-After``: delete sandboxes or
+    checkpoints first. Still a :class:`RateLimitError`, so code that catches
+    every 429 keeps working.
+    """
+
+
+class SandboxNotFound(APIError):
+    """404: the live sandbox is gone, or never existed for this API key.
+
+    ``sandbox_id`` names it (when the SDK knows it) and ``reason`` says why:
+    ``"not_found"`` (unknown, deleted, or another key's), ``"expired"``
+    (:class:`SandboxExpired`: its TTL ran out) or ``"ended"``
+    (:class:`SandboxEnded`: a run crashed it or could not be interrupted;
+    ``message`` says which). Everything the sandbox held is lost.
+    """
+
+    reason = "not_found"
+
+    def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None,
+                 sandbox_id: Optional[str] = None):
+        super().__init__(message, status=status, code=code)
+        self.sandbox_id = sandbox_id
+
+
+class SandboxExpired(SandboxNotFound):
+    """404 ``sandbox_expired``: the sandbox reached its ``expires_at`` and was stopped.
+    Extend TTLs with ``set_timeout()`` before they run out."""
+
+    reason = "expired"
+
+
+class SandboxEnded(SandboxNotFound):
+    """404 ``sandbox_ended``: the server stopped the sandbox because a run crashed
+    it, hit its memory limit or could not be interrupted after a timeout."""
+
+    reason = "ended"
+
+
+class CheckpointNotFound(APIError):
+    """404 ``checkpoint_not_found``: unknown, deleted, or another key's checkpoint."""
+
+    def __init__(self, message: str, *, status: Optional[int] = None, code: Optional[str] = None,
+                 checkpoint_id: Optional[str] = None):
+        super().__init__(message, status=status, code=code)
+        self.checkpoint_id = checkpoint_id
+
+
+class PartialFailure(KvmforkError):
+    """Some of the sandboxes asked for by ``fork(n)`` or ``create_sandboxes(n)``
+    could not be started.
+
+    ``errors`` holds ``(index, error)`` pairs, each error typed as if it had
+    been the answer to a single request (e.g. :class:`QuotaExceeded` for
+    ``too_many_sandboxes``). The sandboxes that did start were deleted before
+    this was raised (pass ``allow_partial=True`` to keep them instead);
+    ``status`` and ``code`` are those of the first failure.
+    """
+
+    def __init__(self, message: str, errors: "List[Tuple[int, KvmforkError]]"):
+        first = errors[0][1] if errors else None
+        super().__init__(message, status=first.status if first else None,
+                         code=first.code if first else None)
+        self.errors = errors
