@@ -131,6 +131,14 @@ impl Directory {
         }
     }
 
+    /// The counters a listing shows, after an exec.
+    fn touch(&self, id: &str, execution_count: u64, memory_bytes: u64) {
+        if let Some((_, info)) = self.lock().sessions.get_mut(id) {
+            info.execution_count = execution_count;
+            info.memory_bytes = memory_bytes;
+        }
+    }
+
     fn remove(&self, id: &str) {
         let mut d = self.lock();
         if let Some((owner, _)) = d.sessions.remove(id) {
@@ -498,8 +506,7 @@ impl SessionTable {
             match made {
                 Ok(sb) => {
                     let fork_time = started.elapsed();
-                    // insert() counts the place reserved above.
-                    self.dir.unreserve(owner, 1);
+                    // The place reserved above is now the session's (remove() frees it).
                     let pool = Self::pool(pools, language)?;
                     out.push(Ok(self.insert(
                         sb,
@@ -557,7 +564,9 @@ impl SessionTable {
         s.info.execution_count += 1;
         s.info.memory_bytes = s.sandbox.dirty_bytes();
         let info = s.info.clone();
-        if s.sandbox.poisoned() {
+        let poisoned = s.sandbox.poisoned();
+        self.dir.touch(&id.text, info.execution_count, info.memory_bytes);
+        if poisoned {
             let why = match &result.failure {
                 Some(ExecFailure::Timeout) => {
                     "the run timed out and could not be interrupted, so the sandbox was stopped"
@@ -639,7 +648,6 @@ impl SessionTable {
             let pool = Self::pool(pools, language)?;
             match pool.sandbox_from(&cp) {
                 Ok(sb) => {
-                    self.dir.unreserve(owner, 1);
                     let pool = Self::pool(pools, language)?;
                     forks.push(Ok(self.insert(
                         sb,
