@@ -151,6 +151,7 @@ pub struct Sandbox {
     /// Fork generation in the mailbox (the guest kernel reseeds its CRNG
     /// when it changes).
     generation: u64,
+    interrupt_failure: Option<String>,
     used: bool,
     poisoned: bool,
     timer_unmasked: bool,
@@ -194,6 +195,7 @@ impl Sandbox {
             host_pages: Vec::new(),
             seq: 0,
             generation: 0,
+            interrupt_failure: None,
             used: false,
             poisoned: false,
             timer_unmasked: false,
@@ -537,11 +539,29 @@ impl Sandbox {
         limits: &Limits,
         timer: &ThreadTimer,
     ) -> Result<(), ExecFailure> {
+        let outcome = self.try_interrupt(t, limits, timer);
+        if let Err(why) = &outcome {
+            self.interrupt_failure = Some(why.clone());
+        }
+        outcome.map_err(|_| ExecFailure::Timeout)
+    }
+
+    /// Why the last interrupt of a timed-out session run failed.
+    pub fn interrupt_failure(&self) -> Option<&str> {
+        self.interrupt_failure.as_deref()
+    }
+
+    fn try_interrupt(
+        &mut self,
+        t: &Template,
+        limits: &Limits,
+        timer: &ThreadTimer,
+    ) -> Result<(), String> {
         let entry = mailbox::read_interrupt_entry(&self.ram);
         if entry == 0 {
-            return Err(ExecFailure::Timeout);
+            return Err("this template's agent has no interrupt entry".into());
         }
-        let internal = |e: &dyn std::fmt::Display| ExecFailure::Internal(e.to_string());
+        let internal = |e: &dyn std::fmt::Display| format!("host error while interrupting: {e}");
         let grace_end = Instant::now() + INTERRUPT_GRACE;
         loop {
             let sregs = self.vcpu.fd().get_sregs().map_err(|e| internal(&e))?;
@@ -549,7 +569,7 @@ impl Sandbox {
                 break;
             }
             if Instant::now() >= grace_end {
-                return Err(ExecFailure::Timeout);
+                return Err("the guest did not return to user mode within the grace period".into());
             }
             if !self.timer_unmasked {
                 // The kernel may be waiting for a tick (a sleep) to go back.
@@ -567,13 +587,17 @@ impl Sandbox {
                 RunOutcome::Interrupted => {}
                 // The run finished on its own after all.
                 RunOutcome::Doorbell(v) if v as u64 == c::DOORBELL_DONE => return Ok(()),
-                _ => return Err(ExecFailure::Timeout),
+                other => {
+                    return Err(format!(
+                        "the guest stopped while being interrupted: {other:?}"
+                    ))
+                }
             }
         }
         let mut regs = self.vcpu.fd().get_regs().map_err(|e| internal(&e))?;
         let slot = regs.rsp.wrapping_sub(c::INTERRUPT_RED_ZONE + 8);
         self.write_guest_virtual(slot, &regs.rip.to_le_bytes())
-            .ok_or(ExecFailure::Timeout)?;
+            .ok_or_else(|| format!("the user stack below {:#x} is not mapped", regs.rsp))?;
         regs.rsp = slot;
         regs.rip = entry;
         self.vcpu.fd().set_regs(&regs).map_err(|e| internal(&e))?;
@@ -585,15 +609,25 @@ impl Sandbox {
         };
         let restarted = Instant::now();
         self.run_guest(t, &req, limits, timer, restarted, &None)
+            .map_err(|f| match f {
+                ExecFailure::Timeout => {
+                    "the agent did not answer the interrupt within the grace period".to_string()
+                }
+                other => format!("the guest failed after the interrupt: {other:?}"),
+            })
     }
 
     /// Writes `data` at a guest virtual address of the current address
-    /// space (user pages only, writable), page by page; None if any byte is
-    /// not mapped so.
+    /// space, byte by byte through KVM's translation; None if any byte is
+    /// not mapped.
     fn write_guest_virtual(&mut self, gva: u64, data: &[u8]) -> Option<()> {
         for (i, byte) in data.iter().enumerate() {
             let t = self.vcpu.fd().translate_gva(gva + i as u64).ok()?;
-            if t.valid == 0 || t.writeable == 0 || t.usermode == 0 {
+            // KVM_TRANSLATE walks with supervisor rights and always reports
+            // writeable=1, usermode=0 on x86: only `valid` means anything.
+            // The address is the user stack pointer of a CPL 3 vCPU; what
+            // the host writes there can only affect that guest.
+            if t.valid == 0 {
                 return None;
             }
             self.ram

@@ -565,13 +565,15 @@ impl SessionTable {
         s.info.memory_bytes = s.sandbox.dirty_bytes();
         let info = s.info.clone();
         let poisoned = s.sandbox.poisoned();
-        self.dir.touch(&id.text, info.execution_count, info.memory_bytes);
+        let interrupt_failure = s.sandbox.interrupt_failure().map(str::to_string);
+        self.dir
+            .touch(&id.text, info.execution_count, info.memory_bytes);
         if poisoned {
             let why = match &result.failure {
-                Some(ExecFailure::Timeout) => {
-                    "the run timed out and could not be interrupted, so the sandbox was stopped"
-                        .to_string()
-                }
+                Some(ExecFailure::Timeout) => format!(
+                    "the run timed out and could not be interrupted ({}), so the sandbox was stopped",
+                    interrupt_failure.as_deref().unwrap_or("no reason recorded")
+                ),
                 Some(f) => format!(
                     "the sandbox was stopped: {}",
                     crate::engine::describe_failure(f)
