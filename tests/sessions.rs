@@ -673,3 +673,131 @@ fn ttl_expiry_says_expired_and_limits_answer_429() {
         delete(l.addr, k, id);
     }
 }
+
+#[test]
+fn deleting_a_session_gives_its_vm_back() {
+    let l = start(SessionConfig {
+        node: "n0".into(),
+        ..SessionConfig::default()
+    });
+    let health = |l: &Live| ok(call(l.addr, None, "GET", "/v1/health", None), 200);
+    let ids: Vec<String> = (0..4).map(|_| create(l.addr, KEY_A, "{}")).collect();
+    for id in &ids {
+        exec(l.addr, KEY_A, id, "blob = bytearray(4 << 20)");
+    }
+    let metrics =
+        String::from_utf8_lossy(&call(l.addr, None, "GET", "/v1/metrics", None).body).into_owned();
+    assert!(metrics.contains("kvmfork_sandboxes_live 4\n"), "{metrics}");
+    let memory: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kvmfork_sandbox_memory_bytes "))
+        .and_then(|v| v.parse().ok())
+        .expect("memory gauge");
+    assert!(
+        memory >= 4 * (4 << 20),
+        "each session holds its 4 MiB: {memory}"
+    );
+    let destroyed_before = health(&l)["pool"]["destroyed_vms"].as_u64().unwrap();
+    for id in &ids {
+        delete(l.addr, KEY_A, id);
+    }
+    // The pools keep at most one idle VM per worker: the rest are destroyed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let h = health(&l);
+        let destroyed = h["pool"]["destroyed_vms"].as_u64().unwrap();
+        if destroyed >= destroyed_before + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "VMs not destroyed: {h}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics =
+        String::from_utf8_lossy(&call(l.addr, None, "GET", "/v1/metrics", None).body).into_owned();
+    assert!(metrics.contains("kvmfork_sandboxes_live 0\n"), "{metrics}");
+}
+
+#[test]
+fn node_sessions_keep_their_global_scope_and_fork() {
+    let t = common::real_node_template::node_template();
+    let template = kvmfork::template::Template::load(&t.dir).expect("node template loads");
+    let keys = TempFile::new(&format!("[\"{KEY_A}\"]"));
+    let config = ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 1,
+        workers_per_shard: 1,
+        queue_depth: 8,
+        max_batch: 8,
+        api_keys_file: keys.path.clone(),
+        rate_limit: 0.0,
+        ..ServeConfig::default()
+    };
+    let engine = Engine::with_sessions(
+        vec![template],
+        PoolConfig {
+            max_idle: 1,
+            prewarm: 1,
+            ..Default::default()
+        },
+        SessionConfig {
+            node: "n0".into(),
+            ..SessionConfig::default()
+        },
+    );
+    let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
+    let addr = handle.local_addr();
+    let id = create(addr, KEY_A, r#"{"language": "node"}"#);
+    let v = exec(
+        addr,
+        KEY_A,
+        &id,
+        "let x = 1; const seen = []; function bump() { return ++x; }",
+    );
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let v = exec(addr, KEY_A, &id, "bump(); x");
+    assert_eq!(result_text(&v).as_deref(), Some("2"), "{v}");
+    let v = exec(
+        addr,
+        KEY_A,
+        &id,
+        "await new Promise((r) => setTimeout(r, 10)); seen.push('a'); seen",
+    );
+    assert_eq!(result_text(&v).as_deref(), Some("[ 'a' ]"), "{v}");
+    let v = ok(
+        call(
+            addr,
+            Some(KEY_A),
+            "POST",
+            &format!("/v1/sandboxes/{id}/fork"),
+            Some(r#"{"count": 2}"#),
+        ),
+        201,
+    );
+    let children: Vec<String> = v["forks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["sandbox_id"].as_str().expect("child").to_string())
+        .collect();
+    let mut randoms = Vec::new();
+    for child in &children {
+        let v = exec(addr, KEY_A, child, "bump(); [x, Math.random()]");
+        let text = result_text(&v).expect("a result");
+        assert!(text.starts_with("[ 3, "), "{text}");
+        randoms.push(text);
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "children must not share Math.random"
+    );
+    let v = exec(addr, KEY_A, &id, "x");
+    assert_eq!(
+        result_text(&v).as_deref(),
+        Some("2"),
+        "the parent is unchanged"
+    );
+    for c in children.iter().chain([&id]) {
+        delete(addr, KEY_A, c);
+    }
+    drop(handle);
+}
