@@ -1,37 +1,114 @@
-//! The engine as the HTTP server sees it: a [`LaneFactory`] over the loaded
-//! templates, and lanes that route each request to the pool of its language.
+//! The engine as the HTTP server sees it: a [`LaneFactory`] over a registry
+//! of per-language template slots, and lanes that route each request to the
+//! pool of its language. A slot may still be building when the server starts
+//! (`kvmfork serve` builds missing templates in the background); each lane
+//! creates a language's pool the first time it sees that template ready.
 
 use std::sync::Arc;
 
 use super::pool::{Pool, PoolConfig};
-use crate::api::{ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language};
+use super::registry::{SlotState, TemplateSlots};
+use crate::api::{
+    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language,
+    TemplateAvailability,
+};
 use crate::template::Template;
 
+/// The shared, read-mostly set of template slots the engine serves.
+pub type TemplateRegistry = TemplateSlots<Template>;
+
 pub struct Engine {
-    templates: Vec<Arc<Template>>,
+    registry: Arc<TemplateRegistry>,
     cfg: PoolConfig,
+    /// Set when the templates given to [`Engine::new`] cannot be served
+    /// (unknown language, two for one language); lanes then refuse to start.
+    invalid: Option<String>,
 }
 
 impl Engine {
+    /// An engine over templates that are all loaded already.
     pub fn new(templates: Vec<Template>, cfg: PoolConfig) -> Engine {
+        let mut langs = Vec::with_capacity(templates.len());
+        let mut loaded = Vec::with_capacity(templates.len());
+        let mut invalid = None;
+        for t in templates {
+            let Some(lang) = t.language() else {
+                invalid.get_or_insert(format!(
+                    "template {} has unknown language {}",
+                    t.dir.display(),
+                    t.meta.language
+                ));
+                continue;
+            };
+            if langs.contains(&lang) {
+                invalid.get_or_insert(format!(
+                    "two templates for language {} (the second is {})",
+                    lang.as_str(),
+                    t.dir.display()
+                ));
+                continue;
+            }
+            langs.push(lang);
+            loaded.push((lang, Arc::new(t)));
+        }
+        let registry = TemplateRegistry::building(&langs);
+        for (lang, t) in loaded {
+            // Each language was pushed once into a fresh registry: cannot fail.
+            let _ = registry.set_ready(lang, t);
+        }
         Engine {
-            templates: templates.into_iter().map(Arc::new).collect(),
+            registry: Arc::new(registry),
             cfg,
+            invalid,
+        }
+    }
+
+    /// An engine over `registry`, whose slots may still be building: their
+    /// requests are refused until the slot is ready.
+    pub fn with_registry(registry: Arc<TemplateRegistry>, cfg: PoolConfig) -> Engine {
+        Engine {
+            registry,
+            cfg,
+            invalid: None,
         }
     }
 }
 
 pub struct EngineLane {
+    registry: Arc<TemplateRegistry>,
+    cfg: PoolConfig,
     pools: Vec<(Language, Pool)>,
+}
+
+impl EngineLane {
+    /// This lane's pool for `language`, created the first time the
+    /// language's template is seen ready.
+    fn pool(&mut self, language: Language) -> Result<&mut Pool, ExecFailure> {
+        if let Some(i) = self.pools.iter().position(|(l, _)| *l == language) {
+            return Ok(&mut self.pools[i].1);
+        }
+        let template = self
+            .registry
+            .ready(language)
+            .ok_or(ExecFailure::NoTemplate)?;
+        let pool = Pool::new(template.clone(), self.cfg.clone()).map_err(|e| {
+            ExecFailure::Internal(format!(
+                "creating the {} sandbox pool: {e}",
+                language.as_str()
+            ))
+        })?;
+        self.pools.push((language, pool));
+        Ok(&mut self.pools.last_mut().expect("just pushed").1)
+    }
 }
 
 impl Lane for EngineLane {
     fn exec(&mut self, req: &ExecRequest) -> ExecResult {
-        match self.pools.iter_mut().find(|(l, _)| *l == req.language) {
-            Some((_, pool)) => pool.exec(req),
-            None => ExecResult {
+        match self.pool(req.language) {
+            Ok(pool) => pool.exec(req),
+            Err(failure) => ExecResult {
                 exit_code: -1,
-                failure: Some(ExecFailure::NoTemplate),
+                failure: Some(failure),
                 ..Default::default()
             },
         }
@@ -55,41 +132,65 @@ impl Lane for EngineLane {
 
 impl LaneFactory for Engine {
     fn new_lane(&self, _shard: usize) -> Result<Box<dyn Lane>, String> {
-        let mut pools = Vec::new();
-        for t in &self.templates {
-            let lang = t.language().ok_or_else(|| {
-                format!(
-                    "template {} has unknown language {}",
-                    t.dir.display(),
-                    t.meta.language
-                )
-            })?;
-            pools.push((
-                lang,
-                Pool::new(t.clone(), self.cfg.clone()).map_err(|e| e.to_string())?,
-            ));
+        if let Some(why) = &self.invalid {
+            return Err(why.clone());
         }
-        Ok(Box::new(EngineLane { pools }))
+        let mut lane = EngineLane {
+            registry: self.registry.clone(),
+            cfg: self.cfg.clone(),
+            pools: Vec::new(),
+        };
+        // Templates ready now get their pools (and pre-created VMs) up front;
+        // the others when they become ready.
+        for lang in self.registry.languages() {
+            if self.registry.ready(lang).is_some() {
+                lane.pool(lang)
+                    .map_err(|f| crate::engine::describe_failure(&f))?;
+            }
+        }
+        Ok(Box::new(lane))
     }
 
     fn languages(&self) -> Vec<Language> {
-        self.templates.iter().filter_map(|t| t.language()).collect()
+        self.registry.languages()
     }
 
-    fn templates(&self) -> Vec<serde_json::Value> {
-        self.templates
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "language": t.meta.language,
-                    "ready": true,
-                    "dir": t.dir.display().to_string(),
-                    "ram_bytes": t.meta.ram_size,
-                    "snapshot_allocated_bytes": t.meta.memory.allocated_size,
-                    "snapshot_nonzero_pages": t.meta.memory.nonzero_pages,
-                    "host_kind": t.meta.host_kind.as_str(),
-                    "boot_to_ready_seconds": t.meta.boot_to_ready_seconds,
-                })
+    fn availability(&self, language: Language) -> TemplateAvailability {
+        self.registry.state(language).availability()
+    }
+
+    fn templates(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.registry
+            .languages()
+            .into_iter()
+            .filter_map(|lang| {
+                let entry = match self.registry.state(lang) {
+                    SlotState::Ready(t) => serde_json::json!({
+                        "language": lang.as_str(),
+                        "ready": true,
+                        "state": "ready",
+                        "dir": t.dir.display().to_string(),
+                        "ram_bytes": t.meta.ram_size,
+                        "snapshot_allocated_bytes": t.meta.memory.allocated_size,
+                        "snapshot_nonzero_pages": t.meta.memory.nonzero_pages,
+                        "host_kind": t.meta.host_kind.as_str(),
+                        "boot_to_ready_seconds": t.meta.boot_to_ready_seconds,
+                    }),
+                    SlotState::Building(for_how_long) => serde_json::json!({
+                        "language": lang.as_str(),
+                        "ready": false,
+                        "state": "building",
+                        "building_seconds": for_how_long.as_secs(),
+                    }),
+                    SlotState::Failed(why) => serde_json::json!({
+                        "language": lang.as_str(),
+                        "ready": false,
+                        "state": "failed",
+                        "error": why,
+                    }),
+                    SlotState::NotServed => return None,
+                };
+                Some((lang.as_str().to_string(), entry))
             })
             .collect()
     }
