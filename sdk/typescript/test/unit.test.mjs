@@ -94,7 +94,7 @@ describe("wire format", () => {
   });
 
   test("a base URL path prefix is kept", async () => {
-    fake.script({ json: { status: "ok", templates: [], shards: [] } });
+    fake.script({ json: { status: "ok", templates: {}, shards: [] } });
     await new Sandbox({ baseUrl: fake.url + "/kvmfork/" }).health();
     assert.equal(fake.requests[0].path, "/kvmfork/v1/health");
   });
@@ -156,6 +156,7 @@ describe("error mapping", () => {
     [405, "method_not_allowed", APIError],
     [408, "request_timeout", APIError],
     [500, "internal", APIError],
+    [500, "template_failed", APIError],
   ]) {
     test(`${status} ${code} -> ${ErrorClass.name}, not retried`, async () => {
       fake.script(errorReply(status, code, "details here"));
@@ -217,6 +218,15 @@ describe("retry and backoff", () => {
     assert.equal(await sb.run("pass"), "done");
     assert.deepEqual(slept, [2]);
     assert.equal(fake.requests.length, 2);
+  });
+
+  test("503 template_building is retried after the Retry-After seconds", async () => {
+    const building = errorReply(503, "template_building", "node template building", { "Retry-After": "5" });
+    fake.script(building, building, { json: execAnswer("built") });
+    const { sb, slept } = client();
+    assert.equal(await sb.run("pass", { language: "node" }), "built");
+    assert.deepEqual(slept, [5, 5]);
+    assert.equal(fake.requests.length, 3);
   });
 
   test("503 without Retry-After backs off exponentially, then rejects", async () => {
@@ -317,7 +327,7 @@ describe("retry and backoff", () => {
 
 describe("health and metrics", () => {
   test("the health of a draining server is returned, not retried", async () => {
-    fake.script({ status: 503, json: { status: "draining", templates: [], shards: [] } });
+    fake.script({ status: 503, json: { status: "draining", templates: {}, shards: [] } });
     const { sb, slept } = client();
     assert.equal((await sb.health()).status, "draining");
     assert.equal(fake.requests.length, 1);
