@@ -196,6 +196,7 @@ fn provision_templates(
         .spawn(move || {
             for language in registry.languages() {
                 let started = std::time::Instant::now();
+                registry.start(language);
                 let lang = language.as_str();
                 let outcome = match provide_template(language) {
                     Ok(t) => {

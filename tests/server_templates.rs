@@ -62,7 +62,10 @@ fn a_building_template_answers_503_until_it_is_ready() {
             .as_str()
             .unwrap()
             .to_string();
-        assert!(message.contains("node template"), "{message}");
+        assert!(
+            message.contains("node template is still being built") && !message.contains("  "),
+            "{message}"
+        );
         // The unversioned alias and batches are refused the same way; a
         // batch names its item and runs nothing.
         let resp = server.request("POST", "/exec", Some(node));

@@ -180,7 +180,8 @@ impl LaneFactory for Engine {
                         "language": lang.as_str(),
                         "ready": false,
                         "state": "building",
-                        "building_seconds": for_how_long.as_secs(),
+                        // null while it waits for an earlier language's build.
+                        "building_seconds": for_how_long.map(|d| d.as_secs()),
                     }),
                     SlotState::Failed(why) => serde_json::json!({
                         "language": lang.as_str(),

@@ -12,8 +12,9 @@ use crate::api::{Language, TemplateAvailability};
 /// The state of one language's slot, as seen by a reader.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SlotState<'a, T> {
-    /// Still being built or loaded, for this long.
-    Building(Duration),
+    /// Still to be built or loaded: for this long since [`TemplateSlots::start`]
+    /// was called for it, `None` while it waits for its turn.
+    Building(Option<Duration>),
     Ready(&'a Arc<T>),
     Failed(&'a str),
     /// The registry has no slot for the language.
@@ -42,13 +43,14 @@ pub enum PublishError {
 
 struct Slot<T> {
     language: Language,
-    since: Instant,
+    started: OnceLock<Instant>,
     ready: OnceLock<Arc<T>>,
     failed: OnceLock<String>,
 }
 
 /// A fixed set of languages, each with a slot that goes from building to
-/// ready or failed exactly once.
+/// ready or failed exactly once. Meant for one publishing thread (the one
+/// that builds the templates) and any number of readers.
 pub struct TemplateSlots<T> {
     slots: Vec<Slot<T>>,
 }
@@ -56,13 +58,12 @@ pub struct TemplateSlots<T> {
 impl<T> TemplateSlots<T> {
     /// Slots for `languages` (in this order, duplicates dropped), all building.
     pub fn building(languages: &[Language]) -> Self {
-        let now = Instant::now();
         let mut slots: Vec<Slot<T>> = Vec::with_capacity(languages.len());
         for &language in languages {
             if slots.iter().all(|s| s.language != language) {
                 slots.push(Slot {
                     language,
-                    since: now,
+                    started: OnceLock::new(),
                     ready: OnceLock::new(),
                     failed: OnceLock::new(),
                 });
@@ -90,7 +91,15 @@ impl<T> TemplateSlots<T> {
         if let Some(why) = slot.failed.get() {
             return SlotState::Failed(why);
         }
-        SlotState::Building(slot.since.elapsed())
+        SlotState::Building(slot.started.get().map(Instant::elapsed))
+    }
+
+    /// Records that building or loading `language`'s template has begun (for
+    /// the time shown while it builds); later calls keep the first time.
+    pub fn start(&self, language: Language) {
+        if let Some(slot) = self.slot(language) {
+            let _ = slot.started.set(Instant::now());
+        }
     }
 
     /// The ready template of `language`, if any.
@@ -138,9 +147,11 @@ mod tests {
     fn slots_start_building_and_settle_once() {
         let slots = TemplateSlots::<u32>::building(&[Language::Python, Language::Node]);
         assert_eq!(slots.languages(), vec![Language::Python, Language::Node]);
+        assert_eq!(slots.state(Language::Python), SlotState::Building(None));
+        slots.start(Language::Python);
         assert!(matches!(
             slots.state(Language::Python),
-            SlotState::Building(_)
+            SlotState::Building(Some(_))
         ));
         assert_eq!(
             slots.state(Language::Node).availability(),

@@ -250,7 +250,8 @@ impl ShardCtx {
                         503,
                         "template_building",
                         format!(
-                            "{prefix}the {lang} template is still being built or loaded;                              retry later (GET /v1/health shows its state)"
+                            "{prefix}the {lang} template is still being built or loaded; \
+                             retry later (GET /v1/health shows its state)"
                         ),
                     );
                     Some(error_response(&err).with_header(
