@@ -104,8 +104,20 @@ impl EngineLane {
 
 impl Lane for EngineLane {
     fn exec(&mut self, req: &ExecRequest) -> ExecResult {
+        let started = std::time::Instant::now();
+        let had_pool = self.pools.iter().any(|(l, _)| *l == req.language);
         match self.pool(req.language) {
-            Ok(pool) => pool.exec(req),
+            Ok(pool) => {
+                let mut result = pool.exec(req);
+                if !had_pool {
+                    // This request waited for the pool (and its pre-created
+                    // VMs) to be made: that is part of its fork.
+                    let creating = started.elapsed().saturating_sub(result.total_time);
+                    result.fork_time += creating;
+                    result.total_time += creating;
+                }
+                result
+            }
             Err(failure) => ExecResult {
                 exit_code: -1,
                 failure: Some(failure),
