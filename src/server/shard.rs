@@ -237,13 +237,17 @@ impl ShardCtx {
     /// built, `500 template_failed` naming the failure if its build failed.
     fn unavailable(&self, specs: &[ExecSpec], batch: bool) -> Option<Response> {
         specs.iter().enumerate().find_map(|(i, spec)| {
+            let availability = self.shared.factory.availability(spec.language);
+            if availability == TemplateAvailability::Ready {
+                return None;
+            }
             let lang = spec.language.as_str();
             let prefix = if batch {
                 format!("executions[{i}]: ")
             } else {
                 String::new()
             };
-            match self.shared.factory.availability(spec.language) {
+            match availability {
                 TemplateAvailability::Ready => None,
                 TemplateAvailability::Building => {
                     let err = ApiError::new(
