@@ -198,7 +198,12 @@ fn provision_templates(
                 let started = std::time::Instant::now();
                 registry.start(language);
                 let lang = language.as_str();
-                let outcome = match provide_template(language) {
+                // A panic must not leave the slot "building" forever.
+                let provided = std::panic::catch_unwind(|| provide_template(language))
+                    .unwrap_or_else(|_| {
+                        Err("building or loading the template panicked (see the log)".into())
+                    });
+                let outcome = match provided {
                     Ok(t) => {
                         let dir = t.dir.clone();
                         registry
