@@ -61,6 +61,9 @@ describe("wire format", () => {
     const warn = console.warn;
     const warnings = [];
     console.warn = (msg) => warnings.push(String(msg));
+    // The new names win over the old ones: hide them (sdk/run-tests.sh sets KVMFORK_URL).
+    const hidden = ["KVMFORK_URL", "KVMFORK_API_KEY", "ZEROBOOT_API_KEY"].map((name) => [name, process.env[name]]);
+    for (const [name] of hidden) delete process.env[name];
     process.env.FORKD_URL = fake.url;
     process.env.FORKD_API_KEY = "k-legacy";
     try {
@@ -69,6 +72,7 @@ describe("wire format", () => {
       console.warn = warn;
       delete process.env.FORKD_URL;
       delete process.env.FORKD_API_KEY;
+      for (const [name, value] of hidden) if (value !== undefined) process.env[name] = value;
     }
     assert.equal(fake.requests[0].headers.authorization, "Bearer k-legacy");
     assert.ok(warnings.some((w) => w.includes("KVMFORK_URL")), warnings.join("\n"));
