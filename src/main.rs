@@ -160,28 +160,39 @@ fn serve_languages(names: &[String]) -> Result<Vec<Language>, String> {
     Ok(langs)
 }
 
-/// The cached template of `language`, built first if there is none.
+/// The template of `language` for the guest sources this binary was built
+/// with: found in the cache by the hash of its inputs, or built (minutes on
+/// PVM hosts). Without the guest sources (an installed binary), the newest
+/// cached template of the language.
 fn provide_template(language: Language) -> Result<template::Template, String> {
-    let dir = match template::find_cached(language) {
-        Some(dir) => dir,
-        None => {
-            eprintln!(
-                "kvmfork serve: no {lang} template cached yet; building it in the background \
-                 (one-time, minutes on PVM hosts); {lang} requests answer 503 template_building until it is ready",
-                lang = language.as_str()
-            );
-            let opts = BuildOptions {
-                language,
-                out: None,
-                ram_mib: 512,
-                verbose: false,
-                boot_timeout: Duration::from_secs(3600),
-                rebuild: false,
-                kernel: None,
-                initrd: None,
-            };
-            template::build(&opts).map_err(|e| e.to_string())?
-        }
+    let lang = language.as_str();
+    let guest = template::guest_dir();
+    let dir = if guest.join("kernel/build.sh").is_file() {
+        eprintln!(
+            "kvmfork serve: preparing the {lang} template (cached by the hash of its inputs; \
+             building a missing one takes minutes on PVM hosts); {lang} requests answer \
+             503 template_building until it is ready"
+        );
+        let opts = BuildOptions {
+            language,
+            out: None,
+            ram_mib: 512,
+            verbose: false,
+            boot_timeout: Duration::from_secs(3600),
+            rebuild: false,
+            kernel: None,
+            initrd: None,
+        };
+        template::build(&opts).map_err(|e| e.to_string())?
+    } else {
+        template::find_cached(language).ok_or_else(|| {
+            format!(
+                "no {lang} template in {} and no guest sources at {} to build one \
+                 (build it with `kvmfork template build --language {lang}`, or pass --template)",
+                template::cache_dir().join("templates").display(),
+                guest.display()
+            )
+        })?
     };
     template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
 }

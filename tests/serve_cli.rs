@@ -1,7 +1,8 @@
 //! `kvmfork serve` as a user starts it: the served languages (`--language`),
-//! and a template that cannot be loaded being impossible to miss (health,
-//! log, requests). Uses a private cache directory holding one unusable
-//! cached Node template, so nothing is built and no guest is booted.
+//! and a template that cannot be had being impossible to miss (health, log,
+//! requests). Runs as an installed binary would, without guest sources
+//! (`KVMFORK_GUEST_DIR` points nowhere), over a private cache holding one
+//! unusable Node template, so nothing is built and no guest is booted.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -51,7 +52,9 @@ impl Serve {
 }
 
 fn serve_with_broken_node_template(args: &[&str]) -> Serve {
-    let cache = std::env::temp_dir().join(format!("kvmfork-serve-cli-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let cache = std::env::temp_dir().join(format!("kvmfork-serve-cli-{}-{n}", std::process::id()));
     let template = cache.join("templates/node-broken");
     std::fs::create_dir_all(&template).unwrap();
     std::fs::write(template.join("state.snap"), b"not a kvmfork state file").unwrap();
@@ -63,6 +66,7 @@ fn serve_with_broken_node_template(args: &[&str]) -> Serve {
         ])
         .args(args)
         .env("KVMFORK_CACHE_DIR", &cache)
+        .env("KVMFORK_GUEST_DIR", cache.join("no-guest-sources"))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -189,4 +193,39 @@ fn unknown_languages_and_conflicting_flags_are_refused() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
+fn without_guest_sources_a_missing_template_fails_with_what_to_do() {
+    let serve = serve_with_broken_node_template(&["--language", "python,node"]);
+    let log = serve.log_until(Duration::from_secs(60), |l| {
+        l.contains("ERROR") && l.contains("node template failed")
+    });
+    assert!(
+        log.iter().any(|l| l.contains("ERROR")
+            && l.contains("python template failed")
+            && l.contains("kvmfork template build --language python")),
+        "{log:#?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let (_, health) = request(serve.addr, "GET", "/health", "");
+        let t = &health["templates"];
+        if (t["python"]["state"] == "failed" && t["node"]["state"] == "failed")
+            || Instant::now() > deadline
+        {
+            break health;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let python = health["templates"]["python"]["error"].as_str().unwrap();
+    assert!(
+        python.contains("no python template in") && python.contains("no guest sources"),
+        "{health}"
+    );
+    let (status, body) = request(serve.addr, "POST", "/exec", r#"{"code":"print(1)"}"#);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (500, Some("template_failed"))
+    );
 }
