@@ -151,6 +151,19 @@ pub trait Lane: Send {
     fn tick(&mut self) {}
 }
 
+/// Whether requests for a language can run now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateAvailability {
+    /// The template is loaded; requests run.
+    Ready,
+    /// The template is still being built or loaded; retry later.
+    Building,
+    /// Building or loading the template failed; the text says why.
+    Failed(String),
+    /// This server does not serve the language at all.
+    NotServed,
+}
+
 /// Creates lanes; shared (read-only) by all shards.
 pub trait LaneFactory: Send + Sync {
     fn new_lane(&self, shard: usize) -> Result<Box<dyn Lane>, String>;
@@ -168,10 +181,24 @@ pub trait LaneFactory: Send + Sync {
     fn node_name(&self) -> String {
         "n0".into()
     }
-    /// Languages with a loaded template.
+    /// Languages this server serves, whatever the state of their template
+    /// (ready, still building, or failed).
     fn languages(&self) -> Vec<Language>;
-    /// Template descriptions for /v1/health (JSON object per template).
-    fn templates(&self) -> Vec<serde_json::Value>;
+    /// The state of `language`'s template. Called for every exec request, so
+    /// implementations keep it cheap and lock-free. The default suits
+    /// factories whose templates are all loaded up front.
+    fn availability(&self, language: Language) -> TemplateAvailability {
+        if self.languages().contains(&language) {
+            TemplateAvailability::Ready
+        } else {
+            TemplateAvailability::NotServed
+        }
+    }
+    /// Template descriptions for /v1/health: one JSON object per served
+    /// language, keyed by its wire name (`"python"`, `"node"`), each with at
+    /// least `"ready"` (bool) and `"state"` (`"ready"`, `"building"` or
+    /// `"failed"`, the latter with an `"error"` text).
+    fn templates(&self) -> serde_json::Map<String, serde_json::Value>;
 }
 
 /// The API key a session belongs to (its index in the keys file; `None`

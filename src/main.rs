@@ -33,12 +33,18 @@ enum Cmd {
         #[command(subcommand)]
         command: BenchCmd,
     },
-    /// Serve the HTTP API (builds the default Python template first if none is cached).
+    /// Serve the HTTP API for Python and Node. Templates that are not cached
+    /// yet are built in the background (Python first); each language is served
+    /// as soon as its template is ready.
     Serve {
         #[command(flatten)]
         server: kvmfork::server::ServeArgs,
-        /// Template directories to serve (default: every cached template; the
-        /// Python one is built if missing).
+        /// Languages to serve: repeat the flag or give a comma-separated list
+        /// (default: python,node).
+        #[arg(long, value_delimiter = ',', conflicts_with = "template")]
+        language: Vec<String>,
+        /// Template directories to serve instead (loaded before serving, never
+        /// built; the languages served are theirs).
         #[arg(long)]
         template: Vec<PathBuf>,
         /// Idle pre-created VMs kept per worker and template.
@@ -136,30 +142,109 @@ fn load_template(language: Language, dir: Option<PathBuf>) -> Result<template::T
     template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
 }
 
-/// Every cached template; the Python one is built (with progress) if missing.
-fn default_templates() -> Result<Vec<PathBuf>, String> {
-    let mut dirs = Vec::new();
-    match template::find_cached(Language::Python) {
-        Some(d) => dirs.push(d),
-        None => {
-            eprintln!("kvmfork: no Python template cached yet; building it (one-time, minutes on PVM hosts)");
-            let opts = BuildOptions {
-                language: Language::Python,
-                out: None,
-                ram_mib: 512,
-                verbose: false,
-                boot_timeout: Duration::from_secs(3600),
-                rebuild: false,
-                kernel: None,
-                initrd: None,
-            };
-            dirs.push(template::build(&opts).map_err(|e| e.to_string())?);
+/// The languages `serve` serves: those named by `--language` (repeatable,
+/// comma-separated), else every language.
+fn serve_languages(names: &[String]) -> Result<Vec<Language>, String> {
+    if names.is_empty() {
+        return Ok(vec![Language::Python, Language::Node]);
+    }
+    let mut langs = Vec::new();
+    for name in names {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err("--language: empty language name".into());
+        }
+        let lang = parse_language(name).map_err(|e| format!("--language: {e}"))?;
+        if !langs.contains(&lang) {
+            langs.push(lang);
         }
     }
-    if let Some(d) = template::find_cached(Language::Node) {
-        dirs.push(d);
-    }
-    Ok(dirs)
+    Ok(langs)
+}
+
+/// The template of `language` for the guest sources this binary was built
+/// with: found in the cache by the hash of its inputs, or built (minutes on
+/// PVM hosts). Without the guest sources (an installed binary), the newest
+/// cached template of the language.
+fn provide_template(language: Language) -> Result<template::Template, String> {
+    let lang = language.as_str();
+    let guest = template::guest_dir();
+    let dir = if guest.join("kernel/build.sh").is_file() {
+        eprintln!(
+            "kvmfork serve: preparing the {lang} template (cached by the hash of its inputs; \
+             building a missing one takes minutes on PVM hosts); {lang} requests answer \
+             503 template_building until it is ready"
+        );
+        let opts = BuildOptions {
+            language,
+            out: None,
+            ram_mib: 512,
+            verbose: false,
+            boot_timeout: Duration::from_secs(3600),
+            rebuild: false,
+            kernel: None,
+            initrd: None,
+        };
+        template::build(&opts).map_err(|e| e.to_string())?
+    } else {
+        template::find_cached(language).ok_or_else(|| {
+            format!(
+                "no {lang} template in {} and no guest sources at {} to build one \
+                 (build it with `kvmfork template build --language {lang}`, or pass --template)",
+                template::cache_dir().join("templates").display(),
+                guest.display()
+            )
+        })?
+    };
+    template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
+}
+
+/// Builds or loads each language's template in turn on a background thread
+/// and publishes it in `registry` (ready, or failed with the reason).
+fn provision_templates(
+    registry: std::sync::Arc<kvmfork::engine::lane::TemplateRegistry>,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("kvmfork-templates".into())
+        .spawn(move || {
+            for language in registry.languages() {
+                let started = std::time::Instant::now();
+                registry.start(language);
+                let lang = language.as_str();
+                // A panic must not leave the slot "building" forever.
+                let provided = std::panic::catch_unwind(|| provide_template(language))
+                    .unwrap_or_else(|_| {
+                        Err("building or loading the template panicked (see the log)".into())
+                    });
+                let outcome = match provided {
+                    Ok(t) => {
+                        let dir = t.dir.clone();
+                        registry
+                            .set_ready(language, std::sync::Arc::new(t))
+                            .map(|()| dir)
+                            .map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(dir) => eprintln!(
+                        "kvmfork serve: serving the {lang} template {} (ready after {:.1} s)",
+                        dir.display(),
+                        started.elapsed().as_secs_f64()
+                    ),
+                    Err(why) => {
+                        eprintln!(
+                            "kvmfork serve: ERROR: the {lang} template failed: {why}\n\
+                             kvmfork serve: ERROR: {lang} requests answer 500 template_failed; \
+                             GET /v1/health shows the error; fix it and restart"
+                        );
+                        let _ = registry.set_failed(language, why);
+                    }
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("spawning the template thread: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -241,6 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Cmd::Serve {
             server,
+            language,
             template: dirs,
             pool_size,
             max_sandbox_dirty_mib,
@@ -249,14 +335,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         } => {
             let config = server.to_config()?;
             let sessions = sessions.to_config(max_output_bytes)?;
-            let dirs = if dirs.is_empty() {
-                default_templates()?
-            } else {
-                dirs
-            };
+            let languages = serve_languages(&language)?;
             let mut templates = Vec::new();
-            for dir in dirs {
-                let t = template::Template::load(&dir)
+            for dir in &dirs {
+                let t = template::Template::load(dir)
                     .map_err(|e| format!("loading template {}: {e}", dir.display()))?;
                 eprintln!(
                     "kvmfork: serving {} template {}",
@@ -276,7 +358,16 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 prewarm: pool_size.min(1),
                 limits,
             };
-            let engine = kvmfork::engine::lane::Engine::with_sessions(templates, pool, sessions);
+            let engine = if dirs.is_empty() {
+                let registry = std::sync::Arc::new(
+                    kvmfork::engine::lane::TemplateRegistry::building(&languages),
+                );
+                provision_templates(registry.clone())?;
+                kvmfork::engine::lane::Engine::with_registry(registry, pool)
+            } else {
+                kvmfork::engine::lane::Engine::new(templates, pool)
+            }
+            .with_session_config(sessions);
             kvmfork::server::serve(config, std::sync::Arc::new(engine))
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
@@ -334,5 +425,57 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::from((r.exit_code & 0xff) as u8))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn serve_languages_default_to_every_language_python_first() {
+        assert_eq!(
+            serve_languages(&[]).unwrap(),
+            vec![Language::Python, Language::Node]
+        );
+    }
+
+    #[test]
+    fn serve_languages_take_repeats_commas_and_aliases() {
+        assert_eq!(
+            serve_languages(&names(&["node"])).unwrap(),
+            vec![Language::Node]
+        );
+        assert_eq!(
+            serve_languages(&names(&["js", "python3", "node"])).unwrap(),
+            vec![Language::Node, Language::Python]
+        );
+        let err = serve_languages(&names(&["cobol"])).unwrap_err();
+        assert!(err.contains("--language") && err.contains("cobol"), "{err}");
+        assert!(serve_languages(&names(&[""])).is_err());
+    }
+
+    #[test]
+    fn language_flag_is_repeatable_and_comma_separated() {
+        let cli = Cli::try_parse_from(["kvmfork", "serve", "--language", "python,node"]).unwrap();
+        let Cmd::Serve { language, .. } = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(language, names(&["python", "node"]));
+        let cli = Cli::try_parse_from(["kvmfork", "serve", "--language", "node", "--language=py"])
+            .unwrap();
+        let Cmd::Serve { language, .. } = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(language, names(&["node", "py"]));
+        assert!(
+            Cli::try_parse_from(["kvmfork", "serve", "--language", "node", "--template", "/t"])
+                .is_err(),
+            "--language and --template conflict"
+        );
     }
 }

@@ -56,11 +56,24 @@ printf '["%s"]\n' "$key" >"$work/keys.json"
 server=$!
 cleanup() { kill -TERM "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
+# `serve` answers at once and loads (or builds) its templates in the
+# background: wait until every template is ready, and stop on a failed one.
+ready=""
 for _ in $(seq 1 600); do
-  curl -fsS "http://127.0.0.1:$port/v1/health" >/dev/null 2>&1 && break
+  state=$(curl -fsS "http://127.0.0.1:$port/v1/health" 2>/dev/null | python3 -c '
+import json, sys
+t = json.load(sys.stdin)["templates"]
+failed = [lang + ": " + str(e.get("error")) for lang, e in t.items() if e.get("state") == "failed"]
+print("failed " + "; ".join(failed) if failed else "ready" if t and all(e.get("ready") for e in t.values()) else "building")
+' 2>/dev/null) || state=""
+  case "$state" in
+    ready) ready=1; break ;;
+    failed*) cat "$work/serve.log" >&2; echo "kvmfork serve: a template failed: ${state#failed }" >&2; exit 1 ;;
+  esac
   kill -0 "$server" 2>/dev/null || { cat "$work/serve.log" >&2; echo "kvmfork serve exited" >&2; exit 1; }
   sleep 0.5
 done
+[[ -n $ready ]] || { cat "$work/serve.log" >&2; echo "kvmfork serve: templates not ready after 300 s" >&2; exit 1; }
 KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash sdk/run-tests.sh
 bash docs/validate-openapi.sh
 

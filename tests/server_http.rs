@@ -25,7 +25,9 @@ fn health_reports_backend_templates_and_pools() {
         assert_eq!(health["io_backend"], backend.name());
         assert_eq!(health["auth"], false);
         assert_eq!(health["languages"], serde_json::json!(["python"]));
-        assert_eq!(health["templates"][0]["ready"], true);
+        assert_eq!(health["templates"]["python"]["ready"], true);
+        assert_eq!(health["templates"]["python"]["state"], "ready");
+        assert_eq!(health["templates"].as_object().unwrap().len(), 1);
         assert_eq!(
             health["pool"]["pooled_vms"], 2,
             "two workers, one pooled VM each"
@@ -571,4 +573,72 @@ fn shards_share_the_port() {
         }
     }
     assert_eq!(seen.len(), 2, "both shards served requests");
+}
+
+#[test]
+fn zeroboot_unversioned_exec_and_health_aliases() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["zb-key"]"#), |_| {});
+        let auth = [("Authorization", "Bearer zb-key")];
+
+        // POST /exec: the same handler, shape, auth and method rules as /v1/exec.
+        let mut c = server.connect();
+        c.send("POST", "/exec", &auth, Some(r#"{"code":"echo:zb\n"}"#));
+        let resp = c.read_response();
+        assert_eq!(resp.status, 200);
+        let v = resp.json();
+        for field in [
+            "id",
+            "stdout",
+            "stderr",
+            "exit_code",
+            "fork_time_ms",
+            "exec_time_ms",
+            "total_time_ms",
+        ] {
+            assert!(v.get(field).is_some(), "/exec answer lacks {field}: {v}");
+        }
+        assert_eq!(
+            (v["stdout"].as_str(), v["exit_code"].as_i64()),
+            (Some("zb\n"), Some(0))
+        );
+        let resp = server.request("POST", "/exec", Some(r#"{"code":"echo:x"}"#));
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (401, "unauthorized")
+        );
+        c.send("POST", "/exec", &auth, Some(r#"{"language":"python"}"#));
+        assert_eq!(c.read_response().error_code(), "missing_code");
+        let resp = server.request("GET", "/exec", None);
+        assert_eq!(resp.status, 405);
+        assert_eq!(resp.header("allow"), Some("POST"));
+
+        // GET/HEAD /health: the /v1/health body, templates keyed by language.
+        let v1 = server.request("GET", "/v1/health", None).json();
+        let resp = server.request("GET", "/health", None);
+        assert_eq!(resp.status, 200);
+        let health = resp.json();
+        assert_eq!(health["status"], "ok");
+        assert_eq!(health["templates"]["python"]["ready"], true);
+        assert_eq!(
+            health.as_object().unwrap().keys().collect::<Vec<_>>(),
+            v1.as_object().unwrap().keys().collect::<Vec<_>>()
+        );
+        c.send("HEAD", "/health", &[], None);
+        let head = c.read_head_response();
+        assert_eq!(head.status, 200);
+        assert!(head.body.is_empty());
+        let resp = server.request("POST", "/health", Some("{}"));
+        assert_eq!(resp.status, 405);
+        assert_eq!(resp.header("allow"), Some("GET, HEAD"));
+
+        // Counted under the /v1/exec endpoint label.
+        let metrics = String::from_utf8(server.request("GET", "/v1/metrics", None).body).unwrap();
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.contains(r#"endpoint="/v1/exec""#) && l.contains(r#"status="200""#)),
+            "{metrics}"
+        );
+    });
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvmfork::server::ServeConfig;
-use server_support::{for_each_backend, start, TestFactory};
+use server_support::{for_each_backend, python_ready, start, TestFactory};
 
 const EXEC: &str = "/v1/exec";
 
@@ -192,7 +192,11 @@ fn child_serve_until_signal() {
         watcher_events.wait_started(1);
         eprintln!("child: exec started");
     });
-    kvmfork::server::serve(config, Arc::new(TestFactory { events })).expect("serve drains cleanly");
+    let factory = TestFactory {
+        events,
+        slots: python_ready(),
+    };
+    kvmfork::server::serve(config, Arc::new(factory)).expect("serve drains cleanly");
 }
 
 #[test]

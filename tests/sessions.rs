@@ -45,15 +45,15 @@ fn start(sessions: SessionConfig) -> Live {
         max_timeout: Duration::from_secs(60),
         ..ServeConfig::default()
     };
-    let engine = Engine::with_sessions(
+    let engine = Engine::new(
         vec![template],
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
             ..Default::default()
         },
-        sessions,
-    );
+    )
+    .with_session_config(sessions);
     let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
     Live {
         addr: handle.local_addr(),
@@ -732,18 +732,18 @@ fn node_sessions_keep_their_global_scope_and_fork() {
         rate_limit: 0.0,
         ..ServeConfig::default()
     };
-    let engine = Engine::with_sessions(
+    let engine = Engine::new(
         vec![template],
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
             ..Default::default()
         },
-        SessionConfig {
-            node: "n0".into(),
-            ..SessionConfig::default()
-        },
-    );
+    )
+    .with_session_config(SessionConfig {
+        node: "n0".into(),
+        ..SessionConfig::default()
+    });
     let handle = kvmfork::server::start(config, Arc::new(engine)).expect("server starts");
     let addr = handle.local_addr();
     let id = create(addr, KEY_A, r#"{"language": "node"}"#);

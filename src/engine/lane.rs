@@ -1,54 +1,116 @@
-//! The engine as the HTTP server sees it: a [`LaneFactory`] over the loaded
-//! templates, and lanes that route each request to the pool of its language.
+//! The engine as the HTTP server sees it: a [`LaneFactory`] over a registry
+//! of per-language template slots, and lanes that route each request to the
+//! pool of its language. A slot may still be building when the server starts
+//! (`kvmfork serve` builds missing templates in the background); each lane
+//! creates a language's pool the first time it sees that template ready.
 
 use std::sync::Arc;
 
-use super::pool::{Pool, PoolConfig};
+use super::pool::{PoolConfig, PoolSet};
+use super::registry::{SlotState, TemplateSlots};
 use super::session::{Directory, SessionConfig, SessionTable};
 use crate::api::{
-    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language, Owner,
-    SessionInfo, SessionOp, SessionReply,
+    ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language, Owner, SessionInfo, SessionOp,
+    SessionReply, TemplateAvailability,
 };
 use crate::template::Template;
 
+/// The shared, read-mostly set of template slots the engine serves.
+pub type TemplateRegistry = TemplateSlots<Template>;
+
 pub struct Engine {
-    templates: Vec<Arc<Template>>,
+    registry: Arc<TemplateRegistry>,
     cfg: PoolConfig,
+    /// Set when the templates given to [`Engine::new`] cannot be served
+    /// (unknown language, two for one language); lanes then refuse to start.
+    invalid: Option<String>,
     sessions: Arc<SessionConfig>,
     directory: Arc<Directory>,
 }
 
 impl Engine {
+    /// An engine over templates that are all loaded already.
     pub fn new(templates: Vec<Template>, cfg: PoolConfig) -> Engine {
-        Self::with_sessions(templates, cfg, SessionConfig::default())
-    }
-
-    pub fn with_sessions(
-        templates: Vec<Template>,
-        cfg: PoolConfig,
-        sessions: SessionConfig,
-    ) -> Engine {
+        let mut langs = Vec::with_capacity(templates.len());
+        let mut loaded = Vec::with_capacity(templates.len());
+        let mut invalid = None;
+        for t in templates {
+            let Some(lang) = t.language() else {
+                invalid.get_or_insert(format!(
+                    "template {} has unknown language {}",
+                    t.dir.display(),
+                    t.meta.language
+                ));
+                continue;
+            };
+            if langs.contains(&lang) {
+                invalid.get_or_insert(format!(
+                    "two templates for language {} (the second is {})",
+                    lang.as_str(),
+                    t.dir.display()
+                ));
+                continue;
+            }
+            langs.push(lang);
+            loaded.push((lang, Arc::new(t)));
+        }
+        let registry = TemplateRegistry::building(&langs);
+        for (lang, t) in loaded {
+            // Each language was pushed once into a fresh registry: cannot fail.
+            let _ = registry.set_ready(lang, t);
+        }
         Engine {
-            templates: templates.into_iter().map(Arc::new).collect(),
+            registry: Arc::new(registry),
             cfg,
-            sessions: Arc::new(sessions),
+            invalid,
+            sessions: Arc::new(SessionConfig::default()),
             directory: Arc::new(Directory::default()),
         }
+    }
+
+    /// An engine over `registry`, whose slots may still be building: their
+    /// requests are refused until the slot is ready.
+    pub fn with_registry(registry: Arc<TemplateRegistry>, cfg: PoolConfig) -> Engine {
+        Engine {
+            registry,
+            cfg,
+            invalid: None,
+            sessions: Arc::new(SessionConfig::default()),
+            directory: Arc::new(Directory::default()),
+        }
+    }
+
+    /// Sets the sessions' limits and node name (before lanes are made).
+    pub fn with_session_config(mut self, sessions: SessionConfig) -> Engine {
+        self.sessions = Arc::new(sessions);
+        self
     }
 }
 
 pub struct EngineLane {
-    pools: Vec<(Language, Pool)>,
+    pools: PoolSet,
     sessions: SessionTable,
 }
 
 impl Lane for EngineLane {
     fn exec(&mut self, req: &ExecRequest) -> ExecResult {
-        match self.pools.iter_mut().find(|(l, _)| *l == req.language) {
-            Some((_, pool)) => pool.exec(req),
-            None => ExecResult {
+        let started = std::time::Instant::now();
+        let had_pool = self.pools.has(req.language);
+        match self.pools.get(req.language) {
+            Ok(pool) => {
+                let mut result = pool.exec(req);
+                if !had_pool {
+                    // This request waited for the pool (and its pre-created
+                    // VMs) to be made: that is part of its fork.
+                    let creating = started.elapsed().saturating_sub(result.total_time);
+                    result.fork_time += creating;
+                    result.total_time += creating;
+                }
+                result
+            }
+            Err(failure) => ExecResult {
                 exit_code: -1,
-                failure: Some(ExecFailure::NoTemplate),
+                failure: Some(failure),
                 ..Default::default()
             },
         }
@@ -64,7 +126,7 @@ impl Lane for EngineLane {
 
     fn stats(&self) -> LaneStats {
         let mut s = LaneStats::default();
-        for (_, p) in &self.pools {
+        for p in self.pools.iter() {
             let p = p.stats();
             s.pooled_vms += p.pooled_vms;
             s.live_vms += p.live_vms;
@@ -90,19 +152,18 @@ impl LaneFactory for Engine {
     }
 
     fn new_worker_lane(&self, shard: usize, worker: usize) -> Result<Box<dyn Lane>, String> {
-        let mut pools = Vec::new();
-        for t in &self.templates {
-            let lang = t.language().ok_or_else(|| {
-                format!(
-                    "template {} has unknown language {}",
-                    t.dir.display(),
-                    t.meta.language
-                )
-            })?;
-            pools.push((
-                lang,
-                Pool::new(t.clone(), self.cfg.clone()).map_err(|e| e.to_string())?,
-            ));
+        if let Some(why) = &self.invalid {
+            return Err(why.clone());
+        }
+        let mut pools = PoolSet::new(self.registry.clone(), self.cfg.clone());
+        // Templates ready now get their pools (and pre-created VMs) up front;
+        // the others when they become ready.
+        for lang in self.registry.languages() {
+            if self.registry.ready(lang).is_some() {
+                pools
+                    .get(lang)
+                    .map_err(|f| crate::engine::describe_failure(&f))?;
+            }
         }
         let sessions =
             SessionTable::new(shard, worker, self.sessions.clone(), self.directory.clone());
@@ -118,23 +179,46 @@ impl LaneFactory for Engine {
     }
 
     fn languages(&self) -> Vec<Language> {
-        self.templates.iter().filter_map(|t| t.language()).collect()
+        self.registry.languages()
     }
 
-    fn templates(&self) -> Vec<serde_json::Value> {
-        self.templates
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "language": t.meta.language,
-                    "ready": true,
-                    "dir": t.dir.display().to_string(),
-                    "ram_bytes": t.meta.ram_size,
-                    "snapshot_allocated_bytes": t.meta.memory.allocated_size,
-                    "snapshot_nonzero_pages": t.meta.memory.nonzero_pages,
-                    "host_kind": t.meta.host_kind.as_str(),
-                    "boot_to_ready_seconds": t.meta.boot_to_ready_seconds,
-                })
+    fn availability(&self, language: Language) -> TemplateAvailability {
+        self.registry.state(language).availability()
+    }
+
+    fn templates(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.registry
+            .languages()
+            .into_iter()
+            .filter_map(|lang| {
+                let entry = match self.registry.state(lang) {
+                    SlotState::Ready(t) => serde_json::json!({
+                        "language": lang.as_str(),
+                        "ready": true,
+                        "state": "ready",
+                        "dir": t.dir.display().to_string(),
+                        "ram_bytes": t.meta.ram_size,
+                        "snapshot_allocated_bytes": t.meta.memory.allocated_size,
+                        "snapshot_nonzero_pages": t.meta.memory.nonzero_pages,
+                        "host_kind": t.meta.host_kind.as_str(),
+                        "boot_to_ready_seconds": t.meta.boot_to_ready_seconds,
+                    }),
+                    SlotState::Building(for_how_long) => serde_json::json!({
+                        "language": lang.as_str(),
+                        "ready": false,
+                        "state": "building",
+                        // null while it waits for an earlier language's build.
+                        "building_seconds": for_how_long.map(|d| d.as_secs()),
+                    }),
+                    SlotState::Failed(why) => serde_json::json!({
+                        "language": lang.as_str(),
+                        "ready": false,
+                        "state": "failed",
+                        "error": why,
+                    }),
+                    SlotState::NotServed => return None,
+                };
+                Some((lang.as_str().to_string(), entry))
             })
             .collect()
     }

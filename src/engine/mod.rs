@@ -3,6 +3,7 @@
 pub mod lane;
 pub mod mailbox;
 pub mod pool;
+pub mod registry;
 pub mod sandbox;
 pub mod session;
 

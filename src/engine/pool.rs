@@ -254,3 +254,49 @@ impl Pool {
         self.stats.clone()
     }
 }
+
+/// A lane's pools, one per language, each created the first time its
+/// language's template is seen ready in the registry.
+pub struct PoolSet {
+    registry: Arc<super::lane::TemplateRegistry>,
+    cfg: PoolConfig,
+    pools: Vec<(crate::api::Language, Pool)>,
+}
+
+impl PoolSet {
+    pub fn new(registry: Arc<super::lane::TemplateRegistry>, cfg: PoolConfig) -> Self {
+        PoolSet {
+            registry,
+            cfg,
+            pools: Vec::new(),
+        }
+    }
+
+    /// Whether the pool for `language` exists already.
+    pub fn has(&self, language: crate::api::Language) -> bool {
+        self.pools.iter().any(|(l, _)| *l == language)
+    }
+
+    /// The pool for `language`, created now if its template is ready.
+    pub fn get(&mut self, language: crate::api::Language) -> Result<&mut Pool, ExecFailure> {
+        if let Some(i) = self.pools.iter().position(|(l, _)| *l == language) {
+            return Ok(&mut self.pools[i].1);
+        }
+        let template = self
+            .registry
+            .ready(language)
+            .ok_or(ExecFailure::NoTemplate)?;
+        let pool = Pool::new(template.clone(), self.cfg.clone()).map_err(|e| {
+            ExecFailure::Internal(format!(
+                "creating the {} sandbox pool: {e}",
+                language.as_str()
+            ))
+        })?;
+        self.pools.push((language, pool));
+        Ok(&mut self.pools.last_mut().expect("just pushed").1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Pool> {
+        self.pools.iter().map(|(_, p)| p)
+    }
+}

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use super::pool::Pool;
+use super::pool::{Pool, PoolSet};
 use super::sandbox::{fill_random, Checkpoint, Limits, Sandbox};
 use crate::api::{
     CancelToken, ExecFailure, ExecRequest, ExecResult, Language, Owner, SessionError, SessionId,
@@ -321,21 +321,15 @@ impl SessionTable {
         Some(s.sandbox)
     }
 
-    fn pool<'a>(
-        pools: &'a mut [(Language, Pool)],
-        language: Language,
-    ) -> Result<&'a mut Pool, SessionError> {
-        pools
-            .iter_mut()
-            .find(|(l, _)| *l == language)
-            .map(|(_, p)| p)
-            .ok_or_else(|| {
-                SessionError::new(
-                    400,
-                    "no_template",
-                    format!("no {} template is loaded on this server", language.as_str()),
-                )
-            })
+    fn pool(pools: &mut PoolSet, language: Language) -> Result<&mut Pool, SessionError> {
+        pools.get(language).map_err(|f| match f {
+            ExecFailure::NoTemplate => SessionError::new(
+                400,
+                "no_template",
+                format!("no {} template is ready on this server", language.as_str()),
+            ),
+            other => SessionError::new(500, "internal", crate::engine::describe_failure(&other)),
+        })
     }
 
     fn insert(
@@ -381,7 +375,7 @@ impl SessionTable {
     }
 
     /// Runs `op`; `pools` are the lane's pools, one per language.
-    pub fn handle(&mut self, pools: &mut [(Language, Pool)], op: SessionOp) -> SessionReply {
+    pub fn handle(&mut self, pools: &mut PoolSet, op: SessionOp) -> SessionReply {
         match self.try_handle(pools, op) {
             Ok(reply) => reply,
             Err(e) => SessionReply::Error(e),
@@ -390,7 +384,7 @@ impl SessionTable {
 
     fn try_handle(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         op: SessionOp,
     ) -> Result<SessionReply, SessionError> {
         match op {
@@ -458,7 +452,7 @@ impl SessionTable {
 
     fn create(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         owner: Owner,
         spec: SessionSpec,
         from_checkpoint: Option<SessionId>,
@@ -533,7 +527,7 @@ impl SessionTable {
 
     fn exec(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         id: &SessionId,
         owner: Owner,
         mut req: ExecRequest,
@@ -591,7 +585,7 @@ impl SessionTable {
 
     fn capture(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         id: &SessionId,
         owner: Owner,
     ) -> Result<(Checkpoint, Language, serde_json::Value, Duration), SessionError> {
@@ -617,7 +611,7 @@ impl SessionTable {
 
     fn fork(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         id: &SessionId,
         owner: Owner,
         count: usize,
@@ -680,7 +674,7 @@ impl SessionTable {
 
     fn checkpoint(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         id: &SessionId,
         owner: Owner,
     ) -> Result<SessionReply, SessionError> {
@@ -706,7 +700,7 @@ impl SessionTable {
 
     fn restore(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         id: &SessionId,
         owner: Owner,
         checkpoint: &SessionId,
@@ -753,7 +747,7 @@ impl SessionTable {
 
     fn batch(
         &mut self,
-        pools: &mut [(Language, Pool)],
+        pools: &mut PoolSet,
         id: &SessionId,
         owner: Owner,
         reqs: Vec<(ExecRequest, Option<Language>)>,
@@ -798,7 +792,7 @@ impl SessionTable {
     }
 
     /// Ends expired sessions and gives their VMs back to the pools.
-    pub fn tick(&mut self, pools: &mut [(Language, Pool)]) {
+    pub fn tick(&mut self, pools: &mut PoolSet) {
         let languages: Vec<(String, Language)> = self
             .sessions
             .iter()

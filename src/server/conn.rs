@@ -409,8 +409,8 @@ mod tests {
         fn languages(&self) -> Vec<Language> {
             vec![Language::Python]
         }
-        fn templates(&self) -> Vec<serde_json::Value> {
-            Vec::new()
+        fn templates(&self) -> serde_json::Map<String, serde_json::Value> {
+            serde_json::Map::new()
         }
     }
 

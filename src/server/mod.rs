@@ -221,7 +221,7 @@ pub fn start(
     let backend = choose_backend(config.force_epoll);
     let languages = factory.languages();
     if languages.is_empty() {
-        eprintln!("kvmfork serve: WARNING: no template is loaded; every exec will be refused");
+        eprintln!("kvmfork serve: WARNING: no language is served; every exec will be refused");
     }
     let listeners = bind_listeners(config.listen, config.shards)?;
     let local_addr = listeners[0]

@@ -15,6 +15,7 @@ use super::wire::{self, ApiError, DecodeRules, ExecSpec};
 use super::workers::{Completion, ConnKey, Job, Waker, Work, WorkerPool};
 use crate::api::{
     CancelToken, ExecFailure, ExecRequest, ExecResult, LaneFactory, Owner, SessionReply,
+    TemplateAvailability,
 };
 
 /// Which event loop serves requests.
@@ -104,6 +105,9 @@ pub enum Dispatch {
     Pending(PendingExec),
 }
 
+/// `Retry-After` (seconds) of a `503 template_building` answer.
+pub const TEMPLATE_BUILDING_RETRY_AFTER_SECS: u64 = 5;
+
 /// The HTTP status used in metrics for a request whose client left first.
 pub const STATUS_CLIENT_CLOSED: u16 = 499;
 
@@ -168,6 +172,10 @@ impl ShardCtx {
             "/v1/exec" => (Route::Exec, "POST"),
             "/v1/exec/batch" => (Route::ExecBatch, "POST"),
             "/v1/health" => (Route::Health, "GET, HEAD"),
+            // Zeroboot's unversioned aliases (same handlers, auth and limits;
+            // counted under the /v1 endpoint labels).
+            "/exec" => (Route::Exec, "POST"),
+            "/health" => (Route::Health, "GET, HEAD"),
             "/v1/metrics" => (Route::Metrics, "GET, HEAD"),
             _ => {
                 let err = ApiError::new(404, "not_found", format!("no route for {}", head.path));
@@ -261,7 +269,10 @@ impl ShardCtx {
                 })
             }
             Route::Exec => match wire::decode_exec(body, &self.shared.rules) {
-                Ok(spec) => self.submit(Endpoint::Exec, false, vec![spec], conn),
+                Ok(spec) => match self.unavailable(std::slice::from_ref(&spec), false) {
+                    Some(refusal) => Dispatch::Respond(refusal),
+                    None => self.submit(Endpoint::Exec, false, vec![spec], conn),
+                },
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
             Route::ExecBatch if sessions::batch_source(body).is_some() => self.dispatch_session(
@@ -275,7 +286,10 @@ impl ShardCtx {
                 Ok(specs) if specs.is_empty() => {
                     Dispatch::Respond(Response::json(200, br#"{"results":[]}"#.to_vec()))
                 }
-                Ok(specs) => self.submit(Endpoint::ExecBatch, true, specs, conn),
+                Ok(specs) => match self.unavailable(&specs, true) {
+                    Some(refusal) => Dispatch::Respond(refusal),
+                    None => self.submit(Endpoint::ExecBatch, true, specs, conn),
+                },
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
         }
@@ -298,6 +312,21 @@ impl ShardCtx {
             Ok(op) => op,
             Err(err) => return Dispatch::Respond(error_response(&err)),
         };
+        if let crate::api::SessionOp::Create {
+            spec,
+            from_checkpoint: None,
+            ..
+        } = &op
+        {
+            let spec = ExecSpec {
+                code: String::new(),
+                language: spec.language,
+                timeout: Duration::ZERO,
+            };
+            if let Some(refusal) = self.unavailable(std::slice::from_ref(&spec), false) {
+                return Dispatch::Respond(refusal);
+            }
+        }
         let target = sessions::target(&op);
         let job = Job {
             conn,
@@ -360,6 +389,51 @@ impl ShardCtx {
             remaining: 1,
             // Session runs outlive a client that goes away.
             tokens: Vec::new(),
+        })
+    }
+
+    /// The refusal for the first spec whose language's template is not
+    /// ready: `503 template_building` (with `Retry-After`) while it is being
+    /// built, `500 template_failed` naming the failure if its build failed.
+    fn unavailable(&self, specs: &[ExecSpec], batch: bool) -> Option<Response> {
+        specs.iter().enumerate().find_map(|(i, spec)| {
+            let availability = self.shared.factory.availability(spec.language);
+            if availability == TemplateAvailability::Ready {
+                return None;
+            }
+            let lang = spec.language.as_str();
+            let prefix = if batch {
+                format!("executions[{i}]: ")
+            } else {
+                String::new()
+            };
+            match availability {
+                TemplateAvailability::Ready => None,
+                TemplateAvailability::Building => {
+                    let err = ApiError::new(
+                        503,
+                        "template_building",
+                        format!(
+                            "{prefix}the {lang} template is still being built or loaded; \
+                             retry later (GET /v1/health shows its state)"
+                        ),
+                    );
+                    Some(error_response(&err).with_header(
+                        "Retry-After",
+                        TEMPLATE_BUILDING_RETRY_AFTER_SECS.to_string(),
+                    ))
+                }
+                TemplateAvailability::Failed(why) => Some(error_response(&ApiError::new(
+                    500,
+                    "template_failed",
+                    format!("{prefix}the {lang} template failed to build or load: {why}"),
+                ))),
+                TemplateAvailability::NotServed => Some(error_response(&ApiError::new(
+                    400,
+                    "unknown_language",
+                    format!("{prefix}this server does not serve language `{lang}`"),
+                ))),
+            }
         })
     }
 
@@ -539,7 +613,9 @@ impl ShardCtx {
             "io_backend": self.shared.backend.name(),
             "uptime_seconds": now.saturating_duration_since(self.shared.started).as_secs(),
             "auth": self.shared.keys.is_some(),
-            "languages": self.shared.rules.languages.iter().map(|l| l.as_str()).collect::<Vec<_>>(),
+            "languages": self.shared.rules.languages.iter()
+                .filter(|&&l| self.shared.factory.availability(l) == TemplateAvailability::Ready)
+                .map(|l| l.as_str()).collect::<Vec<_>>(),
             "templates": self.shared.factory.templates(),
             "pool": snap.lanes,
             "queue": {

@@ -149,7 +149,7 @@ fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
     if !rules.languages.contains(&language) {
         return Err(ApiError::bad_request(
             "unknown_language",
-            format!("no template is loaded for language `{}`", language.as_str()),
+            format!("this server does not serve language `{}` (see `languages` and `templates` in GET /v1/health)", language.as_str()),
         ));
     }
     let timeout = match parsed.timeout_seconds {

@@ -10,7 +10,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvmfork::api::{ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language};
+use kvmfork::api::{
+    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language,
+    TemplateAvailability,
+};
+use kvmfork::engine::registry::{SlotState, TemplateSlots};
 use kvmfork::server::{Backend, ServeConfig, ServerHandle};
 
 /// What the test lanes observed, shared with the test.
@@ -64,8 +68,18 @@ impl Events {
 /// `sleep:MS` (honours timeout and cancel), `block` (until cancelled),
 /// `gate` (until [`Events::open_gate`] or cancelled), `barrier:N` (until N
 /// execs are inside at once; proves they run in parallel).
+/// Which languages it serves, and whether their "template" is ready, is kept
+/// in the product's template slots (`slots`), which a test may publish into.
 pub struct TestFactory {
     pub events: Arc<Events>,
+    pub slots: Arc<TemplateSlots<()>>,
+}
+
+/// Slots for Python only, ready (what most tests serve).
+pub fn python_ready() -> Arc<TemplateSlots<()>> {
+    let slots = TemplateSlots::building(&[Language::Python]);
+    slots.set_ready(Language::Python, Arc::new(())).unwrap();
+    Arc::new(slots)
 }
 
 impl LaneFactory for TestFactory {
@@ -80,10 +94,31 @@ impl LaneFactory for TestFactory {
         }))
     }
     fn languages(&self) -> Vec<Language> {
-        vec![Language::Python]
+        self.slots.languages()
     }
-    fn templates(&self) -> Vec<serde_json::Value> {
-        vec![serde_json::json!({"language": "python", "ready": true, "memory_mib": 1})]
+    fn availability(&self, language: Language) -> TemplateAvailability {
+        self.slots.state(language).availability()
+    }
+    fn templates(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.slots
+            .languages()
+            .into_iter()
+            .map(|l| {
+                let entry = match self.slots.state(l) {
+                    SlotState::Ready(_) => serde_json::json!(
+                        {"language": l.as_str(), "ready": true, "state": "ready", "memory_mib": 1}
+                    ),
+                    SlotState::Building(_) => serde_json::json!(
+                        {"language": l.as_str(), "ready": false, "state": "building"}
+                    ),
+                    SlotState::Failed(why) => serde_json::json!(
+                        {"language": l.as_str(), "ready": false, "state": "failed", "error": why}
+                    ),
+                    SlotState::NotServed => unreachable!("listed languages are served"),
+                };
+                (l.as_str().to_string(), entry)
+            })
+            .collect()
     }
 }
 
@@ -250,6 +285,16 @@ pub fn start(
     keys: Option<&str>,
     tweak: impl FnOnce(&mut ServeConfig),
 ) -> TestServer {
+    start_with_slots(backend, keys, python_ready(), tweak)
+}
+
+/// Like [`start`], serving the languages of `slots` in whatever state they are.
+pub fn start_with_slots(
+    backend: Backend,
+    keys: Option<&str>,
+    slots: Arc<TemplateSlots<()>>,
+    tweak: impl FnOnce(&mut ServeConfig),
+) -> TestServer {
     let events = Arc::new(Events::default());
     let keys_file = keys.map(TempFile::new);
     let mut config = ServeConfig {
@@ -270,6 +315,7 @@ pub fn start(
         config,
         Arc::new(TestFactory {
             events: events.clone(),
+            slots,
         }),
     )
     .expect("server starts");

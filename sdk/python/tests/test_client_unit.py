@@ -152,6 +152,7 @@ def test_unknown_fields_are_kept_in_raw(fake, fake_client):
     (405, "method_not_allowed", APIError),
     (408, "request_timeout", APIError),
     (500, "internal", APIError),
+    (500, "template_failed", APIError),
 ])
 def test_error_status_maps_to_its_class_and_is_not_retried(fake, fake_client, status, code,
                                                           error_class):
@@ -211,6 +212,15 @@ def test_429_is_retried_after_the_retry_after_seconds(fake, fake_client):
     assert fake_client.run("pass") == "done"
     assert fake_client.slept == [2.0]
     assert len(fake.requests) == 2
+
+
+def test_template_building_503_is_retried_after_the_retry_after_seconds(fake, fake_client):
+    fake.script(error_reply(503, "template_building", headers={"Retry-After": "5"}),
+                error_reply(503, "template_building", headers={"Retry-After": "5"}),
+                {"json": exec_answer("built")})
+    assert fake_client.run("pass", language="node") == "built"
+    assert fake_client.slept == [5.0, 5.0]
+    assert len(fake.requests) == 3
 
 
 def test_503_without_retry_after_backs_off_exponentially_then_raises(fake, fake_client):
@@ -343,7 +353,7 @@ def test_one_client_serves_many_threads(fake, fake_client):
 
 
 def test_health_of_a_draining_server_is_returned_not_retried(fake, fake_client):
-    fake.script({"status": 503, "json": {"status": "draining", "templates": [], "shards": []}})
+    fake.script({"status": 503, "json": {"status": "draining", "templates": {}, "shards": []}})
     assert fake_client.health()["status"] == "draining"
     assert len(fake.requests) == 1 and fake_client.slept == []
 

@@ -151,7 +151,10 @@ def test_bad_item_fails_the_whole_batch(sandbox):
 def test_health(sandbox):
     health = sandbox.health()
     assert health["status"] == "ok"
-    assert isinstance(health["templates"], list) and health["templates"]
+    templates = health["templates"]
+    assert isinstance(templates, dict) and templates, templates
+    assert templates["python"]["ready"] is True and templates["python"]["state"] == "ready"
+    assert all(t["state"] in ("ready", "building", "failed") for t in templates.values())
     assert isinstance(health["shards"], list) and health["shards"]
     assert "python" in health["languages"]
 

@@ -9,7 +9,7 @@
 export { Sandbox, checkResult, parseRetryAfter, VERSION, DEFAULT_BASE_URL, SERVER_DEFAULT_EXEC_TIMEOUT } from "./client.js";
 export type { SandboxOptions, RunOptions, BatchItem } from "./client.js";
 export { isOk, parseExecResult } from "./models.js";
-export type { ExecResult, ExecRequestBody, ErrorInfo, Health, Language } from "./models.js";
+export type { ExecResult, ExecRequestBody, ErrorInfo, Health, Language, TemplateState } from "./models.js";
 export { LiveSandbox, Checkpoint, SandboxList, parseSandboxInfo, parseSessionExecResult } from "./session.js";
 export type {
   SandboxInfo, SessionExecResult, CreateSandboxOptions, CreateSandboxesOptions, ForkOptions, RunCodeOptions, LiveSandboxCreateOptions,

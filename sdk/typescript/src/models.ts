@@ -30,9 +30,9 @@ export interface ExecResult {
   fork_time_ms: number;
   exec_time_ms: number;
   total_time_ms: number;
-  /** Same as `stdout` (Zeroboot name). */
+  /** Same as `stdout` (the name in the Zeroboot skill card's API reference). */
   output: string;
-  /** Same as `total_time_ms` (Zeroboot name). */
+  /** Same as `total_time_ms` (the name in the Zeroboot skill card's API reference). */
   duration_ms: number;
   timed_out: boolean;
   stdout_truncated: boolean;
@@ -40,13 +40,29 @@ export interface ExecResult {
   error: ErrorInfo | null;
 }
 
+/** One served language's template in `GET /v1/health`. */
+export interface TemplateState {
+  language: string;
+  /** Requests for this language run now. */
+  ready: boolean;
+  /**
+   * `"building"` (requests answer 503 `template_building`), `"ready"`, or
+   * `"failed"` (requests answer 500 `template_failed`; `error` says why).
+   */
+  state: "ready" | "building" | "failed" | string;
+  /** Why the build or load failed (state `"failed"` only). */
+  error?: string;
+  [field: string]: unknown;
+}
+
 /** `GET /v1/health`; fields beyond `status` depend on the server version. */
 export interface Health {
   /** `"ok"`, or `"draining"` (answered with HTTP 503) while shutting down. */
   status: string;
-  /** Languages with a loaded template. */
+  /** Languages whose template is ready. */
   languages: string[];
-  templates: unknown[];
+  /** Every served language's template, keyed by language. */
+  templates: Record<string, TemplateState>;
   shards: unknown[];
   [field: string]: unknown;
 }

@@ -93,7 +93,10 @@ test("bad timeout -> BadRequest invalid_timeout", async () => {
 test("health", async () => {
   const health = await sandbox().health();
   assert.equal(health.status, "ok");
-  assert.ok(Array.isArray(health.templates) && health.templates.length > 0);
+  assert.ok(typeof health.templates === "object" && !Array.isArray(health.templates), JSON.stringify(health.templates));
+  assert.equal(health.templates.python.ready, true);
+  assert.equal(health.templates.python.state, "ready");
+  for (const t of Object.values(health.templates)) assert.ok(["ready", "building", "failed"].includes(t.state), t.state);
   assert.ok(Array.isArray(health.shards) && health.shards.length > 0);
   assert.ok(health.languages.includes("python"));
 });

@@ -61,18 +61,18 @@ describe("wire format", () => {
     const warn = console.warn;
     const warnings = [];
     console.warn = (msg) => warnings.push(String(msg));
-    // KVMFORK_URL (set when run by sdk/run-tests.sh) would take precedence.
-    const kvmforkUrl = process.env.KVMFORK_URL;
-    delete process.env.KVMFORK_URL;
+    // The new names win over the old ones: hide them (sdk/run-tests.sh sets KVMFORK_URL).
+    const hidden = ["KVMFORK_URL", "KVMFORK_API_KEY", "ZEROBOOT_API_KEY"].map((name) => [name, process.env[name]]);
+    for (const [name] of hidden) delete process.env[name];
     process.env.FORKD_URL = fake.url;
     process.env.FORKD_API_KEY = "k-legacy";
     try {
       await new Sandbox().exec("pass");
     } finally {
       console.warn = warn;
-      if (kvmforkUrl !== undefined) process.env.KVMFORK_URL = kvmforkUrl;
       delete process.env.FORKD_URL;
       delete process.env.FORKD_API_KEY;
+      for (const [name, value] of hidden) if (value !== undefined) process.env[name] = value;
     }
     assert.equal(fake.requests[0].headers.authorization, "Bearer k-legacy");
     assert.ok(warnings.some((w) => w.includes("KVMFORK_URL")), warnings.join("\n"));
@@ -98,7 +98,7 @@ describe("wire format", () => {
   });
 
   test("a base URL path prefix is kept", async () => {
-    fake.script({ json: { status: "ok", templates: [], shards: [] } });
+    fake.script({ json: { status: "ok", templates: {}, shards: [] } });
     await new Sandbox({ baseUrl: fake.url + "/kvmfork/" }).health();
     assert.equal(fake.requests[0].path, "/kvmfork/v1/health");
   });
@@ -160,6 +160,7 @@ describe("error mapping", () => {
     [405, "method_not_allowed", APIError],
     [408, "request_timeout", APIError],
     [500, "internal", APIError],
+    [500, "template_failed", APIError],
   ]) {
     test(`${status} ${code} -> ${ErrorClass.name}, not retried`, async () => {
       fake.script(errorReply(status, code, "details here"));
@@ -221,6 +222,15 @@ describe("retry and backoff", () => {
     assert.equal(await sb.run("pass"), "done");
     assert.deepEqual(slept, [2]);
     assert.equal(fake.requests.length, 2);
+  });
+
+  test("503 template_building is retried after the Retry-After seconds", async () => {
+    const building = errorReply(503, "template_building", "node template building", { "Retry-After": "5" });
+    fake.script(building, building, { json: execAnswer("built") });
+    const { sb, slept } = client();
+    assert.equal(await sb.run("pass", { language: "node" }), "built");
+    assert.deepEqual(slept, [5, 5]);
+    assert.equal(fake.requests.length, 3);
   });
 
   test("503 without Retry-After backs off exponentially, then rejects", async () => {
@@ -321,7 +331,7 @@ describe("retry and backoff", () => {
 
 describe("health and metrics", () => {
   test("the health of a draining server is returned, not retried", async () => {
-    fake.script({ status: 503, json: { status: "draining", templates: [], shards: [] } });
+    fake.script({ status: 503, json: { status: "draining", templates: {}, shards: [] } });
     const { sb, slept } = client();
     assert.equal((await sb.health()).status, "draining");
     assert.equal(fake.requests.length, 1);

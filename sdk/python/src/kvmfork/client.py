@@ -120,7 +120,12 @@ class Sandbox:
         return [ExecResult.from_wire(r) for r in results]
 
     def health(self) -> Dict[str, Any]:
-        """``GET /v1/health``: ``{"status": "ok", "templates": [...], "shards": [...], ...}``.
+        """``GET /v1/health``: ``{"status": "ok", "languages": [...], "templates": {...}, ...}``.
+
+        ``templates`` maps each language the server serves to its template's
+        state, e.g. ``{"python": {"ready": True, "state": "ready", ...},
+        "node": {"ready": False, "state": "building", ...}}``; a failed build
+        has ``"state": "failed"`` and an ``"error"`` text.
 
         Not retried: a draining server answers 503 with ``"status": "draining"``,
         which is returned like any other state.

@@ -59,12 +59,12 @@ class ExecResult:
 
     @property
     def output(self) -> str:
-        """Alias of ``stdout`` (Zeroboot name)."""
+        """Alias of ``stdout`` (the name in the Zeroboot skill card's API reference)."""
         return self.stdout
 
     @property
     def duration_ms(self) -> float:
-        """Alias of ``total_time_ms`` (Zeroboot name)."""
+        """Alias of ``total_time_ms`` (the name in the Zeroboot skill card's API reference)."""
         return self.total_time_ms
 
     @property
