@@ -29,6 +29,10 @@ struct Live {
 }
 
 fn start(sessions: SessionConfig) -> Live {
+    start_with(sessions, 2, 2)
+}
+
+fn start_with(sessions: SessionConfig, shards: usize, workers_per_shard: usize) -> Live {
     let t = python_template();
     let template = kvmfork::template::Template::load(&t.dir).expect("template loads");
     let keys = TempFile::new(&format!("[\"{KEY_A}\", \"{KEY_B}\"]"));
@@ -36,8 +40,8 @@ fn start(sessions: SessionConfig) -> Live {
         listen: "127.0.0.1:0".parse().unwrap(),
         // Two shards: requests for a session often land on the shard that
         // does not own it and must be handed over.
-        shards: 2,
-        workers_per_shard: 2,
+        shards,
+        workers_per_shard,
         queue_depth: 16,
         max_batch: 8,
         api_keys_file: keys.path.clone(),
@@ -676,14 +680,20 @@ fn ttl_expiry_says_expired_and_limits_answer_429() {
 
 #[test]
 fn deleting_a_session_gives_its_vm_back() {
-    let l = start(SessionConfig {
-        node: "n0".into(),
-        ..SessionConfig::default()
-    });
+    // One worker: its pool keeps one idle VM, so deleting four sessions
+    // must destroy at least two VMs.
+    let l = start_with(
+        SessionConfig {
+            node: "n0".into(),
+            ..SessionConfig::default()
+        },
+        1,
+        1,
+    );
     let health = |l: &Live| ok(call(l.addr, None, "GET", "/v1/health", None), 200);
     let ids: Vec<String> = (0..4).map(|_| create(l.addr, KEY_A, "{}")).collect();
     for id in &ids {
-        exec(l.addr, KEY_A, id, "blob = bytearray(4 << 20)");
+        exec(l.addr, KEY_A, id, "blob = b'x' * (4 << 20)");
     }
     let metrics =
         String::from_utf8_lossy(&call(l.addr, None, "GET", "/v1/metrics", None).body).into_owned();

@@ -480,6 +480,18 @@ impl Sandbox {
             }
         }
         result.exec_time = started.elapsed();
+        if outcome.is_ok() && matches!(mode, ExecMode::Session { .. }) && self.vm.dirty_logging() {
+            // A session's memory is what it keeps: account for this run's
+            // pages now (short runs finish before any watchdog check) and
+            // hold it to the limit.
+            match self.collect_dirty() {
+                Ok(()) if self.dirty_page_count() > limits.max_dirty_pages => {
+                    outcome = Err(ExecFailure::MemoryLimit)
+                }
+                Ok(()) => {}
+                Err(e) => outcome = Err(ExecFailure::Internal(e.to_string())),
+            }
+        }
         match outcome {
             Ok(()) => match mailbox::read_response(
                 &self.ram,
