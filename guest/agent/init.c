@@ -65,6 +65,13 @@ void kvmfork_init_system(void)
         kvmfork_fatal("chdir /tmp: %s", strerror(errno));
 }
 
+/* The value of a "name=value" kernel parameter word, or NULL. */
+static const char *option_value(const char *word, const char *name)
+{
+    size_t n = strlen(name);
+    return strncmp(word, name, n) == 0 ? word + n : NULL;
+}
+
 void kvmfork_read_boot_options(struct kvmfork_boot_options *options)
 {
     options->selftest = false;
@@ -82,22 +89,23 @@ void kvmfork_read_boot_options(struct kvmfork_boot_options *options)
     cmdline[n] = '\0';
 
     char *save = NULL;
+    const char *value;
     for (char *word = strtok_r(cmdline, " \t\n", &save); word != NULL;
          word = strtok_r(NULL, " \t\n", &save)) {
         if (strcmp(word, "kvmfork.selftest=1") == 0) {
             options->selftest = true;
-        } else if (strncmp(word, "kvmfork.mailbox=", 14) == 0) {
+        } else if ((value = option_value(word, "kvmfork.mailbox=")) != NULL) {
             char *end = NULL;
             errno = 0;
-            unsigned long long gpa = strtoull(word + 14, &end, 0);
-            if (errno != 0 || end == word + 14 || *end != '\0' || gpa % 4096 != 0)
+            unsigned long long gpa = strtoull(value, &end, 0);
+            if (errno != 0 || end == value || *end != '\0' || gpa % 4096 != 0)
                 kvmfork_fatal("bad %s (want a page-aligned address)", word);
             options->mailbox_gpa = gpa;
-        } else if (strncmp(word, "kvmfork.heap_reserve_mib=", 23) == 0) {
+        } else if ((value = option_value(word, "kvmfork.heap_reserve_mib=")) != NULL) {
             char *end = NULL;
             errno = 0;
-            unsigned long long mib = strtoull(word + 23, &end, 10);
-            if (errno != 0 || end == word + 23 || *end != '\0' || mib > 4096)
+            unsigned long long mib = strtoull(value, &end, 10);
+            if (errno != 0 || end == value || *end != '\0' || mib > 4096)
                 kvmfork_fatal("bad %s (want 0..4096)", word);
             options->heap_reserve_bytes = mib << 20;
         }
