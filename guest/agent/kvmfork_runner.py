@@ -216,9 +216,12 @@ def run(code, seed, flags):
     result), result being the repr() of a session run's final expression
     (None when there is none, its value is None, or the run failed).
     """
-    if flags & REQ_FLAG_RESEED:
-        _reseed(seed)
     session = bool(flags & REQ_FLAG_SESSION)
+    # The host sets RESEED on every stateless run; a stateless run without it
+    # (an older host sends no flags) is reseeded all the same, so no fork is
+    # ever left on the template's streams. A session run only when flagged.
+    if flags & REQ_FLAG_RESEED or not session:
+        _reseed(seed)
     out_buffer = _CaptureBuffer()
     err_buffer = _CaptureBuffer()
     stdout = _text_stream(out_buffer)

@@ -296,16 +296,18 @@ static bool check_case(struct kvmfork_mailbox *mb, uint64_t seq, const struct se
     return false;
 }
 
-/* Same fork seed -> same random streams; a different seed -> different. */
+/* Same fork seed -> same random streams; a different seed -> different.
+ * The last run is stateless without RESEED: reseeded all the same. */
 static bool check_reseeding(struct kvmfork_mailbox *mb, uint64_t seq)
 {
     static const char code[] =
         "import random, numpy\nprint(random.random(), numpy.random.rand())";
-    char outputs[3][128];
-    static const uint8_t seed_bytes[3] = {0x11, 0x11, 0x22};
-    for (int i = 0; i < 3; i++) {
+    char outputs[4][128];
+    static const uint8_t seed_bytes[4] = {0x11, 0x11, 0x22, 0x11};
+    static const uint32_t flags[4] = {RESEED, RESEED, RESEED, 0};
+    for (int i = 0; i < 4; i++) {
         memset(mb->base + KVMFORK_MB_FORK_SEED_OFF, seed_bytes[i], KVMFORK_MB_SEED_LEN);
-        run_case(mb, seq + (uint64_t)i, "fork-reseed", KVMFORK_LANG_PYTHON, RESEED, code,
+        run_case(mb, seq + (uint64_t)i, "fork-reseed", KVMFORK_LANG_PYTHON, flags[i], code,
                  (uint32_t)strlen(code), 4096, 4096);
         uint32_t len = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF);
         if (kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STATUS_OFF) != KVMFORK_STATUS_OK || len == 0 ||
@@ -317,9 +319,10 @@ static bool check_reseeding(struct kvmfork_mailbox *mb, uint64_t seq)
         outputs[i][len] = '\0';
     }
     memset(mb->base + KVMFORK_MB_FORK_SEED_OFF, 0, KVMFORK_MB_SEED_LEN);
-    if (strcmp(outputs[0], outputs[1]) != 0 || strcmp(outputs[0], outputs[2]) == 0) {
-        kvmfork_log("selftest fork-reseed FAILED: outputs %s / %s / %s", outputs[0], outputs[1],
-                  outputs[2]);
+    if (strcmp(outputs[0], outputs[1]) != 0 || strcmp(outputs[0], outputs[2]) == 0 ||
+        strcmp(outputs[0], outputs[3]) != 0) {
+        kvmfork_log("selftest fork-reseed FAILED: outputs %s / %s / %s / %s", outputs[0],
+                  outputs[1], outputs[2], outputs[3]);
         return false;
     }
     return true;
@@ -540,9 +543,9 @@ bool kvmfork_selftest_run(struct kvmfork_mailbox *mb, bool measure_dirty)
         passed &= check_case(mb, seq, c);
     }
     passed &= check_reseeding(mb, seq);
-    passed &= check_session_reseeding(mb, seq + 3);
-    passed &= check_interrupts(mb, seq + 8);
+    passed &= check_session_reseeding(mb, seq + 4);
+    passed &= check_interrupts(mb, seq + 9);
     if (measure_dirty)
-        report_dirtied_pages(mb, seq + 11);
+        report_dirtied_pages(mb, seq + 12);
     return passed;
 }

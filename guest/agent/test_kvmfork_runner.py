@@ -131,12 +131,19 @@ class Reseeding(unittest.TestCase):
         self.assertEqual(a, b)
         self.assertNotEqual(a, c)
 
-    def test_no_reseed_without_the_flag(self):
+    def test_stateless_runs_reseed_even_without_the_flag(self):
         code = "import random\nprint(random.random())"
         first = kvmfork_runner.run(code.encode(), SEED, RESEED)
+        self.assertEqual(kvmfork_runner.run(code.encode(), SEED, 0), first)
+        self.assertNotEqual(kvmfork_runner.run(code.encode(), bytes(64), 0), first)
+
+    def test_session_runs_reseed_only_with_the_flag(self):
+        new_session()
+        code = "import random\nrandom.random()"
+        first = session(code, RESEED)
         # Same seed, no flag: the stream goes on instead of starting over.
-        self.assertNotEqual(kvmfork_runner.run(code.encode(), SEED, 0), first)
-        self.assertEqual(kvmfork_runner.run(code.encode(), SEED, RESEED), first)
+        self.assertNotEqual(session(code), first)
+        self.assertEqual(session(code, RESEED), first)
 
     def test_session_seed_survives_into_the_next_run(self):
         new_session()

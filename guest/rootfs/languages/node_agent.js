@@ -28,8 +28,9 @@
 // statement is returned, and the agent awaits it. Errors and process.exit(n)
 // end the exec (stderr, exit code) and keep the session. Node has no
 // interrupt entry (KVMFORK_MB_INTERRUPT_ENTRY_OFF stays 0): the VMM ends a
-// timed-out Node session itself. REQ_FLAG_RESEED gates the per-fork reseed
-// of Math.random and OpenSSL's DRBGs.
+// timed-out Node session itself. Math.random and OpenSSL's DRBGs are
+// reseeded from the fork seed on every stateless exec and on a session exec
+// flagged REQ_FLAG_RESEED.
 //
 // The request cycle runs in 'beforeExit' (node emits it whenever the event
 // loop has nothing left to do): finish the current exec, ring, start the
@@ -562,7 +563,10 @@ function startExec() {
     return;
   }
   const session = (req.flags & C.REQ_FLAG_SESSION) !== 0;
-  if ((req.flags & C.REQ_FLAG_RESEED) !== 0) {
+  // The host sets RESEED on every stateless run; a stateless run without it
+  // (an older host sends no flags) is reseeded all the same, so no fork is
+  // ever left on the template's streams. A session exec only when flagged.
+  if ((req.flags & C.REQ_FLAG_RESEED) !== 0 || !session) {
     reseedMathRandom();
     if (session) {
       // A session may hold crypto from an earlier exec (or from before a
@@ -763,6 +767,7 @@ const SESSION_SELFTEST = [
   { req: SESSION, seed: 0x33, code: 'Math.random() !== r1', result: 'true' },
   { req: SESSION | RESEED, seed: 0x33, code: 'Math.random() === r1', result: 'true' },
   { req: SESSION | RESEED, seed: 0x44, code: 'Math.random() !== r1', result: 'true' },
+  { req: 0, seed: 0x33, code: 'console.log(Math.random() === r1)', stdout: 'true\n' },
   {
     req: SESSION,
     code: "Array(100).fill('é'.repeat(10000))",
