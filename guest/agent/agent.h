@@ -131,8 +131,24 @@ void kvmfork_python_prepare_template(void);
 void kvmfork_handle_request(struct kvmfork_mailbox *mb);
 /* Writes a request into the mailbox as the VMM would (warm-up, self-test). */
 void kvmfork_put_request(struct kvmfork_mailbox *mb, uint64_t seq, uint32_t language,
-                       const char *code, size_t code_len, uint32_t stdout_cap,
-                       uint32_t stderr_cap);
+                       uint32_t flags, const char *code, size_t code_len,
+                       uint32_t stdout_cap, uint32_t stderr_cap);
+
+/* ---- interrupt.c: the host's interrupt of a session exec ---- */
+
+/* The user-mode entry the VMM jumps to (see interrupt.c for the frame). */
+void kvmfork_interrupt_entry(void);
+/* Writes the entry's address to KVMFORK_MB_INTERRUPT_ENTRY_OFF (boot). */
+void kvmfork_interrupt_publish(struct kvmfork_mailbox *mb);
+/* Closes the gate and forgets the previous request's interrupt. */
+void kvmfork_interrupt_begin_request(void);
+/* Opens (user code runs) or closes the gate; closing drops a pending
+ * SIGINT trip that user code no longer saw. Needs the GIL. */
+void kvmfork_interrupt_set_armed(bool armed);
+/* Whether an interrupt hit an open gate since kvmfork_interrupt_begin_request. */
+bool kvmfork_interrupt_requested(void);
+/* Entries so far, gate open or not (self-test). */
+unsigned long kvmfork_interrupt_count(void);
 
 /* ---- selftest.c ---- */
 

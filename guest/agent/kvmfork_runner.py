@@ -1,11 +1,19 @@
 """Exec semantics of the kvmfork guest agent (`python -c` compatible).
 
 The C agent (PID 1) loads this file once at boot, before the snapshot, and
-calls `run(code, seed)` for every request. Everything here runs on the fork's
-hot path, so it must stay in user mode: no file, clock or random syscalls, and
-only objects and code that the warm-up already touched.
+calls `run(code, seed, flags)` for every request. Everything here runs on the
+fork's hot path, so it must stay in user mode: no file, clock or random
+syscalls, and only objects and code that the warm-up already touched.
+
+Two modes, chosen per request by the request's flags word:
+  - stateless (no REQ_FLAG_SESSION): exactly `python -c`, a fresh `__main__`
+    per run, atexit callbacks and non-daemon threads at the end;
+  - session (REQ_FLAG_SESSION): one `__main__` shared by every session run of
+    this VM (globals, imports and heap persist), and, IPython-style, the value
+    of a final expression statement is returned as its repr() and kept as `_`.
 """
 
+import ast
 import builtins
 import io
 import os
@@ -20,6 +28,12 @@ _MT_KEY_WORDS = 624
 _MT_KEY_BYTES = _MT_KEY_WORDS * 4
 _C_LONG_MIN = -(2**63)
 _C_LONG_MAX = 2**63 - 1
+
+# Request flags, as in guest/contract.h (the C agent checks at boot that
+# these equal its KVMFORK_REQ_FLAG_* values).
+REQ_FLAG_SESSION = 1
+REQ_FLAG_RESEED = 2
+REQ_FLAGS_KNOWN = REQ_FLAG_SESSION | REQ_FLAG_RESEED
 
 
 class _CaptureBuffer(io.BytesIO):
@@ -43,6 +57,16 @@ class _HardExit(BaseException):
 
 def _hard_exit(status):
     raise _HardExit(status)
+
+
+def _no_interrupts(enabled):
+    """Stand-in for the C agent's interrupt gate (outside the guest)."""
+
+
+# The C agent replaces this with its own gate: True lets the host's
+# interrupt raise KeyboardInterrupt (only while user code runs), False
+# closes the gate again and drops an interrupt that arrived too late.
+set_interruptible = _no_interrupts
 
 
 def _text_stream(buffer):
@@ -86,9 +110,10 @@ def _exit_status(code, stderr):
 def _print_exception(exc, stderr):
     """Print like CPython's top level: traceback without the runner's frame."""
     tb = exc.__traceback__
-    # The outermost entry is run()'s own frame (the exec call); `python -c`
-    # would start at <string>. compile() errors have no user frames at all.
-    if tb is not None and tb.tb_frame.f_code is run.__code__:
+    # The outermost entries are the runner's own frames (the exec call);
+    # `python -c` would start at <string>. compile() errors have no user
+    # frames at all.
+    while tb is not None and tb.tb_frame.f_code in _RUNNER_CODES:
         tb = tb.tb_next
     exc.__traceback__ = tb
     hook = sys.excepthook
@@ -158,29 +183,78 @@ def _drain(stream, buffer):
     return buffer.getvalue()
 
 
-def run(code, seed):
-    """Run `code` (UTF-8 bytes) like `python -c`.
+_SESSION_MAIN = None
 
-    Returns (stdout bytes, stderr bytes, exit status).
+
+def _session_main():
+    """The session's `__main__`, created by the first session run."""
+    global _SESSION_MAIN
+    if _SESSION_MAIN is None:
+        _SESSION_MAIN = _fresh_main()
+    return _SESSION_MAIN
+
+
+def _split_final_expression(source):
+    """Compile a session run: (statements, final expression or None).
+
+    If the last top-level statement is an expression, it is compiled apart
+    (mode "eval") so its value can be reported; line numbers stay those of
+    the source, so tracebacks match an unsplit run.
     """
-    _reseed(seed)
+    tree = compile(source, "<string>", "exec", ast.PyCF_ONLY_AST, dont_inherit=True)
+    final = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        final = compile(ast.Expression(tree.body.pop().value), "<string>", "eval", dont_inherit=True)
+    return compile(tree, "<string>", "exec", dont_inherit=True), final
+
+
+def run(code, seed, flags):
+    """Run `code` (UTF-8 bytes) like `python -c`, or as a session step.
+
+    `seed` is the fork's 64 bytes of host randomness, `flags` the request's
+    REQ_FLAG_* word. Returns (stdout bytes, stderr bytes, exit status,
+    result), result being the repr() of a session run's final expression
+    (None when there is none, its value is None, or the run failed).
+    """
+    session = bool(flags & REQ_FLAG_SESSION)
+    # The host sets RESEED on every stateless run; a stateless run without it
+    # (an older host sends no flags) is reseeded all the same, so no fork is
+    # ever left on the template's streams. A session run only when flagged.
+    if flags & REQ_FLAG_RESEED or not session:
+        _reseed(seed)
     out_buffer = _CaptureBuffer()
     err_buffer = _CaptureBuffer()
     stdout = _text_stream(out_buffer)
     stderr = _text_stream(err_buffer)
     stdin = _empty_stdin()
-    main = _fresh_main()
+    main = _session_main() if session else _fresh_main()
     saved = (sys.stdin, sys.stdout, sys.stderr, sys.modules.get("__main__"), os._exit,
              sys.excepthook, sys.unraisablehook, sys.displayhook)
     sys.stdin, sys.stdout, sys.stderr = stdin, stdout, stderr
     sys.modules["__main__"] = main
     os._exit = _hard_exit
     status = 0
+    result = None
     try:
         try:
             # argv is decoded this way by `python -c` in UTF-8 mode.
             source = code.decode("utf-8", "surrogateescape")
-            exec(compile(source, "<string>", "exec", dont_inherit=True), main.__dict__)
+            if session:
+                body, final = _split_final_expression(source)
+            else:
+                body, final = compile(source, "<string>", "exec", dont_inherit=True), None
+            # User code runs (and only it) with the host's interrupt enabled.
+            # Inline, not in a helper: every runner frame counts against the
+            # user's recursion limit.
+            set_interruptible(True)
+            try:
+                exec(body, main.__dict__)
+                value = None if final is None else eval(final, main.__dict__)
+            finally:
+                set_interruptible(False)
+            if value is not None:
+                result = repr(value)
+                main.__dict__["_"] = value
         except SystemExit as exc:
             status = _exit_status(exc.code, sys.stderr)
         except _HardExit as exc:
@@ -188,23 +262,31 @@ def run(code, seed):
         except BaseException as exc:
             _print_exception(exc, sys.stderr)
             status = 1
-        try:
-            _join_user_threads()
-            _run_atexit(sys.stderr)
-        except BaseException as exc:
-            _print_exception(exc, stderr)
+            result = None
+        if not session:
+            # A session keeps its threads and atexit callbacks: the
+            # "interpreter" does not exit between session runs.
+            try:
+                _join_user_threads()
+                _run_atexit(sys.stderr)
+            except BaseException as exc:
+                _print_exception(exc, stderr)
     finally:
         (sys.stdin, sys.stdout, sys.stderr, previous_main, os._exit,
          sys.excepthook, sys.unraisablehook, sys.displayhook) = saved
         if previous_main is not None:
             sys.modules["__main__"] = previous_main
-    return _drain(stdout, out_buffer), _drain(stderr, err_buffer), status
+    return _drain(stdout, out_buffer), _drain(stderr, err_buffer), status, result
 
 
 def prepare_template():
     """Called once after warm-up, right before the snapshot."""
     import gc
 
+    global _SESSION_MAIN
+    # The warm-up's session belongs to the template, not to any user: every
+    # VM starts its session with a fresh namespace.
+    _SESSION_MAIN = None
     # Callbacks registered while importing the template's modules belong to
     # the template, not to the user's program.
     _atexit._clear()
@@ -220,6 +302,7 @@ def prepare_template():
 import atexit as _atexit  # noqa: E402  (kept private: users may reassign `atexit`)
 
 _MAIN_LOADER = sys.modules["__main__"].__dict__.get("__loader__")
+_RUNNER_CODES = frozenset((run.__code__, _split_final_expression.__code__))
 sys.argv[:] = ["-c"]
 
 # Imported into the template so user code finds them already loaded.
@@ -234,6 +317,10 @@ TEMPLATE_MODULES = (
 # Run through the exact request path during warm-up so the code and data they
 # touch are faulted in before the snapshot. Expected (stdout, exit status)
 # make a broken template fail loudly at boot instead of in every fork.
+# Entries are (code, stdout, exit status) for a stateless run (flags
+# REQ_FLAG_RESEED, as the host sends them, no result), or
+# (code, stdout, exit status, flags, result) with the expected result text.
+_SESSION = REQ_FLAG_SESSION
 WARMUP = (
     ("print('hello', 1 + 1)", "hello 2\n", 0),
     ("x = [i * i for i in range(1000)]\nprint(sum(x), len(x), max(x))", "332833500 1000 998001\n", 0),
@@ -299,4 +386,22 @@ WARMUP = (
     ("def r(n):\n    return 0 if n == 0 else 1 + r(n - 1)\nprint(r(900))", "900\n", 0),
     ("def r(n):\n    return r(n + 1)\nr(0)", "", 1),
     ("print(input())", "", 1),
+    # Session mode, in order: one namespace across runs, final expressions,
+    # errors and exits that keep the namespace, no reseed without the flag.
+    ("x = 1", "", 0, _SESSION | REQ_FLAG_RESEED, None),
+    ("x += 1; x", "", 0, _SESSION, "2"),
+    ("import random\nrandom.seed(1)", "", 0, _SESSION, None),
+    ("random.random()", "", 0, _SESSION, repr(random.Random(1).random())),
+    ("y = [x]\n1/0", "", 1, _SESSION, None),
+    ("print(x, y)\nx", "2 [2]\n", 0, _SESSION, "2"),
+    ("def f(n):\n    return n * x\n[f(i) for i in range(3)]", "", 0, _SESSION, "[0, 2, 4]"),
+    ("_[-1] + len(_)", "", 0, _SESSION, "7"),
+    ("import numpy as np\na = np.arange(6).reshape(2, 3)\na.sum(axis=0)", "", 0, _SESSION, "array([3, 5, 7])"),
+    ("x = (", "", 1, _SESSION, None),
+    ("import sys\nx = 3\nsys.exit(5)", "", 5, _SESSION, None),
+    ("import os\nos._exit(6)", "", 6, _SESSION, None),
+    ("print(x)\nNone", "3\n", 0, _SESSION, None),
+    ("(x,\n 'é' * 2)", "", 0, _SESSION, "(3, 'éé')"),
+    ("class R:\n    def __repr__(self):\n        raise ValueError('no repr')\nR()", "", 1, _SESSION, None),
+    ("print('x' in globals(), 'y' in globals())", "False False\n", 0),
 )

@@ -29,6 +29,8 @@ static void boot_python(struct kvmfork_mailbox *mb, uint64_t heap_reserve_bytes)
     kvmfork_python_start();
     kvmfork_python_warm_up(mb);
     kvmfork_python_prepare_template();
+    /* Before READY: the host reads it from the template's mailbox. */
+    kvmfork_interrupt_publish(mb);
     kvmfork_memory_prefault(heap_reserve_bytes);
     kvmfork_tsc_calibration_end();
 }
@@ -39,6 +41,8 @@ __attribute__((noreturn)) static void serve(struct kvmfork_mailbox *mb)
     kvmfork_mb_write64(mb, KVMFORK_MB_RESP_SEQ_OFF, 0);
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF, 0);
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_RESULT_LEN_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_FLAGS_OFF, 0);
     kvmfork_mb_write32(mb, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_READY);
     kvmfork_log("ready: ringing the doorbell");
     /* The snapshot is taken at this store; every fork resumes right after

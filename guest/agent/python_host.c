@@ -6,6 +6,7 @@
  */
 #include <Python.h>
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -17,6 +18,8 @@
 
 static PyObject *runner_module;
 static PyObject *runner_run;
+
+#define REQ_FLAGS_KNOWN (KVMFORK_REQ_FLAG_SESSION | KVMFORK_REQ_FLAG_RESEED)
 
 static void check_status(PyStatus status, const char *what)
 {
@@ -113,6 +116,58 @@ static void configure_interpreter(void)
     PyConfig_Clear(&config);
 }
 
+/* kvmfork_runner.set_interruptible(enabled): the runner opens the gate for
+ * the host's interrupt right before user code and closes it right after. */
+static PyObject *set_interruptible(PyObject *self, PyObject *enabled)
+{
+    (void)self;
+    int on = PyObject_IsTrue(enabled);
+    if (on < 0)
+        return NULL;
+    kvmfork_interrupt_set_armed(on != 0);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef set_interruptible_def = {
+    "set_interruptible", set_interruptible, METH_O,
+    "Open (True) or close (False) the gate for the host's interrupt.",
+};
+
+static void check_runner_constant(const char *name, long expected)
+{
+    PyObject *value = PyObject_GetAttrString(runner_module, name);
+    if (value == NULL)
+        fatal_python(name);
+    long got = PyLong_AsLong(value);
+    Py_DECREF(value);
+    if (got != expected)
+        kvmfork_fatal(RUNNER_MODULE ".%s is %ld, contract.h says %ld", name, got, expected);
+}
+
+/* The host's interrupt becomes KeyboardInterrupt only if SIGINT has
+ * Python's default handler (PyErr_SetInterruptEx ignores SIG_DFL/SIG_IGN).
+ * config.install_signal_handlers installs it; make sure, once, at boot. */
+static void ensure_sigint_handler(void)
+{
+    PyObject *signal_module = PyImport_ImportModule("signal");
+    if (signal_module == NULL)
+        fatal_python("import signal");
+    PyObject *handler = PyObject_GetAttrString(signal_module, "default_int_handler");
+    PyObject *current = PyObject_CallMethod(signal_module, "getsignal", "i", SIGINT);
+    if (handler == NULL || current == NULL)
+        fatal_python("signal.getsignal(SIGINT)");
+    if (current != handler) {
+        PyObject *previous = PyObject_CallMethod(signal_module, "signal", "iO", SIGINT, handler);
+        if (previous == NULL)
+            fatal_python("signal.signal(SIGINT, signal.default_int_handler)");
+        Py_DECREF(previous);
+        kvmfork_log("installed signal.default_int_handler for SIGINT");
+    }
+    Py_DECREF(current);
+    Py_DECREF(handler);
+    Py_DECREF(signal_module);
+}
+
 static void load_runner(void)
 {
     /* Import from its own directory without leaving it on sys.path. */
@@ -130,6 +185,14 @@ static void load_runner(void)
     runner_run = PyObject_GetAttrString(runner_module, "run");
     if (runner_run == NULL)
         fatal_python(RUNNER_MODULE ".run");
+    check_runner_constant("REQ_FLAG_SESSION", KVMFORK_REQ_FLAG_SESSION);
+    check_runner_constant("REQ_FLAG_RESEED", KVMFORK_REQ_FLAG_RESEED);
+    check_runner_constant("REQ_FLAGS_KNOWN", REQ_FLAGS_KNOWN);
+    PyObject *gate = PyCFunction_New(&set_interruptible_def, NULL);
+    if (gate == NULL || PyObject_SetAttrString(runner_module, "set_interruptible", gate) != 0)
+        fatal_python(RUNNER_MODULE ".set_interruptible");
+    Py_DECREF(gate);
+    ensure_sigint_handler();
 }
 
 static void import_template_modules(void)
@@ -168,13 +231,13 @@ void kvmfork_python_start(void)
 }
 
 void kvmfork_put_request(struct kvmfork_mailbox *mb, uint64_t seq, uint32_t language,
-                       const char *code, size_t code_len, uint32_t stdout_cap,
-                       uint32_t stderr_cap)
+                       uint32_t flags, const char *code, size_t code_len,
+                       uint32_t stdout_cap, uint32_t stderr_cap)
 {
     size_t copied = code_len < KVMFORK_MB_CODE_MAX ? code_len : KVMFORK_MB_CODE_MAX;
     memcpy(mb->base + KVMFORK_MB_CODE_OFF, code, copied);
     kvmfork_mb_write32(mb, KVMFORK_MB_REQ_LANGUAGE_OFF, language);
-    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_FLAGS_OFF, 0);
+    kvmfork_mb_write32(mb, KVMFORK_MB_REQ_FLAGS_OFF, flags);
     kvmfork_mb_write32(mb, KVMFORK_MB_REQ_TIMEOUT_MS_OFF, 0);
     kvmfork_mb_write32(mb, KVMFORK_MB_REQ_CODE_LEN_OFF, (uint32_t)code_len);
     kvmfork_mb_write32(mb, KVMFORK_MB_REQ_STDOUT_CAP_OFF, stdout_cap);
@@ -189,6 +252,7 @@ struct response {
     int32_t exit_code;
     uint32_t stdout_len;
     uint32_t stderr_len;
+    uint32_t result_len;
     uint32_t flags;
     uint64_t exec_ns;
 };
@@ -228,25 +292,44 @@ static void write_message(struct kvmfork_mailbox *mb, struct response *resp, uin
         resp->flags |= KVMFORK_RESP_FLAG_STDERR_TRUNCATED;
 }
 
-static void run_python(struct kvmfork_mailbox *mb, uint32_t code_len, uint32_t stdout_cap,
-                       uint32_t stderr_cap, struct response *resp)
+static bool is_runner_result(PyObject *result)
+{
+    if (result == NULL || !PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 4)
+        return false;
+    PyObject *text = PyTuple_GET_ITEM(result, 3);
+    return PyBytes_Check(PyTuple_GET_ITEM(result, 0)) &&
+           PyBytes_Check(PyTuple_GET_ITEM(result, 1)) &&
+           PyLong_Check(PyTuple_GET_ITEM(result, 2)) && (text == Py_None || PyUnicode_Check(text));
+}
+
+static void run_python(struct kvmfork_mailbox *mb, uint32_t flags, uint32_t code_len,
+                       uint32_t stdout_cap, uint32_t stderr_cap, struct response *resp)
 {
     PyObject *code = PyBytes_FromStringAndSize((const char *)mb->base + KVMFORK_MB_CODE_OFF,
                                                code_len);
     PyObject *seed = PyBytes_FromStringAndSize((const char *)mb->base + KVMFORK_MB_FORK_SEED_OFF,
                                                KVMFORK_MB_SEED_LEN);
+    PyObject *flags_obj = PyLong_FromUnsignedLong(flags);
     PyObject *result = NULL;
     uint64_t started = kvmfork_rdtsc();
-    if (code != NULL && seed != NULL)
-        result = PyObject_CallFunctionObjArgs(runner_run, code, seed, NULL);
+    if (code != NULL && seed != NULL && flags_obj != NULL)
+        result = PyObject_CallFunctionObjArgs(runner_run, code, seed, flags_obj, NULL);
     resp->exec_ns = kvmfork_tsc_to_ns(kvmfork_rdtsc() - started);
     Py_XDECREF(code);
     Py_XDECREF(seed);
+    Py_XDECREF(flags_obj);
+    /* Whatever happened in the runner, no interrupt outlives the request. */
+    kvmfork_interrupt_set_armed(false);
 
-    if (result == NULL || !PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 3 ||
-        !PyBytes_Check(PyTuple_GET_ITEM(result, 0)) ||
-        !PyBytes_Check(PyTuple_GET_ITEM(result, 1)) ||
-        !PyLong_Check(PyTuple_GET_ITEM(result, 2))) {
+    /* The result's text as UTF-8; a str from a user's __repr__ may hold
+     * lone surrogates, which become \udcxx escapes. */
+    PyObject *result_bytes = NULL;
+    if (is_runner_result(result) && PyTuple_GET_ITEM(result, 3) != Py_None)
+        result_bytes = PyUnicode_AsEncodedString(PyTuple_GET_ITEM(result, 3), "utf-8",
+                                                 "backslashreplace");
+
+    if (!is_runner_result(result) ||
+        (PyTuple_GET_ITEM(result, 3) != Py_None && result_bytes == NULL)) {
         char message[1024] = "kvmfork agent: runner returned a malformed result";
         if (PyErr_Occurred()) {
             char detail[960];
@@ -272,6 +355,15 @@ static void run_python(struct kvmfork_mailbox *mb, uint32_t code_len, uint32_t s
                                    &truncated);
     if (truncated)
         resp->flags |= KVMFORK_RESP_FLAG_STDERR_TRUNCATED;
+    if (result_bytes != NULL) {
+        resp->result_len = copy_capped(mb->base + KVMFORK_MB_RESULT_OFF, KVMFORK_MB_RESULT_MAX,
+                                       PyBytes_AS_STRING(result_bytes),
+                                       (size_t)PyBytes_GET_SIZE(result_bytes), &truncated);
+        resp->flags |= KVMFORK_RESP_FLAG_HAS_RESULT;
+        if (truncated)
+            resp->flags |= KVMFORK_RESP_FLAG_RESULT_TRUNCATED;
+        Py_DECREF(result_bytes);
+    }
     resp->exit_code = (int32_t)PyLong_AsLong(PyTuple_GET_ITEM(result, 2));
     resp->status = KVMFORK_STATUS_OK;
     Py_DECREF(result);
@@ -280,8 +372,10 @@ static void run_python(struct kvmfork_mailbox *mb, uint32_t code_len, uint32_t s
 void kvmfork_handle_request(struct kvmfork_mailbox *mb)
 {
     kvmfork_mb_write32(mb, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_RUNNING);
+    kvmfork_interrupt_begin_request();
     uint64_t seq = kvmfork_mb_read64(mb, KVMFORK_MB_REQ_SEQ_OFF);
     uint32_t language = kvmfork_mb_read32(mb, KVMFORK_MB_REQ_LANGUAGE_OFF);
+    uint32_t flags = kvmfork_mb_read32(mb, KVMFORK_MB_REQ_FLAGS_OFF);
     uint32_t code_len = kvmfork_mb_read32(mb, KVMFORK_MB_REQ_CODE_LEN_OFF);
     uint32_t stdout_cap = min_u32(kvmfork_mb_read32(mb, KVMFORK_MB_REQ_STDOUT_CAP_OFF),
                                   KVMFORK_MB_STDOUT_MAX);
@@ -303,14 +397,24 @@ void kvmfork_handle_request(struct kvmfork_mailbox *mb)
                  (unsigned)KVMFORK_MB_CODE_MAX);
         resp.status = KVMFORK_STATUS_BAD_REQUEST;
         write_message(mb, &resp, stderr_cap, message);
+    } else if ((flags & ~(uint32_t)REQ_FLAGS_KNOWN) != 0) {
+        char message[128];
+        snprintf(message, sizeof message,
+                 "kvmfork agent: unknown request flags %#x (this agent knows %#x)\n", flags,
+                 (unsigned)REQ_FLAGS_KNOWN);
+        resp.status = KVMFORK_STATUS_BAD_REQUEST;
+        write_message(mb, &resp, stderr_cap, message);
     } else {
-        run_python(mb, code_len, stdout_cap, stderr_cap, &resp);
+        run_python(mb, flags, code_len, stdout_cap, stderr_cap, &resp);
+        if (kvmfork_interrupt_requested())
+            resp.flags |= KVMFORK_RESP_FLAG_INTERRUPTED;
     }
 
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STATUS_OFF, resp.status);
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_EXIT_CODE_OFF, (uint32_t)resp.exit_code);
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF, resp.stdout_len);
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF, resp.stderr_len);
+    kvmfork_mb_write32(mb, KVMFORK_MB_RESP_RESULT_LEN_OFF, resp.result_len);
     kvmfork_mb_write32(mb, KVMFORK_MB_RESP_FLAGS_OFF, resp.flags);
     kvmfork_mb_write64(mb, KVMFORK_MB_RESP_EXEC_NS_OFF, resp.exec_ns);
     /* Last, so a response with the right seq is always complete. */
@@ -342,29 +446,49 @@ static void excerpt(char *dst, size_t dst_len, const uint8_t *src, size_t len)
     dst[o < dst_len ? o : dst_len - 1] = '\0';
 }
 
+struct warmup_expectation {
+    const char *stdout_text;
+    Py_ssize_t stdout_len;
+    long exit_code;
+    const char *result; /* NULL: no result */
+    Py_ssize_t result_len;
+};
+
 static void check_warmup_result(struct kvmfork_mailbox *mb, Py_ssize_t index, const char *code,
-                                const char *expected_out, Py_ssize_t expected_len,
-                                long expected_exit)
+                                const struct warmup_expectation *want)
 {
     uint32_t status = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STATUS_OFF);
     int32_t exit_code = (int32_t)kvmfork_mb_read32(mb, KVMFORK_MB_RESP_EXIT_CODE_OFF);
     uint32_t out_len = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STDOUT_LEN_OFF);
     uint32_t err_len = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_STDERR_LEN_OFF);
+    uint32_t result_len = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_RESULT_LEN_OFF);
     uint32_t flags = kvmfork_mb_read32(mb, KVMFORK_MB_RESP_FLAGS_OFF);
-    size_t want_len = (size_t)expected_len < KVMFORK_MB_STDOUT_MAX ? (size_t)expected_len
-                                                                 : KVMFORK_MB_STDOUT_MAX;
-    bool want_truncated = (size_t)expected_len > KVMFORK_MB_STDOUT_MAX;
+    size_t want_len = (size_t)want->stdout_len < KVMFORK_MB_STDOUT_MAX ? (size_t)want->stdout_len
+                                                                       : KVMFORK_MB_STDOUT_MAX;
+    bool want_truncated = (size_t)want->stdout_len > KVMFORK_MB_STDOUT_MAX;
     bool out_ok = out_len == want_len &&
-                  memcmp(mb->base + KVMFORK_MB_STDOUT_OFF, expected_out, want_len) == 0 &&
+                  memcmp(mb->base + KVMFORK_MB_STDOUT_OFF, want->stdout_text, want_len) == 0 &&
                   ((flags & KVMFORK_RESP_FLAG_STDOUT_TRUNCATED) != 0) == want_truncated;
-    if (status == KVMFORK_STATUS_OK && exit_code == expected_exit && out_ok)
+    bool result_ok =
+        want->result == NULL
+            ? result_len == 0 && (flags & (KVMFORK_RESP_FLAG_HAS_RESULT |
+                                           KVMFORK_RESP_FLAG_RESULT_TRUNCATED)) == 0
+            : (flags & (KVMFORK_RESP_FLAG_HAS_RESULT | KVMFORK_RESP_FLAG_RESULT_TRUNCATED)) ==
+                      KVMFORK_RESP_FLAG_HAS_RESULT &&
+                  result_len == (size_t)want->result_len &&
+                  memcmp(mb->base + KVMFORK_MB_RESULT_OFF, want->result, result_len) == 0;
+    if (status == KVMFORK_STATUS_OK && exit_code == want->exit_code && out_ok && result_ok &&
+        (flags & KVMFORK_RESP_FLAG_INTERRUPTED) == 0)
         return;
-    char got_out[300], got_err[600];
+    char got_out[300], got_err[600], got_result[300];
     excerpt(got_out, sizeof got_out, mb->base + KVMFORK_MB_STDOUT_OFF, out_len < 200 ? out_len : 200);
     excerpt(got_err, sizeof got_err, mb->base + KVMFORK_MB_STDERR_OFF, err_len < 400 ? err_len : 400);
-    kvmfork_fatal("warm-up snippet %zd failed: %.200s\n  status %u exit %d (want %ld)\n"
-                "  stdout %u bytes: %s\n  stderr: %s",
-                index, code, status, exit_code, expected_exit, out_len, got_out, got_err);
+    excerpt(got_result, sizeof got_result, mb->base + KVMFORK_MB_RESULT_OFF,
+            result_len < 200 ? result_len : 200);
+    kvmfork_fatal("warm-up snippet %zd failed: %.200s\n  status %u exit %d (want %ld) flags %#x\n"
+                "  stdout %u bytes: %s\n  result %u bytes: %s (want %.200s)\n  stderr: %s",
+                index, code, status, exit_code, want->exit_code, flags, out_len, got_out,
+                result_len, got_result, want->result ? want->result : "none", got_err);
 }
 
 void kvmfork_python_warm_up(struct kvmfork_mailbox *mb)
@@ -376,16 +500,27 @@ void kvmfork_python_warm_up(struct kvmfork_mailbox *mb)
     Py_ssize_t count = PyTuple_GET_SIZE(snippets);
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *entry = PyTuple_GET_ITEM(snippets, i);
-        if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3)
-            kvmfork_fatal(RUNNER_MODULE ".WARMUP[%zd] is not (code, stdout, exit)", i);
-        Py_ssize_t code_len, out_len;
+        if (!PyTuple_Check(entry) || (PyTuple_GET_SIZE(entry) != 3 && PyTuple_GET_SIZE(entry) != 5))
+            kvmfork_fatal(RUNNER_MODULE ".WARMUP[%zd] is not (code, stdout, exit) or "
+                                        "(code, stdout, exit, flags, result)", i);
+        Py_ssize_t code_len;
+        struct warmup_expectation want = {0};
         const char *code = utf8_of(entry, 0, &code_len);
-        const char *expected_out = utf8_of(entry, 1, &out_len);
-        long expected_exit = PyLong_AsLong(PyTuple_GET_ITEM(entry, 2));
-        kvmfork_put_request(mb, WARMUP_SEQ_BASE + (uint64_t)i, KVMFORK_LANG_PYTHON, code,
+        want.stdout_text = utf8_of(entry, 1, &want.stdout_len);
+        want.exit_code = PyLong_AsLong(PyTuple_GET_ITEM(entry, 2));
+        /* Stateless entries get what the host sends on a stateless run. */
+        uint32_t flags = KVMFORK_REQ_FLAG_RESEED;
+        if (PyTuple_GET_SIZE(entry) == 5) {
+            flags = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(entry, 3));
+            if (PyTuple_GET_ITEM(entry, 4) != Py_None)
+                want.result = utf8_of(entry, 4, &want.result_len);
+        }
+        if (PyErr_Occurred())
+            fatal_python(RUNNER_MODULE ".WARMUP entry");
+        kvmfork_put_request(mb, WARMUP_SEQ_BASE + (uint64_t)i, KVMFORK_LANG_PYTHON, flags, code,
                           (size_t)code_len, KVMFORK_MB_STDOUT_MAX, KVMFORK_MB_STDERR_MAX);
         kvmfork_handle_request(mb);
-        check_warmup_result(mb, i, code, expected_out, out_len, expected_exit);
+        check_warmup_result(mb, i, code, &want);
     }
     Py_DECREF(snippets);
     kvmfork_log("warm-up: %zd snippets passed in %.1f s", count, kvmfork_uptime_seconds() - started);

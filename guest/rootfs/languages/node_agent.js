@@ -7,13 +7,30 @@
 // is taken at that store; every fork resumes right after it with a request
 // in the mailbox, runs it, writes the response and rings DONE.
 //
-// Exec semantics are `node -e` plus top-level await: the code is the body
-// of an async function (exports, require, module, __filename, __dirname);
+// Exec semantics of a stateless request (no REQ_FLAG_SESSION) are `node -e`
+// plus top-level await: the code is the body of an async function (exports,
+// require, module, __filename, __dirname);
 // console.* and process.stdout/stderr.write go straight into the mailbox's
 // output areas; an uncaught exception or unhandled rejection prints its
 // stack to stderr and gives exit code 1; process.exit(n) gives n (it throws
 // a sentinel so PID 1 never exits); timers and promises settle before the
 // answer (the VMM enforces the timeout).
+//
+// A session request (REQ_FLAG_SESSION) runs like a line of Node's REPL: the
+// code is a script in the one global context, so top-level let/const/class
+// (the global lexical scope) and var/function (the global object) declared
+// by one exec are visible to the next; its completion value (the last
+// expression statement's value), when not undefined, is reported as
+// util.inspect(value) in the result area. Code with top-level await is
+// rewritten the way the REPL does it (processTopLevelAwait below, ported
+// from node's lib/internal/repl/await.js): declarations are hoisted into the
+// script, the rest runs in an async arrow function whose last expression
+// statement is returned, and the agent awaits it. Errors and process.exit(n)
+// end the exec (stderr, exit code) and keep the session. Node has no
+// interrupt entry (KVMFORK_MB_INTERRUPT_ENTRY_OFF stays 0): the VMM ends a
+// timed-out Node session itself. Math.random and OpenSSL's DRBGs are
+// reseeded from the fork seed on every stateless exec and on a session exec
+// flagged REQ_FLAG_RESEED.
 //
 // The request cycle runs in 'beforeExit' (node emits it whenever the event
 // loop has nothing left to do): finish the current exec, ring, start the
@@ -43,6 +60,11 @@ require('string_decoder');
 
 const addon = require(path.join(__dirname, 'kvmfork_mailbox.node'));
 const C = addon.contract;
+// The parser Node's REPL uses for top-level await; Debian ships it as files
+// (node.sh copies them into the rootfs), node's own copy is internal.
+const acorn = require('/usr/share/nodejs/acorn/dist/acorn.js');
+const walk = require('/usr/share/nodejs/acorn-walk/dist/walk.js');
+const REQ_FLAGS_KNOWN = C.REQ_FLAG_SESSION | C.REQ_FLAG_RESEED;
 
 const MODE = process.argv.includes('--selftest')
   ? 'host-selftest'
@@ -214,7 +236,8 @@ const AGENT_FRAME = `(${__filename}:`;
 function formatUncaught(error) {
   if (error instanceof Error || (error !== null && typeof error === 'object' && typeof error.stack === 'string')) {
     const lines = util.inspect(error).split('\n');
-    return `${lines.filter((l) => !l.includes(AGENT_FRAME) && !l.includes('at process.emit (node:events')).join('\n')}\n`;
+    return `${lines.filter((l) => !l.includes(AGENT_FRAME) && !l.includes('at process.emit (node:events') &&
+      !l.includes('at Script.runInThisContext (node:vm:')).join('\n')}\n`;
   }
   return `Uncaught ${util.inspect(error)}\n`;
 }
@@ -301,6 +324,194 @@ Module._load = function _load(request, parent, isMain) {
   return Reflect.apply(realLoad, this, arguments);
 };
 
+// ---- session mode: top-level await the REPL's way ---------------------------
+
+// Ported from node v18's lib/internal/repl/await.js (MIT, Node.js
+// contributors), primordials replaced by plain calls. Returns the rewritten
+// script, or null when the code has no top-level await (or cannot be
+// parsed: V8 then reports the syntax error in its own words).
+function isTopLevelDeclaration(state) {
+  return state.ancestors[state.ancestors.length - 2] === state.body;
+}
+
+const noop = () => {};
+const awaitVisitorsWithoutAncestors = {
+  ClassDeclaration(node, state, c) {
+    if (isTopLevelDeclaration(state)) {
+      state.prepend(node, `${node.id.name}=`);
+      state.hoistedDeclarationStatements.push(`let ${node.id.name}; `);
+    }
+    walk.base.ClassDeclaration(node, state, c);
+  },
+  ForOfStatement(node, state, c) {
+    if (node.await === true) state.containsAwait = true;
+    walk.base.ForOfStatement(node, state, c);
+  },
+  FunctionDeclaration(node, state) {
+    state.prepend(node, `this.${node.id.name} = ${node.id.name}; `);
+    state.hoistedDeclarationStatements.push(`var ${node.id.name}; `);
+  },
+  FunctionExpression: noop,
+  ArrowFunctionExpression: noop,
+  MethodDefinition: noop,
+  AwaitExpression(node, state, c) {
+    state.containsAwait = true;
+    walk.base.AwaitExpression(node, state, c);
+  },
+  ReturnStatement(node, state, c) {
+    state.containsReturn = true;
+    walk.base.ReturnStatement(node, state, c);
+  },
+  VariableDeclaration(node, state, c) {
+    const variableKind = node.kind;
+    const isIterableForDeclaration = ['ForOfStatement', 'ForInStatement']
+      .includes(state.ancestors[state.ancestors.length - 2].type);
+    if (variableKind === 'var' || isTopLevelDeclaration(state)) {
+      state.replace(
+        node.start,
+        node.start + variableKind.length + (isIterableForDeclaration ? 1 : 0),
+        variableKind === 'var' && isIterableForDeclaration ? '' : 'void' + (node.declarations.length === 1 ? '' : ' ('),
+      );
+      if (!isIterableForDeclaration) {
+        for (const decl of node.declarations) {
+          state.prepend(decl, '(');
+          state.append(decl, decl.init ? ')' : '=undefined)');
+        }
+        if (node.declarations.length !== 1) state.append(node.declarations[node.declarations.length - 1], ')');
+      }
+      const hoisted = { var: [], let: [] };
+      const register = (id) => {
+        switch (id.type) {
+          case 'Identifier':
+            hoisted[variableKind === 'var' ? 'var' : 'let'].push(id.name);
+            break;
+          case 'ObjectPattern':
+            for (const property of id.properties) register(property.value);
+            break;
+          case 'ArrayPattern':
+            for (const element of id.elements) register(element);
+            break;
+        }
+      };
+      for (const decl of node.declarations) register(decl.id);
+      for (const kind of ['var', 'let']) {
+        if (hoisted[kind].length > 0) state.hoistedDeclarationStatements.push(`${kind} ${hoisted[kind].join(', ')}; `);
+      }
+    }
+    walk.base.VariableDeclaration(node, state, c);
+  },
+};
+
+const awaitVisitors = {};
+for (const nodeType of Object.keys(walk.base)) {
+  const callback = awaitVisitorsWithoutAncestors[nodeType] || walk.base[nodeType];
+  awaitVisitors[nodeType] = (node, state, c) => {
+    const isNew = node !== state.ancestors[state.ancestors.length - 1];
+    if (isNew) state.ancestors.push(node);
+    callback(node, state, c);
+    if (isNew) state.ancestors.pop();
+  };
+}
+
+function processTopLevelAwait(src) {
+  const wrapPrefix = '(async () => { ';
+  const wrapped = `${wrapPrefix}${src} })()`;
+  const wrappedArray = wrapped.split('');
+  let root;
+  try {
+    root = acorn.Parser.parse(wrapped, { ecmaVersion: 'latest' });
+  } catch {
+    return null;
+  }
+  const body = root.body[0].expression.callee.body;
+  const state = {
+    body,
+    ancestors: [],
+    hoistedDeclarationStatements: [],
+    replace(from, to, str) {
+      for (let i = from; i < to; i++) wrappedArray[i] = '';
+      if (from === to) str += wrappedArray[from];
+      wrappedArray[from] = str;
+    },
+    prepend(node, str) {
+      wrappedArray[node.start] = str + wrappedArray[node.start];
+    },
+    append(node, str) {
+      wrappedArray[node.end - 1] += str;
+    },
+    containsAwait: false,
+    containsReturn: false,
+  };
+  walk.recursive(body, state, awaitVisitors);
+  // No await after all, or a top-level return (not allowed): leave it.
+  if (!state.containsAwait || state.containsReturn) return null;
+  for (let i = body.body.length - 1; i >= 0; i--) {
+    const node = body.body[i];
+    if (node.type === 'EmptyStatement') continue;
+    if (node.type === 'ExpressionStatement') {
+      // `{ value: ... }` so that an awaited value that is itself a promise
+      // is reported, not awaited again.
+      state.prepend(node.expression, '{ value: (');
+      state.prepend(node, 'return ');
+      state.append(node.expression, ') }');
+    }
+    break;
+  }
+  return state.hoistedDeclarationStatements.join('') + wrappedArray.join('');
+}
+
+// What a stateless exec gets as function parameters, a session has as
+// globals (as in the REPL), created by its first exec.
+const SESSION_GLOBALS = ['require', 'module', 'exports', '__filename', '__dirname'];
+let sessionGlobalsReady = false;
+
+function defineSessionGlobals() {
+  if (sessionGlobalsReady) return;
+  sessionGlobalsReady = true;
+  const sessionModule = new Module(EVAL_FILENAME, null);
+  sessionModule.filename = EVAL_FILENAME;
+  sessionModule.paths = Module._nodeModulePaths(process.cwd());
+  const values = {
+    require: Module.createRequire(EVAL_FILENAME),
+    module: sessionModule,
+    exports: sessionModule.exports,
+    __filename: '[eval]',
+    __dirname: '.',
+  };
+  for (const name of SESSION_GLOBALS) {
+    Object.defineProperty(globalThis, name, { configurable: true, writable: true, enumerable: false, value: values[name] });
+  }
+}
+
+function runSession(exec, code) {
+  defineSessionGlobals();
+  let source = code;
+  let awaited = false;
+  if (code.includes('await')) {
+    const rewritten = processTopLevelAwait(code);
+    if (rewritten !== null) {
+      source = rewritten;
+      awaited = true;
+    }
+  }
+  let value;
+  try {
+    value = new vm.Script(source, { filename: '[eval]' }).runInThisContext();
+  } catch (error) {
+    uncaught(error);
+    return;
+  }
+  if (!awaited) {
+    exec.result = value;
+    return;
+  }
+  value.then((wrapper) => {
+    if (current === exec && wrapper !== undefined) exec.result = wrapper.value;
+  }, (error) => {
+    if (current === exec) uncaught(error);
+  });
+}
+
 // ---- the request path ------------------------------------------------------
 
 const EVAL_FILENAME = path.join(process.cwd(), '[eval]');
@@ -313,6 +524,7 @@ function readRequest() {
   return {
     seq: view.getBigUint64(C.MB_REQ_SEQ_OFF, true),
     language: view.getUint32(C.MB_REQ_LANGUAGE_OFF, true),
+    flags: view.getUint32(C.MB_REQ_FLAGS_OFF, true),
     codeLen: view.getUint32(C.MB_REQ_CODE_LEN_OFF, true),
     stdoutCap,
     stderrCap,
@@ -332,21 +544,45 @@ function startExec() {
     stderrLen: 0,
     stdoutCap: req.stdoutCap,
     stderrCap: req.stderrCap,
+    result: undefined,
     startNs: addon.nowNs(),
   };
   current = exec;
-  if (req.language !== C.LANG_NODE || req.codeLen > C.MB_CODE_MAX) {
+  let refusal = null;
+  if (req.language !== C.LANG_NODE) {
+    refusal = `kvmfork agent: unsupported language ${req.language} (this template runs node)\n`;
+  } else if (req.codeLen > C.MB_CODE_MAX) {
+    refusal = `kvmfork agent: code is ${req.codeLen} bytes, the limit is ${C.MB_CODE_MAX}\n`;
+  } else if ((req.flags & ~REQ_FLAGS_KNOWN) !== 0) {
+    refusal = `kvmfork agent: unknown request flags 0x${req.flags.toString(16)} (this agent knows 0x${REQ_FLAGS_KNOWN.toString(16)})\n`;
+  }
+  if (refusal !== null) {
     exec.status = C.STATUS_BAD_REQUEST;
-    capture(false, req.language !== C.LANG_NODE
-      ? `kvmfork agent: unsupported language ${req.language} (this template runs node)\n`
-      : `kvmfork agent: code is ${req.codeLen} bytes, the limit is ${C.MB_CODE_MAX}\n`);
+    capture(false, refusal);
     exec.terminated = true;
     return;
   }
-  reseedMathRandom();
-  opensslReseeded = false;
+  const session = (req.flags & C.REQ_FLAG_SESSION) !== 0;
+  // The host sets RESEED on every stateless run; a stateless run without it
+  // (an older host sends no flags) is reseeded all the same, so no fork is
+  // ever left on the template's streams. A session exec only when flagged.
+  if ((req.flags & C.REQ_FLAG_RESEED) !== 0 || !session) {
+    reseedMathRandom();
+    if (session) {
+      // A session may hold crypto from an earlier exec (or from before a
+      // fork) and use it without another require: reseed OpenSSL now.
+      addon.reseed(forkSeed());
+      opensslReseeded = true;
+    } else {
+      opensslReseeded = false;
+    }
+  }
   process.exitCode = undefined;
   const code = bytes.toString('utf8', C.MB_CODE_OFF, C.MB_CODE_OFF + req.codeLen);
+  if (session) {
+    runSession(exec, code);
+    return;
+  }
   let fn;
   try {
     // The head is on line 0 so the code's line numbers match its source.
@@ -379,10 +615,28 @@ function finishExec() {
   liveImmediates.clear();
   const exitCode = exec.status !== C.STATUS_OK ? 0 : exec.terminated ? exec.exitCode : normalizeExitCode(process.exitCode);
   const execNs = Math.max(0, Math.round(addon.nowNs() - exec.startNs));
+  // An exec that ended in an uncaught error or process.exit has no result.
+  let resultLen = 0;
+  if (exec.result !== undefined && !exec.terminated) {
+    let text;
+    try {
+      text = util.inspect(exec.result);
+    } catch (error) {
+      text = null;
+      capture(false, formatUncaught(error));
+    }
+    if (text !== null) {
+      // Buffer#write stops at the last whole character that fits.
+      resultLen = bytes.write(text, C.MB_RESULT_OFF, C.MB_RESULT_MAX, 'utf8');
+      exec.flags |= C.RESP_FLAG_HAS_RESULT;
+      if (Buffer.byteLength(text, 'utf8') > resultLen) exec.flags |= C.RESP_FLAG_RESULT_TRUNCATED;
+    }
+  }
   view.setUint32(C.MB_RESP_STATUS_OFF, exec.status, true);
   view.setInt32(C.MB_RESP_EXIT_CODE_OFF, exitCode, true);
   view.setUint32(C.MB_RESP_STDOUT_LEN_OFF, exec.stdoutLen, true);
   view.setUint32(C.MB_RESP_STDERR_LEN_OFF, exec.stderrLen, true);
+  view.setUint32(C.MB_RESP_RESULT_LEN_OFF, resultLen, true);
   view.setUint32(C.MB_RESP_FLAGS_OFF, exec.flags, true);
   view.setBigUint64(C.MB_RESP_EXEC_NS_OFF, BigInt(execNs), true);
   // Last, so a response with the right seq is always complete.
@@ -394,21 +648,29 @@ function finishExec() {
     flags: exec.flags,
     stdout: bytes.toString('utf8', C.MB_STDOUT_OFF, C.MB_STDOUT_OFF + exec.stdoutLen),
     stderr: bytes.toString('utf8', C.MB_STDERR_OFF, C.MB_STDERR_OFF + exec.stderrLen),
+    result: (exec.flags & C.RESP_FLAG_HAS_RESULT) !== 0
+      ? bytes.toString('utf8', C.MB_RESULT_OFF, C.MB_RESULT_OFF + resultLen)
+      : undefined,
+    resultLen,
   };
 }
 
 // Writes a request as the VMM would (warm-up and self-test).
+// seedSalt: which fork seed (default: a different one per request).
 let warmupSeq = 0n;
-function putRequest(code) {
+function putRequest(code, flags, seedSalt) {
   const len = bytes.write(code, C.MB_CODE_OFF, C.MB_CODE_MAX, 'utf8');
   warmupSeq += 1n;
   view.setBigUint64(C.MB_REQ_SEQ_OFF, warmupSeq, true);
   view.setUint32(C.MB_REQ_LANGUAGE_OFF, C.LANG_NODE, true);
+  view.setUint32(C.MB_REQ_FLAGS_OFF, flags, true);
   view.setUint32(C.MB_REQ_TIMEOUT_MS_OFF, 30000, true);
   view.setUint32(C.MB_REQ_CODE_LEN_OFF, len, true);
   view.setUint32(C.MB_REQ_STDOUT_CAP_OFF, 65536, true);
   view.setUint32(C.MB_REQ_STDERR_CAP_OFF, 65536, true);
-  for (let i = 0; i < C.MB_SEED_LEN; i++) bytes[C.MB_FORK_SEED_OFF + i] = (i * 37 + Number(warmupSeq)) & 0xff;
+  for (let i = 0; i < C.MB_SEED_LEN; i++) {
+    bytes[C.MB_FORK_SEED_OFF + i] = (i * 37 + (seedSalt ?? Number(warmupSeq))) & 0xff;
+  }
 }
 
 // ---- warm-up snippets (also the self-test) ---------------------------------
@@ -419,6 +681,12 @@ const ALLOC_LOOP = `const keep = [];
 for (let i = 0; i < 400000; i++) { keep.push({ i, s: 'x' + (i & 7) }); if (keep.length > 2000) keep.length = 0; }
 console.log(keep.length > 0);`;
 
+const SESSION = C.REQ_FLAG_SESSION;
+const RESEED = C.REQ_FLAG_RESEED;
+
+// Request flags: `req` (default RESEED, as the host sends a stateless run);
+// `seed`: a salt that picks the fork seed (default: one per request); expected `result` (undefined: none) and
+// response `flags` (HAS_RESULT is implied by `result`).
 const WARMUP = [
   { code: 'console.log(1+1)', stdout: '2\n' },
   { code: 'console.log([1,2,3,4,5].reduce((a,b)=>a+b)/5)', stdout: '3\n' },
@@ -462,14 +730,69 @@ await sleep(1); console.log(await f(21)); setTimeout(() => console.log('later'),
   { code: ALLOC_LOOP, stdout: 'true\n' },
   { code: "console.log('x'.repeat(70000).length); process.stdout.write('y'.repeat(70000))", stdout: '70000\n' + 'y'.repeat(65536 - 6), flags: 1 },
   { code: 'console.log(1+1)', stdout: '2\n' },
+  // Session mode through the same path. The template must hold no session
+  // state, so these declare nothing in the global scope: they keep their
+  // state in globalThis.kvmforkWarm, which prepareTemplate deletes.
+  { req: SESSION | RESEED, code: 'kvmforkWarm = { n: 1 }', result: '{ n: 1 }' },
+  { req: SESSION, code: 'kvmforkWarm.n += 1; kvmforkWarm.n * 10', result: '20' },
+  { req: SESSION, code: "console.log(kvmforkWarm.n); [kvmforkWarm.n, 's', null, { deep: [1, 2] }]", stdout: '2\n', result: "[ 2, 's', null, { deep: [ 1, 2 ] } ]" },
+  { req: SESSION, code: 'kvmforkWarm.v = await Promise.resolve(kvmforkWarm.n * 21); kvmforkWarm.v', result: '42' },
+  { req: SESSION, code: "await new Promise((r) => setTimeout(r, 1)); setTimeout(() => console.log('timer', kvmforkWarm.v), 1); undefined", stdout: 'timer 42\n' },
+  { req: SESSION, code: "kvmforkWarm.n = 5; throw new Error('kept')", stderrIncludes: 'Error: kept\n    at [eval]:1:', exitCode: 1 },
+  { req: SESSION, code: 'kvmforkWarm.n', result: '5' },
+  { req: SESSION, code: 'kvmforkWarm.n = 6; process.exit(4); kvmforkWarm.n = 7', exitCode: 4 },
+  { req: SESSION, code: "await Promise.reject(new RangeError('rejected'))", stderrIncludes: 'RangeError: rejected', exitCode: 1 },
+  { req: SESSION, code: 'let = ;', stderrIncludes: 'SyntaxError', exitCode: 1 },
+  { req: SESSION, code: "kvmforkWarm.n === 6 && typeof require === 'function' && typeof module", result: "'object'" },
+  { req: SESSION, code: "require('crypto').randomBytes(4).length", result: '4' },
+  { req: SESSION, code: 'null', result: 'null' },
+  { req: SESSION, code: 'undefined' },
 ];
+
+// Only in the self-tests (the process ends afterwards): session cases that
+// declare globals, which no template may carry.
+const SESSION_SELFTEST = [
+  { req: SESSION | RESEED, code: "let a = 1; const b = [a]; class K { get k() { return a; } } function f(n) { return n * 2; } var v = 'v'" },
+  { req: SESSION, code: 'a += 1; f(a) + b.length + new K().k', result: '7' },
+  { req: SESSION, code: 'const c = await Promise.resolve(a * 10); let [d, { e }] = [c + 1, { e: v }]; function g() { return c; } class L {}' },
+  { req: SESSION, code: 'console.log(c, d, e, g(), typeof L); a', stdout: '20 21 v 20 function\n', result: '2' },
+  { req: SESSION, code: 'let a = 5', stderrIncludes: "SyntaxError: Identifier 'a' has already been declared", exitCode: 1 },
+  { req: SESSION, code: 'await 1; a', result: '2' },
+  { req: SESSION, code: 'for await (const x of [Promise.resolve(3)]) last = x; last', result: '3' },
+  { req: SESSION, code: 'Promise.resolve(1)', result: 'Promise { 1 }' },
+  { req: SESSION, code: '(await Promise.resolve({ p: Promise.resolve(2) })).p', result: 'Promise { 2 }' },
+  // RESEED decides Math.random: without it the stream goes on; with the
+  // same fork seed it starts over; with another seed it differs.
+  { req: SESSION | RESEED, seed: 0x33, code: 'r1 = Math.random(); typeof r1', result: "'number'" },
+  { req: SESSION, seed: 0x33, code: 'Math.random() !== r1', result: 'true' },
+  { req: SESSION | RESEED, seed: 0x33, code: 'Math.random() === r1', result: 'true' },
+  { req: SESSION | RESEED, seed: 0x44, code: 'Math.random() !== r1', result: 'true' },
+  { req: 0, seed: 0x33, code: 'console.log(Math.random() === r1)', stdout: 'true\n' },
+  {
+    req: SESSION,
+    code: "Array(100).fill('é'.repeat(10000))",
+    result: utf8Prefix(util.inspect(Array(100).fill('é'.repeat(10000))), C.MB_RESULT_MAX),
+    flags: C.RESP_FLAG_RESULT_TRUNCATED,
+  },
+  { req: 0x80, code: '1', status: C.STATUS_BAD_REQUEST, stderrIncludes: 'unknown request flags 0x80' },
+  { req: RESEED, code: '1 + 1' },
+  { req: SESSION, code: 'a', result: '2' },
+];
+
+// The longest prefix of text that fits in max UTF-8 bytes, whole characters only.
+function utf8Prefix(text, max) {
+  const buffer = Buffer.alloc(max);
+  return buffer.toString('utf8', 0, buffer.write(text, 0, max, 'utf8'));
+}
+
+const SNIPPETS = MODE === 'serve' ? WARMUP : [...WARMUP, ...SESSION_SELFTEST];
 
 function check(snippet, result) {
   const problems = [];
   const want = (name, got, expected) => {
     if (got !== expected) problems.push(`${name}: got ${util.inspect(got)}, want ${util.inspect(expected)}`);
   };
-  want('status', result.status, C.STATUS_OK);
+  want('status', result.status, snippet.status ?? C.STATUS_OK);
   want('exit code', result.exitCode, snippet.exitCode ?? 0);
   if (snippet.stdout !== undefined || snippet.exitCode === undefined) want('stdout', result.stdout, snippet.stdout ?? '');
   if (snippet.stderr !== undefined) want('stderr', result.stderr, snippet.stderr);
@@ -477,7 +800,8 @@ function check(snippet, result) {
     problems.push(`stderr ${util.inspect(result.stderr)} lacks ${util.inspect(snippet.stderrIncludes)}`);
   }
   if (snippet.stderr === undefined && snippet.stderrIncludes === undefined) want('stderr', result.stderr, '');
-  want('flags', result.flags, snippet.flags ?? 0);
+  want('flags', result.flags, (snippet.flags ?? 0) | (snippet.result !== undefined ? C.RESP_FLAG_HAS_RESULT : 0));
+  want('result', result.result, snippet.result);
   if (problems.length > 0) {
     return `warm-up snippet ${util.inspect(snippet.code.slice(0, 60))}: ${problems.join('; ')}`;
   }
@@ -499,10 +823,16 @@ function fullGc() {
 }
 
 function prepareTemplate() {
+  // No session state in the template: every VM's session starts clean.
+  delete globalThis.kvmforkWarm;
+  for (const name of SESSION_GLOBALS) delete globalThis[name];
+  sessionGlobalsReady = false;
   fullGc(); // a compact heap; both semi-spaces were touched by the warm-up
   view.setBigUint64(C.MB_RESP_SEQ_OFF, 0n, true);
   view.setUint32(C.MB_RESP_STDOUT_LEN_OFF, 0, true);
   view.setUint32(C.MB_RESP_STDERR_LEN_OFF, 0, true);
+  view.setUint32(C.MB_RESP_RESULT_LEN_OFF, 0, true);
+  view.setUint32(C.MB_RESP_FLAGS_OFF, 0, true);
   bytes.fill(0, C.MB_FORK_SEED_OFF, C.MB_FORK_SEED_OFF + C.MB_SEED_LEN);
   addon.tscEnd();
   view.setUint32(C.MB_AGENT_STATE_OFF, C.STATE_READY, true);
@@ -511,8 +841,9 @@ function prepareTemplate() {
 // Starts the next request (warm-up snippet, or the VMM's after a ring).
 // Returns false when the agent is done (self-test finished).
 function startNext() {
-  if (warmupIndex < WARMUP.length) {
-    putRequest(WARMUP[warmupIndex].code);
+  if (warmupIndex < SNIPPETS.length) {
+    const snippet = SNIPPETS[warmupIndex];
+    putRequest(snippet.code, snippet.req ?? RESEED, snippet.seed);
     startExec();
     return true;
   }
@@ -521,7 +852,7 @@ function startNext() {
     if (failures.length > 0) fatal(failures.join('\n'));
     prepareTemplate();
     if (MODE !== 'serve') {
-      log(`self-test passed: ${WARMUP.length} snippets`);
+      log(`self-test passed: ${SNIPPETS.length} snippets`);
       process.exitCode = 0;
       fs.writeSync(1, 'KVMFORK-SELFTEST-OK\n');
       if (MODE === 'guest-selftest') addon.powerOff();
@@ -540,8 +871,8 @@ function startNext() {
 
 function finishCurrent() {
   const result = finishExec();
-  if (warmupIndex < WARMUP.length) {
-    const problem = check(WARMUP[warmupIndex], result);
+  if (warmupIndex < SNIPPETS.length) {
+    const problem = check(SNIPPETS[warmupIndex], result);
     if (problem !== null) failures.push(problem);
     warmupIndex += 1;
   }
@@ -562,4 +893,4 @@ function onLoopIdle() {
 
 process.on('beforeExit', onLoopIdle);
 addon.tscBegin();
-log(`agent loaded (${MODE}); warming up with ${WARMUP.length} snippets`);
+log(`agent loaded (${MODE}); warming up with ${SNIPPETS.length} snippets`);

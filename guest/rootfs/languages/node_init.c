@@ -72,6 +72,8 @@ int main(int argc, char **argv)
     kvmfork_mb_write64(&mailbox, KVMFORK_MB_MAGIC_OFF, KVMFORK_MB_MAGIC);
     kvmfork_mb_write32(&mailbox, KVMFORK_MB_ABI_OFF, KVMFORK_ABI_VERSION);
     kvmfork_mb_write32(&mailbox, KVMFORK_MB_AGENT_STATE_OFF, KVMFORK_STATE_BOOTING);
+    /* No interrupt entry: the VMM ends a timed-out Node session itself. */
+    kvmfork_mb_write64(&mailbox, KVMFORK_MB_INTERRUPT_ENTRY_OFF, 0);
     kvmfork_seed_kernel_rng(&mailbox, options.selftest);
 
     /* init.c's environment is CPython's; node needs none of those. */

@@ -23,10 +23,14 @@ for name in kvmfork_runner.TEMPLATE_MODULES:
     __import__(name)
 
 failures = []
-for index, (code, expected_out, expected_status) in enumerate(kvmfork_runner.WARMUP):
-    out, err, status = kvmfork_runner.run(code.encode(), bytes(64))
-    if out.decode("utf-8", "replace") != expected_out or status != expected_status:
+for index, entry in enumerate(kvmfork_runner.WARMUP):
+    # (code, stdout, status) is a stateless run; else (..., flags, result).
+    code, expected_out, expected_status = entry[:3]
+    flags, expected_result = entry[3:] if len(entry) == 5 else (kvmfork_runner.REQ_FLAG_RESEED, None)
+    out, err, status, result = kvmfork_runner.run(code.encode(), bytes(64), flags)
+    if out.decode("utf-8", "replace") != expected_out or status != expected_status or result != expected_result:
         failures.append(f"warm-up snippet {index} {code[:60]!r}: exit {status} (want {expected_status}), "
+                        f"result {result!r:.80} (want {expected_result!r:.80}), "
                         f"stdout {out[:120]!r}, stderr {err[-300:]!r}")
 if failures:
     sys.exit("runner warm-up check failed:\n  " + "\n  ".join(failures))
