@@ -62,7 +62,7 @@ kvmfork=${KVMFORK_BIN:-$root/target/release/kvmfork}
 config=$root/deploy/haproxy.cfg
 [[ -r $config ]] || die "$config is missing"
 
-template=${KVMFORK_TEST_TEMPLATE:-}
+template=${KVMFORK_TEST_TEMPLATE:-${KVMFORK_TEMPLATE:-}}
 if [[ -z $template ]]; then
   # The newest cached Python template, as `kvmfork serve` would pick it; this
   # test never builds one (that takes minutes on PVM hosts).

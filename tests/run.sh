@@ -36,8 +36,11 @@ step "building kvmfork (release)"
 cargo build --release --workspace --locked
 
 step "guest templates (kernel, rootfs, boot, snapshot; cached by input hash)"
-./target/release/kvmfork template build
-./target/release/kvmfork template build --language node
+# The suites use exactly these (the cache may hold templates of other
+# sources, e.g. from another checkout: never pick one by age).
+KVMFORK_TEMPLATE=$(./target/release/kvmfork template build | tail -n 1)
+KVMFORK_NODE_TEMPLATE=$(./target/release/kvmfork template build --language node | tail -n 1)
+export KVMFORK_TEMPLATE KVMFORK_NODE_TEMPLATE
 
 step "Rust test suites"
 cargo test --release --workspace --locked
