@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_sessions;
 pub mod engine;
 pub mod server;
 pub mod settings;

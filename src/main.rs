@@ -94,6 +94,20 @@ enum BenchCmd {
         #[arg(long, default_value_t = 100)]
         max_exec_alive: usize,
     },
+    /// Live sessions: exec, live fork by session size, fan-out, checkpoint
+    /// and restore, next to a fresh VM restored from the session's snapshot.
+    Sessions {
+        #[arg(long)]
+        template: Option<PathBuf>,
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        /// Comma-separated MiB of state the measured sessions hold.
+        #[arg(long, default_value = "1,16")]
+        state_mib: String,
+        /// Children made at once from one session.
+        #[arg(long, default_value_t = 100)]
+        fan_out: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -321,6 +335,38 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 max_exec_alive,
             };
             let report = kvmfork::bench::run_fork_bench(std::sync::Arc::new(t), &opts)?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            command:
+                BenchCmd::Sessions {
+                    template: dir,
+                    iterations,
+                    state_mib,
+                    fan_out,
+                },
+        } => {
+            let t = load_template(Language::Python, dir)?;
+            let state_mib = state_mib
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    s.trim()
+                        .parse::<usize>()
+                        .map_err(|e| format!("--state-mib: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if state_mib.iter().any(|&m| m == 0 || m > 200) {
+                return Err("--state-mib values must be between 1 and 200".into());
+            }
+            kvmfork::bench::raise_nofile_limit();
+            let opts = kvmfork::bench_sessions::SessionBenchOptions {
+                iterations,
+                state_mib,
+                fan_out,
+            };
+            let report = kvmfork::bench_sessions::run_session_bench(std::sync::Arc::new(t), &opts)?;
             print!("{report}");
             Ok(ExitCode::SUCCESS)
         }

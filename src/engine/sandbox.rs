@@ -281,7 +281,9 @@ impl Sandbox {
         self.devices
             .reset_to(&cp.serial)
             .map_err(SandboxError::Serial)?;
-        self.vcpu.restore_state(&cp.vcpu, &cp.vcpu.lapic)?;
+        // The vCPU already has the template's CPUID (a pooled or fresh VM of
+        // the same template): only per-fork state and the MSRs that differ.
+        self.vcpu.restore_fast(&cp.vcpu, &cp.vcpu.lapic)?;
         self.seq = cp.seq;
         self.generation = cp.generation;
         self.timer_unmasked = cp.timer_unmasked;

@@ -1,0 +1,291 @@
+//! `kvmfork bench sessions`: live sessions measured in-process on the real
+//! template — a session exec, live fork of sessions holding 1 / 16 / N MiB of
+//! their own state, 100 children from one session, checkpoint and restore —
+//! each next to the slow way measured in the same run: a fresh VM restored
+//! from the session's snapshot (new VM + template mapping + the session's
+//! pages copied in + full machine state), what snapshot-restore engines do
+//! per fork.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use kvm_ioctls::Kvm;
+
+use crate::api::{CancelToken, ExecRequest, ExecResult, Language};
+use crate::engine::pool::{Pool, PoolConfig};
+use crate::engine::sandbox::{Limits, Sandbox};
+use crate::template::Template;
+
+pub struct SessionBenchOptions {
+    pub iterations: usize,
+    /// MiB of state (a written numpy array) per measured session size.
+    pub state_mib: Vec<usize>,
+    /// Children made at once from one session.
+    pub fan_out: usize,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn us(d: Duration) -> u64 {
+    (d.as_nanos() / 1000).max(1) as u64
+}
+
+fn fmt_us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} ms", v as f64 / 1000.0)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+fn ratio(slow: u64, fast: u64) -> String {
+    let r = slow as f64 / fast.max(1) as f64;
+    if r >= 10.0 {
+        format!("{r:.0}×")
+    } else {
+        format!("{r:.1}×")
+    }
+}
+
+fn meminfo_available_kb() -> u64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn req(code: &str) -> ExecRequest {
+    ExecRequest {
+        code: code.into(),
+        language: Language::Python,
+        timeout: Duration::from_secs(600),
+        cancel: CancelToken::new(),
+    }
+}
+
+fn check(r: &ExecResult, what: &str) -> Result<(), String> {
+    if r.failure.is_some() || r.exit_code != 0 {
+        return Err(format!(
+            "{what}: {:?} exit {}: {}",
+            r.failure,
+            r.exit_code,
+            String::from_utf8_lossy(&r.stderr)
+        ));
+    }
+    Ok(())
+}
+
+struct Row {
+    name: String,
+    fast: Histogram<u64>,
+    slow: Option<Histogram<u64>>,
+}
+
+fn line(r: &Row) -> String {
+    let p = |h: &Histogram<u64>, q: f64| fmt_us(h.value_at_quantile(q));
+    match &r.slow {
+        Some(s) => format!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.name,
+            p(&r.fast, 0.5),
+            p(&r.fast, 0.99),
+            p(s, 0.5),
+            p(s, 0.99),
+            ratio(s.value_at_quantile(0.5), r.fast.value_at_quantile(0.5))
+        ),
+        None => format!(
+            "| {} | {} | {} | — | — | — |",
+            r.name,
+            p(&r.fast, 0.5),
+            p(&r.fast, 0.99)
+        ),
+    }
+}
+
+/// Runs the benchmark on `t` (a Python template) and returns the report.
+pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result<String, String> {
+    if t.language() != Some(Language::Python) {
+        return Err("bench sessions needs the Python template".into());
+    }
+    let iterations = opts.iterations.max(1);
+    let mut pool = Pool::new(
+        t.clone(),
+        PoolConfig {
+            max_idle: opts.fan_out + 2,
+            prewarm: 1,
+            limits: Limits {
+                max_dirty_pages: 1 << 20,
+                ..Limits::default()
+            },
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let limits = Limits {
+        max_dirty_pages: 1 << 20,
+        ..Limits::default()
+    };
+    let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+
+    // 1. A session exec that keeps state: `x += 1; x`.
+    let mut session = pool.open_session().map_err(|e| e.to_string())?;
+    check(
+        &pool.run_session(&mut session, &req("x = 0"), true, &limits),
+        "session setup",
+    )?;
+    let mut h = hist();
+    for i in 0..iterations.max(50) {
+        let r = pool.run_session(&mut session, &req("x += 1; x"), false, &limits);
+        check(&r, "session exec")?;
+        if r.result.as_deref() != Some(&(i + 1).to_string()) {
+            return Err(format!(
+                "session exec: expected {} got {:?}",
+                i + 1,
+                r.result
+            ));
+        }
+        h.record(us(r.total_time)).ok();
+    }
+    rows.push(Row {
+        name: "session exec `x += 1; x` (engine, no HTTP)".into(),
+        fast: h,
+        slow: None,
+    });
+    pool.release(session);
+
+    // 2. Live fork of sessions holding their own state, vs the slow way.
+    for &mib in &opts.state_mib {
+        let mut parent = pool.open_session().map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let code = format!(
+            "import numpy as np\nstate = np.full({}, 7, dtype=np.uint8)\nint(state[-1])",
+            mib << 20
+        );
+        check(
+            &pool.run_session(&mut parent, &req(&code), true, &limits),
+            "making the session's state",
+        )?;
+        notes.push(format!(
+            "- making {mib} MiB of session state took {:.1} s of guest time",
+            started.elapsed().as_secs_f64()
+        ));
+        let mut fork = hist();
+        let mut pause = hist();
+        let mut slow = hist();
+        for _ in 0..iterations {
+            let t0 = Instant::now();
+            let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
+            let t1 = Instant::now();
+            let child = pool.sandbox_from(&cp).map_err(|e| e.to_string())?;
+            let t2 = Instant::now();
+            pause.record(us(t1 - t0)).ok();
+            fork.record(us(t2 - t0)).ok();
+            pool.release(child);
+            // The slow way: a fresh VM restored from the session's snapshot.
+            let s0 = Instant::now();
+            let mut fresh = Sandbox::fork_fresh(&kvm, &t, true).map_err(|e| e.to_string())?;
+            fresh.apply(&t, &cp).map_err(|e| e.to_string())?;
+            slow.record(us(s0.elapsed() + (t1 - t0))).ok();
+            drop(fresh);
+        }
+        // Children really continue from the state.
+        let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
+        let mut child = pool.sandbox_from(&cp).map_err(|e| e.to_string())?;
+        let r = pool.run_session(
+            &mut child,
+            &req("int(state.sum() // len(state))"),
+            true,
+            &limits,
+        );
+        check(&r, "child exec")?;
+        if r.result.as_deref() != Some("7") {
+            return Err(format!(
+                "child of the {mib} MiB session lost its state: {:?}",
+                r.result
+            ));
+        }
+        pool.release(child);
+        notes.push(format!(
+            "- {mib} MiB session: checkpoint holds {} KiB",
+            cp.dirty_bytes() >> 10
+        ));
+        rows.push(Row {
+            name: format!("live fork, session holding {mib} MiB (capture + child runnable)"),
+            fast: fork,
+            slow: Some(slow),
+        });
+        rows.push(Row {
+            name: format!("  of which the parent's pause, {mib} MiB"),
+            fast: pause,
+            slow: None,
+        });
+        if mib == 16 || opts.state_mib.len() == 1 {
+            // 3. Checkpoint and restore in place.
+            let mut ck = hist();
+            let mut rs = hist();
+            for _ in 0..iterations {
+                let t0 = Instant::now();
+                let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
+                ck.record(us(t0.elapsed())).ok();
+                let t1 = Instant::now();
+                pool.restore(&mut parent, &cp).map_err(|e| e.to_string())?;
+                rs.record(us(t1.elapsed())).ok();
+            }
+            rows.push(Row {
+                name: format!("checkpoint of a {mib} MiB session"),
+                fast: ck,
+                slow: None,
+            });
+            rows.push(Row {
+                name: format!("restore in place, {mib} MiB session"),
+                fast: rs,
+                slow: None,
+            });
+            // 4. Fan-out: many children from one session.
+            let before_kb = meminfo_available_kb();
+            let t0 = Instant::now();
+            let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
+            let mut children = Vec::with_capacity(opts.fan_out);
+            for _ in 0..opts.fan_out {
+                children.push(pool.sandbox_from(&cp).map_err(|e| e.to_string())?);
+            }
+            let total = t0.elapsed();
+            let after_kb = meminfo_available_kb();
+            notes.push(format!(
+                "- {} children of the {mib} MiB session: {:.1} ms in total; host memory per child before it runs ≈ {} KiB (MemAvailable drop / children)",
+                opts.fan_out,
+                total.as_secs_f64() * 1e3,
+                before_kb.saturating_sub(after_kb) / opts.fan_out.max(1) as u64
+            ));
+            for c in children {
+                drop(c);
+            }
+        }
+        pool.release(parent);
+    }
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "kvmfork bench sessions: template {} ({} host), {} iterations per row\n\n",
+        t.dir.display(),
+        t.meta.host_kind.as_str(),
+        iterations
+    ));
+    out.push_str("| operation | p50 | p99 | slow way p50 | slow way p99 | slow / kvmfork |\n|---|---|---|---|---|---|\n");
+    for r in &rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out.push_str("\nslow way = a fresh VM restored from the session's snapshot (new VM, template mapped, the session's pages copied in, full machine state), plus the same capture.\n");
+    for n in notes {
+        out.push_str(&n);
+        out.push('\n');
+    }
+    Ok(out)
+}
