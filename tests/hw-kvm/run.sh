@@ -12,7 +12,7 @@
 #   bash tests/hw-kvm/run.sh
 #
 # env: KVMFORK_BIN (default target/release/kvmfork), HW_KVM_TIMEOUT (seconds
-# for the whole QEMU run, default 540), HW_KVM_MEM_MIB (QEMU guest RAM,
+# for the whole QEMU run, default 570: the suite stays under 10 minutes), HW_KVM_MEM_MIB (QEMU guest RAM,
 # default 6144), HW_KVM_KEEP_LOG=1 (keep the console log even on success),
 # KVMFORK_EXTRA_CMDLINE (passed to the nested guest's kvmfork: appended to
 # the template kernel command line).
@@ -22,7 +22,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cache_root=${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}
 kvmfork_bin=${KVMFORK_BIN:-$root/target/release/kvmfork}
-qemu_timeout=${HW_KVM_TIMEOUT:-540}
+qemu_timeout=${HW_KVM_TIMEOUT:-570}
 mem_mib=${HW_KVM_MEM_MIB:-6144}
 
 started=$SECONDS
