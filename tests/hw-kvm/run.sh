@@ -90,33 +90,42 @@ extract_cloud_kernel() { # deb outdir
     rm -rf "$x"
 }
 cloud_kernel() {
-    local pkg version
-    if ! pkg=$(cloud_kernel_package); then
-        progress "apt lists do not know linux-image-cloud-amd64; running apt-get update"
+    local pkg version attempt key out
+    for attempt in 1 2; do
+        if pkg=$(cloud_kernel_package); then
+            version=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
+            if [[ -n $version && $version != "(none)" ]]; then
+                key=$({ printf '%s %s\n' "$pkg" "$version"; declare -f extract_cloud_kernel; } | sha256sum | cut -c1-24)
+                out=$cache_root/hw-kvm/$key
+                if [[ -f $out/vmlinuz && -f $out/kvm-amd.ko ]]; then
+                    progress "cloud kernel $pkg $version: cached in $out"
+                    printf '%s\n' "$out"
+                    return 0
+                fi
+                progress "cloud kernel: apt-get download $pkg=$version"
+                rm -f "$work"/*.deb
+                if (cd "$work" && apt-get download -q "$pkg=$version" >"$work/apt-download.log" 2>&1); then
+                    break
+                fi
+                cat "$work/apt-download.log" >&2
+            fi
+        fi
+        # Stale or missing apt lists (security updates replace kernel
+        # packages): refresh once and resolve again.
+        ((attempt == 1)) || die "cannot get the cloud kernel package ${pkg:-linux-image-*-cloud-amd64-unsigned} from apt"
+        progress "refreshing the apt lists (apt-get update)"
         apt-get update -qq >&2 || die "apt-get update failed"
-        pkg=$(cloud_kernel_package) || die "apt offers no linux-image-cloud-amd64 (Debian main, amd64)"
+    done
+    mkdir -p "$cache_root/hw-kvm"
+    local tmp=$cache_root/hw-kvm/.tmp-$key-$$
+    extract_cloud_kernel "$work"/"${pkg}"_*.deb "$tmp"
+    rm -f "$work"/*.deb
+    # A concurrent run may have got there first: keep its copy.
+    if ! mv -T "$tmp" "$out" 2>/dev/null; then
+        rm -rf "$tmp"
+        [[ -f $out/vmlinuz && -f $out/kvm-amd.ko ]] || die "cannot move the cloud kernel into $out"
     fi
-    version=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
-    [[ -n $version && $version != "(none)" ]] || die "apt has no candidate version of $pkg"
-    local key out
-    key=$({ printf '%s %s\n' "$pkg" "$version"; declare -f extract_cloud_kernel; } | sha256sum | cut -c1-24)
-    out=$cache_root/hw-kvm/$key
-    if [[ -f $out/vmlinuz && -f $out/kvm-amd.ko ]]; then
-        progress "cloud kernel $pkg $version: cached in $out"
-    else
-        progress "cloud kernel: apt-get download $pkg=$version"
-        (cd "$work" && apt-get download -q "$pkg=$version" >&2 2>"$work/apt-download.log") || {
-            cat "$work/apt-download.log" >&2
-            die "apt-get download $pkg=$version failed"
-        }
-        mkdir -p "$cache_root/hw-kvm"
-        local tmp=$cache_root/hw-kvm/.tmp-$key-$$
-        extract_cloud_kernel "$work"/"${pkg}"_*.deb "$tmp"
-        rm -f "$work"/*.deb
-        rm -rf "$out"
-        mv -T "$tmp" "$out"
-        progress "cloud kernel $pkg $version: extracted to $out"
-    fi
+    progress "cloud kernel $pkg $version: extracted to $out"
     printf '%s\n' "$out"
 }
 
@@ -192,7 +201,9 @@ while :; do
         shown=$((shown + 1))
     done
     if printf '%s\n' "${lines[@]}" | grep -q '^HWKVM SUMMARY '; then verdict=summary; break; fi
-    if grep -aq 'Kernel panic' "$log"; then verdict=panic; break; fi
+    # (Only the QEMU guest's own kernel: an inner guest's console shown in
+    # HWKVM OUT lines may mention panics too.)
+    if tr -d '\r' <"$log" | grep -av 'HWKVM ' | grep -aq 'Kernel panic'; then verdict=panic; break; fi
     if ! kill -0 "$qemu_pid" 2>/dev/null; then verdict=exited; break; fi
     sleep 1
 done
