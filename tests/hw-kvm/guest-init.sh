@@ -7,7 +7,7 @@
 # `kvmfork run`, `kvmfork serve` (HTTP) and `kvmfork bench fork` checks, and
 # powers off. Every result is one console line the host script parses:
 #
-#   HWKVM PLAN <number of checks>
+#   HWKVM PLAN <number of checks> <check>...
 #   HWKVM PASS <check>
 #   HWKVM FAIL <check>: <why>
 #   HWKVM PHASE <name> <seconds>
@@ -28,15 +28,16 @@ mount -t tmpfs -o size=90% tmpfs /tmp
 # Kernel messages at warning level and below would interleave with results.
 echo 4 >/proc/sys/kernel/printk
 
-# The checks, in order; the host verifies that each was reported.
+# The checks, in the order they report; the host verifies that each one was
+# reported exactly once.
 PLAN="modules dev-kvm svm-cpuinfo template-python run-print run-numpy run-exception
 run-timeout run-after-timeout template-node host-kind-hardware run-node
 serve-start serve-health serve-exec serve-batch serve-unauthorized serve-malformed
-serve-metrics run-urandom serve-stop bench-fork"
+run-urandom serve-metrics serve-stop bench-fork"
 set -- $PLAN
 # (A fresh line: the firmware leaves terminal escapes on the console.)
 echo
-echo "HWKVM PLAN $#"
+echo "HWKVM PLAN $# $*"
 
 passed=0
 failed=0

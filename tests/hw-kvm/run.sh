@@ -221,7 +221,10 @@ phase_done "nested guest (QEMU)"
 
 # --- verdict ---------------------------------------------------------------------
 mapfile -t lines < <(tr -d '\r' <"$log" | grep -ao 'HWKVM [A-Z]\+ .*' || true)
-plan=$(printf '%s\n' "${lines[@]}" | sed -n 's/^HWKVM PLAN \([0-9]*\)$/\1/p' | head -n 1)
+plan_line=$(printf '%s\n' "${lines[@]}" | grep '^HWKVM PLAN [0-9]' | head -n 1 || true)
+read -r -a planned <<<"${plan_line#HWKVM PLAN }"
+plan=${planned[0]:-}
+planned=("${planned[@]:1}")
 passes=$(printf '%s\n' "${lines[@]}" | grep -c '^HWKVM PASS ' || true)
 fails=$(printf '%s\n' "${lines[@]}" | grep -c '^HWKVM FAIL ' || true)
 summary=$(printf '%s\n' "${lines[@]}" | grep '^HWKVM SUMMARY ' | head -n 1 || true)
@@ -246,9 +249,14 @@ esac
 [[ -n $summary ]] || problems+=("no HWKVM SUMMARY line on the console")
 [[ -n $plan ]] || problems+=("no HWKVM PLAN line on the console")
 ((fails == 0)) || problems+=("$fails check(s) failed")
-if [[ -n $plan ]] && ((passes + fails != plan)); then
-    problems+=("the guest planned $plan checks but reported $((passes + fails))")
+if [[ -n $plan ]] && ((passes + fails != plan || ${#planned[@]} != plan)); then
+    problems+=("the guest planned $plan checks (${#planned[@]} named) but reported $((passes + fails))")
 fi
+# Each planned check exactly once: none skipped, none reported twice.
+for c in "${planned[@]}"; do
+    n=$(printf '%s\n' "${lines[@]}" | grep -cE "^HWKVM (PASS $c\$|FAIL $c: )" || true)
+    ((n == 1)) || problems+=("check $c was reported $n times (want once)")
+done
 if [[ -n $summary && $summary != "HWKVM SUMMARY passed=$passes failed=$fails "* ]]; then
     problems+=("summary '$summary' disagrees with the $passes PASS / $fails FAIL lines")
 fi
