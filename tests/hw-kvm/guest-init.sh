@@ -44,9 +44,14 @@ failed=0
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 pass() { passed=$((passed + 1)); echo "HWKVM PASS $1"; }
 fail() { failed=$((failed + 1)); echo "HWKVM FAIL $1: $2"; }
-# Shows a file's last lines on the console (diagnostics after a FAIL).
+# Diagnostics after a FAIL: kvmfork's own error lines (an error may be
+# followed by a long guest console dump), then the file's last lines.
 show() {
-    tail -n "${2:-15}" "$1" 2>/dev/null | while IFS= read -r line; do echo "HWKVM OUT   $line"; done
+    {
+        grep '^kvmfork' "$1" 2>/dev/null | head -n 5
+        echo "(last lines of $(basename "$1"):)"
+        tail -n "${2:-15}" "$1" 2>/dev/null
+    } | while IFS= read -r line; do echo "HWKVM OUT   $line"; done
 }
 # The first phase, "boot", is the kernel's boot up to /init (uptime 0 on).
 phase_start=0
