@@ -3,8 +3,9 @@
 # suites need, builds everything — the guest kernel, root filesystem and
 # template are cached by a hash of their inputs, so only the first run is
 # slow — then runs every suite: Rust unit and integration tests (VMM on tiny
-# guests, fork engine on the real template, HTTP server, loadgen), and the
-# SDK suites against a live `kvmfork serve`. Needs root (apt) and /dev/kvm.
+# guests, fork engine on the real template, HTTP server, loadgen), the
+# hardware-KVM path inside a nested QEMU guest (tests/hw-kvm), and the SDK
+# suites against a live `kvmfork serve`. Needs root (apt) and /dev/kvm.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -17,7 +18,7 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
 fi
 
 step "system packages"
-pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light)
+pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light qemu-system-x86 busybox-static cpio)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -44,6 +45,9 @@ export KVMFORK_TEMPLATE KVMFORK_NODE_TEMPLATE
 
 step "Rust test suites"
 cargo test --release --workspace --locked
+
+step "hardware-KVM path in a nested QEMU guest (TCG-emulated AMD SVM; ~5 min)"
+bash tests/hw-kvm/run.sh
 
 step "Python suites: guest runner (vs python -c), tuning/check, the bench fork-server peer"
 python3 -m unittest discover -s guest/agent -p 'test_*.py'

@@ -1,0 +1,363 @@
+#!/bin/busybox sh
+# /init of the nested QEMU guest built by tests/hw-kvm/run.sh (busybox ash).
+#
+# Loads Debian's kvm, kvm-amd and irqbypass modules (QEMU's TCG emulates AMD
+# SVM with nested paging, so this is hardware-style KVM, not PVM), builds the
+# Python and Node templates with the host's release kvmfork, runs the
+# `kvmfork run`, `kvmfork serve` (HTTP) and `kvmfork bench fork` checks, and
+# powers off. Every result is one console line the host script parses:
+#
+#   HWKVM PLAN <number of checks> <check>...
+#   HWKVM PASS <check>
+#   HWKVM FAIL <check>: <why>
+#   HWKVM PHASE <name> <seconds>
+#   HWKVM OUT <line of command output worth showing>
+#   HWKVM SUMMARY passed=<n> failed=<m> seconds=<guest uptime>
+#
+# Layout (made by run.sh): /kvmfork/bin/kvmfork, /kvmfork/vmlinux,
+# /kvmfork/rootfs-{python,node}.cpio, /kvmfork/guest/kernel/cmdline.*,
+# /kvmfork/modules/*.ko, busybox as /bin/busybox.
+set -u
+/bin/busybox mkdir -p /proc /sys /dev /tmp /root /usr/bin /usr/sbin /sbin
+/bin/busybox --install -s /bin
+export PATH=/kvmfork/bin:/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || true
+mount -t tmpfs -o size=90% tmpfs /tmp
+# Kernel messages at warning level and below would interleave with results.
+echo 4 >/proc/sys/kernel/printk
+
+# The checks, in the order they report; the host verifies that each one was
+# reported exactly once.
+PLAN="modules dev-kvm svm-cpuinfo template-python run-print run-numpy run-exception
+run-timeout run-after-timeout template-node host-kind-hardware run-node
+serve-start serve-health serve-exec serve-batch serve-unauthorized serve-malformed
+run-urandom serve-metrics serve-stop bench-fork"
+set -- $PLAN
+# (A fresh line: the firmware leaves terminal escapes on the console.)
+echo
+echo "HWKVM PLAN $# $*"
+
+passed=0
+failed=0
+uptime_s() { cut -d' ' -f1 /proc/uptime; }
+pass() { passed=$((passed + 1)); echo "HWKVM PASS $1"; }
+fail() { failed=$((failed + 1)); echo "HWKVM FAIL $1: $2"; }
+# Diagnostics after a FAIL: kvmfork's own error lines (an error may be
+# followed by a long guest console dump), then the file's last lines.
+show() {
+    {
+        grep '^kvmfork' "$1" 2>/dev/null | head -n 5
+        echo "(last lines of $(basename "$1"):)"
+        tail -n "${2:-15}" "$1" 2>/dev/null
+    } | while IFS= read -r line; do echo "HWKVM OUT   $line"; done
+}
+# The first phase, "boot", is the kernel's boot up to /init (uptime 0 on).
+phase_start=0
+phase() {
+    local now
+    now=$(uptime_s)
+    echo "HWKVM PHASE $1 $(awk -v a="$phase_start" -v b="$now" 'BEGIN { printf "%.1f", b - a }')"
+    phase_start=$now
+}
+finish() {
+    echo "HWKVM SUMMARY passed=$passed failed=$failed seconds=$(uptime_s)"
+    sync
+    poweroff -f
+    # poweroff -f does not return; if it does, make the kernel stop QEMU.
+    exit 1
+}
+
+W=/tmp/hwkvm
+mkdir -p "$W"
+export KVMFORK_CACHE_DIR=/tmp/kvmfork-cache KVMFORK_GUEST_DIR=/kvmfork/guest
+# run.sh passes the host's KVMFORK_EXTRA_CMDLINE on (template kernel command line).
+if [ -f /kvmfork/extra-cmdline ]; then
+    export KVMFORK_EXTRA_CMDLINE="$(cat /kvmfork/extra-cmdline)"
+    echo "HWKVM OUT KVMFORK_EXTRA_CMDLINE=$KVMFORK_EXTRA_CMDLINE"
+fi
+echo "HWKVM OUT kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB"
+phase boot
+
+# --- KVM -------------------------------------------------------------------
+if { insmod /kvmfork/modules/irqbypass.ko && insmod /kvmfork/modules/kvm.ko &&
+    insmod /kvmfork/modules/kvm-amd.ko; } 2>"$W/insmod.err"; then
+    pass modules
+else
+    fail modules "insmod failed: $(cat "$W/insmod.err" 2>/dev/null)"
+fi
+dmesg | grep -E 'SVM|kvm' | while IFS= read -r line; do echo "HWKVM OUT dmesg: $line"; done
+if [ -c /dev/kvm ]; then pass dev-kvm; else fail dev-kvm "/dev/kvm is missing after loading kvm-amd"; fi
+if grep -qw svm /proc/cpuinfo && grep -qw npt /proc/cpuinfo; then
+    pass svm-cpuinfo
+else
+    fail svm-cpuinfo "/proc/cpuinfo lacks the svm or npt flag (QEMU -cpu max should have both)"
+fi
+phase kvm
+
+# --- templates and `kvmfork run` ------------------------------------------------
+# Templates are built here: a template is tied to the kind of host KVM that
+# booted it. Everything is TCG-slow, so independent work overlaps: both
+# builds start at once, and the Python `kvmfork run` checks (two lanes) run
+# while the Node template is still being built.
+build_template() { # language; writes $W/template-<language>.{err,dir,rc}
+    local lang=$1 rc=0
+    kvmfork template build --language "$lang" --kernel /kvmfork/vmlinux \
+        --initrd "/kvmfork/rootfs-$lang.cpio" --boot-timeout 240 \
+        >"$W/template-$lang.dir" 2>"$W/template-$lang.err" || rc=$?
+    echo "$rc" >"$W/template-$lang.rc"
+}
+check_template() { # language
+    local lang=$1 dir
+    dir=$(tail -n 1 "$W/template-$lang.dir")
+    if [ "$(cat "$W/template-$lang.rc")" != 0 ]; then
+        fail "template-$lang" "kvmfork template build --language $lang exited $(cat "$W/template-$lang.rc")"
+        show "$W/template-$lang.err" 25
+    elif [ ! -f "$dir/state.snap" ]; then
+        fail "template-$lang" "template build printed '$dir', which has no state.snap"
+    else
+        pass "template-$lang"
+    fi
+    grep -E '\] (host|boot|snapshot|verify|done):' "$W/template-$lang.err" | grep -v 'guest running' |
+        while IFS= read -r line; do echo "HWKVM OUT $lang: $line"; done
+}
+# run_cmd <name> <kvmfork run args...>: $W/<name>.{out,err,rc,secs}.
+run_cmd() {
+    local name=$1 rc=0 t0
+    shift
+    t0=$(uptime_s)
+    kvmfork run "$@" >"$W/$name.out" 2>"$W/$name.err" || rc=$?
+    echo "$rc" >"$W/$name.rc"
+    awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f\n", b - a }' >"$W/$name.secs"
+}
+# expect_out <check> <expected stdout>: exit 0 and exactly that output.
+expect_out() {
+    local name=$1 want=$2 rc got
+    rc=$(cat "$W/$name.rc")
+    got=$(cat "$W/$name.out")
+    echo "HWKVM OUT $name: kvmfork run took $(cat "$W/$name.secs") s"
+    if [ "$rc" = 0 ] && [ "$got" = "$want" ]; then
+        pass "$name"
+    else
+        fail "$name" "exit $rc, stdout '$got', wanted exit 0 and '$want'"
+        show "$W/$name.err"
+    fi
+}
+
+RAND_CODE='import os; print(os.urandom(8).hex())'
+build_template python &
+py_build=$!
+build_template node &
+node_build=$!
+wait "$py_build"
+check_template python
+phase template-python
+
+(
+    run_cmd run-print 'print(1+1)'
+    run_cmd run-numpy 'import numpy as np; print(np.arange(10).mean())'
+    run_cmd run-exception 'raise ValueError("hw-kvm boom")'
+) &
+lane_a=$!
+(
+    run_cmd run-timeout --timeout 1 'while True: pass'
+    # The next run after a timeout still works (and gives one random value).
+    run_cmd run-after-timeout "$RAND_CODE"
+) &
+lane_b=$!
+wait "$lane_a" "$lane_b"
+
+expect_out run-print 2
+expect_out run-numpy 4.5
+rc=$(cat "$W/run-exception.rc")
+if [ "$rc" = 1 ] && grep -q '^Traceback' "$W/run-exception.err" &&
+    grep -q 'ValueError: hw-kvm boom' "$W/run-exception.err"; then
+    pass run-exception
+else
+    fail run-exception "exit $rc (wanted 1) or no Traceback / 'ValueError: hw-kvm boom' in stderr"
+    show "$W/run-exception.err"
+fi
+rc=$(cat "$W/run-timeout.rc")
+echo "HWKVM OUT run-timeout: kvmfork run --timeout 1 took $(cat "$W/run-timeout.secs") s"
+if [ "$rc" = 124 ] && grep -q 'timed out' "$W/run-timeout.err"; then
+    pass run-timeout
+else
+    fail run-timeout "exit $rc (wanted 124 and 'timed out' in stderr)"
+    show "$W/run-timeout.err"
+fi
+echo "HWKVM OUT run-after-timeout: kvmfork run took $(cat "$W/run-after-timeout.secs") s"
+if [ "$(cat "$W/run-after-timeout.rc")" = 0 ] && grep -qxE '[0-9a-f]{16}' "$W/run-after-timeout.out"; then
+    pass run-after-timeout
+else
+    fail run-after-timeout "exit $(cat "$W/run-after-timeout.rc"), stdout '$(cat "$W/run-after-timeout.out")', wanted 16 hex digits"
+    show "$W/run-after-timeout.err"
+fi
+# Randomness: this separate process's value joins twenty forks of the server
+# (one batch, pooled VMs reset by copy-back) below; all must differ.
+cp "$W/run-after-timeout.out" "$W/rand.all"
+phase run-python
+
+wait "$node_build"
+check_template node
+kinds=$(cat "$W/template-python.err" "$W/template-node.err" | grep -o 'KVM kind: [a-z]*' | tr '\n' ';')
+if [ "$(grep -c 'KVM kind: hardware' "$W/template-python.err" "$W/template-node.err" | grep -c ':1$')" = 2 ]; then
+    pass host-kind-hardware
+else
+    fail host-kind-hardware "both template builds must report 'KVM kind: hardware'; got: ${kinds:-no KVM kind line}"
+fi
+phase template-node
+run_cmd run-node --language node 'console.log(1+1)'
+expect_out run-node 2
+phase run-node
+
+# --- kvmfork serve -------------------------------------------------------------
+PORT=18080
+URL=http://127.0.0.1:$PORT
+KEY=hwkvm-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+printf '["%s"]\n' "$KEY" >"$W/keys.json"
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+
+# http <name> <method> <path> <body> [wget option...]: response body in
+# $W/<name>.body, status code in $W/<name>.status (000 when no HTTP answer
+# came; busybox wget saves no body for error statuses, -S shows the status).
+# Bounded with timeout(1): busybox 1.35's static wget segfaults with -T.
+http() {
+    local name=$1 method=$2 path=$3 body=$4
+    shift 4
+    rm -f "$W/$name.body"
+    if [ "$method" = POST ]; then
+        timeout 120 wget -S -q -O "$W/$name.body" --header 'Content-Type: application/json' \
+            "$@" --post-data "$body" "$URL$path" 2>"$W/$name.hdr"
+    else
+        timeout 120 wget -S -q -O "$W/$name.body" "$@" "$URL$path" 2>"$W/$name.hdr"
+    fi
+    sed -n 's/^ *HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$W/$name.hdr" | tail -n 1 >"$W/$name.status"
+    [ -s "$W/$name.status" ] || echo 000 >"$W/$name.status"
+    touch "$W/$name.body"
+}
+status() { cat "$W/$1.status"; }
+# expect_status <check> <name> <code>: returns 0 when matched, else fails the check.
+expect_status() {
+    if [ "$(status "$2")" = "$3" ]; then return 0; fi
+    fail "$1" "HTTP $(status "$2"), wanted $3: $(head -c 300 "$W/$2.body") $(grep -v '^ ' "$W/$2.hdr" | head -n 2)"
+    return 1
+}
+
+kvmfork serve --listen "127.0.0.1:$PORT" --api-keys-file "$W/keys.json" --shards 1 \
+    --workers-per-shard 1 --pool-size 1 >"$W/serve.log" 2>&1 &
+server=$!
+up=
+serve_t0=$(uptime_s)
+deadline=$(awk -v t="$serve_t0" 'BEGIN { print t + 120 }')
+while kill -0 "$server" 2>/dev/null; do
+    if timeout 10 wget -q -O "$W/health.body" "$URL/v1/health" 2>/dev/null; then up=1; break; fi
+    if awk -v t="$(uptime_s)" -v d="$deadline" 'BEGIN { exit !(t > d) }'; then break; fi
+    sleep 0.2
+done
+if [ -n "$up" ]; then
+    pass serve-start
+    echo "HWKVM OUT serve: /v1/health answered $(awk -v a="$serve_t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }') s after start"
+else
+    fail serve-start "kvmfork serve did not answer /v1/health within 120 s (alive: $(kill -0 "$server" 2>/dev/null && echo yes || echo no))"
+    show "$W/serve.log" 25
+fi
+
+if [ -n "$up" ]; then
+    if grep -q '"python"' "$W/health.body" && grep -q '"node"' "$W/health.body"; then
+        pass serve-health
+    else
+        fail serve-health "/v1/health does not list both languages: $(head -c 300 "$W/health.body")"
+    fi
+
+    AUTH="Authorization: Bearer $KEY"
+    http exec POST /v1/exec '{"code": "print(1 + 1)"}' --header "$AUTH"
+    if expect_status serve-exec exec 200; then
+        if grep -qF '"stdout":"2\n"' "$W/exec.body" && grep -qF '"exit_code":0' "$W/exec.body"; then
+            pass serve-exec
+        else
+            fail serve-exec "200 without stdout 2 / exit_code 0: $(head -c 300 "$W/exec.body")"
+        fi
+    fi
+
+    http batch POST /v1/exec/batch \
+        '{"executions": [{"code": "print(40 + 1)"}, {"code": "console.log(40 + 2)", "language": "node"}, {"code": "import sys; sys.exit(3)"}]}' \
+        --header "$AUTH"
+    if expect_status serve-batch batch 200; then
+        # Results in request order: 41, then 42, then exit code 3.
+        order=$(grep -oE '"stdout":"4[12]\\n"|"exit_code":[0-9]+' "$W/batch.body" | tr '\n' ' ')
+        if [ "$order" = '"stdout":"41\n" "exit_code":0 "stdout":"42\n" "exit_code":0 "exit_code":3 ' ]; then
+            pass serve-batch
+        else
+            fail serve-batch "unexpected results (wanted 41, 42, exit 3 in order): $(head -c 400 "$W/batch.body")"
+        fi
+    fi
+
+    http noauth POST /v1/exec '{"code": "print(1)"}'
+    expect_status serve-unauthorized noauth 401 && pass serve-unauthorized
+
+    http malformed POST /v1/exec '{"code": "print(1)"' --header "$AUTH"
+    expect_status serve-malformed malformed 400 && pass serve-malformed
+
+    items=
+    for i in $(seq 1 20); do items="$items${items:+, }{\"code\": \"$RAND_CODE\"}"; done
+    http rand POST /v1/exec/batch "{\"executions\": [$items]}" --header "$AUTH"
+    if expect_status run-urandom rand 200; then
+        grep -oE '"stdout":"[^"]*"' "$W/rand.body" | sed 's/^"stdout":"//; s/\\n"$//' >>"$W/rand.all"
+        total=$(wc -l <"$W/rand.all")
+        distinct=$(sort -u "$W/rand.all" | wc -l)
+        wellformed=$(grep -cxE '[0-9a-f]{16}' "$W/rand.all")
+        if [ "$total" -ne 21 ] || [ "$wellformed" -ne 21 ] || [ "$distinct" -ne 21 ]; then
+            fail run-urandom "wanted 21 distinct 16-hex-digit values (1 kvmfork run + 20 batch forks), got $total values, $wellformed well-formed, $distinct distinct"
+            show "$W/rand.all" 21
+        else
+            pass run-urandom
+        fi
+    fi
+
+    http metrics GET /v1/metrics ''
+    if expect_status serve-metrics metrics 200; then
+        missing=
+        for m in kvmfork_http_requests_total kvmfork_pool_forks_total kvmfork_fork_seconds_count kvmfork_io_backend_info; do
+            grep -q "^$m" "$W/metrics.body" || missing="$missing $m"
+        done
+        if [ -z "$missing" ]; then
+            pass serve-metrics
+            grep '^kvmfork_io_backend_info' "$W/metrics.body" | while IFS= read -r line; do echo "HWKVM OUT $line"; done
+        else
+            fail serve-metrics "/v1/metrics lacks:$missing"
+        fi
+    fi
+else
+    for c in serve-health serve-exec serve-batch serve-unauthorized serve-malformed run-urandom serve-metrics; do
+        fail "$c" "skipped: the server did not start"
+    done
+fi
+
+# SIGTERM drains and exits; bounded wait.
+kill -TERM "$server" 2>/dev/null
+i=0
+while kill -0 "$server" 2>/dev/null && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+if kill -0 "$server" 2>/dev/null; then
+    kill -KILL "$server"
+    fail serve-stop "kvmfork serve still running 30 s after SIGTERM"
+else
+    rc=0
+    wait "$server" || rc=$?
+    if [ "$rc" -eq 0 ]; then pass serve-stop; else fail serve-stop "kvmfork serve exited with $rc after SIGTERM"; show "$W/serve.log"; fi
+fi
+phase serve
+
+# --- kvmfork bench fork ----------------------------------------------------------
+rc=0
+kvmfork bench fork --iterations 10 --alive 1,5 --max-exec-alive 5 >"$W/bench.out" 2>"$W/bench.err" || rc=$?
+while IFS= read -r line; do echo "HWKVM OUT bench: $line"; done <"$W/bench.out"
+if [ "$rc" -eq 0 ] && grep -q 'p50' "$W/bench.out"; then
+    pass bench-fork
+else
+    fail bench-fork "exit $rc, or no p50 in its output"
+    show "$W/bench.err"
+fi
+phase bench
+
+finish
