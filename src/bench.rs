@@ -23,11 +23,11 @@ pub struct BenchOptions {
     pub max_exec_alive: usize,
 }
 
-fn hist() -> Histogram<u64> {
+pub(crate) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
-fn us(d: Duration) -> u64 {
+pub(crate) fn us(d: Duration) -> u64 {
     (d.as_nanos() / 1000).max(1) as u64
 }
 
@@ -43,7 +43,7 @@ fn row(name: &str, h: &Histogram<u64>) -> String {
     )
 }
 
-fn fmt_us(v: u64) -> String {
+pub(crate) fn fmt_us(v: u64) -> String {
     if v >= 10_000 {
         format!("{:.1}ms", v as f64 / 1000.0)
     } else {
@@ -51,7 +51,7 @@ fn fmt_us(v: u64) -> String {
     }
 }
 
-fn meminfo_available_kb() -> u64 {
+pub(crate) fn meminfo_available_kb() -> u64 {
     let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     s.lines()
         .find(|l| l.starts_with("MemAvailable:"))

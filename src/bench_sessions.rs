@@ -13,6 +13,7 @@ use hdrhistogram::Histogram;
 use kvm_ioctls::Kvm;
 
 use crate::api::{CancelToken, ExecRequest, ExecResult, Language};
+use crate::bench::{fmt_us, hist, meminfo_available_kb, us};
 use crate::engine::pool::{Pool, PoolConfig};
 use crate::engine::sandbox::{Limits, Sandbox};
 use crate::template::Template;
@@ -25,22 +26,6 @@ pub struct SessionBenchOptions {
     pub fan_out: usize,
 }
 
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
-}
-
-fn us(d: Duration) -> u64 {
-    (d.as_nanos() / 1000).max(1) as u64
-}
-
-fn fmt_us(v: u64) -> String {
-    if v >= 10_000 {
-        format!("{:.1} ms", v as f64 / 1000.0)
-    } else {
-        format!("{v} µs")
-    }
-}
-
 fn ratio(slow: u64, fast: u64) -> String {
     let r = slow as f64 / fast.max(1) as f64;
     if r >= 10.0 {
@@ -48,15 +33,6 @@ fn ratio(slow: u64, fast: u64) -> String {
     } else {
         format!("{r:.1}×")
     }
-}
-
-fn meminfo_available_kb() -> u64 {
-    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn req(code: &str) -> ExecRequest {

@@ -159,22 +159,7 @@ impl Pool {
         let fork_time = started.elapsed();
         self.stats.forks += 1;
         let limits = self.cfg.limits;
-        let template = self.template.clone();
-        let mut result = match self.timer() {
-            Ok(timer) => sb.exec(&template, req, &limits, timer),
-            Err(e) => ExecResult {
-                exit_code: -1,
-                failure: Some(ExecFailure::Internal(e.to_string())),
-                ..Default::default()
-            },
-        };
-        match &result.failure {
-            Some(ExecFailure::Timeout) => self.stats.timeouts += 1,
-            Some(ExecFailure::GuestCrashed(_)) | Some(ExecFailure::BadResponse(_)) => {
-                self.stats.guest_errors += 1
-            }
-            _ => {}
-        }
+        let mut result = self.run_in(&mut sb, ExecMode::Stateless, req, &limits);
         self.release(sb);
         result.fork_time = fork_time;
         result.total_time = started.elapsed();
@@ -198,9 +183,22 @@ impl Pool {
         limits: &Limits,
     ) -> ExecResult {
         let started = Instant::now();
+        let mut result = self.run_in(sb, ExecMode::Session { reseed }, req, limits);
+        result.total_time = started.elapsed();
+        result
+    }
+
+    /// One run with this pool's timer, counted in its statistics.
+    fn run_in(
+        &mut self,
+        sb: &mut Sandbox,
+        mode: ExecMode,
+        req: &ExecRequest,
+        limits: &Limits,
+    ) -> ExecResult {
         let template = self.template.clone();
-        let mut result = match self.timer() {
-            Ok(timer) => sb.exec_in(ExecMode::Session { reseed }, &template, req, limits, timer),
+        let result = match self.timer() {
+            Ok(timer) => sb.exec_in(mode, &template, req, limits, timer),
             Err(e) => ExecResult {
                 exit_code: -1,
                 failure: Some(ExecFailure::Internal(e.to_string())),
@@ -214,7 +212,6 @@ impl Pool {
             }
             _ => {}
         }
-        result.total_time = started.elapsed();
         result
     }
 

@@ -450,6 +450,70 @@ impl SessionTable {
         }
     }
 
+    /// Starts `count` sessions of `owner` from the template (`cp` None) or a
+    /// checkpoint: one result each, a 429 entry for each place beyond the
+    /// key's or the server's limit.
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        pools: &mut PoolSet,
+        owner: Owner,
+        language: Language,
+        ttl: Duration,
+        metadata: &serde_json::Value,
+        cp: Option<&Checkpoint>,
+        count: usize,
+    ) -> Result<Vec<Result<SessionInfo, SessionError>>, SessionError> {
+        // A missing template refuses the request before any place is taken.
+        Self::pool(pools, language)?;
+        let granted = self.dir.reserve(&self.cfg, owner, count)?;
+        let mut out = Vec::with_capacity(count);
+        for i in 0..count {
+            if i >= granted {
+                out.push(Err(SessionError::new(
+                    429,
+                    "too_many_sandboxes",
+                    "this API key or the server reached its live sandbox limit",
+                )));
+                continue;
+            }
+            let started = Instant::now();
+            let made = Self::pool(pools, language).and_then(|pool| {
+                match cp {
+                    Some(cp) => pool.sandbox_from(cp),
+                    None => pool.open_session(),
+                }
+                .map_err(|e| {
+                    SessionError::new(
+                        500,
+                        "fork_failed",
+                        format!("could not start the sandbox: {e}"),
+                    )
+                })
+            });
+            match made {
+                Ok(sb) => {
+                    // The place reserved above is now the session's (remove() frees it).
+                    let pool = Self::pool(pools, language)?;
+                    out.push(Ok(self.insert(
+                        sb,
+                        owner,
+                        language,
+                        ttl,
+                        started.elapsed(),
+                        metadata.clone(),
+                        pool,
+                    )));
+                }
+                Err(e) => {
+                    self.dir.unreserve(owner, 1);
+                    out.push(Err(e));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn create(
         &mut self,
         pools: &mut PoolSet,
@@ -480,48 +544,25 @@ impl SessionTable {
             },
             None => (spec.language, spec.metadata.clone()),
         };
-        let granted = self.dir.reserve(&self.cfg, owner, count)?;
-        let mut out = Vec::with_capacity(count);
-        for i in 0..count {
-            if i >= granted {
-                out.push(Err(SessionError::new(
-                    429,
-                    "too_many_sandboxes",
-                    "this API key or the server reached its live sandbox limit",
-                )));
-                continue;
+        let out = match &from_checkpoint {
+            Some(cid) => {
+                // Out of the map while children are made from it (they need
+                // `&mut self`); put back whatever happens.
+                let stored = self.checkpoints.remove(&cid.text).expect("looked up above");
+                let out = self.start(
+                    pools,
+                    owner,
+                    language,
+                    ttl,
+                    &metadata,
+                    Some(&stored.checkpoint),
+                    count,
+                );
+                self.checkpoints.insert(cid.text.clone(), stored);
+                out?
             }
-            let started = Instant::now();
-            let pool = Self::pool(pools, language)?;
-            let made = match &from_checkpoint {
-                Some(cid) => pool.sandbox_from(&self.checkpoints[&cid.text].checkpoint),
-                None => pool.open_session(),
-            };
-            match made {
-                Ok(sb) => {
-                    let fork_time = started.elapsed();
-                    // The place reserved above is now the session's (remove() frees it).
-                    let pool = Self::pool(pools, language)?;
-                    out.push(Ok(self.insert(
-                        sb,
-                        owner,
-                        language,
-                        ttl,
-                        fork_time,
-                        metadata.clone(),
-                        pool,
-                    )));
-                }
-                Err(e) => {
-                    self.dir.unreserve(owner, 1);
-                    out.push(Err(SessionError::new(
-                        500,
-                        "fork_failed",
-                        format!("could not start the sandbox: {e}"),
-                    )));
-                }
-            }
-        }
+            None => self.start(pools, owner, language, ttl, &metadata, None, count)?,
+        };
         Ok(SessionReply::Created(out))
     }
 
@@ -626,45 +667,7 @@ impl SessionTable {
         }
         let ttl = self.ttl(ttl)?;
         let (cp, language, metadata, pause) = self.capture(pools, id, owner)?;
-        let granted = match self.dir.reserve(&self.cfg, owner, count) {
-            Ok(n) => n,
-            Err(e) => return Err(e),
-        };
-        let mut forks = Vec::with_capacity(count);
-        for i in 0..count {
-            if i >= granted {
-                forks.push(Err(SessionError::new(
-                    429,
-                    "too_many_sandboxes",
-                    "this API key or the server reached its live sandbox limit",
-                )));
-                continue;
-            }
-            let started = Instant::now();
-            let pool = Self::pool(pools, language)?;
-            match pool.sandbox_from(&cp) {
-                Ok(sb) => {
-                    let pool = Self::pool(pools, language)?;
-                    forks.push(Ok(self.insert(
-                        sb,
-                        owner,
-                        language,
-                        ttl,
-                        started.elapsed(),
-                        metadata.clone(),
-                        pool,
-                    )));
-                }
-                Err(e) => {
-                    self.dir.unreserve(owner, 1);
-                    forks.push(Err(SessionError::new(
-                        500,
-                        "fork_failed",
-                        format!("could not fork the sandbox: {e}"),
-                    )));
-                }
-            }
-        }
+        let forks = self.start(pools, owner, language, ttl, &metadata, Some(&cp), count)?;
         Ok(SessionReply::Forked {
             source_id: id.text.clone(),
             pause,
