@@ -300,7 +300,7 @@ rust_guest_sources() {
   # `template build` reads guest/ to find the cached template by the hash of
   # its inputs (it is cached: the server under test uses it).
   local got want
-  got=$(cd "$tmp/run" && env -u KVMFORK_GUEST_DIR timeout 120 "$tmp/cargo/bin/kvmfork" template build | tail -n 1)
+  got=$(cd "$tmp/run" && env -u KVMFORK_GUEST_DIR -u FORKD_GUEST_DIR timeout 120 "$tmp/cargo/bin/kvmfork" template build | tail -n 1)
   echo "installed binary: $got"
   [[ -n $got && -d $got ]] || return 1
   if [[ -x $root/target/release/kvmfork ]]; then
