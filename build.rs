@@ -1,8 +1,83 @@
 //! Turns `guest/contract.h` (the guest<->host contract shared with the guest
-//! agent) into Rust constants, so both sides read the same numbers.
-use std::{env, fs, path::Path};
+//! agent) into Rust constants, so both sides read the same numbers, and
+//! records the git commit the binary is built from (`KVMFORK_GIT_COMMIT`:
+//! `git rev-parse --short HEAD`, `-dirty` when tracked files differ from it,
+//! `unknown` outside a git checkout) for `kvmfork --version`.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 fn main() {
+    contract();
+    git_commit();
+}
+
+/// `git` in the package directory; `None` when git is missing or fails.
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(env::var_os("CARGO_MANIFEST_DIR")?)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    Some(String::from_utf8(out.stdout).ok()?.trim().to_string())
+}
+
+fn git_commit() {
+    let commit = match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(hash) if !hash.is_empty() => {
+            // Tracked files only: untracked build products do not count.
+            let dirty = git(&[
+                "--no-optional-locks",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{hash}-dirty")
+            } else {
+                hash
+            }
+        }
+        _ => "unknown".to_string(),
+    };
+    println!("cargo:rustc-env=KVMFORK_GIT_COMMIT={commit}");
+    // Re-run when HEAD moves (checkout, commit, reset): the HEAD file, its
+    // reflog and the branch ref (loose or packed), where they exist; a path
+    // that does not exist would make cargo re-run this script on every build.
+    // A worktree keeps HEAD in its own git dir and the refs in the common one.
+    let dir = |arg: &str| {
+        git(&["rev-parse", arg]).map(|d| {
+            let d = PathBuf::from(d);
+            if d.is_absolute() {
+                d
+            } else {
+                Path::new(&env::var_os("CARGO_MANIFEST_DIR").unwrap()).join(d)
+            }
+        })
+    };
+    let (Some(git_dir), Some(common)) = (dir("--git-dir"), dir("--git-common-dir")) else {
+        return;
+    };
+    let mut watch = vec![
+        git_dir.join("HEAD"),
+        git_dir.join("logs/HEAD"),
+        common.join("packed-refs"),
+    ];
+    if let Some(r) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watch.push(common.join(r));
+    }
+    for path in watch.iter().filter(|p| p.is_file()) {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+}
+
+fn contract() {
     let header = "guest/contract.h";
     println!("cargo:rerun-if-changed={header}");
     let text = fs::read_to_string(header).expect("read guest/contract.h");

@@ -13,7 +13,7 @@ use kvmfork::template::{self, BuildOptions};
 #[derive(Parser)]
 #[command(
     name = "kvmfork",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("KVMFORK_GIT_COMMIT"), ")"),
     about = "Copy-on-write KVM sandboxes for running untrusted code"
 )]
 struct Cli {

@@ -5,7 +5,8 @@
 # slow — then runs every suite: Rust unit and integration tests (VMM on tiny
 # guests, fork engine on the real template, HTTP server, loadgen), the
 # hardware-KVM path inside a nested QEMU guest (tests/hw-kvm), and the SDK
-# suites against a live `kvmfork serve`. Needs root (apt) and /dev/kvm.
+# suites and the installed packages (tests/packages.sh) against a live
+# `kvmfork serve`. Needs root (apt) and /dev/kvm.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -18,7 +19,7 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
 fi
 
 step "system packages"
-pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light qemu-system-x86 busybox-static cpio)
+pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light qemu-system-x86 busybox-static cpio python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -54,7 +55,7 @@ python3 -m unittest discover -s guest/agent -p 'test_*.py'
 python3 -m unittest discover -s tuning -p 'test_*.py'
 python3 -m unittest discover -s bench/peers -p 'test_*.py'
 
-step "live server: SDK suites and API spec"
+step "live server: SDK suites, installed packages and API spec"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 work=$(mktemp -d)
 key="kvmfork-test-$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -82,6 +83,8 @@ print("failed " + "; ".join(failed) if failed else "ready" if t and all(e.get("r
 done
 [[ -n $ready ]] || { cat "$work/serve.log" >&2; echo "kvmfork serve: templates not ready after 300 s" >&2; exit 1; }
 KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash sdk/run-tests.sh
+# The packages as a user installs them (wheel, sdist, npm tarball, cargo install).
+KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash tests/packages.sh
 bash docs/validate-openapi.sh
 
 step "two kvmfork nodes behind HAProxy (deploy/haproxy.cfg)"

@@ -38,6 +38,11 @@ export interface SandboxOptions {
   apiKey?: string;
   /** Default `KVMFORK_URL`, else `http://127.0.0.1:8080`. */
   baseUrl?: string;
+  /**
+   * Language of `run`, `exec` and `runBatch` when the call names none
+   * (default `"python"`). Live sandboxes (`createSandbox`) take their own.
+   */
+  language?: Language | string;
   /** HTTP timeout in seconds; default: the run's time limit plus 30 s. */
   timeout?: number;
   /** Retries of 429/503 answers and refused connections (default 3; 0 = off). */
@@ -53,7 +58,7 @@ export interface SandboxOptions {
 }
 
 export interface RunOptions {
-  /** Default `"python"`. */
+  /** Default: the client's `language` option, else `"python"`. */
   language?: Language | string;
   /** The sandbox's wall-clock limit in seconds (server default 30). */
   timeout?: number;
@@ -75,6 +80,8 @@ export interface Answer {
 export class Sandbox {
   readonly baseUrl: string;
   readonly apiKey: string | undefined;
+  /** The language of runs that name none. */
+  readonly language: string;
   readonly timeout: number | undefined;
   readonly maxRetries: number;
   readonly backoff: number;
@@ -98,6 +105,10 @@ export class Sandbox {
     this.baseUrl = (options.baseUrl || env("KVMFORK_URL") || legacyEnv("URL") || DEFAULT_BASE_URL).replace(/\/+$/, "");
     if (!/^https?:\/\/[^/]/.test(this.baseUrl)) {
       throw new KvmforkError(`baseUrl must be an http:// or https:// URL, got ${JSON.stringify(this.baseUrl)}`);
+    }
+    this.language = options.language ?? "python";
+    if (typeof this.language !== "string" || this.language === "") {
+      throw new TypeError("language must be a non-empty string");
     }
     this.timeout = options.timeout;
     this.maxRetries = options.maxRetries ?? 3;
@@ -131,7 +142,7 @@ export class Sandbox {
   /** Runs `code` and resolves to the full {@link ExecResult}; never rejects for what the code did. */
   async exec(code: string, options?: RunOptions | Language | string): Promise<ExecResult> {
     const opts = runOptions(options);
-    const body = requestBody(code, opts.language, opts.timeout);
+    const body = requestBody(code, opts.language ?? this.language, opts.timeout);
     const answer = await this.call("POST", "/v1/exec", body, this.httpTimeout([opts.timeout]), opts.signal);
     return parseExecResult(parseJson(answer));
   }
@@ -142,7 +153,7 @@ export class Sandbox {
    */
   async runBatch(items: BatchItem[], options?: RunOptions | Language | string): Promise<ExecResult[]> {
     const opts = runOptions(options);
-    const executions = items.map((item) => batchItemBody(item, opts));
+    const executions = items.map((item) => batchItemBody(item, { ...opts, language: opts.language ?? this.language }));
     const answer = await this.call(
       "POST",
       "/v1/exec/batch",

@@ -51,6 +51,35 @@ describe("wire format", () => {
     assert.equal(fake.requests[0].json().language, "node");
   });
 
+  test("the language option is the default of run, exec and runBatch; a call's own wins", async () => {
+    fake.script({ json: execAnswer("2\n") }, { json: execAnswer() }, { json: execAnswer() }, { json: { results: [execAnswer(), execAnswer()] } });
+    const sb = client({ language: "node" }).sb;
+    assert.equal(sb.language, "node");
+    assert.equal(await sb.run("console.log(1 + 1)"), "2");
+    await sb.exec("console.log(1)");
+    await sb.exec("print(1)", "python");
+    await sb.runBatch(["a", { code: "b", language: "python" }]);
+    assert.deepEqual(fake.requests.map((r) => r.json()), [
+      { code: "console.log(1 + 1)", language: "node" },
+      { code: "console.log(1)", language: "node" },
+      { code: "print(1)", language: "python" },
+      { executions: [{ code: "a", language: "node" }, { code: "b", language: "python" }] },
+    ]);
+  });
+
+  test("without a language option runs are Python", async () => {
+    fake.script({ json: execAnswer() });
+    const sb = client().sb;
+    assert.equal(sb.language, "python");
+    await sb.run("print(1)");
+    assert.equal(fake.requests[0].json().language, "python");
+  });
+
+  test("an empty or non-string language option is refused", () => {
+    assert.throws(() => client({ language: "" }), TypeError);
+    assert.throws(() => client({ language: 3 }), TypeError);
+  });
+
   test("run strips trailing newlines only", async () => {
     fake.script({ json: execAnswer("a\n\nb\n\n") });
     assert.equal(await client().sb.run("x"), "a\n\nb");
