@@ -85,7 +85,7 @@ impl ApiKeys {
             ));
         }
         let mut keys = Vec::with_capacity(entries.len());
-        for entry in entries {
+        for (index, entry) in entries.into_iter().enumerate() {
             let (key, rate, burst) = match entry {
                 KeyEntryIn::Plain(key) => (key, None, None),
                 KeyEntryIn::Detailed {
@@ -94,10 +94,11 @@ impl ApiKeys {
                     rate_burst,
                 } => (key, rate_limit, rate_burst),
             };
+            // Entries are named by position: the key itself is a secret.
             if key.trim().is_empty() || key.trim() != key {
-                return Err(invalid(
-                    "keys must be non-empty and have no surrounding whitespace",
-                ));
+                return Err(invalid(&format!(
+                    "entry {index}: keys must be non-empty and have no surrounding whitespace"
+                )));
             }
             let rate = rate.unwrap_or(default_limit.rate);
             let burst = burst.unwrap_or(if rate == default_limit.rate {
@@ -105,8 +106,16 @@ impl ApiKeys {
             } else {
                 rate.max(1.0)
             });
-            if !(rate.is_finite() && rate >= 0.0 && burst.is_finite() && burst >= 1.0) {
-                return Err(invalid("rate_limit must be >= 0 and rate_burst >= 1"));
+            if !(rate.is_finite() && rate >= 0.0) {
+                return Err(invalid(&format!(
+                    "entry {index}: rate_limit must be a finite number > 0 (requests per second) \
+                     or 0 (unlimited), got {rate}"
+                )));
+            }
+            if !(burst.is_finite() && burst >= 1.0) {
+                return Err(invalid(&format!(
+                    "entry {index}: rate_burst must be a finite number >= 1, got {burst}"
+                )));
             }
             keys.push(KeyEntry {
                 digest: Sha256::digest(key.as_bytes()).into(),
@@ -135,6 +144,13 @@ impl ApiKeys {
     pub fn limit(&self, index: usize) -> RateLimit {
         self.keys[index].limit
     }
+}
+
+/// Whole seconds for a `Retry-After` header: `wait` rounded up, at least 1.
+/// Integer arithmetic only, so no wait (up to `Duration::MAX`) can panic.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let round_up = u64::from(wait.subsec_nanos() > 0);
+    wait.as_secs().saturating_add(round_up).max(1)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -178,7 +194,10 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / limit.rate))
+            // A tiny rate makes the wait overflow a Duration (or reach
+            // infinity): saturate rather than panic the shard.
+            let wait = (1.0 - bucket.tokens) / limit.rate;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
         }
     }
 }
@@ -256,6 +275,50 @@ mod tests {
             write_keys("[\" a\"]").1,
             Err(AuthError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn bad_rates_are_refused_naming_the_entry() {
+        for (text, needle) in [
+            (
+                r#"["a", {"key": "b", "rate_limit": -1}]"#,
+                "entry 1: rate_limit",
+            ),
+            (
+                r#"[{"key": "b", "rate_limit": 1, "rate_burst": 0.5}]"#,
+                "entry 0: rate_burst",
+            ),
+            (r#"["a", "b", " c"]"#, "entry 2: keys must"),
+        ] {
+            let err = write_keys(text).1.err().expect(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        // 0 still means unlimited.
+        let (_p, keys) = write_keys(r#"[{"key": "k", "rate_limit": 0}]"#);
+        let mut limiter = RateLimiter::new(Some(&keys.unwrap().unwrap()));
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            assert!(limiter.try_acquire(0, t0).is_ok());
+        }
+    }
+
+    #[test]
+    fn tiny_rates_saturate_the_wait_instead_of_panicking() {
+        for rate in ["1e-320", "5e-324", "1e-300", "1e-19"] {
+            let text = format!(r#"[{{"key": "k", "rate_limit": {rate}}}]"#);
+            let (_p, keys) = write_keys(&text);
+            let keys = keys.unwrap().unwrap();
+            let mut limiter = RateLimiter::new(Some(&keys));
+            let t0 = Instant::now();
+            assert!(limiter.try_acquire(0, t0).is_ok(), "{rate}: the burst");
+            let wait = limiter.try_acquire(0, t0).unwrap_err();
+            assert!(wait > Duration::from_secs(1 << 30), "{rate}: {wait:?}");
+            assert!(retry_after_secs(wait) >= 1 << 30);
+        }
+        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::auth::{ApiKeys, RateLimiter};
+use super::auth::{retry_after_secs, ApiKeys, RateLimiter};
 use super::config::ServeConfig;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
@@ -228,7 +228,7 @@ impl ShardCtx {
                 if let Err(wait) = self.rate.try_acquire(key, now) {
                     let err =
                         ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
-                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    let secs = retry_after_secs(wait);
                     return Err((
                         endpoint,
                         error_response(&err).with_header("Retry-After", secs.to_string()),
