@@ -124,3 +124,42 @@ fn loopback_without_keys_still_serves_with_auth_off() {
         false
     );
 }
+
+#[test]
+fn internal_errors_answer_a_request_id_not_the_host_detail() {
+    server_support::for_each_backend(|backend| {
+        let server = start(backend, None, |_| {});
+        let code = r#"{"code":"internal:KVM_RUN: Bad address (os error 14) on /dev/kvm"}"#;
+        let resp = server.request("POST", "/v1/exec", Some(code));
+        assert_eq!(resp.status, 500);
+        let text = String::from_utf8_lossy(&resp.body).into_owned();
+        assert!(
+            !text.contains("KVM") && !text.contains("/dev/kvm"),
+            "{text}"
+        );
+        let v = resp.json();
+        assert_eq!(v["error"]["code"], "internal");
+        let message = v["error"]["message"].as_str().unwrap();
+        let id = message
+            .strip_prefix("internal error; request id ")
+            .unwrap_or_else(|| panic!("{message}"));
+        assert_eq!(id.len(), 36, "a UUID-shaped request id: {id}");
+
+        let batch = format!(r#"{{"executions":[{code},{{"code":"echo:ok"}}]}}"#);
+        let resp = server.request("POST", "/v1/exec/batch", Some(&batch));
+        assert_eq!(resp.status, 200);
+        let text = String::from_utf8_lossy(&resp.body).into_owned();
+        assert!(!text.contains("KVM"), "{text}");
+        let v = resp.json();
+        let first = &v["results"][0];
+        assert_eq!(first["error"]["code"], "internal");
+        assert_eq!(
+            first["error"]["message"],
+            format!(
+                "internal error; request id {}",
+                first["id"].as_str().unwrap()
+            )
+        );
+        assert_eq!(v["results"][1]["stdout"], "ok");
+    });
+}

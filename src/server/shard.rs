@@ -546,7 +546,11 @@ impl ShardCtx {
                     "unknown_language",
                     "no template is loaded for this language",
                 )),
-                Some(ExecFailure::Internal(m)) => Some(ApiError::new(500, "internal", m.clone())),
+                Some(ExecFailure::Internal(m)) => Some(ApiError::new(
+                    500,
+                    "internal",
+                    wire::internal_error(&self.ids.next(), m),
+                )),
                 _ => None,
             };
             if let Some(err) = refused {
