@@ -163,3 +163,44 @@ fn internal_errors_answer_a_request_id_not_the_host_detail() {
         assert_eq!(v["results"][1]["stdout"], "ok");
     });
 }
+
+#[test]
+fn failed_authentications_are_throttled_per_address() {
+    server_support::for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["good-key"]"#), |c| {
+            c.auth_fail_limit = 3;
+            c.auth_fail_window = Duration::from_millis(1500);
+        });
+        let body = Some(r#"{"code":"echo:hi"}"#);
+        let bad = [("Authorization", "Bearer guess")];
+        let good = [("Authorization", "Bearer good-key")];
+        let mut c = server.connect();
+        c.send("POST", "/v1/exec", &good, body);
+        assert_eq!(c.read_response().status, 200);
+        for i in 0..3 {
+            c.send("POST", "/v1/exec", &bad, body);
+            assert_eq!(c.read_response().status, 401, "failure {i}");
+        }
+        c.send("POST", "/v1/exec", &bad, body);
+        let throttled = c.read_response();
+        assert_eq!(
+            (throttled.status, throttled.error_code().as_str()),
+            (429, "auth_throttled")
+        );
+        assert_eq!(throttled.header("retry-after"), Some("2"));
+        // Every request from the address is refused, a valid key too (the
+        // key is not checked), on any authenticated route; probes stay open.
+        for path in ["/v1/exec", "/v1/sandboxes"] {
+            c.send("POST", path, &good, body);
+            assert_eq!(c.read_response().error_code(), "auth_throttled", "{path}");
+        }
+        c.send("GET", "/v1/health", &[], None);
+        assert_eq!(c.read_response().status, 200);
+        // Once the window has passed the address is served again.
+        std::thread::sleep(Duration::from_millis(1600));
+        c.send("POST", "/v1/exec", &good, body);
+        assert_eq!(c.read_response().json()["stdout"], "hi");
+        c.send("POST", "/v1/exec", &bad, body);
+        assert_eq!(c.read_response().status, 401, "counting starts afresh");
+    });
+}

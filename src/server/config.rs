@@ -27,6 +27,11 @@ pub struct ServeConfig {
     /// Refuse to start without a keys file: `None` = required unless
     /// `listen` is a loopback address.
     pub require_auth: Option<bool>,
+    /// Failed authentications from one client address (IPv6: /64) within
+    /// `auth_fail_window` after which it gets 429 for a window (0 = off);
+    /// counted per shard.
+    pub auth_fail_limit: u32,
+    pub auth_fail_window: Duration,
     pub force_epoll: bool,
     pub max_head_bytes: usize,
     pub max_headers: usize,
@@ -66,6 +71,8 @@ impl Default for ServeConfig {
             rate_burst: 100.0,
             api_keys_file: default_api_keys_file(),
             require_auth: None,
+            auth_fail_limit: 10,
+            auth_fail_window: Duration::from_secs(60),
             force_epoll: false,
             max_head_bytes: 16 * 1024,
             max_headers: 64,
@@ -162,6 +169,12 @@ pub struct ServeArgs {
     /// Refuse to start without the API keys file [default: true unless --listen is a loopback address]; --require-auth=false serves without auth anywhere.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub require_auth: Option<bool>,
+    /// Failed authentications per client address (IPv6: per /64) within the window before it gets 429 auth_throttled for a window (0 = off); counted by each shard independently.
+    #[arg(long, default_value_t = 10)]
+    pub auth_fail_limit: u32,
+    /// Length of the failed-authentication window and of the block that follows.
+    #[arg(long, default_value_t = 60.0)]
+    pub auth_fail_window_seconds: f64,
     /// Serve with epoll even where io_uring works.
     #[arg(long)]
     pub force_epoll: bool,
@@ -194,6 +207,9 @@ impl ServeArgs {
             config.api_keys_file = path.clone();
         }
         config.require_auth = self.require_auth;
+        config.auth_fail_limit = self.auth_fail_limit;
+        config.auth_fail_window =
+            seconds("auth-fail-window-seconds", self.auth_fail_window_seconds)?;
         config.force_epoll = self.force_epoll;
         config.max_body_bytes = self.max_body_bytes;
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
