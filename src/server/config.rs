@@ -293,6 +293,10 @@ mod tests {
             "--api-keys-file",
             "/k.json",
             "--force-epoll",
+            "--auth-fail-limit",
+            "4",
+            "--auth-fail-window-seconds",
+            "2.5",
         ]);
         let config = cli.serve.to_config().unwrap();
         assert_eq!(
@@ -303,6 +307,16 @@ mod tests {
         assert_eq!((config.rate_limit, config.rate_burst), (5.0, 10.0));
         assert_eq!(config.api_keys_file, PathBuf::from("/k.json"));
         assert!(config.force_epoll);
+        assert_eq!(
+            (config.auth_fail_limit, config.auth_fail_window),
+            (4, Duration::from_millis(2500))
+        );
+        assert!(
+            Cli::parse_from(["kvmfork", "--auth-fail-window-seconds", "0"])
+                .serve
+                .to_config()
+                .is_err()
+        );
         assert!(Cli::parse_from(["kvmfork", "--shards", "0"])
             .serve
             .to_config()
