@@ -356,8 +356,6 @@ mod tests {
 
     /// A file in the temp dir removed on drop (no extra crate for one test).
     mod tempfile_path {
-        use std::collections::{BTreeMap, HashMap};
-        use std::net::IpAddr;
         use std::path::{Path, PathBuf};
         use std::sync::atomic::{AtomicUsize, Ordering};
         pub struct TempPath(PathBuf);
