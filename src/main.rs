@@ -380,6 +380,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             sessions,
         } => {
             let config = server.to_config()?;
+            // Before any template is built: a missing keys file is refused now.
+            kvmfork::server::preflight(&config).map_err(|e| e.to_string())?;
             let sessions = sessions.to_config(max_output_bytes)?;
             let languages = serve_languages(&language)?;
             let mut templates = Vec::new();

@@ -5,6 +5,8 @@
 //! Rate limits are token buckets kept by each shard for itself: no state is
 //! shared between cores, so a key's limit applies independently per shard.
 
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -85,7 +87,7 @@ impl ApiKeys {
             ));
         }
         let mut keys = Vec::with_capacity(entries.len());
-        for entry in entries {
+        for (index, entry) in entries.into_iter().enumerate() {
             let (key, rate, burst) = match entry {
                 KeyEntryIn::Plain(key) => (key, None, None),
                 KeyEntryIn::Detailed {
@@ -94,10 +96,11 @@ impl ApiKeys {
                     rate_burst,
                 } => (key, rate_limit, rate_burst),
             };
+            // Entries are named by position: the key itself is a secret.
             if key.trim().is_empty() || key.trim() != key {
-                return Err(invalid(
-                    "keys must be non-empty and have no surrounding whitespace",
-                ));
+                return Err(invalid(&format!(
+                    "entry {index}: keys must be non-empty and have no surrounding whitespace"
+                )));
             }
             let rate = rate.unwrap_or(default_limit.rate);
             let burst = burst.unwrap_or(if rate == default_limit.rate {
@@ -105,8 +108,16 @@ impl ApiKeys {
             } else {
                 rate.max(1.0)
             });
-            if !(rate.is_finite() && rate >= 0.0 && burst.is_finite() && burst >= 1.0) {
-                return Err(invalid("rate_limit must be >= 0 and rate_burst >= 1"));
+            if !(rate.is_finite() && rate >= 0.0) {
+                return Err(invalid(&format!(
+                    "entry {index}: rate_limit must be a finite number > 0 (requests per second) \
+                     or 0 (unlimited), got {rate}"
+                )));
+            }
+            if !(burst.is_finite() && burst >= 1.0) {
+                return Err(invalid(&format!(
+                    "entry {index}: rate_burst must be a finite number >= 1, got {burst}"
+                )));
             }
             keys.push(KeyEntry {
                 digest: Sha256::digest(key.as_bytes()).into(),
@@ -135,6 +146,13 @@ impl ApiKeys {
     pub fn limit(&self, index: usize) -> RateLimit {
         self.keys[index].limit
     }
+}
+
+/// Whole seconds for a `Retry-After` header: `wait` rounded up, at least 1.
+/// Integer arithmetic only, so no wait (up to `Duration::MAX`) can panic.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let round_up = u64::from(wait.subsec_nanos() > 0);
+    wait.as_secs().saturating_add(round_up).max(1)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -178,7 +196,145 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - bucket.tokens) / limit.rate))
+            // A tiny rate makes the wait overflow a Duration (or reach
+            // infinity): saturate rather than panic the shard.
+            let wait = (1.0 - bucket.tokens) / limit.rate;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
+        }
+    }
+}
+
+/// Client addresses one shard tracks failed authentications for; beyond
+/// this the address tracked longest is forgotten first.
+pub const THROTTLE_TRACKED_ADDRESSES: usize = 4096;
+
+#[derive(Clone, Copy, Debug)]
+struct Failures {
+    count: u32,
+    /// First failure of the counting window, or the start of the block once
+    /// `count` reached the limit.
+    since: Instant,
+    /// Position in [`AuthThrottle::order`].
+    seq: u64,
+}
+
+/// One shard's throttle of failed authentications per client address
+/// (IPv6 by /64, since one host holds a whole /64). After `limit` failures
+/// within `window` of the first, the address is refused for `window`
+/// without its key being checked. A success does not clear the count, so a
+/// tenant with a valid key cannot interleave it to keep guessing others'.
+pub struct AuthThrottle {
+    limit: u32,
+    window: Duration,
+    cap: usize,
+    entries: HashMap<IpAddr, Failures>,
+    /// Addresses by when their entry last (re)started: oldest evicted first.
+    order: BTreeMap<u64, IpAddr>,
+    next_seq: u64,
+}
+
+/// The unit an address is throttled by.
+fn throttle_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+impl AuthThrottle {
+    /// `limit` 0 turns the throttle off.
+    pub fn new(limit: u32, window: Duration, cap: usize) -> Self {
+        AuthThrottle {
+            limit,
+            window,
+            cap: cap.max(1),
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+            next_seq: 0,
+        }
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// A new position in the eviction order for `key`.
+    fn restart(&mut self, key: IpAddr) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.insert(seq, key);
+        seq
+    }
+
+    fn forget(&mut self, key: IpAddr) {
+        if let Some(f) = self.entries.remove(&key) {
+            self.order.remove(&f.seq);
+        }
+    }
+
+    /// `Err(how long)` while `addr` is throttled.
+    pub fn check(&mut self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+        let key = throttle_key(addr);
+        let Some(f) = self.entries.get(&key) else {
+            return Ok(());
+        };
+        let age = now.saturating_duration_since(f.since);
+        if age < self.window {
+            if f.count >= self.limit {
+                return Err(self.window - age);
+            }
+            return Ok(());
+        }
+        self.forget(key);
+        Ok(())
+    }
+
+    /// Counts a failed authentication from `addr`.
+    pub fn record_failure(&mut self, addr: IpAddr, now: Instant) {
+        if self.limit == 0 {
+            return;
+        }
+        let key = throttle_key(addr);
+        let expired = self
+            .entries
+            .get(&key)
+            .is_some_and(|f| now.saturating_duration_since(f.since) >= self.window);
+        if expired {
+            self.forget(key);
+        }
+        if !self.entries.contains_key(&key) {
+            while self.entries.len() >= self.cap {
+                let Some((_, oldest)) = self.order.pop_first() else {
+                    break;
+                };
+                self.entries.remove(&oldest);
+            }
+            let seq = self.restart(key);
+            self.entries.insert(
+                key,
+                Failures {
+                    count: 0,
+                    since: now,
+                    seq,
+                },
+            );
+        }
+        let f = self.entries.get_mut(&key).expect("inserted above");
+        if f.count >= self.limit {
+            return; // Already blocked: retries do not extend the block.
+        }
+        f.count += 1;
+        if f.count == self.limit {
+            // The block lasts a whole window from the failure that caused it.
+            let old = f.seq;
+            f.since = now;
+            self.order.remove(&old);
+            let seq = self.restart(key);
+            self.entries.get_mut(&key).expect("present").seq = seq;
         }
     }
 }
@@ -256,6 +412,107 @@ mod tests {
             write_keys("[\" a\"]").1,
             Err(AuthError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn bad_rates_are_refused_naming_the_entry() {
+        for (text, needle) in [
+            (
+                r#"["a", {"key": "b", "rate_limit": -1}]"#,
+                "entry 1: rate_limit",
+            ),
+            (
+                r#"[{"key": "b", "rate_limit": 1, "rate_burst": 0.5}]"#,
+                "entry 0: rate_burst",
+            ),
+            (r#"["a", "b", " c"]"#, "entry 2: keys must"),
+        ] {
+            let err = write_keys(text).1.err().expect(text).to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        // 0 still means unlimited.
+        let (_p, keys) = write_keys(r#"[{"key": "k", "rate_limit": 0}]"#);
+        let mut limiter = RateLimiter::new(Some(&keys.unwrap().unwrap()));
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            assert!(limiter.try_acquire(0, t0).is_ok());
+        }
+    }
+
+    #[test]
+    fn tiny_rates_saturate_the_wait_instead_of_panicking() {
+        for rate in ["1e-320", "5e-324", "1e-300", "1e-19"] {
+            let text = format!(r#"[{{"key": "k", "rate_limit": {rate}}}]"#);
+            let (_p, keys) = write_keys(&text);
+            let keys = keys.unwrap().unwrap();
+            let mut limiter = RateLimiter::new(Some(&keys));
+            let t0 = Instant::now();
+            assert!(limiter.try_acquire(0, t0).is_ok(), "{rate}: the burst");
+            let wait = limiter.try_acquire(0, t0).unwrap_err();
+            assert!(wait > Duration::from_secs(1 << 30), "{rate}: {wait:?}");
+            assert!(retry_after_secs(wait) >= 1 << 30);
+        }
+        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn failed_auths_throttle_the_address_for_a_window() {
+        let window = Duration::from_secs(60);
+        let mut t = AuthThrottle::new(3, window, 16);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert!(t.check(a, t0).is_ok(), "failure {i} not yet throttled");
+            t.record_failure(a, t0 + Duration::from_secs(i));
+        }
+        let wait = t.check(a, t0 + Duration::from_secs(2)).unwrap_err();
+        assert_eq!(wait, window, "a window from the third failure");
+        assert!(t.check(b, t0).is_ok(), "other addresses are unaffected");
+        // Refused retries do not extend the block.
+        t.record_failure(a, t0 + Duration::from_secs(30));
+        assert_eq!(
+            t.check(a, t0 + Duration::from_secs(30)).unwrap_err(),
+            Duration::from_secs(32)
+        );
+        assert!(t.check(a, t0 + Duration::from_secs(62)).is_ok());
+        assert_eq!(t.tracked(), 0, "an expired entry is dropped");
+        // Failures spread over more than a window never throttle.
+        for i in 0..10 {
+            t.record_failure(b, t0 + window * i);
+            assert!(t.check(b, t0 + window * i).is_ok());
+        }
+        // An IPv6 /64 counts as one address; v4-mapped is the v4 address.
+        for host in ["2001:db8::1", "2001:db8::2", "2001:db8::ffff:1"] {
+            t.record_failure(host.parse().unwrap(), t0);
+        }
+        assert!(t.check("2001:db8::9".parse().unwrap(), t0).is_err());
+        assert!(t.check("2001:db8:0:1::1".parse().unwrap(), t0).is_ok());
+        let mut t = AuthThrottle::new(1, window, 16);
+        t.record_failure("::ffff:192.0.2.7".parse().unwrap(), t0);
+        assert!(t.check("192.0.2.7".parse().unwrap(), t0).is_err());
+        // Limit 0: off.
+        let mut off = AuthThrottle::new(0, window, 16);
+        for _ in 0..100 {
+            off.record_failure(a, t0);
+        }
+        assert!(off.check(a, t0).is_ok());
+    }
+
+    #[test]
+    fn the_throttle_keeps_a_bounded_number_of_addresses() {
+        let mut t = AuthThrottle::new(1, Duration::from_secs(60), 4);
+        let t0 = Instant::now();
+        for i in 0..100u32 {
+            t.record_failure(IpAddr::from(i.to_be_bytes()), t0);
+            assert!(t.tracked() <= 4);
+        }
+        // The newest are kept, the oldest evicted.
+        assert!(t.check(IpAddr::from(99u32.to_be_bytes()), t0).is_err());
+        assert!(t.check(IpAddr::from(0u32.to_be_bytes()), t0).is_ok());
     }
 
     #[test]

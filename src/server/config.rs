@@ -21,8 +21,17 @@ pub struct ServeConfig {
     /// Requests per second per API key (0 = unlimited), enforced per shard.
     pub rate_limit: f64,
     pub rate_burst: f64,
-    /// JSON array of keys; a missing file turns auth off.
+    /// JSON array of keys; a missing file turns auth off unless auth is
+    /// required (see [`ServeConfig::auth_required`]).
     pub api_keys_file: PathBuf,
+    /// Refuse to start without a keys file: `None` = required unless
+    /// `listen` is a loopback address.
+    pub require_auth: Option<bool>,
+    /// Failed authentications from one client address (IPv6: /64) within
+    /// `auth_fail_window` after which it gets 429 for a window (0 = off);
+    /// counted per shard.
+    pub auth_fail_limit: u32,
+    pub auth_fail_window: Duration,
     pub force_epoll: bool,
     pub max_head_bytes: usize,
     pub max_headers: usize,
@@ -61,6 +70,9 @@ impl Default for ServeConfig {
             rate_limit: 100.0,
             rate_burst: 100.0,
             api_keys_file: default_api_keys_file(),
+            require_auth: None,
+            auth_fail_limit: 10,
+            auth_fail_window: Duration::from_secs(60),
             force_epoll: false,
             max_head_bytes: 16 * 1024,
             max_headers: 64,
@@ -83,6 +95,13 @@ impl ServeConfig {
             rate: self.rate_limit,
             burst: self.rate_burst,
         }
+    }
+
+    /// Whether `serve` must refuse to start without an API keys file: as
+    /// asked with `--require-auth`, else whenever the listen address is
+    /// reachable from other hosts (not loopback).
+    pub fn auth_required(&self) -> bool {
+        self.require_auth.unwrap_or(!self.listen.ip().is_loopback())
     }
 
     /// Checks values that would make the server misbehave rather than fail.
@@ -144,9 +163,18 @@ pub struct ServeArgs {
     /// Token-bucket burst per API key [default: the rate limit].
     #[arg(long)]
     pub rate_burst: Option<f64>,
-    /// JSON array of API keys [default: $KVMFORK_API_KEYS_FILE, else api_keys.json]; no file = auth off.
+    /// JSON array of API keys [default: $KVMFORK_API_KEYS_FILE, else api_keys.json]; no file = auth off (on loopback only, see --require-auth).
     #[arg(long)]
     pub api_keys_file: Option<PathBuf>,
+    /// Refuse to start without the API keys file [default: true unless --listen is a loopback address]; --require-auth=false serves without auth anywhere.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub require_auth: Option<bool>,
+    /// Failed authentications per client address (IPv6: per /64) within the window before it gets 429 auth_throttled for a window (0 = off); counted by each shard independently.
+    #[arg(long, default_value_t = 10)]
+    pub auth_fail_limit: u32,
+    /// Length of the failed-authentication window and of the block that follows.
+    #[arg(long, default_value_t = 60.0)]
+    pub auth_fail_window_seconds: f64,
     /// Serve with epoll even where io_uring works.
     #[arg(long)]
     pub force_epoll: bool,
@@ -178,6 +206,10 @@ impl ServeArgs {
         if let Some(path) = &self.api_keys_file {
             config.api_keys_file = path.clone();
         }
+        config.require_auth = self.require_auth;
+        config.auth_fail_limit = self.auth_fail_limit;
+        config.auth_fail_window =
+            seconds("auth-fail-window-seconds", self.auth_fail_window_seconds)?;
         config.force_epoll = self.force_epoll;
         config.max_body_bytes = self.max_body_bytes;
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
@@ -216,6 +248,33 @@ mod tests {
     }
 
     #[test]
+    fn auth_is_required_off_loopback_unless_overridden() {
+        let required = |args: &[&str]| {
+            let mut argv = vec!["kvmfork"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+                .unwrap()
+                .serve
+                .to_config()
+                .unwrap()
+                .auth_required()
+        };
+        assert!(!required(&[]));
+        assert!(!required(&["--listen", "[::1]:80"]));
+        assert!(required(&["--listen", "0.0.0.0:8080"]));
+        assert!(required(&["--listen", "10.1.2.3:8080"]));
+        assert!(required(&["--listen", "[::]:8080"]));
+        assert!(!required(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--require-auth=false"
+        ]));
+        assert!(required(&["--require-auth"]));
+        assert!(required(&["--require-auth=true"]));
+        assert!(Cli::try_parse_from(["kvmfork", "--require-auth=maybe"]).is_err());
+    }
+
+    #[test]
     fn flags_reach_the_config() {
         let cli = Cli::parse_from([
             "kvmfork",
@@ -234,6 +293,10 @@ mod tests {
             "--api-keys-file",
             "/k.json",
             "--force-epoll",
+            "--auth-fail-limit",
+            "4",
+            "--auth-fail-window-seconds",
+            "2.5",
         ]);
         let config = cli.serve.to_config().unwrap();
         assert_eq!(
@@ -244,6 +307,16 @@ mod tests {
         assert_eq!((config.rate_limit, config.rate_burst), (5.0, 10.0));
         assert_eq!(config.api_keys_file, PathBuf::from("/k.json"));
         assert!(config.force_epoll);
+        assert_eq!(
+            (config.auth_fail_limit, config.auth_fail_window),
+            (4, Duration::from_millis(2500))
+        );
+        assert!(
+            Cli::parse_from(["kvmfork", "--auth-fail-window-seconds", "0"])
+                .serve
+                .to_config()
+                .is_err()
+        );
         assert!(Cli::parse_from(["kvmfork", "--shards", "0"])
             .serve
             .to_config()

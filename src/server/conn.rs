@@ -2,6 +2,7 @@
 //! bytes in, response bytes out. One request is processed at a time;
 //! pipelined requests wait in the input buffer, so responses go out in order.
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use super::http::{self, HeadLimits, Method, RequestHead, Response};
@@ -47,12 +48,15 @@ pub struct HttpConn {
     request_started: Option<Instant>,
     /// The peer left (or must be dropped): close without flushing.
     peer_gone: bool,
+    /// The client's address (failed-authentication throttle).
+    peer: IpAddr,
 }
 
 impl HttpConn {
-    pub fn new(key: ConnKey, now: Instant) -> Self {
+    pub fn new(key: ConnKey, peer: IpAddr, now: Instant) -> Self {
         HttpConn {
             key,
+            peer,
             inbuf: Vec::new(),
             out: Vec::new(),
             state: State::Head,
@@ -288,7 +292,7 @@ impl HttpConn {
     fn on_head(&mut self, ctx: &mut ShardCtx, head: RequestHead, now: Instant) {
         ctx.request_started();
         let max_body = ctx.config().max_body_bytes as u64;
-        let route = match ctx.admit(&head, now) {
+        let route = match ctx.admit(&head, self.peer, now) {
             Ok(route) => route,
             Err((endpoint, response)) => {
                 self.refuse(ctx, head, endpoint, response, now);
@@ -466,7 +470,7 @@ mod tests {
     /// Feeds `chunks`, delivering completions as they arrive; returns the output.
     fn run(ctx: &mut ShardCtx, chunks: &[Vec<u8>], wait_for_execs: bool) -> (HttpConn, Vec<u8>) {
         let now = Instant::now();
-        let mut conn = HttpConn::new(KEY, now);
+        let mut conn = HttpConn::new(KEY, IpAddr::from([127, 0, 0, 1]), now);
         let mut out = Vec::new();
         for chunk in chunks {
             conn.on_data(ctx, chunk, now);
@@ -519,7 +523,7 @@ mod tests {
     fn a_connection_skipping_a_body_closes_after_it_when_draining() {
         let mut ctx = test_ctx();
         let now = Instant::now();
-        let mut conn = HttpConn::new(KEY, now);
+        let mut conn = HttpConn::new(KEY, IpAddr::from([127, 0, 0, 1]), now);
         conn.on_data(
             &mut ctx,
             b"POST /nope HTTP/1.1\r\nContent-Length: 5\r\n\r\nhe",

@@ -153,7 +153,7 @@ impl EpollLoop {
         };
         loop {
             match listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
@@ -162,7 +162,7 @@ impl EpollLoop {
                     let fd = stream.as_raw_fd();
                     let key = self.conns.insert_with(|key| Conn {
                         stream,
-                        http: HttpConn::new(key, now),
+                        http: HttpConn::new(key, peer.ip(), now),
                         interest: libc::EPOLLIN as u32,
                     });
                     if self

@@ -27,6 +27,7 @@ mod workers;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -50,6 +51,13 @@ pub enum ServerError {
     Config(String),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(
+        "auth is required (listening on {listen}) but there is no API keys file at {}: \
+         create it (a JSON array of keys; set {API_KEYS_ENV} or --api-keys-file to put it \
+         elsewhere), or pass --require-auth=false to serve without auth",
+        path.display()
+    )]
+    AuthRequired { listen: SocketAddr, path: PathBuf },
     #[error("binding {addr}: {source}")]
     Bind { addr: SocketAddr, source: io::Error },
     #[error("creating the wake-up eventfd: {0}")]
@@ -203,7 +211,7 @@ pub fn start(
     factory: Arc<dyn LaneFactory>,
 ) -> Result<ServerHandle, ServerError> {
     config.validate().map_err(ServerError::Config)?;
-    let keys = ApiKeys::load(&config.api_keys_file, config.rate())?;
+    let keys = load_keys(&config)?;
     match &keys {
         Some(keys) => eprintln!(
             "kvmfork serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key per shard)",
@@ -336,6 +344,26 @@ pub fn start(
         config.queue_depth
     );
     Ok(handle)
+}
+
+/// Loads the API keys, refusing to go without them where auth is required.
+fn load_keys(config: &ServeConfig) -> Result<Option<ApiKeys>, ServerError> {
+    let keys = ApiKeys::load(&config.api_keys_file, config.rate())?;
+    if keys.is_none() && config.auth_required() {
+        return Err(ServerError::AuthRequired {
+            listen: config.listen,
+            path: config.api_keys_file.clone(),
+        });
+    }
+    Ok(keys)
+}
+
+/// The checks [`start`] makes of the configuration and the API keys file,
+/// for callers with slow work to do first (building templates) that should
+/// fail early on a bad configuration.
+pub fn preflight(config: &ServeConfig) -> Result<(), ServerError> {
+    config.validate().map_err(ServerError::Config)?;
+    load_keys(config).map(drop)
 }
 
 /// Probes io_uring once per process start and says why when falling back.

@@ -2,6 +2,7 @@
 //! paths and bodies into [`SessionOp`]s and answers into JSON. The engine
 //! runs the operations on the worker that owns the session.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -449,8 +450,22 @@ fn ms(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
 }
 
-fn error_body(e: &SessionError) -> (u16, Vec<u8>) {
-    (e.status, wire::error_json(e.code, &e.message))
+/// The message a client gets for `e`: a server-side failure (5xx) answers
+/// a request id, its detail going to the server log under that id.
+fn public_message<'a>(e: &'a SessionError, id: &mut dyn FnMut() -> String) -> Cow<'a, str> {
+    if e.status >= 500 {
+        let id = id();
+        Cow::Owned(wire::internal_error(
+            &id,
+            &format!("{}: {}", e.code, e.message),
+        ))
+    } else {
+        Cow::Borrowed(&e.message)
+    }
+}
+
+fn error_body(e: &SessionError, id: &mut dyn FnMut() -> String) -> (u16, Vec<u8>) {
+    (e.status, wire::error_json(e.code, &public_message(e, id)))
 }
 
 fn json(status: u16, v: &serde_json::Value) -> (u16, Vec<u8>) {
@@ -464,10 +479,15 @@ fn info_json(info: &SessionInfo) -> serde_json::Value {
     serde_json::to_value(info).expect("serialising plain data cannot fail")
 }
 
-fn child_json(r: &Result<SessionInfo, SessionError>) -> serde_json::Value {
+fn child_json(
+    r: &Result<SessionInfo, SessionError>,
+    id: &mut dyn FnMut() -> String,
+) -> serde_json::Value {
     match r {
         Ok(info) => info_json(info),
-        Err(e) => serde_json::json!({"error": {"code": e.code, "message": e.message}}),
+        Err(e) => {
+            serde_json::json!({"error": {"code": e.code, "message": public_message(e, id)}})
+        }
     }
 }
 
@@ -490,14 +510,14 @@ pub fn exec_json(out: &mut Vec<u8>, id: &str, info: &SessionInfo, result: &ExecR
 /// Status and JSON body for a session reply.
 pub fn encode(reply: &SessionReply, exec_id: &mut dyn FnMut() -> String) -> (u16, Vec<u8>) {
     match reply {
-        SessionReply::Error(e) => error_body(e),
+        SessionReply::Error(e) => error_body(e, exec_id),
         SessionReply::Created(list) if list.len() == 1 => match &list[0] {
             Ok(info) => json(201, &info_json(info)),
-            Err(e) => error_body(e),
+            Err(e) => error_body(e, exec_id),
         },
         SessionReply::Created(list) => json(
             201,
-            &serde_json::json!({"sandboxes": list.iter().map(child_json).collect::<Vec<_>>()}),
+            &serde_json::json!({"sandboxes": list.iter().map(|r| child_json(r, exec_id)).collect::<Vec<_>>()}),
         ),
         SessionReply::Info(info) => json(200, &info_json(info)),
         SessionReply::Exec { info, result } => {
@@ -514,7 +534,7 @@ pub fn encode(reply: &SessionReply, exec_id: &mut dyn FnMut() -> String) -> (u16
             &serde_json::json!({
                 "source_id": source_id,
                 "pause_ms": ms(*pause),
-                "forks": forks.iter().map(child_json).collect::<Vec<_>>(),
+                "forks": forks.iter().map(|r| child_json(r, exec_id)).collect::<Vec<_>>(),
             }),
         ),
         SessionReply::Deleted => (204, Vec::new()),
@@ -565,6 +585,45 @@ mod tests {
             max_batch: 4,
             languages: vec![Language::Python],
         }
+    }
+
+    #[test]
+    fn server_errors_answer_a_request_id_not_the_host_detail() {
+        let mut n = 0;
+        let mut ids = || {
+            n += 1;
+            format!("req-{n}")
+        };
+        let host = SessionError::new(
+            500,
+            "restore_failed",
+            "mmap: Cannot allocate memory /dev/kvm",
+        );
+        let (status, body) = encode(&SessionReply::Error(host.clone()), &mut ids);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(status, 500);
+        assert_eq!(v["error"]["code"], "restore_failed");
+        assert_eq!(v["error"]["message"], "internal error; request id req-1");
+        let (_, body) = encode(
+            &SessionReply::Created(vec![Err(host.clone()), Err(host)]),
+            &mut ids,
+        );
+        let text = String::from_utf8(body).unwrap();
+        assert!(!text.contains("mmap") && !text.contains("/dev"), "{text}");
+        assert!(
+            text.contains("request id req-2") && text.contains("request id req-3"),
+            "{text}"
+        );
+        // Client errors keep their message.
+        let (status, body) = encode(
+            &SessionReply::Error(SessionError::new(404, "sandbox_not_found", "no sandbox x")),
+            &mut ids,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (status, v["error"]["message"].as_str()),
+            (404, Some("no sandbox x"))
+        );
     }
 
     #[test]

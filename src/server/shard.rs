@@ -2,11 +2,14 @@
 //! the worker queue and building responses. Shared by both event loops;
 //! owned and used by the shard's thread only.
 
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::auth::{ApiKeys, RateLimiter};
+use super::auth::{
+    retry_after_secs, ApiKeys, AuthThrottle, RateLimiter, THROTTLE_TRACKED_ADDRESSES,
+};
 use super::config::ServeConfig;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
@@ -117,6 +120,7 @@ pub struct ShardCtx {
     pub metrics: Arc<ShardMetrics>,
     pub pool: WorkerPool,
     rate: RateLimiter,
+    throttle: AuthThrottle,
     ids: IdGenerator,
     health_cache: Option<(Instant, Vec<u8>)>,
     /// Jobs submitted whose completion has not come back yet.
@@ -128,11 +132,17 @@ impl ShardCtx {
     pub fn new(shard: usize, shared: Arc<Shared>, pool: WorkerPool) -> Self {
         let metrics = shared.shards[shard].clone();
         let rate = RateLimiter::new(shared.keys.as_ref());
+        let throttle = AuthThrottle::new(
+            shared.config.auth_fail_limit,
+            shared.config.auth_fail_window,
+            THROTTLE_TRACKED_ADDRESSES,
+        );
         ShardCtx {
             shard,
             metrics,
             pool,
             rate,
+            throttle,
             ids: IdGenerator::new(shard),
             health_cache: None,
             jobs_in_flight: 0,
@@ -150,6 +160,7 @@ impl ShardCtx {
     pub fn admit(
         &mut self,
         head: &RequestHead,
+        peer: IpAddr,
         now: Instant,
     ) -> Result<Route, (Endpoint, Response)> {
         if let Some(matched) = sessions::route(&head.path, head.method.as_str()) {
@@ -165,7 +176,7 @@ impl ShardCtx {
                     return Err((endpoint, error_response(&err).with_header("Allow", allow)));
                 }
             };
-            let owner = self.authorize(head, endpoint, now)?;
+            let owner = self.authorize(head, peer, endpoint, now)?;
             return Ok(Route::Session { route, owner });
         }
         let (route, allow) = match head.path.as_str() {
@@ -197,7 +208,7 @@ impl ShardCtx {
             return Err((endpoint, error_response(&err).with_header("Allow", allow)));
         }
         if matches!(route, Route::Exec | Route::ExecBatch) {
-            self.authorize(head, endpoint, now)?;
+            self.authorize(head, peer, endpoint, now)?;
         }
         Ok(route)
     }
@@ -207,13 +218,29 @@ impl ShardCtx {
     fn authorize(
         &mut self,
         head: &RequestHead,
+        peer: IpAddr,
         endpoint: Endpoint,
         now: Instant,
     ) -> Result<Owner, (Endpoint, Response)> {
         let mut owner = None;
         {
             if let Some(keys) = &self.shared.keys {
+                // A throttled address is refused whatever key it sends: the
+                // key is not even checked, so guessing learns nothing.
+                if let Err(wait) = self.throttle.check(peer, now) {
+                    let err = ApiError::new(
+                        429,
+                        "auth_throttled",
+                        "too many failed authentications from this address; retry later",
+                    );
+                    let secs = retry_after_secs(wait);
+                    return Err((
+                        endpoint,
+                        error_response(&err).with_header("Retry-After", secs.to_string()),
+                    ));
+                }
                 let Some(key) = head.bearer.as_deref().and_then(|token| keys.lookup(token)) else {
+                    self.throttle.record_failure(peer, now);
                     let err = ApiError::new(
                         401,
                         "unauthorized",
@@ -228,7 +255,7 @@ impl ShardCtx {
                 if let Err(wait) = self.rate.try_acquire(key, now) {
                     let err =
                         ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
-                    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                    let secs = retry_after_secs(wait);
                     return Err((
                         endpoint,
                         error_response(&err).with_header("Retry-After", secs.to_string()),
@@ -546,7 +573,11 @@ impl ShardCtx {
                     "unknown_language",
                     "no template is loaded for this language",
                 )),
-                Some(ExecFailure::Internal(m)) => Some(ApiError::new(500, "internal", m.clone())),
+                Some(ExecFailure::Internal(m)) => Some(ApiError::new(
+                    500,
+                    "internal",
+                    wire::internal_error(&self.ids.next(), m),
+                )),
                 _ => None,
             };
             if let Some(err) = refused {

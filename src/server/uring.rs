@@ -341,9 +341,14 @@ impl UringLoop {
             }
             // Responses are single writes; don't wait for Nagle.
             let _ = stream.set_nodelay(true);
+            // Unknown only if the peer already left; it is then closed soon.
+            let peer = stream
+                .peer_addr()
+                .map(|a| a.ip())
+                .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED.into());
             let key = self.conns.insert_with(|key| Conn {
                 stream,
-                http: HttpConn::new(key, now),
+                http: HttpConn::new(key, peer, now),
                 recv_armed: false,
                 recv_cancel_sent: false,
                 sending: Vec::new(),

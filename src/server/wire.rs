@@ -192,8 +192,22 @@ struct ExecOut<'a> {
     error: Option<ErrorBody<'a>>,
 }
 
-/// `error.code` and message for a failed run.
-pub fn failure_code(failure: &ExecFailure) -> (&'static str, Cow<'_, str>) {
+/// Logs the detail of an internal (host-side) failure on the server's
+/// stderr under `request_id` and returns the message the client gets
+/// instead: host error text (KVM, mmap, fork errors) stays on the host.
+pub fn internal_error(request_id: &str, detail: &str) -> String {
+    eprintln!("kvmfork serve: internal error (request id {request_id}): {detail}");
+    internal_message(request_id)
+}
+
+/// The client-facing message of an internal error.
+pub fn internal_message(request_id: &str) -> String {
+    format!("internal error; request id {request_id}")
+}
+
+/// `error.code` and message for a failed run; `id` names an internal
+/// failure, whose detail is logged rather than answered.
+pub fn failure_code<'a>(failure: &'a ExecFailure, id: &str) -> (&'static str, Cow<'a, str>) {
     match failure {
         ExecFailure::Timeout => (
             "timeout",
@@ -211,7 +225,7 @@ pub fn failure_code(failure: &ExecFailure) -> (&'static str, Cow<'_, str>) {
             "no_template",
             "no template is loaded for this language".into(),
         ),
-        ExecFailure::Internal(m) => ("internal", m.as_str().into()),
+        ExecFailure::Internal(m) => ("internal", internal_error(id, m).into()),
     }
 }
 
@@ -224,7 +238,7 @@ fn millis(d: Duration) -> f64 {
 pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult) {
     let stdout = String::from_utf8_lossy(&result.stdout);
     let stderr = String::from_utf8_lossy(&result.stderr);
-    let error = result.failure.as_ref().map(failure_code);
+    let error = result.failure.as_ref().map(|f| failure_code(f, id));
     let exec = ExecOut {
         id,
         stdout: &stdout,
@@ -348,6 +362,23 @@ mod tests {
         assert_eq!(v["output"], "partial");
         assert_eq!(v["duration_ms"], 1500.0);
         assert_eq!(v["error"]["code"], "timeout");
+    }
+
+    #[test]
+    fn internal_failures_answer_a_request_id_not_the_host_detail() {
+        let result = ExecResult {
+            failure: Some(ExecFailure::Internal(
+                "KVM_RUN: Bad address (os error 14) at /dev/kvm".into(),
+            )),
+            ..Default::default()
+        };
+        let mut out = Vec::new();
+        write_exec_result(&mut out, "id-7", &result);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("KVM") && !text.contains("/dev"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], "internal");
+        assert_eq!(v["error"]["message"], "internal error; request id id-7");
     }
 
     proptest! {

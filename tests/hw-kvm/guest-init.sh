@@ -251,7 +251,12 @@ up=
 serve_t0=$(uptime_s)
 deadline=$(awk -v t="$serve_t0" 'BEGIN { print t + 120 }')
 while kill -0 "$server" 2>/dev/null; do
-    if timeout 10 wget -q -O "$W/health.body" "$URL/v1/health" 2>/dev/null; then up=1; break; fi
+    # serve answers at once and loads its templates in the background: up
+    # means both templates are ready (a failed one ends the wait).
+    if timeout 10 wget -q -O "$W/health.body" "$URL/v1/health" 2>/dev/null; then
+        if [ "$(grep -o '"state":"ready"' "$W/health.body" | wc -l)" -ge 2 ]; then up=1; break; fi
+        if grep -q '"state":"failed"' "$W/health.body"; then break; fi
+    fi
     if awk -v t="$(uptime_s)" -v d="$deadline" 'BEGIN { exit !(t > d) }'; then break; fi
     sleep 0.2
 done
@@ -259,7 +264,7 @@ if [ -n "$up" ]; then
     pass serve-start
     echo "HWKVM OUT serve: /v1/health answered $(awk -v a="$serve_t0" -v b="$(uptime_s)" 'BEGIN { printf "%.1f", b - a }') s after start"
 else
-    fail serve-start "kvmfork serve did not answer /v1/health within 120 s (alive: $(kill -0 "$server" 2>/dev/null && echo yes || echo no))"
+    fail serve-start "kvmfork serve did not report both templates ready within 120 s (alive: $(kill -0 "$server" 2>/dev/null && echo yes || echo no); health: $(head -c 300 "$W/health.body" 2>/dev/null))"
     show "$W/serve.log" 25
 fi
 

@@ -191,6 +191,8 @@ impl Lane for TestLane {
                 failed(ExecFailure::GuestCrashed("triple fault".into()))
             }
             "big" => ok(vec![b'x'; arg.parse().unwrap()]),
+            // A host-side failure whose text must not reach the client.
+            "internal" => failed(ExecFailure::Internal(arg.into())),
             "shard" => ok(self.shard.to_string()),
             "sleep" => {
                 let until = Instant::now() + Duration::from_millis(arg.parse().unwrap());

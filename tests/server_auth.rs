@@ -1,0 +1,206 @@
+//! Multi-tenant safety of the API: auth cannot be turned off by a missing
+//! keys file where the server is reachable from other hosts, failed
+//! authentications are throttled per client address, and 5xx answers carry a
+//! request id instead of host error detail. Uses the TEST-ONLY lane factory
+//! from `server_support`.
+
+mod server_support;
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvmfork::server::{ServeConfig, ServerError};
+use server_support::{python_ready, start, TestFactory};
+
+fn start_config(config: ServeConfig) -> Result<kvmfork::server::ServerHandle, ServerError> {
+    kvmfork::server::start(
+        config,
+        Arc::new(TestFactory {
+            events: Default::default(),
+            slots: python_ready(),
+        }),
+    )
+}
+
+fn config(listen: &str, keys: PathBuf) -> ServeConfig {
+    ServeConfig {
+        listen: listen.parse().unwrap(),
+        shards: 1,
+        workers_per_shard: 1,
+        queue_depth: 4,
+        max_batch: 4,
+        api_keys_file: keys,
+        ..ServeConfig::default()
+    }
+}
+
+const MISSING: &str = "/nonexistent/kvmfork-auth-test-keys.json";
+
+#[test]
+fn without_a_keys_file_a_non_loopback_server_refuses_to_start() {
+    let err = start_config(config("0.0.0.0:0", MISSING.into()))
+        .err()
+        .expect("must refuse to serve without auth on 0.0.0.0");
+    assert!(matches!(err, ServerError::AuthRequired { .. }), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(MISSING), "names the file: {text}");
+    assert!(
+        text.contains("--require-auth=false"),
+        "names the flag: {text}"
+    );
+
+    // Asked for explicitly, also on loopback.
+    let mut required = config("127.0.0.1:0", MISSING.into());
+    required.require_auth = Some(true);
+    assert!(matches!(
+        start_config(required),
+        Err(ServerError::AuthRequired { .. })
+    ));
+
+    // Loopback keeps auth off by default; the override works anywhere.
+    let loopback = start_config(config("127.0.0.1:0", MISSING.into())).expect("loopback");
+    drop(loopback);
+    let mut open = config("0.0.0.0:0", MISSING.into());
+    open.require_auth = Some(false);
+    drop(start_config(open).expect("--require-auth=false"));
+
+    // With keys the non-loopback server starts and checks them.
+    let keys = server_support::TempFile::new(r#"["k1"]"#);
+    drop(start_config(config("0.0.0.0:0", keys.path.clone())).expect("with keys"));
+}
+
+#[test]
+fn kvmfork_serve_refuses_before_building_anything() {
+    let dir = std::env::temp_dir().join(format!("kvmfork-auth-cli-{}", std::process::id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmfork"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--api-keys-file", MISSING])
+        .env("KVMFORK_CACHE_DIR", &dir)
+        .env("KVMFORK_GUEST_DIR", dir.join("no-guest-sources"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A server that went on to serve (without auth) would never exit.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let status = status.unwrap_or_else(|| panic!("still running after 20 s: {stderr}"));
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("auth is required") && stderr.contains(MISSING),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("template"),
+        "refused before any template work: {stderr}"
+    );
+}
+
+#[test]
+fn loopback_without_keys_still_serves_with_auth_off() {
+    let server = start(kvmfork::server::Backend::Epoll, None, |_| {});
+    assert_eq!(
+        server.request("GET", "/v1/health", None).json()["auth"],
+        false
+    );
+}
+
+#[test]
+fn internal_errors_answer_a_request_id_not_the_host_detail() {
+    server_support::for_each_backend(|backend| {
+        let server = start(backend, None, |_| {});
+        let code = r#"{"code":"internal:KVM_RUN: Bad address (os error 14) on /dev/kvm"}"#;
+        let resp = server.request("POST", "/v1/exec", Some(code));
+        assert_eq!(resp.status, 500);
+        let text = String::from_utf8_lossy(&resp.body).into_owned();
+        assert!(
+            !text.contains("KVM") && !text.contains("/dev/kvm"),
+            "{text}"
+        );
+        let v = resp.json();
+        assert_eq!(v["error"]["code"], "internal");
+        let message = v["error"]["message"].as_str().unwrap();
+        let id = message
+            .strip_prefix("internal error; request id ")
+            .unwrap_or_else(|| panic!("{message}"));
+        assert_eq!(id.len(), 36, "a UUID-shaped request id: {id}");
+
+        let batch = format!(r#"{{"executions":[{code},{{"code":"echo:ok"}}]}}"#);
+        let resp = server.request("POST", "/v1/exec/batch", Some(&batch));
+        assert_eq!(resp.status, 200);
+        let text = String::from_utf8_lossy(&resp.body).into_owned();
+        assert!(!text.contains("KVM"), "{text}");
+        let v = resp.json();
+        let first = &v["results"][0];
+        assert_eq!(first["error"]["code"], "internal");
+        assert_eq!(
+            first["error"]["message"],
+            format!(
+                "internal error; request id {}",
+                first["id"].as_str().unwrap()
+            )
+        );
+        assert_eq!(v["results"][1]["stdout"], "ok");
+    });
+}
+
+#[test]
+fn failed_authentications_are_throttled_per_address() {
+    server_support::for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["good-key"]"#), |c| {
+            c.auth_fail_limit = 3;
+            c.auth_fail_window = Duration::from_millis(1500);
+        });
+        let body = Some(r#"{"code":"echo:hi"}"#);
+        let bad = [("Authorization", "Bearer guess")];
+        let good = [("Authorization", "Bearer good-key")];
+        let mut c = server.connect();
+        c.send("POST", "/v1/exec", &good, body);
+        assert_eq!(c.read_response().status, 200);
+        for i in 0..3 {
+            c.send("POST", "/v1/exec", &bad, body);
+            assert_eq!(c.read_response().status, 401, "failure {i}");
+        }
+        c.send("POST", "/v1/exec", &bad, body);
+        let throttled = c.read_response();
+        assert_eq!(
+            (throttled.status, throttled.error_code().as_str()),
+            (429, "auth_throttled")
+        );
+        assert_eq!(throttled.header("retry-after"), Some("2"));
+        // Every request from the address is refused, a valid key too (the
+        // key is not checked), on any authenticated route; probes stay open.
+        for path in ["/v1/exec", "/v1/sandboxes"] {
+            c.send("POST", path, &good, body);
+            assert_eq!(c.read_response().error_code(), "auth_throttled", "{path}");
+        }
+        c.send("GET", "/v1/health", &[], None);
+        assert_eq!(c.read_response().status, 200);
+        // Once the window has passed the address is served again.
+        std::thread::sleep(Duration::from_millis(1600));
+        c.send("POST", "/v1/exec", &good, body);
+        assert_eq!(c.read_response().json()["stdout"], "hi");
+        c.send("POST", "/v1/exec", &bad, body);
+        assert_eq!(c.read_response().status, 401, "counting starts afresh");
+    });
+}
