@@ -246,21 +246,7 @@ fn exec_request(
         None => None,
         Some(n) => Some(language(Some(n), rules)?),
     };
-    let timeout = match parsed.timeout_seconds {
-        None => rules.default_timeout,
-        Some(s) if s.is_finite() && s > 0.0 && s <= rules.max_timeout.as_secs_f64() => {
-            Duration::from_secs_f64(s).max(Duration::from_millis(1))
-        }
-        Some(s) => {
-            return Err(bad(
-                "invalid_timeout",
-                format!(
-                    "timeout_seconds must be a number > 0 and <= {}, got {s}",
-                    rules.max_timeout.as_secs_f64()
-                ),
-            ))
-        }
-    };
+    let timeout = wire::exec_timeout(parsed.timeout_seconds, rules)?;
     // Without a language the session's own applies (the engine sets it).
     Ok((
         ExecRequest {

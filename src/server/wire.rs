@@ -152,27 +152,31 @@ fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
             format!("this server does not serve language `{}` (see `languages` and `templates` in GET /v1/health)", language.as_str()),
         ));
     }
-    let timeout = match parsed.timeout_seconds {
-        None => rules.default_timeout,
-        Some(secs) if secs.is_finite() && secs > 0.0 && secs <= rules.max_timeout.as_secs_f64() => {
-            // Below a millisecond a timeout cannot be enforced meaningfully.
-            Duration::from_secs_f64(secs).max(Duration::from_millis(1))
-        }
-        Some(secs) => {
-            return Err(ApiError::bad_request(
-                "invalid_timeout",
-                format!(
-                    "timeout_seconds must be a number > 0 and <= {}, got {secs}",
-                    rules.max_timeout.as_secs_f64()
-                ),
-            ))
-        }
-    };
+    let timeout = exec_timeout(parsed.timeout_seconds, rules)?;
     Ok(ExecSpec {
         code,
         language,
         timeout,
     })
+}
+
+/// `timeout_seconds` of an exec request: the default when absent, else a
+/// number > 0 and <= the maximum.
+pub fn exec_timeout(secs: Option<f64>, rules: &DecodeRules) -> Result<Duration, ApiError> {
+    match secs {
+        None => Ok(rules.default_timeout),
+        Some(secs) if secs.is_finite() && secs > 0.0 && secs <= rules.max_timeout.as_secs_f64() => {
+            // Below a millisecond a timeout cannot be enforced meaningfully.
+            Ok(Duration::from_secs_f64(secs).max(Duration::from_millis(1)))
+        }
+        Some(secs) => Err(ApiError::bad_request(
+            "invalid_timeout",
+            format!(
+                "timeout_seconds must be a number > 0 and <= {}, got {secs}",
+                rules.max_timeout.as_secs_f64()
+            ),
+        )),
+    }
 }
 
 #[derive(Serialize)]
