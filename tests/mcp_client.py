@@ -112,6 +112,20 @@ async def main(binary):
                 (r.is_error, sc),
             )
 
+            r = await session.call_tool("run_code", {"timeout_seconds": 1})
+            check(
+                "run_code without code -> tool error naming the field",
+                r.is_error and "code" in text_of(r),
+                (r.is_error, text_of(r)),
+            )
+
+            r, sc = await call(session, "run_code", {"code": "print(1)", "timeout_seconds": -1})
+            check(
+                "run_code timeout_seconds -1 -> tool error invalid_argument",
+                r.is_error and sc and sc["error"]["code"] == "invalid_argument",
+                (r.is_error, sc),
+            )
+
             r, sc = await call(session, "create_sandbox", {"ttl_seconds": 120})
             sid = (sc or {}).get("sandbox_id")
             check("create_sandbox -> sandbox_id", not r.is_error and bool(sid), sc)
