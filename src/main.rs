@@ -59,7 +59,8 @@ enum Cmd {
         #[command(flatten)]
         sessions: kvmfork::engine::session::SessionArgs,
     },
-    /// Serve the Model Context Protocol on stdio: tools that run code in
+    /// Serve the Model Context Protocol on stdio (or streamable HTTP with
+    /// --listen): tools that run code in
     /// sandboxes (run_code, create_sandbox, run_in_sandbox, fork_sandbox,
     /// checkpoint_sandbox, restore_sandbox, delete_sandbox) through a running
     /// kvmfork HTTP API.
@@ -433,7 +434,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Mcp { args } => {
-            kvmfork::mcp::run_stdio(&args)?;
+            kvmfork::mcp::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run {

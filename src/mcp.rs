@@ -29,6 +29,10 @@ pub struct McpArgs {
     /// none when the server runs without auth).
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Serve MCP over streamable HTTP at http://ADDR/mcp instead of stdio
+    /// (a loopback address, e.g. 127.0.0.1:8090).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 const DEFAULT_URL: &str = "http://127.0.0.1:8080";
@@ -64,13 +68,17 @@ fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// Serves MCP on standard input/output until the client closes it.
-pub fn run_stdio(args: &McpArgs) -> Result<(), String> {
+/// Serves MCP on standard input/output until the client closes it, or with
+/// `--listen` over streamable HTTP until interrupted.
+pub fn run(args: &McpArgs) -> Result<(), String> {
     let url = args.resolved_url();
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(format!(
             "--url {url:?}: expected an http:// or https:// URL"
         ));
+    }
+    if let Some(addr) = args.listen {
+        check_listen(addr)?;
     }
     let api = ApiClient::new(url.clone(), args.resolved_api_key());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -79,17 +87,103 @@ pub fn run_stdio(args: &McpArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the async runtime: {e}"))?;
     runtime.block_on(async move {
-        eprintln!("kvmfork mcp: serving MCP on stdio for the kvmfork API at {url}");
-        let service = KvmforkMcp::new(api)
-            .serve(rmcp::transport::stdio())
-            .await
-            .map_err(|e| format!("MCP initialization failed: {e}"))?;
-        service
-            .waiting()
-            .await
-            .map_err(|e| format!("MCP session failed: {e}"))?;
-        Ok(())
+        match args.listen {
+            None => serve_stdio(api, &url).await,
+            Some(addr) => serve_http(api, &url, addr).await,
+        }
     })
+}
+
+/// The streamable HTTP transport has no authentication of its own: it is
+/// served on loopback only (the SDK also refuses non-loopback `Host` headers).
+pub fn check_listen(addr: std::net::SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!(
+            "--listen {addr}: the MCP HTTP transport has no authentication; \
+             listen on a loopback address (127.0.0.1 or ::1)"
+        ))
+    }
+}
+
+async fn serve_stdio(api: ApiClient, url: &str) -> Result<(), String> {
+    eprintln!("kvmfork mcp: serving MCP on stdio for the kvmfork API at {url}");
+    let service = KvmforkMcp::new(api)
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| format!("MCP initialization failed: {e}"))?;
+    service
+        .waiting()
+        .await
+        .map_err(|e| format!("MCP session failed: {e}"))?;
+    Ok(())
+}
+
+async fn serve_http(api: ApiClient, url: &str, addr: std::net::SocketAddr) -> Result<(), String> {
+    use hyper_util::rt::TokioIo;
+    use rmcp::transport::streamable_http_server::{
+        session::local::LocalSessionManager, StreamableHttpServerConfig, StreamableHttpService,
+    };
+    use std::sync::Arc;
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("--listen {addr}: {e}"))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let service = Arc::new(StreamableHttpService::new(
+        move || Ok(KvmforkMcp::new(api.clone())),
+        Arc::new(LocalSessionManager::default()),
+        StreamableHttpServerConfig::default(),
+    ));
+    eprintln!(
+        "kvmfork mcp: serving MCP (streamable HTTP) at http://{local}/mcp for the kvmfork API at {url}"
+    );
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("kvmfork mcp: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            let handler =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let service = service.clone();
+                    async move {
+                        if req.uri().path() != "/mcp" {
+                            return Ok::<_, std::convert::Infallible>(not_found());
+                        }
+                        Ok(service.handle(req).await)
+                    }
+                });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), handler)
+                .await
+            {
+                eprintln!("kvmfork mcp: HTTP connection: {e}");
+            }
+        });
+    }
+}
+
+type HttpBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+
+fn not_found() -> hyper::Response<HttpBody> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Full::new(bytes::Bytes::from_static(
+        b"not found: MCP is served at /mcp\n",
+    ))
+    .boxed();
+    let mut resp = hyper::Response::new(body);
+    *resp.status_mut() = hyper::StatusCode::NOT_FOUND;
+    resp
 }
 
 // ---------------------------------------------------------------------------
@@ -699,6 +793,15 @@ mod tests {
                 .into_tool_result(),
         );
         assert_eq!(v["code"], "invalid_argument");
+    }
+
+    #[test]
+    fn http_transport_listens_on_loopback_only() {
+        assert!(check_listen("127.0.0.1:8090".parse().unwrap()).is_ok());
+        assert!(check_listen("[::1]:0".parse().unwrap()).is_ok());
+        let e = check_listen("0.0.0.0:8090".parse().unwrap()).unwrap_err();
+        assert!(e.contains("loopback"), "{e}");
+        assert!(check_listen("192.168.1.2:80".parse().unwrap()).is_err());
     }
 
     #[test]
