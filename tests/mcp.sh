@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `kvmfork mcp` driven over stdio by the official Python MCP client (PyPI
-# `mcp`, installed into a throwaway venv) against a live kvmfork server:
+# `kvmfork mcp` driven over stdio and streamable HTTP (--listen) by the
+# official Python MCP client (PyPI `mcp` 2.x, installed into a throwaway venv)
+# against a live kvmfork server:
 #
 #   KVMFORK_URL=http://127.0.0.1:8080 [KVMFORK_TEST_API_KEY=<key>] bash tests/mcp.sh [KVMFORK_BINARY]
 #
@@ -19,6 +20,6 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/kvmfork-mcp.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
 python3 -m venv "$tmp/venv"
-"$tmp/venv/bin/pip" install --quiet --disable-pip-version-check 'mcp>=1.9,<3'
+"$tmp/venv/bin/pip" install --quiet --disable-pip-version-check 'mcp>=2.3,<3'
 "$tmp/venv/bin/python" -c 'import importlib.metadata as m; print("MCP client: mcp", m.version("mcp"))'
 "$tmp/venv/bin/python" "$root/tests/mcp_client.py" "$bin"

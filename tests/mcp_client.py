@@ -1,5 +1,5 @@
-"""Drives `kvmfork mcp` over stdio with the official Python MCP client (the
-`mcp` package) against a live kvmfork server. Run by tests/mcp.sh:
+"""Drives `kvmfork mcp` over stdio and streamable HTTP with the official
+Python MCP client (the `mcp` package) against a live kvmfork server. Run by
 
     python tests/mcp_client.py /path/to/kvmfork
 
@@ -11,11 +11,13 @@ exits non-zero on any failure.
 import asyncio
 import json
 import os
+import re
 import sys
 import traceback
 
 from mcp import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.client.streamable_http import streamable_http_client
 
 EXPECTED_TOOLS = {
     "run_code",
@@ -202,6 +204,52 @@ async def main(binary):
                     r.is_error and sc and sc["error"]["status"] == 401 and sc["error"]["code"] == "unauthorized",
                     (r.is_error, sc),
                 )
+
+    # Streamable HTTP: `kvmfork mcp --listen 127.0.0.1:0`, its address read
+    # from its log line.
+    env["KVMFORK_API_KEY"] = os.environ.get("KVMFORK_TEST_API_KEY", "")
+    proc = await asyncio.create_subprocess_exec(
+        binary, "mcp", "--listen", "127.0.0.1:0", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        line = (await asyncio.wait_for(proc.stderr.readline(), 30)).decode()
+        m = re.search(r"at (http://127\.0\.0\.1:\d+/mcp)", line)
+        check("mcp --listen: announces its URL", m is not None, line)
+        if m:
+            async with streamable_http_client(m.group(1)) as streams:
+                async with ClientSession(streams[0], streams[1]) as session:
+                    init = await session.initialize()
+                    check("http: initialize", init.server_info.name == "kvmfork", init.server_info)
+                    names = {t.name for t in (await session.list_tools()).tools}
+                    check("http: list_tools", names == EXPECTED_TOOLS, sorted(names))
+                    r, sc = await call(session, "run_code", {"code": "print(1 + 1)"})
+                    check("http: run_code -> 2", not r.is_error and sc and sc["stdout"] == "2\n", sc)
+                    r, sc = await call(session, "create_sandbox", {})
+                    sid = (sc or {}).get("sandbox_id")
+                    check("http: create_sandbox", not r.is_error and bool(sid), sc)
+                    if sid:
+                        await call(session, "run_in_sandbox", {"sandbox_id": sid, "code": "y = 20"})
+                        r, sc = await call(session, "run_in_sandbox", {"sandbox_id": sid, "code": "y + 1"})
+                        check("http: run_in_sandbox keeps state", (sc or {}).get("result", {}).get("text") == "21", sc)
+                        r, _ = await call(session, "delete_sandbox", {"sandbox_id": sid})
+                        check("http: delete_sandbox", not r.is_error, text_of(r))
+                        r, sc = await call(session, "delete_sandbox", {"sandbox_id": sid})
+                        check(
+                            "http: deleting it again -> tool error sandbox_not_found",
+                            r.is_error and sc and sc["error"]["code"] == "sandbox_not_found",
+                            (r.is_error, sc),
+                        )
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+    # Only loopback addresses are accepted for --listen.
+    bad = await asyncio.create_subprocess_exec(
+        binary, "mcp", "--listen", "0.0.0.0:0", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    err = (await bad.stderr.read()).decode()
+    rc = await bad.wait()
+    check("mcp --listen 0.0.0.0 is refused", rc != 0 and "loopback" in err, (rc, err))
 
     # No server at the URL: a tool error naming the URL.
     env["KVMFORK_URL"] = "http://127.0.0.1:9"
