@@ -4,6 +4,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_sessions;
 pub mod engine;
+pub mod mcp;
 pub mod server;
 pub mod settings;
 pub mod template;

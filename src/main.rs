@@ -59,6 +59,15 @@ enum Cmd {
         #[command(flatten)]
         sessions: kvmfork::engine::session::SessionArgs,
     },
+    /// Serve the Model Context Protocol on stdio (or streamable HTTP with
+    /// --listen): tools that run code in
+    /// sandboxes (run_code, create_sandbox, run_in_sandbox, fork_sandbox,
+    /// checkpoint_sandbox, restore_sandbox, delete_sandbox) through a running
+    /// kvmfork HTTP API.
+    Mcp {
+        #[command(flatten)]
+        args: kvmfork::mcp::McpArgs,
+    },
     /// Run code in a fresh fork of the template and print its output.
     Run {
         #[arg(long, default_value = "python")]
@@ -424,6 +433,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             command: TemplateCmd::Inspect { dir },
         } => {
             print!("{}", template::describe(&dir).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Mcp { args } => {
+            kvmfork::mcp::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Run {
