@@ -83,6 +83,7 @@ print("failed " + "; ".join(failed) if failed else "ready" if t and all(e.get("r
 done
 [[ -n $ready ]] || { cat "$work/serve.log" >&2; echo "kvmfork serve: templates not ready after 300 s" >&2; exit 1; }
 KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash sdk/run-tests.sh
+KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash tests/mcp.sh
 # The packages as a user installs them (wheel, sdist, npm tarball, cargo install).
 KVMFORK_URL="http://127.0.0.1:$port" KVMFORK_TEST_API_KEY="$key" bash tests/packages.sh
 bash docs/validate-openapi.sh
