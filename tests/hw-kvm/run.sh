@@ -183,40 +183,58 @@ phase_done "initramfs"
 # quiet + loglevel: kernel messages would interleave with the result lines.
 append="console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=on"
 log=$work/console.log
-: >"$log"
-progress "booting QEMU (TCG, -cpu max, 2 vCPUs, $mem_mib MiB), at most ${qemu_timeout}s"
-timeout --kill-after=10 "$qemu_timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
-    -smp 2 -m "$mem_mib" -nographic -no-reboot -kernel "$ck/vmlinuz" \
-    -initrd "$work/initramfs.cpio" -append "$append" </dev/null >"$log" 2>&1 &
-qemu_pid=$!
 
-# Follow the console: show result lines as they come, stop on the summary,
-# on QEMU's exit, or on a guest kernel panic (QEMU may then stay alive).
-shown=0
-verdict=
-while :; do
-    mapfile -t lines < <(tr -d '\r' <"$log" | grep -ao 'HWKVM [A-Z]\+ .*' || true)
-    while ((shown < ${#lines[@]})); do
-        progress "guest: ${lines[shown]#HWKVM }"
-        shown=$((shown + 1))
+# Boot the nested guest once and follow its console: show result lines as they
+# come, stop on the summary, on QEMU's exit, or on a guest kernel panic (QEMU
+# may then stay alive). Sets verdict and qemu_rc.
+boot_nested_guest() {
+    : >"$log"
+    progress "booting QEMU (TCG, -cpu max, 2 vCPUs, $mem_mib MiB), at most ${qemu_timeout}s"
+    timeout --kill-after=10 "$qemu_timeout" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
+        -smp 2 -m "$mem_mib" -nographic -no-reboot -kernel "$ck/vmlinuz" \
+        -initrd "$work/initramfs.cpio" -append "$append" </dev/null >"$log" 2>&1 &
+    qemu_pid=$!
+    local shown=0
+    verdict=
+    while :; do
+        mapfile -t lines < <(tr -d '\r' <"$log" | grep -ao 'HWKVM [A-Z]\+ .*' || true)
+        while ((shown < ${#lines[@]})); do
+            progress "guest: ${lines[shown]#HWKVM }"
+            shown=$((shown + 1))
+        done
+        if printf '%s\n' "${lines[@]}" | grep -q '^HWKVM SUMMARY '; then verdict=summary; break; fi
+        # (Only the QEMU guest's own kernel: an inner guest's console shown in
+        # HWKVM OUT lines may mention panics too.)
+        if tr -d '\r' <"$log" | grep -av 'HWKVM ' | grep -aq 'Kernel panic'; then verdict=panic; break; fi
+        if ! kill -0 "$qemu_pid" 2>/dev/null; then verdict=exited; break; fi
+        sleep 1
     done
-    if printf '%s\n' "${lines[@]}" | grep -q '^HWKVM SUMMARY '; then verdict=summary; break; fi
-    # (Only the QEMU guest's own kernel: an inner guest's console shown in
-    # HWKVM OUT lines may mention panics too.)
-    if tr -d '\r' <"$log" | grep -av 'HWKVM ' | grep -aq 'Kernel panic'; then verdict=panic; break; fi
-    if ! kill -0 "$qemu_pid" 2>/dev/null; then verdict=exited; break; fi
-    sleep 1
-done
-# After the summary the guest powers off; give QEMU a moment to exit, then end it.
-for _ in $(seq 1 50); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.2; done
-qemu_rc=0
-if kill -0 "$qemu_pid" 2>/dev/null; then
-    kill -KILL "$qemu_pid" 2>/dev/null || true
-    wait "$qemu_pid" 2>/dev/null || true
-else
-    wait "$qemu_pid" || qemu_rc=$?
+    # After the summary the guest powers off; give QEMU a moment to exit, then end it.
+    for _ in $(seq 1 50); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.2; done
+    qemu_rc=0
+    if kill -0 "$qemu_pid" 2>/dev/null; then
+        kill -KILL "$qemu_pid" 2>/dev/null || true
+        wait "$qemu_pid" 2>/dev/null || true
+    else
+        wait "$qemu_pid" || qemu_rc=$?
+    fi
+    qemu_pid=
+}
+
+boot_nested_guest
+# QEMU's multi-threaded TCG emulation of SVM occasionally corrupts the nested
+# guest kernel's own state (seen once in CI: "stack guard page was hit" in
+# error_entry, an exception recursing inside the L1 kernel at the first
+# KVM_RUN). A userspace kvmfork cannot panic that kernel by itself, so one
+# retry is allowed for a panic and only for a panic; the first panic is
+# printed so it is never hidden, and a second one fails the suite.
+if [[ $verdict == panic ]]; then
+    progress "WARNING: the nested guest kernel panicked (emulation fault); its console:"
+    tr -d '\r' <"$log" | grep -av 'HWKVM ' | grep -a -A25 -m1 'BUG\|Oops\|Kernel panic' >&2 || true
+    cp "$log" "$work/console-first-panic.log"
+    progress "retrying the nested guest once"
+    boot_nested_guest
 fi
-qemu_pid=
 phase_done "nested guest (QEMU)"
 
 # --- verdict ---------------------------------------------------------------------
