@@ -117,6 +117,7 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             limits: Limits::default(),
         },
     )

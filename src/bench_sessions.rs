@@ -94,6 +94,7 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
         PoolConfig {
             max_idle: opts.fan_out + 2,
             prewarm: 1,
+            warm: 0,
             limits: Limits {
                 max_dirty_pages: 1 << 20,
                 ..Limits::default()
@@ -152,21 +153,39 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
             started.elapsed().as_secs_f64()
         ));
         let mut fork = hist();
+        let mut after_run = hist();
         let mut pause = hist();
         let mut slow = hist();
         for _ in 0..iterations {
+            // A fork right after the session ran: the capture (the parent's
+            // pause) plus a runnable child.
+            check(
+                &pool.run_session(&mut parent, &req("pass"), false, &limits),
+                "session run before a fork",
+            )?;
             let t0 = Instant::now();
             let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
             let t1 = Instant::now();
             let child = pool.sandbox_from(&cp).map_err(|e| e.to_string())?;
             let t2 = Instant::now();
             pause.record(us(t1 - t0)).ok();
-            fork.record(us(t2 - t0)).ok();
+            after_run.record(us(t2 - t0)).ok();
             pool.release(child);
-            // The slow way: a fresh VM restored from the session's snapshot.
+            // The server's idle tick: the released child is reset off the
+            // request path, clean for the next fork.
+            pool.housekeep(Duration::from_secs(1));
+            // Another fork of the now idle session: its layer is reused.
+            let t3 = Instant::now();
+            let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
+            let child = pool.sandbox_from(&cp).map_err(|e| e.to_string())?;
+            fork.record(us(t3.elapsed())).ok();
+            pool.release(child);
+            pool.housekeep(Duration::from_secs(1));
+            // The slow way: a fresh VM restored from the session's snapshot
+            // (the capture measured above, the new VM, the pages copied in).
             let s0 = Instant::now();
             let mut fresh = Sandbox::fork_fresh(&kvm, &t, true).map_err(|e| e.to_string())?;
-            fresh.apply(&t, &cp).map_err(|e| e.to_string())?;
+            fresh.apply_by_copy(&t, &cp).map_err(|e| e.to_string())?;
             slow.record(us(s0.elapsed() + (t1 - t0))).ok();
             drop(fresh);
         }
@@ -188,12 +207,18 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
         }
         pool.release(child);
         notes.push(format!(
-            "- {mib} MiB session: checkpoint holds {} KiB",
-            cp.dirty_bytes() >> 10
+            "- {mib} MiB session: checkpoint holds {} KiB in {} runs (one mapping each in a child)",
+            cp.dirty_bytes() >> 10,
+            cp.runs()
         ));
         rows.push(Row {
-            name: format!("live fork, session holding {mib} MiB (capture + child runnable)"),
+            name: format!("live fork of an idle session holding {mib} MiB (child runnable)"),
             fast: fork,
+            slow: Some(slow.clone()),
+        });
+        rows.push(Row {
+            name: format!("live fork right after a run, {mib} MiB (capture + child)"),
+            fast: after_run,
             slow: Some(slow),
         });
         rows.push(Row {
@@ -206,9 +231,17 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
             let mut ck = hist();
             let mut rs = hist();
             for _ in 0..iterations {
+                check(
+                    &pool.run_session(&mut parent, &req("pass"), false, &limits),
+                    "session run before a checkpoint",
+                )?;
                 let t0 = Instant::now();
                 let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
                 ck.record(us(t0.elapsed())).ok();
+                check(
+                    &pool.run_session(&mut parent, &req("y = 1"), false, &limits),
+                    "session run before a restore",
+                )?;
                 let t1 = Instant::now();
                 pool.restore(&mut parent, &cp).map_err(|e| e.to_string())?;
                 rs.record(us(t1.elapsed())).ok();
@@ -223,25 +256,35 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
                 fast: rs,
                 slow: None,
             });
-            // 4. Fan-out: many children from one session.
-            let before_kb = meminfo_available_kb();
-            let t0 = Instant::now();
+            // 4. Fan-out: many children from one session, first with no VM
+            // ready (each child a new VM), then onto a warm reserve of as
+            // many clean VMs (`kvmfork serve --warm-sandboxes`).
             let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
-            let mut children = Vec::with_capacity(opts.fan_out);
-            for _ in 0..opts.fan_out {
-                children.push(pool.sandbox_from(&cp).map_err(|e| e.to_string())?);
+            for warm in [false, true] {
+                if warm {
+                    pool.set_warm(opts.fan_out);
+                    pool.housekeep(Duration::from_secs(600));
+                }
+                let before_kb = meminfo_available_kb();
+                let t0 = Instant::now();
+                let mut children = Vec::with_capacity(opts.fan_out);
+                for _ in 0..opts.fan_out {
+                    children.push(pool.sandbox_from(&cp).map_err(|e| e.to_string())?);
+                }
+                let total = t0.elapsed();
+                let after_kb = meminfo_available_kb();
+                notes.push(format!(
+                    "- {} children of the {mib} MiB session, {}: {:.1} ms in total; host memory per child before it runs ≈ {} KiB (MemAvailable drop / children)",
+                    opts.fan_out,
+                    if warm { "onto as many warm VMs" } else { "no VM ready (a new VM each)" },
+                    total.as_secs_f64() * 1e3,
+                    before_kb.saturating_sub(after_kb) / opts.fan_out.max(1) as u64
+                ));
+                for c in children {
+                    drop(c);
+                }
             }
-            let total = t0.elapsed();
-            let after_kb = meminfo_available_kb();
-            notes.push(format!(
-                "- {} children of the {mib} MiB session: {:.1} ms in total; host memory per child before it runs ≈ {} KiB (MemAvailable drop / children)",
-                opts.fan_out,
-                total.as_secs_f64() * 1e3,
-                before_kb.saturating_sub(after_kb) / opts.fan_out.max(1) as u64
-            ));
-            for c in children {
-                drop(c);
-            }
+            pool.set_warm(0);
         }
         pool.release(parent);
     }

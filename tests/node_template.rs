@@ -226,6 +226,7 @@ fn http_routes_node_and_javascript_to_the_node_template() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     );

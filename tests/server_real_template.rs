@@ -45,6 +45,7 @@ fn start_live() -> Live {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     );

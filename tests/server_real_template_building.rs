@@ -30,6 +30,7 @@ fn a_template_published_while_serving_is_served() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     );

@@ -54,6 +54,7 @@ fn start_with(sessions: SessionConfig, shards: usize, workers_per_shard: usize) 
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     )
@@ -747,6 +748,7 @@ fn node_sessions_keep_their_global_scope_and_fork() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     )

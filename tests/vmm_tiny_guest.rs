@@ -123,6 +123,7 @@ fn pool_reuses_reset_sandboxes() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             limits: Limits::default(),
         },
     )
@@ -148,6 +149,7 @@ fn hostile_length_is_refused_and_the_sandbox_is_not_reused() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             limits: Limits::default(),
         },
     )
@@ -171,6 +173,7 @@ fn infinite_loop_times_out_and_the_next_exec_works() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             limits: Limits::default(),
         },
     )
@@ -196,6 +199,7 @@ fn cancellation_stops_a_running_guest() {
         PoolConfig {
             max_idle: 1,
             prewarm: 0,
+            warm: 0,
             limits: Limits::default(),
         },
     )
@@ -219,6 +223,7 @@ fn guest_crash_is_reported_and_the_engine_keeps_serving() {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             limits: Limits::default(),
         },
     )

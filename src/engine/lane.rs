@@ -15,6 +15,9 @@ use crate::api::{
 };
 use crate::template::Template;
 
+/// Most time one tick spends making new VMs for a pool's warm reserve.
+const HOUSEKEEPING_BUDGET: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The shared, read-mostly set of template slots the engine serves.
 pub type TemplateRegistry = TemplateSlots<Template>;
 
@@ -122,6 +125,10 @@ impl Lane for EngineLane {
 
     fn tick(&mut self) {
         self.sessions.tick(&mut self.pools);
+        // Bounded, so a request arriving now waits little.
+        for pool in self.pools.iter_mut() {
+            pool.housekeep(HOUSEKEEPING_BUDGET);
+        }
     }
 
     fn stats(&self) -> LaneStats {

@@ -1,6 +1,7 @@
 //! The fork engine: sandboxes forked from a template, pooled per lane.
 
 pub mod lane;
+pub mod layer;
 pub mod mailbox;
 pub mod pool;
 pub mod registry;

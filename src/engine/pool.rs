@@ -21,6 +21,9 @@ pub struct PoolConfig {
     pub max_idle: usize,
     /// Sandboxes created up front.
     pub prewarm: usize,
+    /// Idle sandboxes housekeeping keeps ready (clean, for forks of live
+    /// sessions: a fan-out of N children is fastest with N of them).
+    pub warm: usize,
     pub limits: Limits,
 }
 
@@ -29,6 +32,7 @@ impl Default for PoolConfig {
         PoolConfig {
             max_idle: 4,
             prewarm: 1,
+            warm: 1,
             limits: Limits::default(),
         }
     }
@@ -94,7 +98,30 @@ impl Pool {
     /// Gets a runnable sandbox: reset an idle one, or fork a fresh VM.
     /// Returns it with whether it came from the pool.
     pub fn acquire(&mut self) -> Result<(Sandbox, bool), SandboxError> {
+        self.acquire_as(None)
+    }
+
+    /// [`Pool::acquire`] for a sandbox that gets `cp`'s state: an idle one is
+    /// reverted and given the checkpoint in one pass.
+    fn acquire_as(&mut self, cp: Option<&Checkpoint>) -> Result<(Sandbox, bool), SandboxError> {
+        if cp.is_some() {
+            // A clean sandbox takes a layer without a memory-slot cycle.
+            if let Some(i) = self.idle.iter().rposition(Sandbox::clean) {
+                let sb = self.idle.remove(i);
+                self.idle.push(sb);
+            }
+        }
         while let Some(mut sb) = self.idle.pop() {
+            if let Some(cp) = cp {
+                match sb.apply(&self.template, cp) {
+                    Ok(()) => return Ok((sb, true)),
+                    Err(_) => {
+                        self.stats.destroyed_vms += 1;
+                        self.stats.live_vms = self.stats.live_vms.saturating_sub(1);
+                        continue;
+                    }
+                }
+            }
             if !sb.used() {
                 return Ok((sb, true));
             }
@@ -116,9 +143,16 @@ impl Pool {
                 }
             }
         }
-        let sb = Sandbox::fork_fresh(&self.kvm, &self.template, self.cfg.max_idle > 0)?;
+        let mut sb = Sandbox::fork_fresh(&self.kvm, &self.template, self.cfg.max_idle > 0)?;
         self.stats.fresh_vm_forks += 1;
         self.stats.live_vms += 1;
+        if let Some(cp) = cp {
+            if let Err(e) = sb.apply(&self.template, cp) {
+                self.stats.destroyed_vms += 1;
+                self.stats.live_vms = self.stats.live_vms.saturating_sub(1);
+                return Err(e);
+            }
+        }
         Ok((sb, false))
     }
 
@@ -134,11 +168,30 @@ impl Pool {
         self.stats.pooled_vms = self.idle.len();
     }
 
-    /// Resets every used idle sandbox now (off the request path).
-    pub fn reset_idle(&mut self) {
+    /// Housekeeping off the request path (an idle worker's tick): idle
+    /// sandboxes whose reset re-creates the memory slot anyway (they held a
+    /// session's layer or ran guest-kernel code) are reset now, leaving them clean
+    /// for the next fork; then idle sandboxes are topped up to the warm
+    /// reserve, spending at most `budget` on new VMs.
+    pub fn housekeep(&mut self, budget: std::time::Duration) {
         let t = self.template.clone();
+        let before = self.idle.len();
         self.idle
-            .retain_mut(|sb| !sb.used() || sb.reset(&t).is_ok());
+            .retain_mut(|sb| !sb.needs_slot_cycle() || sb.reset(&t).is_ok());
+        let destroyed = before - self.idle.len();
+        self.stats.destroyed_vms += destroyed as u64;
+        self.stats.live_vms = self.stats.live_vms.saturating_sub(destroyed);
+        let started = Instant::now();
+        let target = self.cfg.warm.min(self.cfg.max_idle);
+        while self.idle.len() < target && started.elapsed() < budget {
+            match Sandbox::fork_fresh(&self.kvm, &self.template, true) {
+                Ok(sb) => {
+                    self.idle.push(sb);
+                    self.stats.live_vms += 1;
+                }
+                Err(_) => break,
+            }
+        }
         self.stats.pooled_vms = self.idle.len();
     }
 
@@ -224,23 +277,21 @@ impl Pool {
     /// A new sandbox holding `cp`'s state (a child of a live fork, or a
     /// session started from a checkpoint).
     pub fn sandbox_from(&mut self, cp: &Checkpoint) -> Result<Sandbox, SandboxError> {
-        let mut sb = self.open_session()?;
-        match sb.apply(&self.template, cp) {
-            Ok(()) => Ok(sb),
-            Err(e) => {
-                drop(sb);
-                self.stats.destroyed_vms += 1;
-                self.stats.live_vms = self.stats.live_vms.saturating_sub(1);
-                Err(e)
-            }
-        }
+        let (sb, _) = self.acquire_as(Some(cp))?;
+        self.stats.forks += 1;
+        Ok(sb)
     }
 
     /// Rolls a session's sandbox back to `cp` in place.
     pub fn restore(&mut self, sb: &mut Sandbox, cp: &Checkpoint) -> Result<(), SandboxError> {
         let template = self.template.clone();
-        sb.reset(&template)?;
         sb.apply(&template, cp)
+    }
+
+    /// Changes the warm reserve (raising the idle limit to match).
+    pub fn set_warm(&mut self, warm: usize) {
+        self.cfg.warm = warm;
+        self.cfg.max_idle = self.cfg.max_idle.max(warm);
     }
 
     pub fn reset_totals(&self) -> ResetTotals {
@@ -295,5 +346,9 @@ impl PoolSet {
 
     pub fn iter(&self) -> impl Iterator<Item = &Pool> {
         self.pools.iter().map(|(_, p)| p)
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Pool> {
+        self.pools.iter_mut().map(|(_, p)| p)
     }
 }

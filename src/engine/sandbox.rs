@@ -8,11 +8,14 @@
 //!   template (KVM dirty log + pages the host wrote), keep every mapping, and
 //!   restore state — 10-20x cheaper on this host (kvm-host.md).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::layer::Layer;
 use super::mailbox::{self, MailboxRequest, CODE_MAX};
 use crate::api::{ExecFailure, ExecRequest, ExecResult};
 use crate::contract as c;
@@ -32,6 +35,9 @@ const CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a busy exec runs before it gets timer interrupts back anyway.
 const TIMER_GRACE: Duration = Duration::from_millis(500);
 const CONSOLE_TAIL: usize = 8 << 10;
+/// Written runs at least this long (256 KiB) are reset by mapping the
+/// template back rather than copying it.
+const REMAP_RUN_PAGES: u64 = 64;
 /// How long a timed-out session run gets to reach user mode, take the host
 /// interrupt and answer, before the session is given up as wedged.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
@@ -49,15 +55,17 @@ pub enum ExecMode {
 }
 
 /// The complete state of a live sandbox at its DONE doorbell, relative to
-/// its template: the pages that differ, plus machine state. Forks and
-/// restores apply it onto a VM that holds the template's state.
-pub struct Checkpoint {
+/// its template: a [`Layer`] of the pages that differ, plus machine state.
+/// Forks and restores apply it onto a VM that holds the template's state.
+/// Cloning is cheap (shared): every child of one capture maps the same layer.
+#[derive(Clone)]
+pub struct Checkpoint(Arc<CheckpointData>);
+
+struct CheckpointData {
     /// Address of the template this layer applies to (a checkpoint applied
     /// to another template's VM would be garbage: refused).
     template: *const Template,
-    /// Guest page numbers, ascending, and their contents, page after page.
-    pages: Vec<u64>,
-    data: Vec<u8>,
+    layer: Layer,
     vcpu: VcpuState,
     vm: VmState,
     serial: SerialState,
@@ -67,13 +75,66 @@ pub struct Checkpoint {
 }
 
 // SAFETY: `template` is only compared, never dereferenced; every other field
-// is owned data.
-unsafe impl Send for Checkpoint {}
+// is owned data, immutable once built.
+unsafe impl Send for CheckpointData {}
+// SAFETY: as above; nothing in it has interior mutability.
+unsafe impl Sync for CheckpointData {}
 
 impl Checkpoint {
     /// Bytes of guest memory the checkpoint holds (its own dirty pages).
     pub fn dirty_bytes(&self) -> u64 {
-        self.data.len() as u64
+        self.0.layer.bytes()
+    }
+
+    /// Runs (separate mappings) a fork of this checkpoint makes.
+    pub fn runs(&self) -> usize {
+        self.0.layer.runs().len()
+    }
+}
+
+/// Layer runs mapped in all sandboxes of this process: each is a VMA, and the
+/// host's `vm.max_map_count` (65530 by default) bounds VMAs per process. Past
+/// half of it, forks copy a layer's pages instead of mapping them.
+static MAPPED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+fn mapped_runs_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(65530)
+            / 2
+    })
+}
+
+/// The guest page ranges of one sandbox that map a layer instead of the
+/// template; counted in [`MAPPED_RUNS`] while they exist.
+#[derive(Default)]
+struct LayerMappings {
+    runs: Vec<(u64, u64)>,
+}
+
+impl LayerMappings {
+    /// Takes room for `n` more runs from the process budget, if there is room.
+    fn reserve(n: usize) -> bool {
+        let budget = mapped_runs_budget();
+        MAPPED_RUNS
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + n <= budget).then_some(used + n)
+            })
+            .is_ok()
+    }
+
+    fn take(&mut self) -> Vec<(u64, u64)> {
+        MAPPED_RUNS.fetch_sub(self.runs.len(), Ordering::Relaxed);
+        std::mem::take(&mut self.runs)
+    }
+}
+
+impl Drop for LayerMappings {
+    fn drop(&mut self) {
+        MAPPED_RUNS.fetch_sub(self.runs.len(), Ordering::Relaxed);
     }
 }
 
@@ -93,6 +154,8 @@ pub enum SandboxError {
     Serial(std::io::Error),
     #[error("checkpoint belongs to another template")]
     ForeignCheckpoint,
+    #[error(transparent)]
+    Layer(#[from] super::layer::LayerError),
 }
 
 /// Where a reset's time went (for `kvmfork bench fork`).
@@ -147,6 +210,17 @@ pub struct Sandbox {
     /// reset restores only those.
     user_mode_only: bool,
     host_pages: Vec<u64>,
+    /// KVM has built no translations for this VM's memory slot: it was
+    /// (re)created and the vCPU has not run since. Guest memory may then be
+    /// remapped and rewritten without re-creating the slot.
+    shadow_clean: bool,
+    /// Guest pages mapped from a checkpoint's layer rather than the template
+    /// (a fork's inherited state, shared with its siblings).
+    layered: LayerMappings,
+    /// The checkpoint of this sandbox's current state, while it still is
+    /// (nothing ran since it was captured or applied): forking an idle
+    /// session again reuses it instead of capturing again.
+    captured: Option<Checkpoint>,
     seq: u64,
     /// Fork generation in the mailbox (the guest kernel reseeds its CRNG
     /// when it changes).
@@ -193,6 +267,9 @@ impl Sandbox {
             kernel_entered: false,
             user_mode_only: false,
             host_pages: Vec::new(),
+            shadow_clean: true,
+            layered: LayerMappings::default(),
+            captured: None,
             seq: 0,
             generation: 0,
             interrupt_failure: None,
@@ -200,6 +277,18 @@ impl Sandbox {
             poisoned: false,
             timer_unmasked: false,
         })
+    }
+
+    /// Whether a checkpoint can be applied without re-creating the memory
+    /// slot (see `shadow_clean`), and nothing needs reverting first.
+    pub fn clean(&self) -> bool {
+        self.shadow_clean && !self.used
+    }
+
+    /// Whether the next reset re-creates the memory slot (the sandbox held a
+    /// layer or ran guest-kernel code since the slot was made).
+    pub fn needs_slot_cycle(&self) -> bool {
+        self.used && !self.shadow_clean && (self.kernel_entered || !self.layered.runs.is_empty())
     }
 
     /// Whether this sandbox may be reset and reused.
@@ -225,122 +314,225 @@ impl Sandbox {
     }
 
     /// Captures this sandbox's state at its last DONE doorbell. The sandbox
-    /// stays usable. `kvm` reads the MSR list.
+    /// stays usable. `kvm` reads the MSR list. A sandbox that has not run
+    /// since its last capture (or since a checkpoint was applied to it)
+    /// returns that checkpoint again.
     pub fn checkpoint(&mut self, kvm: &Kvm, t: &Template) -> Result<Checkpoint, SandboxError> {
+        if let Some(cp) = &self.captured {
+            return Ok(cp.clone());
+        }
         // KVM asks for one KVM_RUN with immediate_exit after an MMIO exit so
         // the doorbell store completes before state is read.
+        self.shadow_clean = false;
         self.vcpu.complete_pending_io()?;
         self.collect_dirty()?;
         for p in std::mem::take(&mut self.host_pages) {
             set_bit(&mut self.ever_dirty, p);
         }
-        let pages: Vec<u64> = BitIter::new(&self.ever_dirty).collect();
-        let page = crate::vmm::memory::PAGE_SIZE;
-        let mut data = vec![0u8; pages.len() * page];
-        for (chunk, &p) in data.chunks_exact_mut(page).zip(&pages) {
-            self.ram.read(p * page as u64, chunk)?;
+        // Everything that differs from the template: pages written since the
+        // fork, and pages inherited from a layer.
+        let mut differ = self.ever_dirty.clone();
+        for &(first, n) in &self.layered.runs {
+            for p in first..first + n {
+                set_bit(&mut differ, p);
+            }
         }
+        let layer = Layer::capture(&self.ram, &differ)?;
         // vCPU before VM-wide state, as the template capture does.
         let vcpu = self.vcpu.save_state(kvm)?;
         let vm = self.vm.save_state()?;
-        Ok(Checkpoint {
+        let cp = Checkpoint(Arc::new(CheckpointData {
             template: t as *const Template,
-            pages,
-            data,
+            layer,
             vcpu,
             vm,
             serial: self.devices.serial.state(),
             seq: self.seq,
             generation: self.generation,
             timer_unmasked: self.timer_unmasked,
-        })
+        }));
+        self.captured = Some(cp.clone());
+        Ok(cp)
     }
 
-    /// Puts `cp` into this sandbox, which must hold its template's state
-    /// (fresh, or just reset): the layer's pages over the template's, then
-    /// the checkpoint's machine state.
+    /// Puts `cp` into this sandbox, fresh or used (a used one is reverted in
+    /// the same pass): the layer's pages mapped over the template's, then the
+    /// checkpoint's machine state.
     pub fn apply(&mut self, t: &Template, cp: &Checkpoint) -> Result<(), SandboxError> {
-        if !std::ptr::eq(cp.template, t) {
-            return Err(SandboxError::ForeignCheckpoint);
-        }
-        // Whatever the guest wrote so far must be in `ever_dirty` before the
-        // memslot is re-created below (that restarts KVM's log).
-        self.collect_dirty()?;
-        let page = crate::vmm::memory::PAGE_SIZE;
-        for (chunk, &p) in cp.data.chunks_exact(page).zip(&cp.pages) {
-            self.ram.write(p * page as u64, chunk)?;
-            // Host writes are not in KVM's dirty log: remember them so a
-            // later reset copies the template's page back.
-            set_bit(&mut self.ever_dirty, p);
-        }
-        // The layer holds the session's guest page tables, written behind a
-        // shadow MMU's back: its cached translations must go.
-        self.vm.zap_guest_mappings(&self.ram)?;
-        // VM-wide state (PIT, clock, irqchips) before the vCPU's.
-        self.vm.restore_state(&cp.vm)?;
-        self.devices
-            .reset_to(&cp.serial)
-            .map_err(SandboxError::Serial)?;
-        // The vCPU already has the template's CPUID (a pooled or fresh VM of
-        // the same template): only per-fork state and the MSRs that differ.
-        self.vcpu.restore_fast(&cp.vcpu, &cp.vcpu.lapic)?;
-        self.seq = cp.seq;
-        self.generation = cp.generation;
-        self.timer_unmasked = cp.timer_unmasked;
-        // Nothing of the template's machine state can be assumed any more,
-        // and a reset must drop the shadow MMU again (it reverts the layer's
-        // page tables behind KVM's back).
-        self.used = true;
-        self.kernel_entered = true;
-        self.user_mode_only = false;
-        Ok(())
+        self.reset_to(t, Some((cp, true))).map(|_| ())
+    }
+
+    /// [`Sandbox::apply`] that copies the layer's pages in rather than mapping
+    /// them (what a restore from a full snapshot costs; `bench sessions`).
+    pub fn apply_by_copy(&mut self, t: &Template, cp: &Checkpoint) -> Result<(), SandboxError> {
+        self.reset_to(t, Some((cp, false))).map(|_| ())
     }
 
     /// Returns a used sandbox to the template's exact state: copy back every
-    /// page written since, then restore VM and vCPU state. Returns the number
-    /// of pages copied.
+    /// page written since, then restore VM and vCPU state.
     pub fn reset(&mut self, t: &Template) -> Result<ResetStats, SandboxError> {
+        self.reset_to(t, None)
+    }
+
+    /// Puts a used (or fresh) sandbox into the template's state, or with
+    /// `cp` into the checkpoint's (mapped, or copied when the flag is false),
+    /// in one pass over guest memory and at most one memory-slot cycle.
+    fn reset_to(
+        &mut self,
+        t: &Template,
+        cp: Option<(&Checkpoint, bool)>,
+    ) -> Result<ResetStats, SandboxError> {
+        if let Some((cp, _)) = cp {
+            if !std::ptr::eq(cp.0.template, t) {
+                return Err(SandboxError::ForeignCheckpoint);
+            }
+        }
         let t0 = Instant::now();
         self.collect_dirty()?;
-        for &p in &self.host_pages {
+        for p in std::mem::take(&mut self.host_pages) {
             set_bit(&mut self.ever_dirty, p);
         }
-        self.host_pages.clear();
-        if self.kernel_entered {
-            // The exec may have changed guest page tables; the copy-back below
-            // reverts them behind KVM's back, so its shadow copies must go.
-            self.vm.zap_guest_mappings(&self.ram)?;
+        self.captured = None;
+        // The memory slot is re-created (which drops every shadow page table
+        // KVM built) when the host changes guest page tables behind its back:
+        // the copy-back after an exec that entered the guest kernel, or a
+        // layer holding a session's page tables going or coming.
+        // A slot KVM has built nothing for needs no cycle.
+        let cycle = !self.shadow_clean
+            && (self.kernel_entered || cp.is_some() || !self.layered.runs.is_empty());
+        let t1 = Instant::now();
+        let mut stats = ResetStats {
+            dirty_log: t1 - t0,
+            ..Default::default()
+        };
+        if cycle {
+            self.vm.remove_ram(&self.ram)?;
+        }
+        // ORDER: every remap happens while the slot is gone (cheap for KVM),
+        // and `ever_dirty` may lose bits only then: the re-created slot
+        // starts a new dirty log, so none of them comes back stale.
+        let reverted = self.revert_memory(t, cycle || self.shadow_clean, cp);
+        if cycle {
+            // Re-created even when reverting failed, so the VM keeps its RAM
+            // (the caller destroys a sandbox whose reset failed).
+            self.vm.restore_ram(&self.ram)?;
+            self.shadow_clean = true;
+        }
+        if self.shadow_clean {
             self.kernel_entered = false;
         }
-        let t1 = Instant::now();
-        let n = self
-            .ram
-            .copy_pages_from(&t.source, BitIter::new(&self.ever_dirty));
+        stats.pages = reverted?;
         let t2 = Instant::now();
+        stats.copy = t2 - t1;
         let t3;
-        if std::mem::take(&mut self.user_mode_only) {
-            // Irqchips, PIT, LAPIC, MSRs, debug registers and the UART only
-            // change when guest-kernel code runs: none ran.
-            t3 = Instant::now();
-            self.vcpu.restore_user_state(&t.state.vcpu)?;
-        } else {
-            self.vm.restore_state(&t.state.vm)?;
-            self.devices
-                .reset_to(&t.state.serial)
-                .map_err(SandboxError::EventFd)?;
-            t3 = Instant::now();
-            self.vcpu.restore_fast(&t.state.vcpu, &t.fork_lapic)?;
+        match cp {
+            Some((cp, _)) => {
+                let d = &*cp.0;
+                // VM-wide state (PIT, clock, irqchips) before the vCPU's.
+                self.vm.restore_state(&d.vm)?;
+                self.devices
+                    .reset_to(&d.serial)
+                    .map_err(SandboxError::Serial)?;
+                t3 = Instant::now();
+                // The vCPU already has the template's CPUID (a pooled or fresh
+                // VM of the same template): only per-fork state and the MSRs
+                // that differ.
+                self.vcpu.restore_fast(&d.vcpu, &d.vcpu.lapic)?;
+                self.seq = d.seq;
+                self.generation = d.generation;
+                self.timer_unmasked = d.timer_unmasked;
+                // Nothing of the template's machine state can be assumed any
+                // more, and the next reset must re-create the slot again (it
+                // reverts the layer's page tables behind KVM's back).
+                self.used = true;
+                self.kernel_entered = true;
+                self.user_mode_only = false;
+                self.captured = Some(cp.clone());
+            }
+            None => {
+                if std::mem::take(&mut self.user_mode_only) {
+                    // Irqchips, PIT, LAPIC, MSRs, debug registers and the UART
+                    // only change when guest-kernel code runs: none ran.
+                    t3 = Instant::now();
+                    self.vcpu.restore_user_state(&t.state.vcpu)?;
+                } else {
+                    self.vm.restore_state(&t.state.vm)?;
+                    self.devices
+                        .reset_to(&t.state.serial)
+                        .map_err(SandboxError::EventFd)?;
+                    t3 = Instant::now();
+                    self.vcpu.restore_fast(&t.state.vcpu, &t.fork_lapic)?;
+                }
+                self.used = false;
+                self.timer_unmasked = false;
+            }
         }
         let t4 = Instant::now();
-        self.used = false;
-        self.timer_unmasked = false;
-        Ok(ResetStats {
-            pages: n,
-            dirty_log: t1 - t0,
-            copy: t2 - t1,
-            vm_state: t3 - t2,
-            vcpu_state: t4 - t3,
-        })
+        stats.vm_state = t3 - t2;
+        stats.vcpu_state = t4 - t3;
+        Ok(stats)
+    }
+
+    /// Guest memory back to the template's pages, then `cp`'s layer over
+    /// them. `slot_removed`: KVM's memory slot is deleted meanwhile (or holds
+    /// no translations), so mappings may be replaced cheaply. Returns the pages copied or remapped.
+    fn revert_memory(
+        &mut self,
+        t: &Template,
+        slot_removed: bool,
+        cp: Option<(&Checkpoint, bool)>,
+    ) -> Result<usize, SandboxError> {
+        let mut n = 0;
+        // A layer's pages: map the template back over them (which also drops
+        // whatever the guest wrote there).
+        for (first, count) in self.layered.take() {
+            self.ram.map_over(first, count, &t.memfd, first)?;
+            clear_bits(&mut self.ever_dirty, first, count);
+            n += count as usize;
+        }
+        if slot_removed {
+            // Long runs of written pages: mapping the template back is cheaper
+            // than copying it and gives the private pages back to the host.
+            // (Only with the slot removed: otherwise the copy keeps KVM's
+            // mappings warm for the next exec.)
+            let npages = (self.ram.size() / crate::vmm::memory::PAGE_SIZE) as u64;
+            for (first, count) in super::layer::runs_of(&self.ever_dirty, 0, npages) {
+                if count >= REMAP_RUN_PAGES {
+                    self.ram.map_over(first, count, &t.memfd, first)?;
+                    clear_bits(&mut self.ever_dirty, first, count);
+                    n += count as usize;
+                }
+            }
+        }
+        n += self
+            .ram
+            .copy_pages_from(&t.source, BitIter::new(&self.ever_dirty));
+        let Some((cp, map)) = cp else { return Ok(n) };
+        let layer = &cp.0.layer;
+        let runs = layer.runs();
+        if map && LayerMappings::reserve(runs.len()) {
+            // ORDER: recorded before mapping, so after a failure half-way the
+            // next reset still maps the template back over every run (and the
+            // budget is returned when the sandbox goes).
+            self.layered
+                .runs
+                .extend(runs.iter().map(|r| (r.guest_page, r.pages)));
+            for r in runs {
+                self.ram
+                    .map_over(r.guest_page, r.pages, layer.file(), r.file_page)?;
+            }
+        } else {
+            // Out of mapping budget (or asked to): copy the pages in instead.
+            for r in runs {
+                layer.copy_run_into(r, &self.ram)?;
+                // Host writes are not in KVM's dirty log: remember them so a
+                // later reset copies the template's pages back.
+                for p in r.guest_page..r.guest_page + r.pages {
+                    set_bit(&mut self.ever_dirty, p);
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// ORs KVM's dirty bitmap into `ever_dirty`.
@@ -418,6 +610,10 @@ impl Sandbox {
             return result;
         }
         let first_run = !self.used;
+        // Whatever happens below, the state is no longer the captured one,
+        // and KVM builds translations as the vCPU runs.
+        self.captured = None;
+        self.shadow_clean = false;
         self.used = true;
         self.seq += 1;
         let mut fork_seed = [0u8; 64];
@@ -767,6 +963,15 @@ impl Sandbox {
                     arm(now)?;
                 }
             }
+        }
+    }
+}
+
+/// Clears bits `first..first + n` (those past the bitmap's end are clear).
+fn clear_bits(bitmap: &mut [u64], first: u64, n: u64) {
+    for bit in first..first + n {
+        if let Some(w) = bitmap.get_mut((bit / 64) as usize) {
+            *w &= !(1 << (bit % 64));
         }
     }
 }

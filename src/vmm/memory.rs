@@ -223,6 +223,62 @@ impl GuestRam {
         }
     }
 
+    /// Guest RAM at `addr` as a byte slice (bounds-checked). The caller must
+    /// not let the vCPU run while the slice is alive (guest writes would race).
+    pub fn slice(&self, addr: u64, len: usize) -> Result<&[u8], MemoryError> {
+        let off = self.check(addr, len)?;
+        // SAFETY: range checked against the mapping, which lives as long as
+        // `self`; the vCPU is stopped (caller's contract).
+        Ok(unsafe { std::slice::from_raw_parts(self.as_ptr().add(off), len) })
+    }
+
+    /// Like [`GuestRam::slice`], writable (not on a read-only view).
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_mut(&self, addr: u64, len: usize) -> Result<&mut [u8], MemoryError> {
+        assert!(
+            self.sharing != Sharing::ReadOnly,
+            "write to a read-only template view"
+        );
+        let off = self.check(addr, len)?;
+        // SAFETY: as `slice`; the host is this mapping's only writer while
+        // the vCPU is stopped, and callers hold no other slice of the range.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(off), len) })
+    }
+
+    /// Replaces guest pages `first_page..first_page + pages` of this private
+    /// mapping with a private (copy-on-write) mapping of `file` from page
+    /// `file_page` on. Pages written there before are dropped. KVM follows
+    /// through its MMU notifier; a shadow MMU still needs its guest page
+    /// table copies dropped by the caller.
+    pub fn map_over(
+        &self,
+        first_page: u64,
+        pages: u64,
+        file: &File,
+        file_page: u64,
+    ) -> Result<(), MemoryError> {
+        assert_eq!(self.sharing, Sharing::Private, "map_over needs a private mapping");
+        let len = (pages as usize) * PAGE_SIZE;
+        let off = self.check(first_page * PAGE_SIZE as u64, len)?;
+        // SAFETY: MAP_FIXED over a range inside this mapping (checked above),
+        // which only this struct owns; no Rust reference into the range lives
+        // across this call (the vCPU is stopped and slices are short-lived).
+        let mapped = unsafe {
+            libc::mmap(
+                self.as_ptr().add(off) as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                (file_page as usize * PAGE_SIZE) as libc::off_t,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(MemoryError::Map(std::io::Error::last_os_error(), len));
+        }
+        Ok(())
+    }
+
     /// Copies `data` into guest RAM at `addr` (bounds-checked).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         assert!(

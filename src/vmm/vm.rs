@@ -146,6 +146,16 @@ impl Vm {
     /// kernel): on shadow-paging hosts (PVM) KVM would otherwise keep using
     /// translations of the exec's page tables. The dirty log restarts empty.
     pub fn zap_guest_mappings(&mut self, ram: &GuestRam) -> Result<(), VmError> {
+        self.remove_ram(ram)?;
+        self.restore_ram(ram)
+    }
+
+    /// Deletes guest RAM's memory slot (KVM drops all its mappings): the
+    /// first half of [`Vm::zap_guest_mappings`]. While the slot is gone,
+    /// remapping parts of the host mapping costs KVM's MMU notifier nothing
+    /// (with the slot present it walks KVM's mappings for every range). The
+    /// vCPU must not run until [`Vm::restore_ram`].
+    pub fn remove_ram(&mut self, ram: &GuestRam) -> Result<(), VmError> {
         let delete = kvm_userspace_memory_region {
             slot: 0,
             flags: 0,
@@ -153,8 +163,14 @@ impl Vm {
             memory_size: 0,
             userspace_addr: ram.host_addr(),
         };
-        // SAFETY: deleting slot 0; the mapping stays alive and is re-added below.
-        unsafe { self.fd.set_user_memory_region(delete) }.map_err(VmError::SetMemoryRegion)?;
+        // SAFETY: deleting slot 0; the mapping stays alive and is re-added by
+        // `restore_ram` before the vCPU runs again.
+        unsafe { self.fd.set_user_memory_region(delete) }.map_err(VmError::SetMemoryRegion)
+    }
+
+    /// Re-creates the slot [`Vm::remove_ram`] deleted; the dirty log restarts
+    /// empty.
+    pub fn restore_ram(&mut self, ram: &GuestRam) -> Result<(), VmError> {
         let log = self.dirty_logging;
         self.set_ram(ram, log)
     }

@@ -34,6 +34,7 @@ pub fn node_pool() -> Pool {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     )

@@ -31,6 +31,7 @@ pub fn pool() -> Pool {
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
+            warm: 0,
             ..Default::default()
         },
     )

@@ -1,0 +1,200 @@
+//! A layer: the pages of a live sandbox that differ from its template, copied
+//! once into a sealed memfd. A checkpoint is a layer plus machine state; a
+//! fork maps the layer's runs `MAP_PRIVATE` over the template the way the
+//! template itself is mapped, so every child of one checkpoint shares the
+//! layer's pages and pays only for what it writes itself (the design of
+//! wasmtime's CoW images and Firecracker's diff snapshots, one level up).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use crate::vmm::memory::{GuestRam, MemoryError, PAGE_SIZE};
+
+/// Undirtied pages between two dirty runs that are copied into the layer
+/// anyway to make one run of them: a fork maps the layer run by run (one
+/// `mmap` and one VMA each), so a few template pages stored twice buy many
+/// fewer mappings. Their contents are the template's (they were not written),
+/// so the merged run is still exact.
+pub const RUN_GAP_PAGES: u64 = 16;
+
+/// A range of guest pages stored contiguously in the layer file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// First guest page number of the run.
+    pub guest_page: u64,
+    /// Pages in the run.
+    pub pages: u64,
+    /// Page offset of the run in the layer file.
+    pub file_page: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("writing {bytes} bytes into the layer file failed: {source}")]
+    Write {
+        bytes: usize,
+        source: std::io::Error,
+    },
+    #[error("reading the layer file failed: {0}")]
+    Read(std::io::Error),
+}
+
+/// A sealed, immutable set of guest pages.
+pub struct Layer {
+    file: File,
+    runs: Vec<Run>,
+    pages: u64,
+}
+
+impl Layer {
+    /// Copies the pages set in `dirty` (a bitmap of guest page numbers) out
+    /// of `ram` into a new sealed memfd. The vCPU must be stopped.
+    pub fn capture(ram: &GuestRam, dirty: &[u64]) -> Result<Layer, LayerError> {
+        let npages = (ram.size() / PAGE_SIZE) as u64;
+        let mut runs = Vec::new();
+        let mut file_page = 0;
+        for (guest_page, pages) in runs_of(dirty, RUN_GAP_PAGES, npages) {
+            runs.push(Run {
+                guest_page,
+                pages,
+                file_page,
+            });
+            file_page += pages;
+        }
+        let bytes = (file_page as usize) * PAGE_SIZE;
+        let file = GuestRam::create_memfd("kvmfork-layer", bytes)?;
+        for r in &runs {
+            let len = (r.pages as usize) * PAGE_SIZE;
+            let src = ram.slice(r.guest_page * PAGE_SIZE as u64, len)?;
+            file.write_all_at(src, r.file_page * PAGE_SIZE as u64)
+                .map_err(|source| LayerError::Write { bytes: len, source })?;
+        }
+        GuestRam::seal(&file)?;
+        Ok(Layer {
+            file,
+            runs,
+            pages: file_page,
+        })
+    }
+
+    pub fn runs(&self) -> &[Run] {
+        &self.runs
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Bytes of guest memory the layer holds.
+    pub fn bytes(&self) -> u64 {
+        self.pages * PAGE_SIZE as u64
+    }
+
+    /// Copies run `r` into `ram` (the fallback where mapping it is refused,
+    /// e.g. at the host's `vm.max_map_count`).
+    pub fn copy_run_into(&self, r: &Run, ram: &GuestRam) -> Result<(), LayerError> {
+        let len = (r.pages as usize) * PAGE_SIZE;
+        let dst = ram.slice_mut(r.guest_page * PAGE_SIZE as u64, len)?;
+        self.file
+            .read_exact_at(dst, r.file_page * PAGE_SIZE as u64)
+            .map_err(LayerError::Read)
+    }
+}
+
+/// Runs `(first, count)` of set bits in `bitmap` below `limit`, merging runs
+/// separated by at most `gap` clear bits.
+pub fn runs_of(bitmap: &[u64], gap: u64, limit: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (wi, &word) in bitmap.iter().enumerate() {
+        let mut w = word;
+        while w != 0 {
+            let bit = (wi as u64) * 64 + u64::from(w.trailing_zeros());
+            w &= w - 1;
+            if bit >= limit {
+                return out;
+            }
+            match out.last_mut() {
+                Some((first, count)) if bit <= *first + *count + gap => *count = bit - *first + 1,
+                _ => out.push((bit, 1)),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitmap(bits: &[u64]) -> Vec<u64> {
+        let mut b = vec![0u64; 16];
+        for &x in bits {
+            b[(x / 64) as usize] |= 1 << (x % 64);
+        }
+        b
+    }
+
+    #[test]
+    fn runs_are_contiguous_ranges() {
+        let b = bitmap(&[0, 1, 2, 10, 63, 64, 65, 200]);
+        assert_eq!(
+            runs_of(&b, 0, 256),
+            vec![(0, 3), (10, 1), (63, 3), (200, 1)]
+        );
+    }
+
+    #[test]
+    fn small_gaps_merge() {
+        let b = bitmap(&[0, 1, 5, 40, 41]);
+        assert_eq!(runs_of(&b, 3, 256), vec![(0, 6), (40, 2)]);
+        assert_eq!(runs_of(&b, 100, 256), vec![(0, 42)]);
+    }
+
+    #[test]
+    fn bits_past_the_limit_are_ignored() {
+        let b = bitmap(&[3, 100, 150]);
+        assert_eq!(runs_of(&b, 0, 101), vec![(3, 1), (100, 1)]);
+        assert_eq!(runs_of(&[], 0, 10), vec![]);
+    }
+
+    #[test]
+    fn a_layer_holds_exactly_the_dirty_pages_and_maps_back() {
+        let size = 4 << 20;
+        let template = GuestRam::create_memfd("layer-test-template", size).unwrap();
+        let src = GuestRam::map(&template, size, crate::vmm::memory::Sharing::Private).unwrap();
+        src.write(0, &[1u8; 4096]).unwrap();
+        src.write(7 * 4096, &[7u8; 4096]).unwrap();
+        src.write(500 * 4096 + 3, b"xyz").unwrap();
+        let dirty = bitmap(&[0, 7, 500]);
+        let layer = Layer::capture(&src, &dirty).unwrap();
+        // 0..=7 merge over the gap; 500 stands alone.
+        assert_eq!(layer.runs().len(), 2);
+        assert_eq!(layer.bytes(), 9 * 4096);
+
+        let child = GuestRam::map(&template, size, crate::vmm::memory::Sharing::Private).unwrap();
+        for r in layer.runs() {
+            child
+                .map_over(r.guest_page, r.pages, layer.file(), r.file_page)
+                .unwrap();
+        }
+        let mut page = [0u8; 4096];
+        child.read(7 * 4096, &mut page).unwrap();
+        assert_eq!(page, [7u8; 4096]);
+        child.read(500 * 4096, &mut page).unwrap();
+        assert_eq!(&page[..6], b"\0\0\0xyz");
+        child.read(3 * 4096, &mut page).unwrap();
+        assert_eq!(page, [0u8; 4096]);
+        // A child's writes stay its own: neither the layer nor a sibling sees them.
+        child.write(7 * 4096, &[9u8; 16]).unwrap();
+        let sibling = GuestRam::map(&template, size, crate::vmm::memory::Sharing::Private).unwrap();
+        layer.copy_run_into(&layer.runs()[0], &sibling).unwrap();
+        sibling.read(7 * 4096, &mut page).unwrap();
+        assert_eq!(page, [7u8; 4096]);
+        // Mapping the template back over a run restores the template's pages.
+        child.map_over(0, 8, &template, 0).unwrap();
+        child.read(7 * 4096, &mut page).unwrap();
+        assert_eq!(page, [0u8; 4096]);
+    }
+}
