@@ -113,6 +113,9 @@ fn mapped_runs_budget() -> usize {
 #[derive(Default)]
 struct LayerMappings {
     runs: Vec<(u64, u64)>,
+    /// The checkpoint whose layer is mapped: held while any run maps it, so
+    /// its file cannot be recycled and rewritten under the mapping.
+    held: Option<Checkpoint>,
 }
 
 impl LayerMappings {
@@ -126,9 +129,11 @@ impl LayerMappings {
             .is_ok()
     }
 
-    fn take(&mut self) -> Vec<(u64, u64)> {
+    /// The mapped runs and the checkpoint they map; the caller maps the
+    /// template back over the runs before it drops the checkpoint.
+    fn take(&mut self) -> (Vec<(u64, u64)>, Option<Checkpoint>) {
         MAPPED_RUNS.fetch_sub(self.runs.len(), Ordering::Relaxed);
-        std::mem::take(&mut self.runs)
+        (std::mem::take(&mut self.runs), self.held.take())
     }
 }
 
@@ -188,7 +193,8 @@ impl Default for Limits {
 }
 
 pub struct Sandbox {
-    // Field order is drop order: the VM (and its memslot) goes before the RAM.
+    // Field order is drop order: the VM (and its memslot) goes before the RAM,
+    // and the RAM (its mappings of a layer) before `layered` lets the layer go.
     vcpu: Vcpu,
     vm: Vm,
     ram: GuestRam,
@@ -485,11 +491,19 @@ impl Sandbox {
         let mut n = 0;
         // A layer's pages: map the template back over them (which also drops
         // whatever the guest wrote there).
-        for (first, count) in self.layered.take() {
-            self.ram.map_over(first, count, &t.memfd, first)?;
+        let (runs, held) = self.layered.take();
+        for (first, count) in runs {
+            if let Err(e) = self.ram.map_over(first, count, &t.memfd, first) {
+                // The layer may still be mapped: keep holding it (the sandbox
+                // is destroyed, and its RAM unmapped before the hold goes).
+                self.layered.held = held;
+                return Err(e.into());
+            }
             clear_bits(&mut self.ever_dirty, first, count);
             n += count as usize;
         }
+        // ORDER: only now, with none of its runs mapped here.
+        drop(held);
         if slot_removed {
             // Long runs of written pages: mapping the template back is cheaper
             // than copying it and gives the private pages back to the host.
@@ -517,6 +531,7 @@ impl Sandbox {
             self.layered
                 .runs
                 .extend(runs.iter().map(|r| (r.guest_page, r.pages)));
+            self.layered.held = Some(cp.clone());
             for r in runs {
                 self.ram
                     .map_over(r.guest_page, r.pages, layer.file(), r.file_page)?;

@@ -90,6 +90,18 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Seals a memfd's size (not its contents): mappings of it can never
+    /// SIGBUS by the file shrinking.
+    pub fn seal_size(file: &File) -> Result<(), MemoryError> {
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: fcntl on a valid fd with constant arguments.
+        let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+        if r < 0 {
+            return Err(MemoryError::Seal(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Maps `size` bytes of `file` at a 2 MiB-aligned host address.
     pub fn map(file: &File, size: usize, sharing: Sharing) -> Result<GuestRam, MemoryError> {
         let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);

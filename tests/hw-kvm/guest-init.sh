@@ -33,7 +33,7 @@ echo 4 >/proc/sys/kernel/printk
 PLAN="modules dev-kvm svm-cpuinfo template-python run-print run-numpy run-exception
 run-timeout run-after-timeout template-node host-kind-hardware run-node
 serve-start serve-health serve-exec serve-batch serve-unauthorized serve-malformed
-run-urandom serve-metrics serve-stop bench-fork"
+serve-session serve-session-fork serve-session-restore run-urandom serve-metrics serve-stop bench-fork"
 set -- $PLAN
 # (A fresh line: the firmware leaves terminal escapes on the console.)
 echo
@@ -304,6 +304,54 @@ if [ -n "$up" ]; then
     http malformed POST /v1/exec '{"code": "print(1)"' --header "$AUTH"
     expect_status serve-malformed malformed 400 && pass serve-malformed
 
+    # A live session: state between execs, live fork (children map the
+    # session's layer over the template), checkpoint and rollback.
+    sid=
+    http screate POST /v1/sandboxes '{"language": "python"}' --header "$AUTH"
+    if expect_status serve-session screate 201; then
+        sid=$(grep -o '"sandbox_id":"[^"]*"' "$W/screate.body" | head -n 1 | cut -d'"' -f4)
+        http sx1 POST "/v1/sandboxes/$sid/exec" '{"code": "import numpy as np\nx = 41\na = np.arange(1 << 20)"}' --header "$AUTH"
+        http sx2 POST "/v1/sandboxes/$sid/exec" '{"code": "x + 1"}' --header "$AUTH"
+        if [ "$(status sx1)" = 200 ] && grep -qF '"result":{"text":"42",' "$W/sx2.body"; then
+            pass serve-session
+        else
+            fail serve-session "state did not persist (wanted result 42): $(head -c 300 "$W/sx1.body") / $(head -c 300 "$W/sx2.body")"
+            sid=
+        fi
+    fi
+    if [ -n "$sid" ]; then
+        http sfork POST "/v1/sandboxes/$sid/fork" '{"count": 2}' --header "$AUTH"
+        kids=$(grep -o '"sandbox_id":"[^"]*"' "$W/sfork.body" | cut -d'"' -f4)
+        good=0
+        n=0
+        for k in $kids; do
+            n=$((n + 1))
+            http "kid$n" POST "/v1/sandboxes/$k/exec" "{\"code\": \"x = x * 10 + $n\\nint(a[-1]) + x\"}" --header "$AUTH"
+            want=$((1048575 + 410 + n))
+            grep -qF "\"result\":{\"text\":\"$want\"," "$W/kid$n.body" && good=$((good + 1))
+        done
+        http sx3 POST "/v1/sandboxes/$sid/exec" '{"code": "x"}' --header "$AUTH"
+        if [ "$(status sfork)" = 201 ] && [ "$good" = 2 ] && grep -qF '"result":{"text":"41",' "$W/sx3.body"; then
+            pass serve-session-fork
+            echo "HWKVM OUT session fork: $(grep -o '"pause_ms":[0-9.]*' "$W/sfork.body")"
+        else
+            fail serve-session-fork "fork HTTP $(status sfork), $good of 2 children diverged correctly, parent: $(head -c 200 "$W/sx3.body"); fork: $(head -c 300 "$W/sfork.body")"
+        fi
+        http sckpt POST "/v1/sandboxes/$sid/checkpoints" '' --header "$AUTH"
+        cid=$(grep -o '"checkpoint_id":"[^"]*"' "$W/sckpt.body" | cut -d'"' -f4)
+        http sx4 POST "/v1/sandboxes/$sid/exec" '{"code": "x = 0\na[-1] = 0"}' --header "$AUTH"
+        http srest POST "/v1/sandboxes/$sid/restore" "{\"checkpoint_id\": \"$cid\"}" --header "$AUTH"
+        http sx5 POST "/v1/sandboxes/$sid/exec" '{"code": "int(a[-1]) + x"}' --header "$AUTH"
+        if [ -n "$cid" ] && [ "$(status srest)" = 200 ] && grep -qF '"result":{"text":"1048616",' "$W/sx5.body"; then
+            pass serve-session-restore
+        else
+            fail serve-session-restore "checkpoint $(head -c 200 "$W/sckpt.body"); restore HTTP $(status srest) $(head -c 200 "$W/srest.body"); after: $(head -c 200 "$W/sx5.body")"
+        fi
+    else
+        fail serve-session-fork "skipped: no session"
+        fail serve-session-restore "skipped: no session"
+    fi
+
     items=
     for i in $(seq 1 20); do items="$items${items:+, }{\"code\": \"$RAND_CODE\"}"; done
     http rand POST /v1/exec/batch "{\"executions\": [$items]}" --header "$AUTH"
@@ -334,7 +382,8 @@ if [ -n "$up" ]; then
         fi
     fi
 else
-    for c in serve-health serve-exec serve-batch serve-unauthorized serve-malformed run-urandom serve-metrics; do
+    for c in serve-health serve-exec serve-batch serve-unauthorized serve-malformed serve-session \
+        serve-session-fork serve-session-restore run-urandom serve-metrics; do
         fail "$c" "skipped: the server did not start"
     done
 fi
