@@ -24,11 +24,10 @@ cache_root=${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}
 kvmfork_bin=${KVMFORK_BIN:-$root/target/release/kvmfork}
 qemu_timeout=${HW_KVM_TIMEOUT:-570}
 mem_mib=${HW_KVM_MEM_MIB:-6144}
-# One TCG thread for both vCPUs: with multi-threaded TCG (thread=multi) the
-# emulated SVM corrupted the nested guest's kernel (stack guard page hit in
-# error_entry at the first KVM_RUN) or triple-faulted an inner guest at its
-# kernel entry in about half the runs on a loaded 2-core machine.
-tcg_thread=${HW_KVM_TCG_THREAD:-single}
+# Multi-threaded TCG by default: single-threaded (HW_KVM_TCG_THREAD=single)
+# avoided the emulation faults below in a trial but ran the suite 2-3x
+# slower, past the inner guests' boot timeouts on a loaded machine.
+tcg_thread=${HW_KVM_TCG_THREAD:-multi}
 
 started=$SECONDS
 phase_started=$SECONDS
@@ -227,16 +226,25 @@ boot_nested_guest() {
 }
 
 boot_nested_guest
-# QEMU's TCG emulation of SVM may corrupt the nested guest kernel's own
-# state (seen in CI with thread=multi: "stack guard page was hit" in
-# error_entry, an exception recursing inside the L1 kernel at the first
-# KVM_RUN). A userspace kvmfork cannot panic that kernel by itself, so one
-# retry is allowed for a panic and only for a panic; the first panic is
-# printed so it is never hidden, and a second one fails the suite.
-if [[ $verdict == panic ]]; then
-    progress "WARNING: the nested guest kernel panicked (emulation fault); its console:"
-    tr -d '\r' <"$log" | grep -av 'HWKVM ' | grep -a -A25 -m1 'BUG\|Oops\|Kernel panic' >&2 || true
-    cp "$log" "$work/console-first-panic.log"
+# QEMU's TCG emulation of SVM occasionally faults: seen on this kind of
+# machine, in roughly one run in three, as the nested guest's own kernel
+# panicking ("stack guard page was hit" in error_entry, an exception
+# recursing inside the L1 kernel at the first KVM_RUN) or as an inner guest
+# triple-faulting at its kernel entry (no instruction of ours has run). The
+# same checks pass in the other runs. So one retry is allowed for exactly
+# those two signatures; the first failure is printed so it is never hidden,
+# and the same fault again fails the suite.
+emulation_fault() {
+    [[ $verdict == panic ]] && return 0
+    local c
+    c=$(tr -d '\r' <"$log")
+    grep -aq '^HWKVM FAIL template-' <<<"$c" &&
+        grep -aq '^HWKVM OUT .*guest died during boot: guest shut down (triple fault)' <<<"$c"
+}
+if emulation_fault; then
+    progress "WARNING: emulation fault in the nested guest ($([[ $verdict == panic ]] && echo 'its kernel panicked' || echo 'an inner guest triple-faulted at boot')); its console:"
+    tr -d '\r' <"$log" | grep -av 'HWKVM OUT' | grep -a -A25 -m1 'BUG\|Oops\|Kernel panic\|HWKVM FAIL' >&2 || true
+    cp "$log" "$work/console-first-fault.log"
     progress "retrying the nested guest once"
     boot_nested_guest
 fi
