@@ -26,7 +26,12 @@ fn pool(max_idle: usize) -> Pool {
 }
 
 fn run(pool: &mut Pool, sb: &mut Sandbox, code: &str) -> String {
-    let r = pool.run_session(sb, &py(code, Duration::from_secs(30)), false, &Limits::default());
+    let r = pool.run_session(
+        sb,
+        &py(code, Duration::from_secs(30)),
+        false,
+        &Limits::default(),
+    );
     assert!(
         r.failure.is_none() && r.exit_code == 0,
         "{code:?} failed: {:?} exit {} stderr {}",
@@ -47,11 +52,19 @@ fn forks_of_forks_see_every_layer_and_nobody_sees_a_childs_writes() {
         "import numpy as np\na = np.arange(1 << 20)\nopen('/tmp/parent-file', 'w').write('p')",
     );
     let cp = pool.checkpoint(&mut parent).unwrap();
-    assert!(cp.dirty_bytes() >= 8 << 20, "layer holds the 8 MiB array: {}", cp.dirty_bytes());
+    assert!(
+        cp.dirty_bytes() >= 8 << 20,
+        "layer holds the 8 MiB array: {}",
+        cp.dirty_bytes()
+    );
 
     let mut child = pool.sandbox_from(&cp).unwrap();
     assert_eq!(run(&mut pool, &mut child, "int(a[-1])"), "1048575");
-    run(&mut pool, &mut child, "a[0] = -1\nb = 2\nopen('/tmp/child-file', 'w').write('c')");
+    run(
+        &mut pool,
+        &mut child,
+        "a[0] = -1\nb = 2\nopen('/tmp/child-file', 'w').write('c')",
+    );
     let cp2 = pool.checkpoint(&mut child).unwrap();
     let mut grandchild = pool.sandbox_from(&cp2).unwrap();
     assert_eq!(

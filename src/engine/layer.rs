@@ -259,12 +259,17 @@ mod tests {
         let small = Layer::capture(&ram, &bitmap(&[3])).unwrap();
         let child = GuestRam::map(&template, size, crate::vmm::memory::Sharing::Private).unwrap();
         for r in small.runs() {
-            child.map_over(r.guest_page, r.pages, small.file(), r.file_page).unwrap();
+            child
+                .map_over(r.guest_page, r.pages, small.file(), r.file_page)
+                .unwrap();
         }
         let mut page = [0u8; 4096];
         child.read(3 * 4096, &mut page).unwrap();
         assert_eq!(page, [0x11; 4096]);
         child.read(4 * 4096, &mut page).unwrap();
-        assert_eq!(page, [0u8; 4096], "pages outside the layer are the template's");
+        assert_eq!(
+            page, [0u8; 4096],
+            "pages outside the layer are the template's"
+        );
     }
 }

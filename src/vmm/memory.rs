@@ -269,7 +269,11 @@ impl GuestRam {
         file: &File,
         file_page: u64,
     ) -> Result<(), MemoryError> {
-        assert_eq!(self.sharing, Sharing::Private, "map_over needs a private mapping");
+        assert_eq!(
+            self.sharing,
+            Sharing::Private,
+            "map_over needs a private mapping"
+        );
         let len = (pages as usize) * PAGE_SIZE;
         let off = self.check(first_page * PAGE_SIZE as u64, len)?;
         // SAFETY: MAP_FIXED over a range inside this mapping (checked above),
