@@ -24,6 +24,8 @@ pub struct SessionBenchOptions {
     pub state_mib: Vec<usize>,
     /// Children made at once from one session.
     pub fan_out: usize,
+    /// Live sessions held at once (0: skip that row).
+    pub hold: usize,
 }
 
 fn ratio(slow: u64, fast: u64) -> String {
@@ -60,6 +62,120 @@ struct Row {
     name: String,
     fast: Histogram<u64>,
     slow: Option<Histogram<u64>>,
+}
+
+/// One HTTP/1.1 request on a keep-alive connection: (status, body).
+fn http(
+    conn: &mut std::net::TcpStream,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, serde_json::Value), String> {
+    use std::io::{Read, Write};
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(req.as_bytes())
+        .map_err(|e| format!("sending {method} {path}: {e}"))?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn
+            .read(&mut chunk)
+            .map_err(|e| format!("reading the answer to {method} {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!("the server closed the connection on {method} {path}"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line: {head:?}"))?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = conn
+            .read(&mut chunk)
+            .map_err(|e| format!("reading the body of {method} {path}: {e}"))?;
+        if n == 0 {
+            return Err(format!("the body of {method} {path} was cut short"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let v = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(serde_json::Value::Null);
+    Ok((status, v))
+}
+
+/// `x += 1; x` over HTTP: a real `kvmfork serve` (one shard, one worker, on
+/// loopback) in this process, one keep-alive connection.
+fn http_session_exec(t: &Template, iterations: usize) -> Result<Histogram<u64>, String> {
+    use crate::engine::lane::Engine;
+    use crate::server::ServeConfig;
+    let template = Template::load(&t.dir).map_err(|e| e.to_string())?;
+    let engine = Engine::new(
+        vec![template],
+        PoolConfig {
+            max_idle: 2,
+            prewarm: 1,
+            warm: 0,
+            limits: Limits::default(),
+        },
+    );
+    let config = ServeConfig {
+        listen: "127.0.0.1:0".parse().expect("literal address"),
+        shards: 1,
+        workers_per_shard: 1,
+        // Loopback with no keys file: auth off (nothing else listens).
+        api_keys_file: std::path::PathBuf::from("/nonexistent/kvmfork-bench-sessions-keys"),
+        require_auth: Some(false),
+        rate_limit: 0.0,
+        ..ServeConfig::default()
+    };
+    let handle = crate::server::start(config, Arc::new(engine)).map_err(|e| e.to_string())?;
+    let mut conn = std::net::TcpStream::connect(handle.local_addr())
+        .map_err(|e| format!("connecting to the bench server: {e}"))?;
+    conn.set_nodelay(true).ok();
+    let (status, v) = http(&mut conn, "POST", "/v1/sandboxes", r#"{"language": "python"}"#)?;
+    let id = v["sandbox_id"]
+        .as_str()
+        .filter(|_| status == 201)
+        .ok_or_else(|| format!("creating a session over HTTP: {status} {v}"))?
+        .to_string();
+    let path = format!("/v1/sandboxes/{id}/exec");
+    let (status, v) = http(&mut conn, "POST", &path, r#"{"code": "x = 0"}"#)?;
+    if status != 200 {
+        return Err(format!("session exec over HTTP: {status} {v}"));
+    }
+    let mut h = hist();
+    for i in 0..iterations {
+        let t0 = Instant::now();
+        let (status, v) = http(&mut conn, "POST", &path, r#"{"code": "x += 1; x"}"#)?;
+        h.record(us(t0.elapsed())).ok();
+        if status != 200 || v["result"]["text"] != (i + 1).to_string() {
+            return Err(format!("session exec over HTTP #{}: {status} {v}", i + 1));
+        }
+    }
+    let (status, _) = http(&mut conn, "DELETE", &format!("/v1/sandboxes/{id}"), "")?;
+    if status != 200 && status != 204 {
+        return Err(format!("deleting the session over HTTP: {status}"));
+    }
+    drop(conn);
+    handle.shutdown();
+    Ok(h)
 }
 
 fn line(r: &Row) -> String {
@@ -135,6 +251,11 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
         slow: None,
     });
     pool.release(session);
+    rows.push(Row {
+        name: "session exec `x += 1; x` over HTTP (one keep-alive connection)".into(),
+        fast: http_session_exec(&t, iterations.max(200))?,
+        slow: None,
+    });
 
     // 2. Live fork of sessions holding their own state, vs the slow way.
     for &mib in &opts.state_mib {
@@ -287,6 +408,48 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
             pool.set_warm(0);
         }
         pool.release(parent);
+    }
+
+    // 5. Many live sessions at once.
+    if opts.hold > 0 {
+        let before_kb = meminfo_available_kb();
+        let t0 = Instant::now();
+        let mut held = Vec::with_capacity(opts.hold);
+        for i in 0..opts.hold {
+            let mut s = pool.open_session().map_err(|e| format!("session {i}: {e}"))?;
+            check(
+                &pool.run_session(&mut s, &req("x = 1"), true, &limits),
+                "a held session's first run",
+            )?;
+            held.push(s);
+            if (i + 1) % 250 == 0 {
+                eprintln!("bench sessions: {} live sessions", i + 1);
+            }
+        }
+        let made = t0.elapsed();
+        let used_kb = before_kb.saturating_sub(meminfo_available_kb());
+        let mut h = hist();
+        for (i, s) in held.iter_mut().enumerate() {
+            let r = pool.run_session(s, &req("x += 1; x"), false, &limits);
+            check(&r, "an exec on a held session")?;
+            if r.result.as_deref() != Some("2") {
+                return Err(format!("held session {i} lost its state: {:?}", r.result));
+            }
+            h.record(us(r.total_time)).ok();
+        }
+        notes.push(format!(
+            "- {} live sessions held at once: made (VM + first run) in {:.1} s; host memory {} MiB in all, {} KiB each (MemAvailable drop); every one answered an exec afterwards",
+            opts.hold,
+            made.as_secs_f64(),
+            used_kb >> 10,
+            used_kb / opts.hold as u64
+        ));
+        rows.push(Row {
+            name: format!("session exec, {} sessions live at once (one exec on each)", opts.hold),
+            fast: h,
+            slow: None,
+        });
+        drop(held);
     }
 
     let mut out = String::new();

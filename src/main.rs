@@ -122,6 +122,9 @@ enum BenchCmd {
         /// Children made at once from one session.
         #[arg(long, default_value_t = 100)]
         fan_out: usize,
+        /// Live sessions to hold at once, each answering an exec (0: skip).
+        #[arg(long, default_value_t = 1000)]
+        hold: usize,
     },
 }
 
@@ -360,6 +363,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     iterations,
                     state_mib,
                     fan_out,
+                    hold,
                 },
         } => {
             let t = load_template(Language::Python, dir)?;
@@ -380,6 +384,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 iterations,
                 state_mib,
                 fan_out,
+                hold,
             };
             let report = kvmfork::bench_sessions::run_session_bench(std::sync::Arc::new(t), &opts)?;
             print!("{report}");
