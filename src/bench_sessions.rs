@@ -88,7 +88,9 @@ fn http(
             .read(&mut chunk)
             .map_err(|e| format!("reading the answer to {method} {path}: {e}"))?;
         if n == 0 {
-            return Err(format!("the server closed the connection on {method} {path}"));
+            return Err(format!(
+                "the server closed the connection on {method} {path}"
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
     };
@@ -116,13 +118,17 @@ fn http(
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let v = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(serde_json::Value::Null);
+    let v =
+        serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or(serde_json::Value::Null);
     Ok((status, v))
 }
 
 /// `x += 1; x` over HTTP: a real `kvmfork serve` (one shard, one worker, on
 /// loopback) in this process, one keep-alive connection.
-fn http_session_exec(t: &Template, iterations: usize) -> Result<Histogram<u64>, String> {
+fn http_session_exec(
+    t: &Template,
+    iterations: usize,
+) -> Result<(Histogram<u64>, Histogram<u64>), String> {
     use crate::engine::lane::Engine;
     use crate::server::ServeConfig;
     let template = Template::load(&t.dir).map_err(|e| e.to_string())?;
@@ -149,7 +155,12 @@ fn http_session_exec(t: &Template, iterations: usize) -> Result<Histogram<u64>, 
     let mut conn = std::net::TcpStream::connect(handle.local_addr())
         .map_err(|e| format!("connecting to the bench server: {e}"))?;
     conn.set_nodelay(true).ok();
-    let (status, v) = http(&mut conn, "POST", "/v1/sandboxes", r#"{"language": "python"}"#)?;
+    let (status, v) = http(
+        &mut conn,
+        "POST",
+        "/v1/sandboxes",
+        r#"{"language": "python"}"#,
+    )?;
     let id = v["sandbox_id"]
         .as_str()
         .filter(|_| status == 201)
@@ -169,13 +180,23 @@ fn http_session_exec(t: &Template, iterations: usize) -> Result<Histogram<u64>, 
             return Err(format!("session exec over HTTP #{}: {status} {v}", i + 1));
         }
     }
+    // The same connection and server, stateless: a fresh fork per exec.
+    let mut stateless = hist();
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        let (status, v) = http(&mut conn, "POST", "/v1/exec", r#"{"code": "x = 1"}"#)?;
+        stateless.record(us(t0.elapsed())).ok();
+        if status != 200 || v["exit_code"] != 0 {
+            return Err(format!("stateless exec over HTTP: {status} {v}"));
+        }
+    }
     let (status, _) = http(&mut conn, "DELETE", &format!("/v1/sandboxes/{id}"), "")?;
     if status != 200 && status != 204 {
         return Err(format!("deleting the session over HTTP: {status}"));
     }
     drop(conn);
     handle.shutdown();
-    Ok(h)
+    Ok((h, stateless))
 }
 
 fn line(r: &Row) -> String {
@@ -251,9 +272,16 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
         slow: None,
     });
     pool.release(session);
+    let (over_http, stateless_http) = http_session_exec(&t, iterations.max(200))?;
     rows.push(Row {
         name: "session exec `x += 1; x` over HTTP (one keep-alive connection)".into(),
-        fast: http_session_exec(&t, iterations.max(200))?,
+        fast: over_http,
+        slow: None,
+    });
+    rows.push(Row {
+        name: "  for comparison: stateless exec `x = 1` on that connection (fresh fork each)"
+            .into(),
+        fast: stateless_http,
         slow: None,
     });
 
@@ -416,7 +444,9 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
         let t0 = Instant::now();
         let mut held = Vec::with_capacity(opts.hold);
         for i in 0..opts.hold {
-            let mut s = pool.open_session().map_err(|e| format!("session {i}: {e}"))?;
+            let mut s = pool
+                .open_session()
+                .map_err(|e| format!("session {i}: {e}"))?;
             check(
                 &pool.run_session(&mut s, &req("x = 1"), true, &limits),
                 "a held session's first run",
@@ -445,7 +475,10 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
             used_kb / opts.hold as u64
         ));
         rows.push(Row {
-            name: format!("session exec, {} sessions live at once (one exec on each)", opts.hold),
+            name: format!(
+                "session exec, {} sessions live at once (one exec on each)",
+                opts.hold
+            ),
             fast: h,
             slow: None,
         });
