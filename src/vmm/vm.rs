@@ -139,22 +139,15 @@ impl Vm {
         Ok(())
     }
 
-    /// Drops every shadow page table KVM built for guest RAM, by deleting and
-    /// re-creating the memory slot (KVM zaps all of a deleted slot's
-    /// mappings). Needed after the host rewrote guest page-table pages behind
-    /// KVM's back (copy-back reset after an exec that entered the guest
-    /// kernel): on shadow-paging hosts (PVM) KVM would otherwise keep using
-    /// translations of the exec's page tables. The dirty log restarts empty.
-    pub fn zap_guest_mappings(&mut self, ram: &GuestRam) -> Result<(), VmError> {
-        self.remove_ram(ram)?;
-        self.restore_ram(ram)
-    }
-
-    /// Deletes guest RAM's memory slot (KVM drops all its mappings): the
-    /// first half of [`Vm::zap_guest_mappings`]. While the slot is gone,
-    /// remapping parts of the host mapping costs KVM's MMU notifier nothing
-    /// (with the slot present it walks KVM's mappings for every range). The
-    /// vCPU must not run until [`Vm::restore_ram`].
+    /// Deletes guest RAM's memory slot; KVM zaps all of a deleted slot's
+    /// mappings, so with [`Vm::restore_ram`] this drops every shadow page
+    /// table KVM built for guest RAM. Needed after the host rewrote guest
+    /// page-table pages behind KVM's back (copy-back reset after an exec that
+    /// entered the guest kernel, a layer mapped in): on shadow-paging hosts
+    /// (PVM) KVM would otherwise keep using stale translations. While the slot
+    /// is gone, remapping parts of the host mapping costs KVM's MMU notifier
+    /// nothing (with the slot present it walks KVM's mappings for every
+    /// range). The vCPU must not run until [`Vm::restore_ram`].
     pub fn remove_ram(&mut self, ram: &GuestRam) -> Result<(), VmError> {
         let delete = kvm_userspace_memory_region {
             slot: 0,
