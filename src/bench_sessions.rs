@@ -16,6 +16,7 @@ use crate::api::{CancelToken, ExecRequest, ExecResult, Language};
 use crate::bench::{fmt_us, hist, meminfo_available_kb, us};
 use crate::engine::pool::{Pool, PoolConfig};
 use crate::engine::sandbox::{Limits, Sandbox};
+use crate::engine::session::COMPACT_MIN_DELTA_RUNS;
 use crate::template::Template;
 
 pub struct SessionBenchOptions {
@@ -321,8 +322,12 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
             after_run.record(us(t2 - t0)).ok();
             pool.release(child);
             // The server's idle tick: the released child is reset off the
-            // request path, clean for the next fork.
+            // request path, clean for the next fork, and the idle session's
+            // checkpoint is compacted into one layer.
             pool.housekeep(Duration::from_secs(1));
+            parent
+                .compact(COMPACT_MIN_DELTA_RUNS)
+                .map_err(|e| e.to_string())?;
             // Another fork of the now idle session: its layer is reused.
             let t3 = Instant::now();
             let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
@@ -408,8 +413,19 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
             // 4. Fan-out: many children from one session, first with no VM
             // ready (each child a new VM), then onto a warm reserve of as
             // many clean VMs (`kvmfork serve --warm-sandboxes`).
-            let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
-            for warm in [false, true] {
+            for (warm, idle) in [(false, false), (true, false), (true, true)] {
+                if idle {
+                    // The server's idle tick compacts the session's checkpoint.
+                    parent
+                        .compact(COMPACT_MIN_DELTA_RUNS)
+                        .map_err(|e| e.to_string())?;
+                } else {
+                    check(
+                        &pool.run_session(&mut parent, &req("pass"), false, &limits),
+                        "session run before a fan-out",
+                    )?;
+                }
+                let cp = pool.checkpoint(&mut parent).map_err(|e| e.to_string())?;
                 if warm {
                     pool.set_warm(opts.fan_out);
                     pool.housekeep(Duration::from_secs(600));
@@ -423,10 +439,12 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
                 let total = t0.elapsed();
                 let after_kb = meminfo_available_kb();
                 notes.push(format!(
-                    "- {} children of the {mib} MiB session, {}: {:.1} ms in total; host memory per child before it runs ≈ {} KiB (MemAvailable drop / children)",
+                    "- {} children of the {mib} MiB session, {}, {}: {:.1} ms in total ({} mappings each); host memory per child before it runs ≈ {} KiB (MemAvailable drop / children)",
                     opts.fan_out,
+                    if idle { "idle (after the server's tick compacted it)" } else { "right after a run" },
                     if warm { "onto as many warm VMs" } else { "no VM ready (a new VM each)" },
                     total.as_secs_f64() * 1e3,
+                    cp.runs(),
                     before_kb.saturating_sub(after_kb) / opts.fan_out.max(1) as u64
                 ));
                 for c in children {

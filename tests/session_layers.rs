@@ -132,3 +132,89 @@ fn a_vm_that_held_a_session_layer_is_reset_to_the_exact_template() {
     assert_eq!(run(&mut pool, &mut fresh, "'secret' in globals()"), "False");
     pool.release(fresh);
 }
+
+#[test]
+fn incremental_checkpoints_fork_and_restore_to_their_own_states() {
+    let mut pool = pool(4);
+    let mut s = pool.open_session().unwrap();
+    run(
+        &mut pool,
+        &mut s,
+        "import numpy as np\nbig = np.full(4 << 20, 3, dtype=np.uint8)\nstep = 'a'\nopen('/tmp/step', 'w').write('a')",
+    );
+    let a = pool.checkpoint(&mut s).unwrap();
+    run(
+        &mut pool,
+        &mut s,
+        "step = 'b'\nbig[:10] = 9\nopen('/tmp/step', 'w').write('b')",
+    );
+    let b = pool.checkpoint(&mut s).unwrap();
+    // B was captured from A's image: it copied only what changed since A.
+    assert!(
+        b.captured_bytes() < a.captured_bytes() / 2,
+        "incremental capture copied {} bytes, the full one {}",
+        b.captured_bytes(),
+        a.captured_bytes()
+    );
+    assert!(b.dirty_bytes() >= 4 << 20, "B holds the array too");
+    // The server's idle tick compacts the idle session's checkpoint into one
+    // layer: the same state in fewer mappings, and B still restores in place.
+    assert!(s.compact(0).unwrap(), "B has a delta to compact");
+    let flat = pool.checkpoint(&mut s).unwrap();
+    assert!(
+        flat.runs() < b.runs(),
+        "{} runs vs {}",
+        flat.runs(),
+        b.runs()
+    );
+    let mut child_flat = pool.sandbox_from(&flat).unwrap();
+    let state = "(step, int(big[0]), int(big[-1]), open('/tmp/step').read())";
+
+    // Forks of either see exactly their checkpoint's state.
+    let mut child_b = pool.sandbox_from(&b).unwrap();
+    assert_eq!(run(&mut pool, &mut child_b, state), "('b', 9, 3, 'b')");
+    assert_eq!(run(&mut pool, &mut child_flat, state), "('b', 9, 3, 'b')");
+    pool.release(child_flat);
+    let mut child_a = pool.sandbox_from(&a).unwrap();
+    assert_eq!(run(&mut pool, &mut child_a, state), "('a', 3, 3, 'a')");
+
+    // In place: change everything, restore B (the image: pages copied back).
+    run(
+        &mut pool,
+        &mut s,
+        "step = 'c'\nbig[:] = 1\nextra = list(range(100000))\nopen('/tmp/step', 'w').write('c')",
+    );
+    pool.restore(&mut s, &b).unwrap();
+    assert_eq!(run(&mut pool, &mut s, state), "('b', 9, 3, 'b')");
+    assert_eq!(run(&mut pool, &mut s, "'extra' in dir()"), "False");
+    // A user-mode-only run, then B again.
+    run(&mut pool, &mut s, "step = 'd'");
+    pool.restore(&mut s, &b).unwrap();
+    assert_eq!(run(&mut pool, &mut s, "step"), "'b'");
+    // An older checkpoint (not the image), then a capture on top of it.
+    pool.restore(&mut s, &a).unwrap();
+    assert_eq!(run(&mut pool, &mut s, state), "('a', 3, 3, 'a')");
+    run(&mut pool, &mut s, "step = 'e'");
+    let e = pool.checkpoint(&mut s).unwrap();
+    run(&mut pool, &mut s, "step = 'f'\nbig[5] = 5");
+    pool.restore(&mut s, &e).unwrap();
+    assert_eq!(
+        run(
+            &mut pool,
+            &mut s,
+            "(step, int(big[5]), open('/tmp/step').read())"
+        ),
+        "('e', 3, 'a')"
+    );
+    // The children were not disturbed by any of it.
+    assert_eq!(run(&mut pool, &mut child_b, state), "('b', 9, 3, 'b')");
+    assert_eq!(run(&mut pool, &mut child_a, state), "('a', 3, 3, 'a')");
+    for sb in [child_a, child_b, s] {
+        pool.release(sb);
+    }
+    // And a stateless run on any of those VMs sees the bare template.
+    for _ in 0..3 {
+        let r = pool.exec(&py("print('big' in dir())", Duration::from_secs(30)));
+        assert_eq!(out(&r), "False\n");
+    }
+}

@@ -285,7 +285,7 @@ impl Pool {
     /// Rolls a session's sandbox back to `cp` in place.
     pub fn restore(&mut self, sb: &mut Sandbox, cp: &Checkpoint) -> Result<(), SandboxError> {
         let template = self.template.clone();
-        sb.apply(&template, cp)
+        sb.restore(&template, cp)
     }
 
     /// Changes the warm reserve (raising the idle limit to match).

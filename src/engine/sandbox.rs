@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::layer::Layer;
+use super::layer::{Layer, DELTA_RUN_GAP_PAGES, RUN_GAP_PAGES};
 use super::mailbox::{self, MailboxRequest, CODE_MAX};
 use crate::api::{ExecFailure, ExecRequest, ExecResult};
 use crate::contract as c;
@@ -55,9 +55,16 @@ pub enum ExecMode {
 }
 
 /// The complete state of a live sandbox at its DONE doorbell, relative to
-/// its template: a [`Layer`] of the pages that differ, plus machine state.
-/// Forks and restores apply it onto a VM that holds the template's state.
-/// Cloning is cheap (shared): every child of one capture maps the same layer.
+/// its template: the pages that differ, in a base [`Layer`] and an optional
+/// delta layer over it, plus machine state. Forks and restores apply it onto
+/// a VM that holds the template's state. Cloning is cheap (shared): every
+/// child of one capture maps the same layers.
+///
+/// A capture from a sandbox that holds an earlier checkpoint's image copies
+/// only what changed since that image's base: the new checkpoint shares the
+/// base and gets a new delta (everything written since the base, so a fork
+/// maps two layers, never a chain). Once the delta outgrows
+/// [`DELTA_FLATTEN_PAGES`] or half the base, the capture starts a new base.
 #[derive(Clone)]
 pub struct Checkpoint(Arc<CheckpointData>);
 
@@ -65,7 +72,17 @@ struct CheckpointData {
     /// Address of the template this layer applies to (a checkpoint applied
     /// to another template's VM would be garbage: refused).
     template: *const Template,
-    layer: Layer,
+    /// Pages that differ from the template at the base capture.
+    base: Arc<Layer>,
+    /// Pages that differ from the base's image (written since the base was
+    /// captured); they win over the base's.
+    delta: Option<Layer>,
+    /// Shared by a checkpoint and its compacted copy ([`Sandbox::compact`]).
+    machine: Arc<MachineState>,
+}
+
+/// The machine state of a checkpoint, beside its memory.
+struct MachineState {
     vcpu: VcpuState,
     vm: VmState,
     serial: SerialState,
@@ -81,16 +98,80 @@ unsafe impl Send for CheckpointData {}
 unsafe impl Sync for CheckpointData {}
 
 impl Checkpoint {
-    /// Bytes of guest memory the checkpoint holds (its own dirty pages).
+    /// Bytes of guest memory the checkpoint holds (its layers; a base shared
+    /// with other checkpoints is counted in each).
     pub fn dirty_bytes(&self) -> u64 {
-        self.0.layer.bytes()
+        self.layers().map(Layer::bytes).sum()
     }
 
     /// Runs (separate mappings) a fork of this checkpoint makes.
     pub fn runs(&self) -> usize {
-        self.0.layer.runs().len()
+        self.layers().map(|l| l.runs().len()).sum()
+    }
+
+    /// Bytes the last capture copied: the delta, or the base of a full one.
+    pub fn captured_bytes(&self) -> u64 {
+        self.0.delta.as_ref().unwrap_or(&self.0.base).bytes()
+    }
+
+    /// Base first, then the delta (which wins where both hold a page).
+    fn layers(&self) -> impl Iterator<Item = &Layer> {
+        std::iter::once(&*self.0.base).chain(self.0.delta.as_ref())
+    }
+
+    /// Whether both hold the same state: one capture, or a capture and its
+    /// compacted copy (which shares the machine state, see
+    /// [`Sandbox::compact`]).
+    fn same(&self, other: &Checkpoint) -> bool {
+        Arc::ptr_eq(&self.0.machine, &other.0.machine)
+    }
+
+    /// Writes this checkpoint's contents of every page set in `pages` into
+    /// `ram`: the delta's, else the base's, else the template's. Returns the
+    /// pages written.
+    fn write_pages(
+        &self,
+        t: &Template,
+        ram: &GuestRam,
+        pages: &[u64],
+    ) -> Result<usize, SandboxError> {
+        let npages = (ram.size() / crate::vmm::memory::PAGE_SIZE) as u64;
+        let base = &*self.0.base;
+        let delta = self.0.delta.as_ref();
+        let mut n = 0;
+        for (first, count) in super::layer::runs_of(pages, 0, npages) {
+            let end = first + count;
+            let mut p = first;
+            while p < end {
+                let next_delta = delta.and_then(|d| d.next_run_after(p)).unwrap_or(end);
+                let k = if let Some((fp, left)) = delta.and_then(|d| d.locate(p)) {
+                    let k = left.min(end - p);
+                    delta
+                        .expect("located in the delta")
+                        .read_into(fp, p, k, ram)?;
+                    k
+                } else if let Some((fp, left)) = base.locate(p) {
+                    let k = left.min(end - p).min(next_delta - p);
+                    base.read_into(fp, p, k, ram)?;
+                    k
+                } else {
+                    let next_base = base.next_run_after(p).unwrap_or(end);
+                    let k = (end.min(next_delta).min(next_base)) - p;
+                    ram.copy_pages_from(&t.source, p..p + k);
+                    k
+                };
+                p += k;
+                n += k as usize;
+            }
+        }
+        Ok(n)
     }
 }
+
+/// A delta of more pages than this (32 MiB), or than half its base, makes
+/// the next capture a full one with a new base: each capture copies its
+/// whole delta, so a delta should stay small next to what it saves.
+pub const DELTA_FLATTEN_PAGES: u64 = 8 << 10;
 
 /// Layer runs mapped in all sandboxes of this process: each is a VMA, and the
 /// host's `vm.max_map_count` (65530 by default) bounds VMAs per process. Past
@@ -112,7 +193,11 @@ fn mapped_runs_budget() -> usize {
 /// template; counted in [`MAPPED_RUNS`] while they exist.
 #[derive(Default)]
 struct LayerMappings {
+    /// Guest page ranges that map a layer (sorted, disjoint).
     runs: Vec<(u64, u64)>,
+    /// Taken from [`MAPPED_RUNS`]: the mappings made (a delta's over a base's
+    /// split them, so this can exceed `runs.len()`).
+    reserved: usize,
     /// The checkpoint whose layer is mapped: held while any run maps it, so
     /// its file cannot be recycled and rewritten under the mapping.
     held: Option<Checkpoint>,
@@ -132,15 +217,28 @@ impl LayerMappings {
     /// The mapped runs and the checkpoint they map; the caller maps the
     /// template back over the runs before it drops the checkpoint.
     fn take(&mut self) -> (Vec<(u64, u64)>, Option<Checkpoint>) {
-        MAPPED_RUNS.fetch_sub(self.runs.len(), Ordering::Relaxed);
+        MAPPED_RUNS.fetch_sub(std::mem::take(&mut self.reserved), Ordering::Relaxed);
         (std::mem::take(&mut self.runs), self.held.take())
     }
 }
 
 impl Drop for LayerMappings {
     fn drop(&mut self) {
-        MAPPED_RUNS.fetch_sub(self.runs.len(), Ordering::Relaxed);
+        MAPPED_RUNS.fetch_sub(self.reserved, Ordering::Relaxed);
     }
+}
+
+/// Sorted, merged union of page ranges `(first, count)`.
+fn union_of_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (first, count) in ranges {
+        match out.last_mut() {
+            Some((f, c)) if first <= *f + *c => *c = (*c).max(first + count - *f),
+            _ => out.push((first, count)),
+        }
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,6 +325,18 @@ pub struct Sandbox {
     /// (nothing ran since it was captured or applied): forking an idle
     /// session again reuses it instead of capturing again.
     captured: Option<Checkpoint>,
+    /// The checkpoint last captured from or applied to this sandbox: its
+    /// memory is that checkpoint's image except on the pages in
+    /// `since_image`. Lets a capture copy only a delta, and a restore of it
+    /// copy back only those pages.
+    image: Option<Checkpoint>,
+    /// Pages written since `image` was set (guest writes from KVM's dirty
+    /// log, which is re-armed then, and host writes).
+    since_image: Vec<u64>,
+    /// Every run since `image` was set provably stayed in guest user mode
+    /// (see `user_mode_only`): restoring it needs no memory-slot cycle and
+    /// only registers and FPU.
+    user_only_since_image: bool,
     seq: u64,
     /// Fork generation in the mailbox (the guest kernel reseeds its CRNG
     /// when it changes).
@@ -276,6 +386,9 @@ impl Sandbox {
             shadow_clean: true,
             layered: LayerMappings::default(),
             captured: None,
+            image: None,
+            since_image: Vec::new(),
+            user_only_since_image: false,
             seq: 0,
             generation: 0,
             interrupt_failure: None,
@@ -331,34 +444,173 @@ impl Sandbox {
         // the doorbell store completes before state is read.
         self.shadow_clean = false;
         self.vcpu.complete_pending_io()?;
-        self.collect_dirty()?;
-        for p in std::mem::take(&mut self.host_pages) {
-            set_bit(&mut self.ever_dirty, p);
-        }
-        // Everything that differs from the template: pages written since the
-        // fork, and pages inherited from a layer.
+        self.note_writes()?;
+        // With an earlier checkpoint's image in memory, only what changed
+        // since that image's base is copied: the pages of its delta and those
+        // written since.
+        let incremental = self.image.as_ref().and_then(|image| {
+            let base = image.0.base.clone();
+            let mut changed = self.since_image.clone();
+            if let Some(d) = &image.0.delta {
+                d.mark_pages(&mut changed);
+            }
+            let pages: u64 = changed.iter().map(|w| u64::from(w.count_ones())).sum();
+            let base_pages = base.bytes() / crate::vmm::memory::PAGE_SIZE as u64;
+            (pages <= DELTA_FLATTEN_PAGES && pages <= base_pages / 2).then_some((base, changed))
+        });
+        let (base, delta) = match incremental {
+            Some((base, changed)) => (
+                base,
+                Some(Layer::capture(&self.ram, &changed, DELTA_RUN_GAP_PAGES)?),
+            ),
+            None => (
+                Arc::new(Layer::capture(&self.ram, &self.differ(), RUN_GAP_PAGES)?),
+                None,
+            ),
+        };
+        // vCPU before VM-wide state, as the template capture does.
+        let vcpu = self.vcpu.save_state(kvm)?;
+        let vm = self.vm.save_state()?;
+        let cp = Checkpoint(Arc::new(CheckpointData {
+            template: t as *const Template,
+            base,
+            delta,
+            machine: Arc::new(MachineState {
+                vcpu,
+                vm,
+                serial: self.devices.serial.state(),
+                seq: self.seq,
+                generation: self.generation,
+                timer_unmasked: self.timer_unmasked,
+            }),
+        }));
+        // ORDER: after the copy. From here on KVM logs the guest's writes
+        // anew, so `since_image` is relative to this capture.
+        self.vm.rearm_dirty_log(&self.ever_dirty)?;
+        self.set_image(&cp);
+        self.captured = Some(cp.clone());
+        Ok(cp)
+    }
+
+    /// Everything that differs from the template: pages written since the
+    /// fork, and pages inherited from a layer.
+    fn differ(&self) -> Vec<u64> {
         let mut differ = self.ever_dirty.clone();
         for &(first, n) in &self.layered.runs {
             for p in first..first + n {
                 set_bit(&mut differ, p);
             }
         }
-        let layer = Layer::capture(&self.ram, &differ)?;
-        // vCPU before VM-wide state, as the template capture does.
-        let vcpu = self.vcpu.save_state(kvm)?;
-        let vm = self.vm.save_state()?;
-        let cp = Checkpoint(Arc::new(CheckpointData {
-            template: t as *const Template,
-            layer,
-            vcpu,
-            vm,
-            serial: self.devices.serial.state(),
-            seq: self.seq,
-            generation: self.generation,
-            timer_unmasked: self.timer_unmasked,
+        differ
+    }
+
+    /// Off the request path (an idle session): when the checkpoint of this
+    /// sandbox's current state has a delta of more than `min_delta_runs`
+    /// runs, captures it again as one base layer, so each later fork of the
+    /// idle sandbox maps only the base's few runs. Returns whether it did.
+    pub fn compact(&mut self, min_delta_runs: usize) -> Result<bool, SandboxError> {
+        let Some(cp) = self.captured.clone() else {
+            return Ok(false);
+        };
+        if cp
+            .0
+            .delta
+            .as_ref()
+            .is_none_or(|d| d.runs().len() <= min_delta_runs)
+        {
+            return Ok(false);
+        }
+        // Nothing ran since `cp` (or `captured` would be gone): memory is its
+        // image, and its machine state is still the sandbox's.
+        self.note_writes()?;
+        let base = Arc::new(Layer::capture(&self.ram, &self.differ(), RUN_GAP_PAGES)?);
+        let flat = Checkpoint(Arc::new(CheckpointData {
+            template: cp.0.template,
+            base,
+            delta: None,
+            machine: cp.0.machine.clone(),
         }));
+        // The image is the same memory, with new layers: pages written since
+        // (none yet) stay tracked against it.
+        self.image = Some(flat.clone());
+        self.captured = Some(flat);
+        Ok(true)
+    }
+
+    /// Rolls this sandbox back to `cp` in place. When `cp` is the image the
+    /// sandbox holds (its last capture or apply), only the pages written
+    /// since are copied back — and, if every run since stayed in guest user
+    /// mode, without a memory-slot cycle and with registers and FPU only.
+    /// Anything else is a full [`Sandbox::apply`].
+    pub fn restore(&mut self, t: &Template, cp: &Checkpoint) -> Result<(), SandboxError> {
+        if !std::ptr::eq(cp.0.template, t) {
+            return Err(SandboxError::ForeignCheckpoint);
+        }
+        let holds_image = self.image.as_ref().is_some_and(|i| i.same(cp));
+        if !holds_image || !self.vm.dirty_logging() {
+            return self.apply(t, cp);
+        }
+        if self.captured.as_ref().is_some_and(|c| c.same(cp)) {
+            // Nothing ran since it was captured or applied.
+            return Ok(());
+        }
+        self.note_writes()?;
+        let user_only = self.user_only_since_image;
+        // Guest-kernel code may have changed page tables the host now
+        // rewrites behind KVM's back: then the slot is re-created (see
+        // `reset_to`).
+        let cycle = !user_only && !self.shadow_clean;
+        if cycle {
+            self.vm.remove_ram(&self.ram)?;
+        }
+        let written = cp.write_pages(t, &self.ram, &self.since_image);
+        if cycle {
+            self.vm.restore_ram(&self.ram)?;
+            self.shadow_clean = true;
+        } else {
+            // The pages just rewritten must be logged again when the guest
+            // next writes them (they are all in the log, or host-written).
+            self.vm.rearm_dirty_log(&self.since_image)?;
+        }
+        written?;
+        let d = &*cp.0.machine;
+        if user_only {
+            // Irqchips, PIT, LAPIC, MSRs and the UART only change when
+            // guest-kernel code runs: none ran since the image.
+            self.vcpu.restore_user_state(&d.vcpu)?;
+        } else {
+            // VM-wide state (PIT, clock, irqchips) before the vCPU's.
+            self.vm.restore_state(&d.vm)?;
+            self.devices
+                .reset_to(&d.serial)
+                .map_err(SandboxError::Serial)?;
+            self.vcpu.restore_fast(&d.vcpu, &d.vcpu.lapic)?;
+        }
+        self.seq = d.seq;
+        self.generation = d.generation;
+        self.timer_unmasked = d.timer_unmasked;
+        self.set_image(cp);
         self.captured = Some(cp.clone());
-        Ok(cp)
+        Ok(())
+    }
+
+    /// The sandbox's memory is `cp`'s image from now on (KVM's dirty log was
+    /// just re-armed or the slot re-created).
+    fn set_image(&mut self, cp: &Checkpoint) {
+        self.image = Some(cp.clone());
+        self.since_image.iter_mut().for_each(|w| *w = 0);
+        self.user_only_since_image = true;
+    }
+
+    /// Brings the written-page sets up to date: KVM's log and the host's own
+    /// writes.
+    fn note_writes(&mut self) -> Result<(), SandboxError> {
+        self.collect_dirty()?;
+        for p in std::mem::take(&mut self.host_pages) {
+            set_bit(&mut self.ever_dirty, p);
+            set_bit(&mut self.since_image, p);
+        }
+        Ok(())
     }
 
     /// Puts `cp` into this sandbox, fresh or used (a used one is reverted in
@@ -394,11 +646,9 @@ impl Sandbox {
             }
         }
         let t0 = Instant::now();
-        self.collect_dirty()?;
-        for p in std::mem::take(&mut self.host_pages) {
-            set_bit(&mut self.ever_dirty, p);
-        }
+        self.note_writes()?;
         self.captured = None;
+        self.image = None;
         // The memory slot is re-created (which drops every shadow page table
         // KVM built) when the host changes guest page tables behind its back:
         // the copy-back after an exec that entered the guest kernel, or a
@@ -433,7 +683,7 @@ impl Sandbox {
         let t3;
         match cp {
             Some((cp, _)) => {
-                let d = &*cp.0;
+                let d = &*cp.0.machine;
                 // VM-wide state (PIT, clock, irqchips) before the vCPU's.
                 self.vm.restore_state(&d.vm)?;
                 self.devices
@@ -454,6 +704,9 @@ impl Sandbox {
                 self.kernel_entered = true;
                 self.user_mode_only = false;
                 self.captured = Some(cp.clone());
+                // Applied with the slot re-created or never run (see `cycle`):
+                // KVM's log is empty, so the image is exact.
+                self.set_image(cp);
             }
             None => {
                 if std::mem::take(&mut self.user_mode_only) {
@@ -522,28 +775,38 @@ impl Sandbox {
             .ram
             .copy_pages_from(&t.source, BitIter::new(&self.ever_dirty));
         let Some((cp, map)) = cp else { return Ok(n) };
-        let layer = &cp.0.layer;
-        let runs = layer.runs();
-        if map && LayerMappings::reserve(runs.len()) {
+        // A delta mapped over its base splits the base's mappings: count
+        // each delta run as two.
+        let mappings =
+            cp.0.base.runs().len() + 2 * cp.0.delta.as_ref().map_or(0, |d| d.runs().len());
+        if map && LayerMappings::reserve(mappings) {
             // ORDER: recorded before mapping, so after a failure half-way the
             // next reset still maps the template back over every run (and the
             // budget is returned when the sandbox goes).
-            self.layered
-                .runs
-                .extend(runs.iter().map(|r| (r.guest_page, r.pages)));
+            self.layered.reserved = mappings;
+            self.layered.runs = union_of_ranges(
+                cp.layers()
+                    .flat_map(|l| l.runs().iter().map(|r| (r.guest_page, r.pages)))
+                    .collect(),
+            );
             self.layered.held = Some(cp.clone());
-            for r in runs {
-                self.ram
-                    .map_over(r.guest_page, r.pages, layer.file(), r.file_page)?;
+            // ORDER: base first; the delta's pages win.
+            for layer in cp.layers() {
+                for r in layer.runs() {
+                    self.ram
+                        .map_over(r.guest_page, r.pages, layer.file(), r.file_page)?;
+                }
             }
         } else {
             // Out of mapping budget (or asked to): copy the pages in instead.
-            for r in runs {
-                layer.copy_run_into(r, &self.ram)?;
-                // Host writes are not in KVM's dirty log: remember them so a
-                // later reset copies the template's pages back.
-                for p in r.guest_page..r.guest_page + r.pages {
-                    set_bit(&mut self.ever_dirty, p);
+            for layer in cp.layers() {
+                for r in layer.runs() {
+                    layer.copy_run_into(r, &self.ram)?;
+                    // Host writes are not in KVM's dirty log: remember them so
+                    // a later reset copies the template's pages back.
+                    for p in r.guest_page..r.guest_page + r.pages {
+                        set_bit(&mut self.ever_dirty, p);
+                    }
                 }
             }
         }
@@ -556,11 +819,13 @@ impl Sandbox {
             return Ok(());
         }
         let bitmap = self.vm.take_dirty_log()?;
-        if self.ever_dirty.len() < bitmap.len() {
-            self.ever_dirty.resize(bitmap.len(), 0);
-        }
-        for (acc, word) in self.ever_dirty.iter_mut().zip(bitmap) {
-            *acc |= word;
+        for acc in [&mut self.ever_dirty, &mut self.since_image] {
+            if acc.len() < bitmap.len() {
+                acc.resize(bitmap.len(), 0);
+            }
+            for (acc, word) in acc.iter_mut().zip(&bitmap) {
+                *acc |= word;
+            }
         }
         Ok(())
     }
@@ -691,6 +956,10 @@ impl Sandbox {
                 self.kernel_entered |= entered;
                 self.user_mode_only &= user_only;
             }
+            self.user_only_since_image &= user_only;
+        } else {
+            // No counters to prove it.
+            self.user_only_since_image = false;
         }
         result.exec_time = started.elapsed();
         if outcome.is_ok() && matches!(mode, ExecMode::Session { .. }) && self.vm.dirty_logging() {
@@ -1050,6 +1319,16 @@ pub fn fill_random(buf: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_of_ranges_merges_overlapping_and_adjacent_ranges() {
+        assert_eq!(
+            union_of_ranges(vec![(10, 5), (0, 2), (12, 10), (22, 1), (30, 1)]),
+            vec![(0, 2), (10, 13), (30, 1)]
+        );
+        assert_eq!(union_of_ranges(vec![(5, 10), (6, 2)]), vec![(5, 10)]);
+        assert!(union_of_ranges(Vec::new()).is_empty());
+    }
 
     #[test]
     fn bit_iteration_finds_every_set_bit_in_order() {

@@ -21,6 +21,11 @@ use crate::api::{
 
 /// How long an ended session's id keeps answering why it ended.
 const TOMBSTONE_TTL: Duration = Duration::from_secs(3600);
+/// Most time one tick spends compacting idle sessions' checkpoints.
+const COMPACT_BUDGET: Duration = Duration::from_millis(50);
+/// An idle session whose current checkpoint's delta has more runs than this
+/// is compacted into one base layer (each run is one mapping per fork).
+pub const COMPACT_MIN_DELTA_RUNS: usize = 4;
 /// Most children one fork or batch makes.
 pub const MAX_FORK_COUNT: usize = 100;
 
@@ -814,6 +819,19 @@ impl SessionTable {
         }
         self.tombstones
             .retain(|_, t| now.duration_since(t.at) < TOMBSTONE_TTL);
+        // Idle sessions forked since their last run: later forks of them map
+        // one base layer instead of a base and a delta.
+        let started = Instant::now();
+        for s in self.sessions.values_mut() {
+            if started.elapsed() >= COMPACT_BUDGET {
+                break;
+            }
+            if s.sandbox.compact(COMPACT_MIN_DELTA_RUNS).is_err() {
+                // The capture failed (host memory): forks keep using the
+                // uncompacted checkpoint, which is still exact.
+                continue;
+            }
+        }
     }
 
     /// (sessions, their memory, checkpoints, their memory) in this lane.

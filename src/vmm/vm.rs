@@ -31,6 +31,8 @@ pub enum VmError {
     SetMemoryRegion(kvm_ioctls::Error),
     #[error("KVM_GET_DIRTY_LOG failed: {0}")]
     GetDirtyLog(kvm_ioctls::Error),
+    #[error("KVM_CLEAR_DIRTY_LOG failed: {0}")]
+    ClearDirtyLog(std::io::Error),
     #[error("KVM_IRQFD failed: {0}")]
     RegisterIrqFd(kvm_ioctls::Error),
     #[error("KVM_GET_IRQCHIP failed: {0}")]
@@ -65,7 +67,17 @@ pub struct Vm {
     fd: VmFd,
     ram_size: u64,
     dirty_logging: bool,
+    /// The dirty log accumulates until cleared ([`Vm::enable_cumulative_dirty_log`]).
+    cumulative_log: bool,
 }
+
+// KVM_CLEAR_DIRTY_LOG (linux/kvm.h): not wrapped by kvm-ioctls.
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_CLEAR_DIRTY_LOG,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
 
 impl Vm {
     /// Creates a VM with the in-kernel irqchip (PIC + IOAPIC + LAPIC) and PIT.
@@ -85,6 +97,7 @@ impl Vm {
             fd,
             ram_size: 0,
             dirty_logging: false,
+            cumulative_log: false,
         })
     }
 
@@ -98,7 +111,7 @@ impl Vm {
     /// write-protection exit the first time only — not on every exec. Must be
     /// called before the memory slot is created. Returns false where the host
     /// lacks the capability.
-    pub fn enable_cumulative_dirty_log(&self) -> Result<bool, VmError> {
+    pub fn enable_cumulative_dirty_log(&mut self) -> Result<bool, VmError> {
         let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
         if self.fd.check_extension_raw(cap as libc::c_ulong)
             & kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32
@@ -114,7 +127,44 @@ impl Vm {
         self.fd
             .enable_cap(&enable)
             .map_err(VmError::EnableManualDirtyProtect)?;
+        self.cumulative_log = true;
         Ok(true)
+    }
+
+    /// Starts a new round of the cumulative dirty log for the pages set in
+    /// `pages` (KVM_CLEAR_DIRTY_LOG): their bits are cleared and they are
+    /// write-protected again, so the guest's next write to each is logged
+    /// (one write-protection exit). Bits KVM has not set are ignored, so a
+    /// superset of the log is fine. Without the cumulative log every
+    /// [`Vm::take_dirty_log`] starts a new round already: nothing to do.
+    pub fn rearm_dirty_log(&self, pages: &[u64]) -> Result<(), VmError> {
+        if !self.cumulative_log || !self.dirty_logging {
+            return Ok(());
+        }
+        let npages = self.ram_size / super::memory::PAGE_SIZE as u64;
+        let words = npages.div_ceil(64) as usize;
+        let mut bitmap = vec![0u64; words];
+        let n = words.min(pages.len());
+        bitmap[..n].copy_from_slice(&pages[..n]);
+        let clear = kvm_bindings::kvm_clear_dirty_log {
+            slot: 0,
+            // The whole slot: first_page 0, and a count that ends at the
+            // slot's end (KVM wants multiples of 64 otherwise).
+            num_pages: npages as u32,
+            first_page: 0,
+            __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                dirty_bitmap: bitmap.as_mut_ptr().cast(),
+            },
+        };
+        // SAFETY: KVM reads `num_pages` bits from `dirty_bitmap`, which holds
+        // `words * 64 >= num_pages` bits and outlives the call; the struct
+        // matches the kernel's `kvm_clear_dirty_log`.
+        let rc =
+            unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
+        if rc < 0 {
+            return Err(VmError::ClearDirtyLog(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// Maps `ram` as slot 0 at guest address 0. With `log_dirty`, KVM records
