@@ -51,7 +51,22 @@ pub struct ServeConfig {
     pub retry_after_busy: u32,
     /// Provided receive buffers (4 KiB each) per io_uring shard; a power of two.
     pub recv_buffers: u16,
+    /// A connection whose unsent response bytes exceed this is not read
+    /// from, and its pipelined requests wait, until the client reads.
+    pub max_pending_output_bytes: usize,
+    /// The JSON-escaped `stdout`, `output` and `stderr` strings of one exec
+    /// or batch response together are at most this long; beyond it outputs
+    /// are truncated (fair shares across a batch's items) and flagged.
+    pub max_response_output_bytes: usize,
+    /// Open client connections, all shards together; `0` = half the
+    /// process's open-file limit, at most [`AUTO_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Open client connections from one address (IPv6: one /64).
+    pub max_connections_per_address: usize,
 }
+
+/// Most connections the automatic `max_connections` allows.
+pub const AUTO_MAX_CONNECTIONS: usize = 16384;
 
 /// The environment variable naming the API keys file (`FORKD_API_KEYS_FILE`
 /// is still read, deprecated: see [`crate::settings`]).
@@ -85,6 +100,10 @@ impl Default for ServeConfig {
             drain_timeout: Duration::from_secs(60),
             retry_after_busy: 1,
             recv_buffers: 512,
+            max_pending_output_bytes: 1024 * 1024,
+            max_response_output_bytes: 16 * 1024 * 1024,
+            max_connections: 0,
+            max_connections_per_address: 1024,
         }
     }
 }
@@ -132,7 +151,38 @@ impl ServeConfig {
         if self.max_head_bytes < 256 || self.max_headers == 0 {
             return Err("header limits are too small".into());
         }
+        if self.max_pending_output_bytes < 4096 {
+            return Err("max-pending-output-bytes must be at least 4096".into());
+        }
+        if self.max_response_output_bytes < 4096 {
+            return Err("max-response-output-bytes must be at least 4096".into());
+        }
+        if self.max_connections_per_address == 0 {
+            return Err("max-connections-per-address must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The connection cap in force: `max_connections`, or when that is 0
+    /// half the soft open-file limit (each connection is one descriptor, and
+    /// VMs, memfds and eventfds need the rest), at most
+    /// [`AUTO_MAX_CONNECTIONS`] and at least 64.
+    pub fn connection_limit(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the live stack value.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        let soft = if rc == 0 {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        (soft / 2).clamp(64, AUTO_MAX_CONNECTIONS)
     }
 }
 
@@ -187,6 +237,18 @@ pub struct ServeArgs {
     /// Seconds in-flight execs get to finish after SIGTERM.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout_seconds: f64,
+    /// Unsent response bytes after which a connection is not read from (its pipelined requests wait) until the client reads.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_pending_output_bytes: usize,
+    /// Cap on the JSON-escaped stdout + output + stderr of one exec or batch response; larger outputs are truncated (fair shares per batch item) and flagged *_truncated.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_response_output_bytes: usize,
+    /// Open connections, all shards together (more are answered 503 too_many_connections and closed) [default: half the open-file limit, at most 16384].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Open connections from one client address (IPv6: per /64); more are answered 503 too_many_connections and closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_address: usize,
 }
 
 impl ServeArgs {
@@ -215,6 +277,15 @@ impl ServeArgs {
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
         config.default_timeout = config.default_timeout.min(config.max_timeout);
         config.drain_timeout = seconds("drain-timeout-seconds", self.drain_timeout_seconds)?;
+        config.max_pending_output_bytes = self.max_pending_output_bytes;
+        config.max_response_output_bytes = self.max_response_output_bytes;
+        if let Some(n) = self.max_connections {
+            if n == 0 {
+                return Err("--max-connections must be at least 1".into());
+            }
+            config.max_connections = n;
+        }
+        config.max_connections_per_address = self.max_connections_per_address;
         config.validate()?;
         Ok(config)
     }

@@ -294,7 +294,9 @@ impl EpollLoop {
                     }
                     Ok(n) => {
                         conn.http.out.drain(..n);
-                        conn.http.on_sent(now);
+                        // May answer pipelined requests that waited for the
+                        // client to read, refilling `out`.
+                        conn.http.on_sent(&mut self.ctx, 0, now);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

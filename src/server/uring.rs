@@ -420,10 +420,15 @@ impl UringLoop {
             }
         } else {
             conn.send_offset += result as usize;
-            conn.http.on_sent(now);
             if conn.send_offset >= conn.sending.len() {
                 conn.sending.clear();
                 conn.send_offset = 0;
+            }
+            if !conn.closing {
+                // May answer pipelined requests that waited for the client
+                // to read; sync() sends what they produce.
+                let held = conn.sending.len() - conn.send_offset;
+                conn.http.on_sent(&mut self.ctx, held, now);
             }
         }
         self.touched.push(key);
@@ -538,6 +543,7 @@ impl UringLoop {
         {
             std::mem::swap(&mut conn.sending, &mut conn.http.out);
             conn.send_offset = 0;
+            conn.http.set_held(conn.sending.len());
         }
         let flushed = conn.sending.is_empty() && !conn.send_in_flight && conn.http.out.is_empty();
         if conn.closing || conn.http.peer_gone() || (conn.http.is_closing() && flushed) {

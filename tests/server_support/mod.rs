@@ -64,7 +64,8 @@ impl Events {
 }
 
 /// TEST-ONLY factory: lanes interpret `code` as a command:
-/// `echo:TEXT`, `exit:N`, `crash`, `big:N` (N bytes of stdout),
+/// `echo:TEXT`, `exit:N`, `crash`, `big:N` (N bytes of stdout), `ctl:N`
+/// (N control bytes of stdout),
 /// `sleep:MS` (honours timeout and cancel), `block` (until cancelled),
 /// `gate` (until [`Events::open_gate`] or cancelled), `barrier:N` (until N
 /// execs are inside at once; proves they run in parallel).
@@ -191,6 +192,8 @@ impl Lane for TestLane {
                 failed(ExecFailure::GuestCrashed("triple fault".into()))
             }
             "big" => ok(vec![b'x'; arg.parse().unwrap()]),
+            // N control bytes: each is escaped to six in JSON (`\u0001`).
+            "ctl" => ok(vec![1u8; arg.parse().unwrap()]),
             // A host-side failure whose text must not reach the client.
             "internal" => failed(ExecFailure::Internal(arg.into())),
             "shard" => ok(self.shard.to_string()),
