@@ -98,3 +98,61 @@ fn a_pipelined_flood_from_a_client_that_never_reads_keeps_memory_bounded() {
         }
     });
 }
+
+/// A batch whose 8 items each print 1 MiB of control characters: escaped
+/// six-fold and written twice (`stdout` and `output`) that was a ~96 MiB
+/// response before the fix. Bound: the body is at most the default
+/// `max_response_output_bytes` (16 MiB) plus 2 KiB per item, every item
+/// keeps a fair share and says it was cut, and peak RSS grows by less than
+/// 64 MiB (the test lanes' own 8 MiB of output and the client's copy of
+/// the response included).
+#[test]
+fn a_huge_output_batch_is_cut_to_the_response_output_cap() {
+    let _serial = serial();
+    for_each_backend(|backend| {
+        let server = start(backend, None, |_| {});
+        let cap = server.handle().config().max_response_output_bytes as u64;
+        assert_eq!(cap, 16 * MIB, "the documented default");
+        let item = r#"{"code":"ctl:1048576"}"#;
+        let body = format!(r#"{{"executions":[{}]}}"#, [item; 8].join(","));
+        let base = reset_peak_rss();
+        let resp = server.request("POST", "/v1/exec/batch", Some(&body));
+        let grown = status_bytes("VmHWM").saturating_sub(base);
+        assert_eq!(resp.status, 200);
+        let len = resp.body.len() as u64;
+        eprintln!(
+            "{}: batch response {} KiB, peak RSS +{} MiB",
+            backend.name(),
+            len / 1024,
+            grown / MIB
+        );
+        assert!(len <= cap + 8 * 2048, "{len} bytes");
+        let results = resp.json()["results"].as_array().unwrap().clone();
+        assert_eq!(results.len(), 8);
+        for r in &results {
+            let stdout = r["stdout"].as_str().unwrap();
+            assert_eq!(r["output"], r["stdout"]);
+            assert_eq!(r["stdout_truncated"], true);
+            // An eighth of the cap each, a sixth of it as raw bytes, halved
+            // for the copy in `output`: ~170 000 characters.
+            assert!(
+                stdout.len() as u64 >= cap / 8 / 6 / 2 - 16,
+                "{}",
+                stdout.len()
+            );
+            assert!(stdout.bytes().all(|b| b == 1));
+        }
+        assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown / MIB);
+
+        // Outputs under the cap are untouched.
+        let resp = server.request(
+            "POST",
+            "/v1/exec/batch",
+            Some(r#"{"executions":[{"code":"big:100000"},{"code":"echo:small"}]}"#),
+        );
+        let results = resp.json()["results"].clone();
+        assert_eq!(results[0]["stdout"].as_str().unwrap().len(), 100_000);
+        assert_eq!(results[0]["stdout_truncated"], false);
+        assert_eq!(results[1]["stdout"], "small");
+    });
+}

@@ -127,6 +127,11 @@ impl ServerHandle {
         self.shared.backend
     }
 
+    /// The configuration the server runs with.
+    pub fn config(&self) -> &ServeConfig {
+        &self.shared.config
+    }
+
     /// Starts draining: stop accepting, finish in-flight requests (cancelling
     /// execs still running after the drain timeout), then the shards exit.
     pub fn shutdown(&self) {

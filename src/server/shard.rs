@@ -555,7 +555,8 @@ impl ShardCtx {
                 ))
             });
             let ids = &mut self.ids;
-            let (status, body) = sessions::encode(&reply, &mut || ids.next());
+            let cap = self.shared.config.max_response_output_bytes;
+            let (status, body) = sessions::encode(&reply, &mut || ids.next(), cap);
             return Response::json(status, body);
         }
         let results: Vec<ExecResult> = pending
@@ -583,19 +584,15 @@ impl ShardCtx {
             if let Some(err) = refused {
                 return error_response(&err);
             }
+            let cap = self.config().max_response_output_bytes;
             let mut body = Vec::with_capacity(256 + result.stdout.len() * 2 + result.stderr.len());
-            wire::write_exec_result(&mut body, &self.ids.next(), result);
+            wire::write_exec_result(&mut body, &self.ids.next(), result, cap);
             return Response::json(200, body);
         }
+        let cap = self.config().max_response_output_bytes;
         let mut body = Vec::with_capacity(256 * results.len());
-        body.extend_from_slice(br#"{"results":["#);
-        for (i, result) in results.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            wire::write_exec_result(&mut body, &self.ids.next(), result);
-        }
-        body.extend_from_slice(b"]}");
+        let ids = &mut self.ids;
+        wire::write_batch(&mut body, &results, &mut || ids.next(), cap);
         Response::json(200, body)
     }
 
