@@ -103,9 +103,10 @@ fn a_pipelined_flood_from_a_client_that_never_reads_keeps_memory_bounded() {
 /// six-fold and written twice (`stdout` and `output`) that was a ~96 MiB
 /// response before the fix. Bound: the body is at most the default
 /// `max_response_output_bytes` (16 MiB) plus 2 KiB per item, every item
-/// keeps a fair share and says it was cut, and peak RSS grows by less than
-/// 64 MiB (the test lanes' own 8 MiB of output and the client's copy of
-/// the response included).
+/// keeps a fair share and says it was cut, and the process's peak RSS
+/// grows by less than 100 MiB: the lanes' 8 MiB of raw output, the body
+/// and its copy in the connection's output buffer, and the in-process
+/// client's read buffer and copy of the body (~380 MiB before the fix).
 #[test]
 fn a_huge_output_batch_is_cut_to_the_response_output_cap() {
     let _serial = serial();
@@ -142,7 +143,7 @@ fn a_huge_output_batch_is_cut_to_the_response_output_cap() {
             );
             assert!(stdout.bytes().all(|b| b == 1));
         }
-        assert!(grown < 64 * MIB, "peak RSS grew by {} MiB", grown / MIB);
+        assert!(grown < 100 * MIB, "peak RSS grew by {} MiB", grown / MIB);
 
         // Outputs under the cap are untouched.
         let resp = server.request(
