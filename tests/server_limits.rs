@@ -8,8 +8,9 @@
 mod server_support;
 
 use std::io::{ErrorKind, Write};
+use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use server_support::{for_each_backend, start, Client};
 
@@ -155,5 +156,163 @@ fn a_huge_output_batch_is_cut_to_the_response_output_cap() {
         assert_eq!(results[0]["stdout"].as_str().unwrap().len(), 100_000);
         assert_eq!(results[0]["stdout_truncated"], false);
         assert_eq!(results[1]["stdout"], "small");
+    });
+}
+
+/// A counter or gauge from GET /v1/metrics (not cached, unlike health).
+fn metric(server: &server_support::TestServer, from: IpAddr, name: &str) -> u64 {
+    let mut c = Client::connect_from(from, server.addr);
+    c.send("GET", "/v1/metrics", &[], None);
+    let resp = c.read_response();
+    assert_eq!(resp.status, 200);
+    let text = String::from_utf8(resp.body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+/// Polls `metric` until `pred` holds on it (bounded: 30 s).
+fn wait_metric(
+    server: &server_support::TestServer,
+    from: IpAddr,
+    name: &str,
+    pred: impl Fn(u64) -> bool,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = metric(server, from, name);
+        if pred(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} stuck at {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Raises this process's soft open-file limit to the hard one: the test
+/// holds both ends of thousands of connections.
+fn raise_nofile(needed: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one live stack value.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    assert!(
+        lim.rlim_cur >= needed,
+        "this test needs {needed} open files; the hard limit is {}",
+        lim.rlim_cur
+    );
+}
+
+fn assert_refused(c: &mut Client, needle: &str) {
+    let resp = c.read_response();
+    assert_eq!(resp.status, 503);
+    assert_eq!(resp.error_code(), "too_many_connections");
+    assert!(resp.closes());
+    assert!(resp.header("retry-after").is_some());
+    let message = resp.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains(needle), "{message}");
+    assert!(c.at_eof(), "a refused connection is closed");
+}
+
+/// 5 000 idle connections from one address. Before the fix every one was
+/// accepted and held (a descriptor each, as many as the client liked).
+/// Bound: the address holds at most `max_connections_per_address` (1024 by
+/// default); the rest get `503 too_many_connections` and are closed; an
+/// admitted connection and another address are still served; closed
+/// connections give their places back.
+#[test]
+fn thousands_of_idle_connections_from_one_address_are_capped() {
+    let _serial = serial();
+    raise_nofile(5000 + 1024 + 512);
+    let attacker: IpAddr = "127.0.0.1".parse().unwrap();
+    let other: IpAddr = "127.0.0.2".parse().unwrap();
+    for_each_backend(|backend| {
+        let server = start(backend, None, |_| {});
+        let per = server.handle().config().max_connections_per_address;
+        assert_eq!(per, 1024, "the documented default");
+        let n = 5000;
+        let mut idle: Vec<Client> = (0..n)
+            .map(|_| Client::connect_from(attacker, server.addr))
+            .collect();
+        let refused = wait_metric(
+            &server,
+            other,
+            "kvmfork_http_connections_refused_total",
+            |v| v >= (n - per) as u64,
+        );
+        assert_eq!(refused, (n - per) as u64);
+        let open = metric(&server, other, "kvmfork_http_connections_open");
+        assert_eq!(
+            open,
+            per as u64 + 1,
+            "the idle ones and the metrics request"
+        );
+
+        // One address's share is held; a later one was refused, and said why.
+        assert_refused(idle.last_mut().unwrap(), "from this address (at most 1024)");
+        // An admitted connection and another address are served.
+        idle[0].send("POST", "/v1/exec", &[], Some(r#"{"code":"echo:admitted"}"#));
+        assert_eq!(idle[0].read_response().json()["stdout"], "admitted");
+        let mut c = Client::connect_from(other, server.addr);
+        c.send("POST", "/v1/exec", &[], Some(r#"{"code":"echo:other"}"#));
+        assert_eq!(c.read_response().json()["stdout"], "other");
+        drop(c);
+
+        // Closing the idle connections gives their places back.
+        idle.clear();
+        wait_metric(&server, other, "kvmfork_http_connections_open", |v| v == 1);
+        let mut c = Client::connect_from(attacker, server.addr);
+        c.send("POST", "/v1/exec", &[], Some(r#"{"code":"echo:back"}"#));
+        assert_eq!(c.read_response().json()["stdout"], "back");
+    });
+}
+
+/// The total cap (all shards, all addresses), with a small setting.
+#[test]
+fn the_total_connection_cap_refuses_every_address() {
+    let _serial = serial();
+    let a: IpAddr = "127.0.0.3".parse().unwrap();
+    let b: IpAddr = "127.0.0.4".parse().unwrap();
+    for_each_backend(|backend| {
+        let server = start(backend, None, |c| {
+            c.max_connections = 8;
+            c.shards = 2;
+        });
+        let mut held: Vec<Client> = (0..8)
+            .map(|_| Client::connect_from(a, server.addr))
+            .collect();
+        // Each connection is admitted once its shard has accepted it.
+        for c in &mut held {
+            c.send("GET", "/v1/health", &[], None);
+            assert_eq!(c.read_response().status, 200);
+        }
+        let mut late = Client::connect_from(b, server.addr);
+        assert_refused(&mut late, "maximum of 8 connections");
+        held.pop();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut c = Client::connect_from(b, server.addr);
+            c.send("POST", "/v1/exec", &[], Some(r#"{"code":"echo:in"}"#));
+            let resp = c.read_response();
+            if resp.status == 200 {
+                assert_eq!(resp.json()["stdout"], "in");
+                break;
+            }
+            assert_eq!(resp.error_code(), "too_many_connections");
+            assert!(
+                Instant::now() < deadline,
+                "the closed place never came back"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     });
 }

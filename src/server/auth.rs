@@ -233,8 +233,8 @@ pub struct AuthThrottle {
     next_seq: u64,
 }
 
-/// The unit an address is throttled by.
-fn throttle_key(addr: IpAddr) -> IpAddr {
+/// The unit an address is throttled and its connections counted by.
+pub(crate) fn address_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -278,7 +278,7 @@ impl AuthThrottle {
 
     /// `Err(how long)` while `addr` is throttled.
     pub fn check(&mut self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        let key = throttle_key(addr);
+        let key = address_key(addr);
         let Some(f) = self.entries.get(&key) else {
             return Ok(());
         };
@@ -298,7 +298,7 @@ impl AuthThrottle {
         if self.limit == 0 {
             return;
         }
-        let key = throttle_key(addr);
+        let key = address_key(addr);
         let expired = self
             .entries
             .get(&key)

@@ -528,6 +528,7 @@ mod tests {
             shutdown: AtomicBool::new(false),
             force: AtomicBool::new(false),
             session_queues: std::sync::OnceLock::new(),
+            conns: crate::server::connlimit::ConnLimiter::new(16, 16),
         });
         ShardCtx::new(0, shared, pool)
     }

@@ -15,6 +15,7 @@ mod auth;
 mod bufring;
 mod config;
 mod conn;
+mod connlimit;
 mod epoll;
 mod event;
 mod http;
@@ -269,6 +270,10 @@ pub fn start(
         shutdown: AtomicBool::new(false),
         force: AtomicBool::new(false),
         session_queues: std::sync::OnceLock::new(),
+        conns: connlimit::ConnLimiter::new(
+            config.connection_limit(),
+            config.max_connections_per_address,
+        ),
     });
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -342,11 +347,13 @@ pub fn start(
             .map_err(|_| ServerError::ShardPanicked(shard))??;
     }
     eprintln!(
-        "kvmfork serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
+        "kvmfork serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard, at most {} connections, {} per address)",
         backend.name(),
         config.shards,
         config.workers_per_shard,
-        config.queue_depth
+        config.queue_depth,
+        shared.conns.total_cap(),
+        config.max_connections_per_address
     );
     Ok(handle)
 }

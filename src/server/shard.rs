@@ -54,6 +54,8 @@ pub struct Shared {
     /// Every shard's per-worker session queues, `[shard][worker]`; set once
     /// all shards' workers run.
     pub session_queues: std::sync::OnceLock<Vec<Vec<crossbeam_channel::Sender<Job>>>>,
+    /// Open connections, total and per client address.
+    pub conns: super::connlimit::ConnLimiter,
 }
 
 impl Shared {
@@ -610,13 +612,29 @@ impl ShardCtx {
         }
     }
 
-    pub fn connection_opened(&mut self) {
+    /// Admits a just-accepted connection from `peer` under the connection
+    /// caps, or returns the complete response that refuses it (`503
+    /// too_many_connections`, `Connection: close`) for the caller to write
+    /// before closing the socket.
+    pub fn connection_opened(&mut self, peer: IpAddr) -> Result<(), Vec<u8>> {
+        if let Err(refusal) = self.shared.conns.try_open(peer) {
+            self.metrics.stats().connections_refused += 1;
+            let err = ApiError::new(503, "too_many_connections", refusal.message());
+            let mut out = Vec::with_capacity(320);
+            error_response(&err)
+                .with_header("Retry-After", self.config().retry_after_busy.to_string())
+                .write_to(&mut out, false, false);
+            return Err(out);
+        }
         let mut stats = self.metrics.stats();
         stats.connections_open += 1;
         stats.connections_accepted += 1;
+        Ok(())
     }
 
-    pub fn connection_closed(&mut self) {
+    /// A connection admitted by [`ShardCtx::connection_opened`] closed.
+    pub fn connection_closed(&mut self, peer: IpAddr) {
+        self.shared.conns.close(peer);
         let mut stats = self.metrics.stats();
         stats.connections_open = stats.connections_open.saturating_sub(1);
     }
@@ -653,6 +671,7 @@ impl ShardCtx {
                 "workers_per_shard": self.config().workers_per_shard,
             },
             "connections_open": snap.stats.connections_open,
+            "connections_refused": snap.stats.connections_refused,
             "shards": snap.per_shard,
         });
         let body = serde_json::to_vec(&body).expect("serialising a JSON value cannot fail");
