@@ -18,6 +18,8 @@ pub struct ServeConfig {
     pub queue_depth: usize,
     /// Most executions in one batch request.
     pub max_batch: usize,
+    /// Most wall time one batch may ask for, its items' timeouts added up.
+    pub max_batch_time: Duration,
     /// Requests per second per API key (0 = unlimited), enforced per shard.
     pub rate_limit: f64,
     pub rate_burst: f64,
@@ -82,6 +84,7 @@ impl Default for ServeConfig {
             workers_per_shard: 2,
             queue_depth: 64,
             max_batch: 64,
+            max_batch_time: Duration::from_secs(64 * 30),
             rate_limit: 100.0,
             rate_burst: 100.0,
             api_keys_file: default_api_keys_file(),
@@ -141,6 +144,9 @@ impl ServeConfig {
             && self.rate_burst >= 1.0)
         {
             return Err("rate-limit must be >= 0 and rate-burst >= 1".into());
+        }
+        if self.max_batch_time < self.default_timeout {
+            return Err("max-batch-seconds must be at least the default exec timeout".into());
         }
         if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
             return Err("the default exec timeout must be > 0 and <= the maximum".into());
@@ -234,6 +240,9 @@ pub struct ServeArgs {
     /// Largest accepted timeout_seconds.
     #[arg(long, default_value_t = 300.0)]
     pub max_timeout_seconds: f64,
+    /// Most wall time one batch may book: its items' timeout_seconds added up (400 batch_time_exceeded above) [default: 64 x the default timeout, 1920].
+    #[arg(long, default_value_t = 1920.0)]
+    pub max_batch_seconds: f64,
     /// Seconds in-flight execs get to finish after SIGTERM.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout_seconds: f64,
@@ -276,6 +285,7 @@ impl ServeArgs {
         config.max_body_bytes = self.max_body_bytes;
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
         config.default_timeout = config.default_timeout.min(config.max_timeout);
+        config.max_batch_time = seconds("max-batch-seconds", self.max_batch_seconds)?;
         config.drain_timeout = seconds("drain-timeout-seconds", self.drain_timeout_seconds)?;
         config.max_pending_output_bytes = self.max_pending_output_bytes;
         config.max_response_output_bytes = self.max_response_output_bytes;

@@ -505,6 +505,7 @@ mod tests {
             default_timeout: config.default_timeout,
             max_timeout: config.max_timeout,
             max_batch: config.max_batch,
+            max_batch_time: config.max_batch_time,
             languages: vec![Language::Python],
         };
         let pool = WorkerPool::start(

@@ -18,6 +18,7 @@ mod conn;
 mod connlimit;
 mod epoll;
 mod event;
+mod fair;
 mod http;
 mod metrics;
 mod sessions;
@@ -256,6 +257,7 @@ pub fn start(
         default_timeout: config.default_timeout,
         max_timeout: config.max_timeout,
         max_batch: config.max_batch,
+        max_batch_time: config.max_batch_time,
         languages,
     };
     let shared = Arc::new(Shared {

@@ -392,6 +392,7 @@ pub fn decode(
                     e
                 })?);
             }
+            wire::check_batch_time(reqs.iter().map(|(r, _)| r.timeout), rules)?;
             SessionOp::Batch { id, owner, reqs }
         }
         SessionRoute::List => unreachable!("answered from the directory"),
@@ -568,6 +569,7 @@ mod tests {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             max_batch: 4,
+            max_batch_time: Duration::from_secs(1920),
             languages: vec![Language::Python],
         }
     }

@@ -11,6 +11,7 @@ use super::auth::{
     retry_after_secs, ApiKeys, AuthThrottle, RateLimiter, THROTTLE_TRACKED_ADDRESSES,
 };
 use super::config::ServeConfig;
+use super::fair::FairQueue;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
 use super::sessions::{self, SessionRoute};
@@ -127,6 +128,10 @@ pub struct ShardCtx {
     health_cache: Option<(Instant, Vec<u8>)>,
     /// Jobs submitted whose completion has not come back yet.
     pub jobs_in_flight: usize,
+    /// Stateless execs waiting for a worker, per key.
+    fair: FairQueue,
+    /// Fair-queued execs handed to the workers and not completed yet.
+    dispatched: usize,
     pub draining: bool,
 }
 
@@ -148,6 +153,8 @@ impl ShardCtx {
             ids: IdGenerator::new(shard),
             health_cache: None,
             jobs_in_flight: 0,
+            fair: FairQueue::default(),
+            dispatched: 0,
             draining: false,
             shared,
         }
@@ -300,7 +307,10 @@ impl ShardCtx {
             Route::Exec => match wire::decode_exec(body, &self.shared.rules) {
                 Ok(spec) => match self.unavailable(std::slice::from_ref(&spec), false) {
                     Some(refusal) => Dispatch::Respond(refusal),
-                    None => self.submit(Endpoint::Exec, false, vec![spec], conn),
+                    None => {
+                        let owner = owner_of_batch(head, &self.shared);
+                        self.submit(Endpoint::Exec, false, vec![spec], conn, owner)
+                    }
                 },
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
@@ -317,7 +327,10 @@ impl ShardCtx {
                 }
                 Ok(specs) => match self.unavailable(&specs, true) {
                     Some(refusal) => Dispatch::Respond(refusal),
-                    None => self.submit(Endpoint::ExecBatch, true, specs, conn),
+                    None => {
+                        let owner = owner_of_batch(head, &self.shared);
+                        self.submit(Endpoint::ExecBatch, true, specs, conn, owner)
+                    }
                 },
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
@@ -362,10 +375,11 @@ impl ShardCtx {
             slot: 0,
             work: Work::Session(op),
             reply: None,
+            fair_owner: None,
         };
         let sent = match target {
             None => {
-                if self.pool.room() == 0 {
+                if self.room() == 0 {
                     return Dispatch::Respond(self.busy(
                         "queue_full",
                         "all workers are busy and the queue is full; retry later",
@@ -466,14 +480,23 @@ impl ShardCtx {
         })
     }
 
+    /// Room for more execs in this shard's queue: waiting in the fair
+    /// queue and in the workers' channel together are at most `queue_depth`.
+    fn room(&self) -> usize {
+        self.pool.room().saturating_sub(self.fair.len())
+    }
+
+    /// Admits a request's execs into the fair queue (all or none) and
+    /// hands what free workers can take to them.
     fn submit(
         &mut self,
         endpoint: Endpoint,
         batch: bool,
         specs: Vec<ExecSpec>,
         conn: ConnKey,
+        owner: Owner,
     ) -> Dispatch {
-        if self.pool.room() < specs.len() {
+        if self.room() < specs.len() {
             return Dispatch::Respond(self.busy(
                 "queue_full",
                 "all workers are busy and the queue is full; retry later",
@@ -490,30 +513,19 @@ impl ShardCtx {
                 timeout: spec.timeout,
                 cancel,
             };
-            if self
-                .pool
-                .submit(Job {
-                    conn,
-                    slot,
-                    work: Work::Exec(req),
-                    reply: None,
-                })
-                .is_err()
-            {
-                // Cannot happen after the room check (single producer); fail
-                // the whole request rather than answer with holes.
-                for token in &tokens {
-                    token.cancel();
-                }
-                self.jobs_in_flight += slot;
-                self.metrics.stats().execs_in_flight += slot as u64;
-                return Dispatch::Respond(
-                    self.busy("queue_full", "the exec queue is closed or full"),
-                );
-            }
+            let job = Job {
+                conn,
+                slot,
+                work: Work::Exec(req),
+                reply: None,
+                fair_owner: Some(owner),
+            };
+            self.fair.push(owner, job);
+            self.metrics.queued.fetch_add(1, Ordering::Relaxed);
         }
         self.jobs_in_flight += n;
         self.metrics.stats().execs_in_flight += n as u64;
+        self.pump();
         Dispatch::Pending(PendingExec {
             endpoint,
             batch,
@@ -525,9 +537,36 @@ impl ShardCtx {
         })
     }
 
+    /// Hands fair-queued execs to the workers while one is free: the
+    /// workers' channel never holds a backlog that would bypass the fair
+    /// order.
+    fn pump(&mut self) {
+        let workers = self.config().workers_per_shard;
+        while self.dispatched < workers {
+            let Some(job) = self.fair.pop() else { break };
+            let owner = job.fair_owner.expect("fair-queued jobs have an owner");
+            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            match self.pool.submit(job) {
+                Ok(()) => self.dispatched += 1,
+                Err(job) => {
+                    // The channel is full of session work (or closing): try
+                    // again at the next completion.
+                    self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+                    self.fair.unpop(owner, job);
+                    break;
+                }
+            }
+        }
+    }
+
     /// Accounts for a finished job, whether or not its connection is still open.
     pub fn job_finished(&mut self, completion: &Completion) {
         self.jobs_in_flight -= 1;
+        if let Some(owner) = completion.fair_owner {
+            self.fair.finished(owner);
+            self.dispatched -= 1;
+            self.pump();
+        }
         let mut stats = self.metrics.stats();
         stats.execs_in_flight = stats.execs_in_flight.saturating_sub(1);
         let ran_code = match &completion.session {
@@ -680,7 +719,7 @@ impl ShardCtx {
     }
 }
 
-/// The key of an already-authorised batch request (auth ran in `admit`).
+/// The key of an already-authorised exec or batch request (auth ran in `admit`).
 fn owner_of_batch(head: &RequestHead, shared: &Shared) -> Owner {
     shared
         .keys

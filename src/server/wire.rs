@@ -75,6 +75,8 @@ pub struct DecodeRules {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub max_batch: usize,
+    /// Most wall time a batch may ask for: its items' timeouts added up.
+    pub max_batch_time: Duration,
     /// Languages with a loaded template.
     pub languages: Vec<Language>,
 }
@@ -121,7 +123,7 @@ pub fn decode_batch(body: &[u8], rules: &DecodeRules) -> Result<Vec<ExecSpec>, A
             ),
         ));
     }
-    items
+    let specs: Vec<ExecSpec> = items
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
@@ -133,7 +135,30 @@ pub fn decode_batch(body: &[u8], rules: &DecodeRules) -> Result<Vec<ExecSpec>, A
                 e
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    check_batch_time(specs.iter().map(|s| s.timeout), rules)?;
+    Ok(specs)
+}
+
+/// Refuses a batch whose items' timeouts add up to more than
+/// `max_batch_time`: one request may not book worker time without bound
+/// (64 items x 300 s would be over five hours).
+pub fn check_batch_time(
+    timeouts: impl Iterator<Item = Duration>,
+    rules: &DecodeRules,
+) -> Result<(), ApiError> {
+    let total: Duration = timeouts.fold(Duration::ZERO, |a, t| a.saturating_add(t));
+    if total > rules.max_batch_time {
+        return Err(ApiError::bad_request(
+            "batch_time_exceeded",
+            format!(
+                "a batch's timeout_seconds (the default for items without one) add up to at most {} s, got {} s",
+                rules.max_batch_time.as_secs_f64(),
+                total.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
@@ -382,6 +407,7 @@ mod tests {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             max_batch: 4,
+            max_batch_time: Duration::from_secs(100),
             languages: vec![Language::Python],
         }
     }
@@ -447,6 +473,26 @@ mod tests {
             decode_batch(b"{}", &r).unwrap_err().code,
             "missing_executions"
         );
+        // Timeouts add up: 3 x 30 s fits 100 s, a fourth does not.
+        let item = r#"{"code":"a"}"#;
+        assert!(decode_batch(
+            format!(r#"{{"executions":[{}]}}"#, [item; 3].join(",")).as_bytes(),
+            &r
+        )
+        .is_ok());
+        let err = decode_batch(
+            format!(r#"{{"executions":[{}]}}"#, [item; 4].join(",")).as_bytes(),
+            &r,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "batch_time_exceeded");
+        assert!(err.message.contains("100 s, got 120 s"), "{}", err.message);
+        let short = r#"{"code":"a","timeout_seconds":1}"#;
+        assert!(decode_batch(
+            format!(r#"{{"executions":[{}]}}"#, [short; 4].join(",")).as_bytes(),
+            &r
+        )
+        .is_ok());
         let big = format!(r#"{{"executions":[{}]}}"#, [r#"{"code":"a"}"#; 5].join(","));
         assert_eq!(
             decode_batch(big.as_bytes(), &r).unwrap_err().code,

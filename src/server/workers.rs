@@ -51,6 +51,9 @@ pub struct Job {
     pub work: Work,
     /// None: the worker's own shard.
     pub reply: Option<Reply>,
+    /// The key a fair-queued exec was scheduled for (see `fair.rs`); None
+    /// for work that bypasses the fair queue (session operations).
+    pub fair_owner: Option<crate::api::Owner>,
 }
 
 pub struct Completion {
@@ -62,6 +65,8 @@ pub struct Completion {
     pub session: Option<SessionReply>,
     /// False when the job was cancelled before a worker started it.
     pub ran: bool,
+    /// [`Job::fair_owner`], handed back.
+    pub fair_owner: Option<crate::api::Owner>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -339,6 +344,7 @@ fn run_worker(
             result,
             session,
             ran,
+            fair_owner: job.fair_owner,
         };
         match &job.reply {
             Some(reply) => {

@@ -23,6 +23,8 @@ pub struct Events {
     pub started: AtomicUsize,
     pub cancelled: AtomicUsize,
     pub finished: AtomicUsize,
+    /// The code of every exec, in the order they started.
+    pub log: Mutex<Vec<String>>,
     /// `gate` commands wait until this opens.
     gate: Mutex<bool>,
     gate_cv: Condvar,
@@ -177,6 +179,7 @@ impl TestLane {
 
 impl Lane for TestLane {
     fn exec(&mut self, req: &ExecRequest) -> ExecResult {
+        self.events.log.lock().unwrap().push(req.code.clone());
         self.events.started.fetch_add(1, Ordering::SeqCst);
         self.stats.forks += 1;
         let (cmd, arg) = req.code.split_once(':').unwrap_or((req.code.as_str(), ""));
