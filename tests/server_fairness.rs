@@ -108,3 +108,49 @@ fn another_keys_exec_takes_the_next_free_worker_ahead_of_a_queued_batch() {
         assert_eq!(b_started, 2, "start order: {log:?}");
     });
 }
+
+/// A key's rate limit is one for the whole server. Before the fix each
+/// shard kept its own bucket, so a key got `rate x shards` (here 8 requests
+/// of a burst of 4, from two connections landing on the two shards). Now
+/// every shard updates the key's one lock-free state: 4 in all.
+#[test]
+fn a_keys_rate_limit_is_shared_by_the_shards() {
+    for_each_backend(|backend| {
+        let keys = r#"[{"key": "slow", "rate_limit": 0.001, "rate_burst": 4}, {"key": "probe", "rate_limit": 0}]"#;
+        let server = start(backend, Some(keys), |c| c.shards = 2);
+        let exec = |c: &mut server_support::Client, key: &str, code: &str| {
+            let auth = format!("Bearer {key}");
+            let body = format!(r#"{{"code":"{code}"}}"#);
+            c.send("POST", "/v1/exec", &[("Authorization", &auth)], Some(&body));
+            c.read_response()
+        };
+        // One keep-alive connection on each shard (SO_REUSEPORT spreads
+        // connections by their address hash).
+        let mut on_shard: [Option<server_support::Client>; 2] = [None, None];
+        for _ in 0..200 {
+            if on_shard.iter().all(Option::is_some) {
+                break;
+            }
+            let mut c = server.connect();
+            let shard: usize = exec(&mut c, "probe", "shard").json()["stdout"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            on_shard[shard].get_or_insert(c);
+        }
+        let mut admitted = 0;
+        for c in on_shard.iter_mut() {
+            let c = c.as_mut().expect("a connection on each shard");
+            for _ in 0..4 {
+                let resp = exec(c, "slow", "echo:x");
+                match resp.status {
+                    200 => admitted += 1,
+                    429 => assert_eq!(resp.error_code(), "rate_limited"),
+                    other => panic!("unexpected status {other}"),
+                }
+            }
+        }
+        assert_eq!(admitted, 4, "the burst, once for the server");
+    });
+}

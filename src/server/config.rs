@@ -20,7 +20,8 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most wall time one batch may ask for, its items' timeouts added up.
     pub max_batch_time: Duration,
-    /// Requests per second per API key (0 = unlimited), enforced per shard.
+    /// Requests per second per API key (0 = unlimited), one bucket per key
+    /// shared by the shards.
     pub rate_limit: f64,
     pub rate_burst: f64,
     /// JSON array of keys; a missing file turns auth off unless auth is
@@ -213,7 +214,7 @@ pub struct ServeArgs {
     /// Queued execs per shard beyond busy workers before answering 503.
     #[arg(long, default_value_t = 64)]
     pub queue_depth: usize,
-    /// Requests per second per API key (0 = unlimited); enforced by each shard independently.
+    /// Requests per second per API key (0 = unlimited); one bucket per key for the whole node, shared by its shards.
     #[arg(long, default_value_t = 100.0)]
     pub rate_limit: f64,
     /// Token-bucket burst per API key [default: the rate limit].

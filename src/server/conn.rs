@@ -530,6 +530,7 @@ mod tests {
             force: AtomicBool::new(false),
             session_queues: std::sync::OnceLock::new(),
             conns: crate::server::connlimit::ConnLimiter::new(16, 16),
+            rate: crate::server::auth::RateLimiter::new(None),
         });
         ShardCtx::new(0, shared, pool)
     }

@@ -6,8 +6,10 @@
 //! statistics. Execs go to the shard's bounded queue; workers run them and
 //! post completions back through an eventfd the loop waits on, so a guest run
 //! never blocks the loop. Nothing on the request path locks across shards:
-//! metrics scrapes lock each shard's statistics briefly, and health answers
-//! from a per-shard snapshot refreshed at most once a second.
+//! metrics scrapes lock each shard's statistics briefly, health answers
+//! from a per-shard snapshot refreshed at most once a second, a key's rate
+//! limit is one atomic word all shards update, and the connection caps are
+//! locked only on accept and close.
 //!
 //! [`Lane`]: crate::api::Lane
 
@@ -221,7 +223,7 @@ pub fn start(
     let keys = load_keys(&config)?;
     match &keys {
         Some(keys) => eprintln!(
-            "kvmfork serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key per shard)",
+            "kvmfork serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key)",
             keys.len(),
             config.api_keys_file.display(),
             config.rate_limit,
@@ -260,7 +262,9 @@ pub fn start(
         max_batch_time: config.max_batch_time,
         languages,
     };
+    let rate = auth::RateLimiter::new(keys.as_ref());
     let shared = Arc::new(Shared {
+        rate,
         config: config.clone(),
         factory: factory.clone(),
         keys,

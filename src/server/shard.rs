@@ -57,6 +57,8 @@ pub struct Shared {
     pub session_queues: std::sync::OnceLock<Vec<Vec<crossbeam_channel::Sender<Job>>>>,
     /// Open connections, total and per client address.
     pub conns: super::connlimit::ConnLimiter,
+    /// Each API key's rate limit, shared by the shards (lock-free).
+    pub rate: RateLimiter,
 }
 
 impl Shared {
@@ -122,7 +124,6 @@ pub struct ShardCtx {
     pub shared: Arc<Shared>,
     pub metrics: Arc<ShardMetrics>,
     pub pool: WorkerPool,
-    rate: RateLimiter,
     throttle: AuthThrottle,
     ids: IdGenerator,
     health_cache: Option<(Instant, Vec<u8>)>,
@@ -138,7 +139,6 @@ pub struct ShardCtx {
 impl ShardCtx {
     pub fn new(shard: usize, shared: Arc<Shared>, pool: WorkerPool) -> Self {
         let metrics = shared.shards[shard].clone();
-        let rate = RateLimiter::new(shared.keys.as_ref());
         let throttle = AuthThrottle::new(
             shared.config.auth_fail_limit,
             shared.config.auth_fail_window,
@@ -148,7 +148,6 @@ impl ShardCtx {
             shard,
             metrics,
             pool,
-            rate,
             throttle,
             ids: IdGenerator::new(shard),
             health_cache: None,
@@ -261,7 +260,7 @@ impl ShardCtx {
                     ));
                 };
                 owner = Some(key);
-                if let Err(wait) = self.rate.try_acquire(key, now) {
+                if let Err(wait) = self.shared.rate.try_acquire(key, now) {
                     let err =
                         ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
                     let secs = retry_after_secs(wait);
