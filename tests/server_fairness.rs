@@ -154,3 +154,53 @@ fn a_keys_rate_limit_is_shared_by_the_shards() {
         assert_eq!(admitted, 4, "the burst, once for the server");
     });
 }
+
+/// A key may hold at most `--max-execs-per-key` execs queued or running on
+/// the node, each batch item counted, whichever shard they are on. Before
+/// the fix nothing capped it: a key could take every place in every
+/// shard's queue (then other keys got `503 queue_full`). Here the cap is 8:
+/// key A's 8-item batch holds it, A's next exec is refused on either shard
+/// with `429 too_many_execs`, key B is admitted, and A's places come back
+/// when its batch completes.
+#[test]
+fn a_key_holds_at_most_its_execs_in_flight_on_any_shard() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["key-a", "key-b"]"#), |c| {
+            c.shards = 2;
+            c.queue_depth = 16;
+            c.max_batch = 8;
+            c.max_execs_per_key = 8;
+        });
+        let send = |key: &str, path: &str, body: &str| {
+            let mut c = server.connect();
+            let auth = format!("Bearer {key}");
+            c.send("POST", path, &[("Authorization", &auth)], Some(body));
+            c
+        };
+        let batch = format!(
+            r#"{{"executions":[{}]}}"#,
+            [r#"{"code":"gate"}"#; 8].join(",")
+        );
+        let mut a = send("key-a", "/v1/exec/batch", &batch);
+        server.events.wait_started(2);
+        // Fresh connections land on both shards; every one is refused.
+        for _ in 0..6 {
+            let resp = send("key-a", "/v1/exec", r#"{"code":"echo:more"}"#).read_response();
+            assert_eq!(resp.status, 429);
+            assert_eq!(resp.error_code(), "too_many_execs");
+            assert!(resp.header("retry-after").is_some());
+        }
+        let mut b = send("key-b", "/v1/exec", r#"{"code":"echo:b"}"#);
+        server.events.open_gate();
+        assert_eq!(b.read_response().json()["stdout"], "b");
+        assert_eq!(
+            a.read_response().json()["results"]
+                .as_array()
+                .unwrap()
+                .len(),
+            8
+        );
+        let resp = send("key-a", "/v1/exec", r#"{"code":"echo:again"}"#).read_response();
+        assert_eq!(resp.json()["stdout"], "again");
+    });
+}

@@ -20,6 +20,9 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most wall time one batch may ask for, its items' timeouts added up.
     pub max_batch_time: Duration,
+    /// Execs one API key may have queued or running on the node (batch
+    /// items and session execs each count); at least `max_batch`.
+    pub max_execs_per_key: usize,
     /// Requests per second per API key (0 = unlimited), one bucket per key
     /// shared by the shards.
     pub rate_limit: f64,
@@ -86,6 +89,7 @@ impl Default for ServeConfig {
             queue_depth: 64,
             max_batch: 64,
             max_batch_time: Duration::from_secs(64 * 30),
+            max_execs_per_key: 128,
             rate_limit: 100.0,
             rate_burst: 100.0,
             api_keys_file: default_api_keys_file(),
@@ -145,6 +149,12 @@ impl ServeConfig {
             && self.rate_burst >= 1.0)
         {
             return Err("rate-limit must be >= 0 and rate-burst >= 1".into());
+        }
+        if self.max_execs_per_key < self.max_batch {
+            return Err(format!(
+                "max-execs-per-key must be at least the batch limit ({})",
+                self.max_batch
+            ));
         }
         if self.max_batch_time < self.default_timeout {
             return Err("max-batch-seconds must be at least the default exec timeout".into());
@@ -244,6 +254,9 @@ pub struct ServeArgs {
     /// Most wall time one batch may book: its items' timeout_seconds added up (400 batch_time_exceeded above) [default: 64 x the default timeout, 1920].
     #[arg(long, default_value_t = 1920.0)]
     pub max_batch_seconds: f64,
+    /// Execs one API key may have queued or running on this node, batch items and session execs each counted (429 too_many_execs above); at least the batch limit (64).
+    #[arg(long, default_value_t = 128)]
+    pub max_execs_per_key: usize,
     /// Seconds in-flight execs get to finish after SIGTERM.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout_seconds: f64,
@@ -287,6 +300,7 @@ impl ServeArgs {
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
         config.default_timeout = config.default_timeout.min(config.max_timeout);
         config.max_batch_time = seconds("max-batch-seconds", self.max_batch_seconds)?;
+        config.max_execs_per_key = self.max_execs_per_key;
         config.drain_timeout = seconds("drain-timeout-seconds", self.drain_timeout_seconds)?;
         config.max_pending_output_bytes = self.max_pending_output_bytes;
         config.max_response_output_bytes = self.max_response_output_bytes;

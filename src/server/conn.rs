@@ -531,6 +531,7 @@ mod tests {
             session_queues: std::sync::OnceLock::new(),
             conns: crate::server::connlimit::ConnLimiter::new(16, 16),
             rate: crate::server::auth::RateLimiter::new(None),
+            key_execs: Vec::new(),
         });
         ShardCtx::new(0, shared, pool)
     }

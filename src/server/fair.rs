@@ -106,6 +106,7 @@ mod tests {
             }),
             reply: None,
             fair_owner: Some(owner),
+            counted: None,
         }
     }
 

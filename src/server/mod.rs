@@ -263,8 +263,12 @@ pub fn start(
         languages,
     };
     let rate = auth::RateLimiter::new(keys.as_ref());
+    let key_execs = (0..keys.as_ref().map_or(0, |k| k.len()))
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
     let shared = Arc::new(Shared {
         rate,
+        key_execs,
         config: config.clone(),
         factory: factory.clone(),
         keys,

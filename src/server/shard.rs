@@ -59,6 +59,8 @@ pub struct Shared {
     pub conns: super::connlimit::ConnLimiter,
     /// Each API key's rate limit, shared by the shards (lock-free).
     pub rate: RateLimiter,
+    /// Each API key's execs queued or running, all shards (lock-free).
+    pub key_execs: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -369,17 +371,54 @@ impl ShardCtx {
             }
         }
         let target = sessions::target(&op);
+        // A session exec counts once, a batch from a sandbox once per item.
+        let execs = match &op {
+            crate::api::SessionOp::Exec { .. } => 1,
+            crate::api::SessionOp::Batch { reqs, .. } => reqs.len(),
+            _ => 0,
+        };
+        let counted = match self.take_execs(owner, execs) {
+            Ok(counted) => counted,
+            Err(refusal) => return Dispatch::Respond(refusal),
+        };
         let job = Job {
             conn,
             slot: 0,
             work: Work::Session(op),
             reply: None,
             fair_owner: None,
+            counted,
         };
+        if let Err(refusal) = self.send_session(job, target, head) {
+            self.release_execs(counted);
+            return Dispatch::Respond(refusal);
+        }
+        self.jobs_in_flight += 1;
+        self.metrics.stats().execs_in_flight += 1;
+        Dispatch::Pending(PendingExec {
+            endpoint: Endpoint::Sandboxes,
+            batch: false,
+            session: Some(route),
+            session_reply: None,
+            results: vec![None],
+            remaining: 1,
+            // Session runs outlive a client that goes away.
+            tokens: Vec::new(),
+        })
+    }
+
+    /// Sends a session job to its worker (or any worker of this shard for
+    /// a new session), or the refusal.
+    fn send_session(
+        &mut self,
+        job: Job,
+        target: Option<(usize, usize)>,
+        head: &RequestHead,
+    ) -> Result<(), Response> {
         let sent = match target {
             None => {
                 if self.room() == 0 {
-                    return Dispatch::Respond(self.busy(
+                    return Err(self.busy(
                         "queue_full",
                         "all workers are busy and the queue is full; retry later",
                     ));
@@ -395,7 +434,7 @@ impl ShardCtx {
                     .and_then(|w| w.get(worker));
                 let Some(queue) = queue else {
                     let text = sessions::path_sandbox_text(&head.path);
-                    return Dispatch::Respond(error_response(&ApiError::new(
+                    return Err(error_response(&ApiError::new(
                         404,
                         "sandbox_not_found",
                         format!("no sandbox {text} on this node"),
@@ -408,7 +447,7 @@ impl ShardCtx {
                 match queue.try_send(job) {
                     Ok(()) => true,
                     Err(crossbeam_channel::TrySendError::Full(_)) => {
-                        return Dispatch::Respond(self.busy(
+                        return Err(self.busy(
                             "sandbox_busy",
                             "too many requests are queued for this sandbox; retry later",
                         ))
@@ -418,20 +457,51 @@ impl ShardCtx {
             }
         };
         if !sent {
-            return Dispatch::Respond(self.busy("shutting_down", "the server is shutting down"));
+            return Err(self.busy("shutting_down", "the server is shutting down"));
         }
-        self.jobs_in_flight += 1;
-        self.metrics.stats().execs_in_flight += 1;
-        Dispatch::Pending(PendingExec {
-            endpoint: Endpoint::Sandboxes,
-            batch: false,
-            session: Some(route),
-            session_reply: None,
-            results: vec![None],
-            remaining: 1,
-            // Session runs outlive a client that goes away.
-            tokens: Vec::new(),
-        })
+        Ok(())
+    }
+
+    /// Counts `n` execs against `owner`'s cap on execs in flight (all
+    /// shards: one atomic counter per key, no lock), or the `429
+    /// too_many_execs` refusal. Without auth (no key) nothing is counted.
+    fn take_execs(&self, owner: Owner, n: usize) -> Result<Option<(usize, usize)>, Response> {
+        let Some(key) = owner else { return Ok(None) };
+        if n == 0 {
+            return Ok(None);
+        }
+        let cap = self.config().max_execs_per_key;
+        let counter = &self.shared.key_execs[key];
+        let mut current = counter.load(Ordering::Relaxed);
+        loop {
+            if current + n > cap {
+                let err = ApiError::new(
+                    429,
+                    "too_many_execs",
+                    format!(
+                        "this API key has {current} executions queued or running \
+                         (at most {cap}); retry when some finish"
+                    ),
+                );
+                return Err(error_response(&err)
+                    .with_header("Retry-After", self.config().retry_after_busy.to_string()));
+            }
+            match counter.compare_exchange_weak(
+                current,
+                current + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(Some((key, n))),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    fn release_execs(&self, counted: Option<(usize, usize)>) {
+        if let Some((key, n)) = counted {
+            self.shared.key_execs[key].fetch_sub(n, Ordering::Relaxed);
+        }
     }
 
     /// The refusal for the first spec whose language's template is not
@@ -502,6 +572,10 @@ impl ShardCtx {
             ));
         }
         let n = specs.len();
+        let counted = match self.take_execs(owner, n) {
+            Ok(counted) => counted,
+            Err(refusal) => return Dispatch::Respond(refusal),
+        };
         let mut tokens = Vec::with_capacity(n);
         for (slot, spec) in specs.into_iter().enumerate() {
             let cancel = CancelToken::new();
@@ -518,6 +592,8 @@ impl ShardCtx {
                 work: Work::Exec(req),
                 reply: None,
                 fair_owner: Some(owner),
+                // Each item is released as it completes.
+                counted: counted.map(|(key, _)| (key, 1)),
             };
             self.fair.push(owner, job);
             self.metrics.queued.fetch_add(1, Ordering::Relaxed);
@@ -561,6 +637,7 @@ impl ShardCtx {
     /// Accounts for a finished job, whether or not its connection is still open.
     pub fn job_finished(&mut self, completion: &Completion) {
         self.jobs_in_flight -= 1;
+        self.release_execs(completion.counted);
         if let Some(owner) = completion.fair_owner {
             self.fair.finished(owner);
             self.dispatched -= 1;

@@ -54,6 +54,9 @@ pub struct Job {
     /// The key a fair-queued exec was scheduled for (see `fair.rs`); None
     /// for work that bypasses the fair queue (session operations).
     pub fair_owner: Option<crate::api::Owner>,
+    /// (API key index, execs) this job counts against the key's cap on
+    /// execs in flight; handed back so the count is released.
+    pub counted: Option<(usize, usize)>,
 }
 
 pub struct Completion {
@@ -67,6 +70,8 @@ pub struct Completion {
     pub ran: bool,
     /// [`Job::fair_owner`], handed back.
     pub fair_owner: Option<crate::api::Owner>,
+    /// [`Job::counted`], handed back.
+    pub counted: Option<(usize, usize)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +350,7 @@ fn run_worker(
             session,
             ran,
             fair_owner: job.fair_owner,
+            counted: job.counted,
         };
         match &job.reply {
             Some(reply) => {
