@@ -251,7 +251,7 @@ pub struct ServeArgs {
     /// Largest accepted timeout_seconds.
     #[arg(long, default_value_t = 300.0)]
     pub max_timeout_seconds: f64,
-    /// Most wall time one batch may book: its items' timeout_seconds added up (400 batch_time_exceeded above) [default: 64 x the default timeout, 1920].
+    /// Most wall time one batch may book: its items' timeout_seconds added up (400 batch_time_exceeded above); 64 x the default timeout.
     #[arg(long, default_value_t = 1920.0)]
     pub max_batch_seconds: f64,
     /// Execs one API key may have queued or running on this node, batch items and session execs each counted (429 too_many_execs above); at least the batch limit (64).
