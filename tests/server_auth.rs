@@ -204,3 +204,66 @@ fn failed_authentications_are_throttled_per_address() {
         assert_eq!(c.read_response().status, 401, "counting starts afresh");
     });
 }
+
+/// A keys file with a bad entry is a start-up error naming the entry; a
+/// tiny (valid) rate answers 429 with a finite Retry-After instead of
+/// panicking the shard (it did, in `Duration::from_secs_f64`, before
+/// cbe87a3), and the shard goes on serving.
+#[test]
+fn a_bad_keys_file_stops_start_up_and_a_tiny_rate_never_panics_a_shard() {
+    for (text, needle) in [
+        (r#"[{"key": "k", "rate_limit": -1}]"#, "entry 0: rate_limit"),
+        (
+            r#"["a", {"key": "b", "rate_burst": 0}]"#,
+            "entry 1: rate_burst",
+        ),
+        (
+            r#"[{"key": "k", "rate_limit": "fast"}]"#,
+            "parsing API keys file",
+        ),
+        ("[]", "the key list is empty"),
+        (r#"["a", " b"]"#, "entry 1: keys must"),
+    ] {
+        let keys = server_support::TempFile::new(text);
+        let err = start_config(config("127.0.0.1:0", keys.path.clone()))
+            .err()
+            .unwrap_or_else(|| panic!("{text} was accepted"));
+        assert!(matches!(err, ServerError::Auth(_)), "{text}: {err}");
+        let message = err.to_string();
+        assert!(message.contains(needle), "{text}: {message}");
+        assert!(
+            message.contains(&keys.path.display().to_string()),
+            "names the file: {message}"
+        );
+    }
+
+    for backend in server_support::BACKENDS {
+        let server = start(
+            backend,
+            Some(r#"[{"key": "tiny", "rate_limit": 1e-320, "rate_burst": 1}, "other"]"#),
+            |_| {},
+        );
+        let exec = |key: &str| {
+            let mut c = server.connect();
+            let auth = format!("Bearer {key}");
+            c.send(
+                "POST",
+                "/v1/exec",
+                &[("Authorization", &auth)],
+                Some(r#"{"code":"echo:x"}"#),
+            );
+            c.read_response()
+        };
+        assert_eq!(exec("tiny").status, 200, "the burst token");
+        for _ in 0..3 {
+            let refused = exec("tiny");
+            assert_eq!(refused.status, 429);
+            assert_eq!(refused.error_code(), "rate_limited");
+            let after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+            assert!(after >= 1);
+        }
+        // The shard is alive and serves other keys.
+        assert_eq!(exec("other").status, 200);
+        assert_eq!(server.request("GET", "/v1/health", None).status, 200);
+    }
+}

@@ -2,12 +2,13 @@
 //!
 //! Keys are compared as SHA-256 digests in constant time, so neither the
 //! content nor the length of a stored key leaks through response timing.
-//! Rate limits are token buckets kept by each shard for itself: no state is
-//! shared between cores, so a key's limit applies independently per shard.
+//! Rate limits are one per key for the whole server, kept lock-free (one
+//! atomic word per key that every shard updates by compare-and-swap).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -155,16 +156,23 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     wait.as_secs().saturating_add(round_up).max(1)
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Bucket {
-    tokens: f64,
-    updated: Instant,
-}
+/// Longest interval between two requests a rate can ask for (100 years):
+/// a tiny rate behaves as "one per century" and the arithmetic stays in
+/// range (a burst of more than 5 at such a rate is cut to what fits the
+/// 584 years a u64 of nanoseconds holds).
+const MAX_INTERVAL_NS: u128 = 100 * 365 * 24 * 3600 * 1_000_000_000;
 
-/// One shard's token buckets, one per key. Owned by the shard thread.
+/// Each key's rate limit, one for the whole server: every shard checks the
+/// same per-key state, a single atomic word updated by compare-and-swap
+/// (no lock, and no cost to other keys). The algorithm is GCRA, the token
+/// bucket written as a "theoretical arrival time": each admitted request
+/// moves it one interval (1 / rate) later; a request is admitted while it
+/// is at most `burst` intervals ahead of now.
 pub struct RateLimiter {
     limits: Vec<RateLimit>,
-    buckets: Vec<Option<Bucket>>,
+    /// Per key: the theoretical arrival time, in ns since `epoch`.
+    tat: Vec<AtomicU64>,
+    epoch: Instant,
 }
 
 impl RateLimiter {
@@ -173,33 +181,39 @@ impl RateLimiter {
             .map(|k| (0..k.len()).map(|i| k.limit(i)).collect())
             .unwrap_or_default();
         RateLimiter {
-            buckets: vec![None; limits.len()],
+            tat: limits.iter().map(|_| AtomicU64::new(0)).collect(),
             limits,
+            epoch: Instant::now(),
         }
     }
 
-    /// Takes one token for `key`; on refusal returns how long until one is
-    /// available. A rate of 0 disables limiting for the key.
-    pub fn try_acquire(&mut self, key: usize, now: Instant) -> Result<(), Duration> {
+    /// Takes one request's worth of `key`'s rate; on refusal returns how
+    /// long until one is available. A rate of 0 disables limiting.
+    pub fn try_acquire(&self, key: usize, now: Instant) -> Result<(), Duration> {
         let limit = self.limits[key];
         if limit.rate <= 0.0 {
             return Ok(());
         }
-        let bucket = self.buckets[key].get_or_insert(Bucket {
-            tokens: limit.burst,
-            updated: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * limit.rate).min(limit.burst);
-        bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            // A tiny rate makes the wait overflow a Duration (or reach
-            // infinity): saturate rather than panic the shard.
-            let wait = (1.0 - bucket.tokens) / limit.rate;
-            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
+        // `as` saturates: a tiny rate gives the longest interval.
+        let interval = ((1e9 / limit.rate) as u128).clamp(1, MAX_INTERVAL_NS);
+        let allowance = (limit.burst * interval as f64) as u128;
+        let now_ns = now.saturating_duration_since(self.epoch).as_nanos();
+        let cell = &self.tat[key];
+        let mut tat = cell.load(Ordering::Relaxed);
+        loop {
+            let next = u128::from(tat).max(now_ns) + interval;
+            let ahead = next - now_ns;
+            if ahead > allowance {
+                let wait = u64::try_from(ahead - allowance).unwrap_or(u64::MAX);
+                return Err(Duration::from_nanos(wait));
+            }
+            let Ok(next) = u64::try_from(next) else {
+                return Err(Duration::MAX);
+            };
+            match cell.compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(current) => tat = current,
+            }
         }
     }
 }
@@ -233,8 +247,8 @@ pub struct AuthThrottle {
     next_seq: u64,
 }
 
-/// The unit an address is throttled by.
-fn throttle_key(addr: IpAddr) -> IpAddr {
+/// The unit an address is throttled and its connections counted by.
+pub(crate) fn address_key(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -278,7 +292,7 @@ impl AuthThrottle {
 
     /// `Err(how long)` while `addr` is throttled.
     pub fn check(&mut self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        let key = throttle_key(addr);
+        let key = address_key(addr);
         let Some(f) = self.entries.get(&key) else {
             return Ok(());
         };
@@ -298,7 +312,7 @@ impl AuthThrottle {
         if self.limit == 0 {
             return;
         }
-        let key = throttle_key(addr);
+        let key = address_key(addr);
         let expired = self
             .entries
             .get(&key)
@@ -432,7 +446,7 @@ mod tests {
         }
         // 0 still means unlimited.
         let (_p, keys) = write_keys(r#"[{"key": "k", "rate_limit": 0}]"#);
-        let mut limiter = RateLimiter::new(Some(&keys.unwrap().unwrap()));
+        let limiter = RateLimiter::new(Some(&keys.unwrap().unwrap()));
         let t0 = Instant::now();
         for _ in 0..1000 {
             assert!(limiter.try_acquire(0, t0).is_ok());
@@ -445,7 +459,7 @@ mod tests {
             let text = format!(r#"[{{"key": "k", "rate_limit": {rate}}}]"#);
             let (_p, keys) = write_keys(&text);
             let keys = keys.unwrap().unwrap();
-            let mut limiter = RateLimiter::new(Some(&keys));
+            let limiter = RateLimiter::new(Some(&keys));
             let t0 = Instant::now();
             assert!(limiter.try_acquire(0, t0).is_ok(), "{rate}: the burst");
             let wait = limiter.try_acquire(0, t0).unwrap_err();
@@ -516,10 +530,33 @@ mod tests {
     }
 
     #[test]
+    fn one_rate_per_key_holds_across_threads() {
+        let (_p, keys) =
+            write_keys(r#"[{"key": "k", "rate_limit": 0.001, "rate_burst": 50}, "free"]"#);
+        let limiter = RateLimiter::new(Some(&keys.unwrap().unwrap()));
+        let t0 = Instant::now();
+        let admitted = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if limiter.try_acquire(0, t0).is_ok() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = limiter.try_acquire(1, t0);
+                    }
+                });
+            }
+        });
+        // The burst, once, however many threads (shards) share the key.
+        assert_eq!(admitted.load(Ordering::Relaxed), 50);
+    }
+
+    #[test]
     fn token_bucket_refills_at_the_rate() {
         let (_p, keys) = write_keys(r#"[{"key": "k", "rate_limit": 2, "rate_burst": 2}]"#);
         let keys = keys.unwrap().unwrap();
-        let mut limiter = RateLimiter::new(Some(&keys));
+        let limiter = RateLimiter::new(Some(&keys));
         let t0 = Instant::now();
         assert!(limiter.try_acquire(0, t0).is_ok());
         assert!(limiter.try_acquire(0, t0).is_ok());

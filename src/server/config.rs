@@ -18,7 +18,13 @@ pub struct ServeConfig {
     pub queue_depth: usize,
     /// Most executions in one batch request.
     pub max_batch: usize,
-    /// Requests per second per API key (0 = unlimited), enforced per shard.
+    /// Most wall time one batch may ask for, its items' timeouts added up.
+    pub max_batch_time: Duration,
+    /// Execs one API key may have queued or running on the node (batch
+    /// items and session execs each count); at least `max_batch`.
+    pub max_execs_per_key: usize,
+    /// Requests per second per API key (0 = unlimited), one bucket per key
+    /// shared by the shards.
     pub rate_limit: f64,
     pub rate_burst: f64,
     /// JSON array of keys; a missing file turns auth off unless auth is
@@ -51,7 +57,22 @@ pub struct ServeConfig {
     pub retry_after_busy: u32,
     /// Provided receive buffers (4 KiB each) per io_uring shard; a power of two.
     pub recv_buffers: u16,
+    /// A connection whose unsent response bytes exceed this is not read
+    /// from, and its pipelined requests wait, until the client reads.
+    pub max_pending_output_bytes: usize,
+    /// The JSON-escaped `stdout`, `output` and `stderr` strings of one exec
+    /// or batch response together are at most this long; beyond it outputs
+    /// are truncated (fair shares across a batch's items) and flagged.
+    pub max_response_output_bytes: usize,
+    /// Open client connections, all shards together; `0` = half the
+    /// process's open-file limit, at most [`AUTO_MAX_CONNECTIONS`].
+    pub max_connections: usize,
+    /// Open client connections from one address (IPv6: one /64).
+    pub max_connections_per_address: usize,
 }
+
+/// Most connections the automatic `max_connections` allows.
+pub const AUTO_MAX_CONNECTIONS: usize = 16384;
 
 /// The environment variable naming the API keys file (`FORKD_API_KEYS_FILE`
 /// is still read, deprecated: see [`crate::settings`]).
@@ -67,6 +88,8 @@ impl Default for ServeConfig {
             workers_per_shard: 2,
             queue_depth: 64,
             max_batch: 64,
+            max_batch_time: Duration::from_secs(64 * 30),
+            max_execs_per_key: 128,
             rate_limit: 100.0,
             rate_burst: 100.0,
             api_keys_file: default_api_keys_file(),
@@ -85,6 +108,10 @@ impl Default for ServeConfig {
             drain_timeout: Duration::from_secs(60),
             retry_after_busy: 1,
             recv_buffers: 512,
+            max_pending_output_bytes: 1024 * 1024,
+            max_response_output_bytes: 16 * 1024 * 1024,
+            max_connections: 0,
+            max_connections_per_address: 1024,
         }
     }
 }
@@ -123,6 +150,15 @@ impl ServeConfig {
         {
             return Err("rate-limit must be >= 0 and rate-burst >= 1".into());
         }
+        if self.max_execs_per_key < self.max_batch {
+            return Err(format!(
+                "max-execs-per-key must be at least the batch limit ({})",
+                self.max_batch
+            ));
+        }
+        if self.max_batch_time < self.default_timeout {
+            return Err("max-batch-seconds must be at least the default exec timeout".into());
+        }
         if self.default_timeout.is_zero() || self.default_timeout > self.max_timeout {
             return Err("the default exec timeout must be > 0 and <= the maximum".into());
         }
@@ -132,7 +168,38 @@ impl ServeConfig {
         if self.max_head_bytes < 256 || self.max_headers == 0 {
             return Err("header limits are too small".into());
         }
+        if self.max_pending_output_bytes < 4096 {
+            return Err("max-pending-output-bytes must be at least 4096".into());
+        }
+        if self.max_response_output_bytes < 4096 {
+            return Err("max-response-output-bytes must be at least 4096".into());
+        }
+        if self.max_connections_per_address == 0 {
+            return Err("max-connections-per-address must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The connection cap in force: `max_connections`, or when that is 0
+    /// half the soft open-file limit (each connection is one descriptor, and
+    /// VMs, memfds and eventfds need the rest), at most
+    /// [`AUTO_MAX_CONNECTIONS`] and at least 64.
+    pub fn connection_limit(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the live stack value.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        let soft = if rc == 0 {
+            usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
+        } else {
+            1024
+        };
+        (soft / 2).clamp(64, AUTO_MAX_CONNECTIONS)
     }
 }
 
@@ -157,7 +224,7 @@ pub struct ServeArgs {
     /// Queued execs per shard beyond busy workers before answering 503.
     #[arg(long, default_value_t = 64)]
     pub queue_depth: usize,
-    /// Requests per second per API key (0 = unlimited); enforced by each shard independently.
+    /// Requests per second per API key (0 = unlimited); one bucket per key for the whole node, shared by its shards.
     #[arg(long, default_value_t = 100.0)]
     pub rate_limit: f64,
     /// Token-bucket burst per API key [default: the rate limit].
@@ -184,9 +251,27 @@ pub struct ServeArgs {
     /// Largest accepted timeout_seconds.
     #[arg(long, default_value_t = 300.0)]
     pub max_timeout_seconds: f64,
+    /// Most wall time one batch may book: its items' timeout_seconds added up (400 batch_time_exceeded above); 64 x the default timeout.
+    #[arg(long, default_value_t = 1920.0)]
+    pub max_batch_seconds: f64,
+    /// Execs one API key may have queued or running on this node, batch items and session execs each counted (429 too_many_execs above); at least the batch limit (64).
+    #[arg(long, default_value_t = 128)]
+    pub max_execs_per_key: usize,
     /// Seconds in-flight execs get to finish after SIGTERM.
     #[arg(long, default_value_t = 60.0)]
     pub drain_timeout_seconds: f64,
+    /// Unsent response bytes after which a connection is not read from (its pipelined requests wait) until the client reads.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_pending_output_bytes: usize,
+    /// Cap on the JSON-escaped stdout + output + stderr of one exec or batch response; larger outputs are truncated (fair shares per batch item) and flagged *_truncated.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_response_output_bytes: usize,
+    /// Open connections, all shards together (more are answered 503 too_many_connections and closed) [default: half the open-file limit, at most 16384].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Open connections from one client address (IPv6: per /64); more are answered 503 too_many_connections and closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections_per_address: usize,
 }
 
 impl ServeArgs {
@@ -214,7 +299,18 @@ impl ServeArgs {
         config.max_body_bytes = self.max_body_bytes;
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
         config.default_timeout = config.default_timeout.min(config.max_timeout);
+        config.max_batch_time = seconds("max-batch-seconds", self.max_batch_seconds)?;
+        config.max_execs_per_key = self.max_execs_per_key;
         config.drain_timeout = seconds("drain-timeout-seconds", self.drain_timeout_seconds)?;
+        config.max_pending_output_bytes = self.max_pending_output_bytes;
+        config.max_response_output_bytes = self.max_response_output_bytes;
+        if let Some(n) = self.max_connections {
+            if n == 0 {
+                return Err("--max-connections must be at least 1".into());
+            }
+            config.max_connections = n;
+        }
+        config.max_connections_per_address = self.max_connections_per_address;
         config.validate()?;
         Ok(config)
     }

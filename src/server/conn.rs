@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::http::{self, HeadLimits, Method, RequestHead, Response};
+use super::http::{self, HeadLimits, HeadScan, Method, RequestHead, Response};
 use super::metrics::Endpoint;
 use super::shard::{self, Dispatch, PendingExec, Route, ShardCtx, STATUS_CLIENT_CLOSED};
 use super::wire::ApiError;
@@ -48,8 +48,19 @@ pub struct HttpConn {
     request_started: Option<Instant>,
     /// The peer left (or must be dropped): close without flushing.
     peer_gone: bool,
-    /// The client's address (failed-authentication throttle).
+    /// The client's address (failed-authentication throttle, connection caps).
     peer: IpAddr,
+    /// Progress of the search for the end of the head being received.
+    head_scan: HeadScan,
+    /// The request line of that head was already parsed once (so that a
+    /// client sending no HTTP is refused before its head is complete).
+    request_line_checked: bool,
+    /// Response bytes the event loop took from `out` and has not sent yet.
+    held: usize,
+    /// Work done on request heads: parser runs and bytes they were given
+    /// (the unit tests check it stays linear in the bytes received).
+    head_parses: u64,
+    head_bytes_parsed: u64,
 }
 
 impl HttpConn {
@@ -64,7 +75,27 @@ impl HttpConn {
             last_send_progress: now,
             request_started: None,
             peer_gone: false,
+            head_scan: HeadScan::default(),
+            request_line_checked: false,
+            held: 0,
+            head_parses: 0,
+            head_bytes_parsed: 0,
         }
+    }
+
+    pub fn peer(&self) -> IpAddr {
+        self.peer
+    }
+
+    /// Response bytes not yet sent: in `out` plus what the event loop holds.
+    fn unsent(&self) -> usize {
+        self.out.len() + self.held
+    }
+
+    /// True while unsent output is over the limit: no further request is
+    /// started and nothing more is read until the client reads.
+    fn output_full(&self, ctx: &ShardCtx) -> bool {
+        self.unsent() > ctx.config().max_pending_output_bytes
     }
 
     /// True once the connection should be closed as soon as `out` (and any
@@ -75,14 +106,13 @@ impl HttpConn {
 
     /// Whether the event loop should keep reading. Reading continues during an
     /// exec (to notice a client that leaves) until pipelined input piles up.
+    /// Reading also stops while the client does not read its responses
+    /// (output over `max_pending_output_bytes`), so a pipelined flood cannot
+    /// grow either buffer without bound.
     pub fn wants_read(&self, ctx: &ShardCtx) -> bool {
-        match self.state {
-            State::Closed => false,
-            State::Exec { .. } => {
-                self.inbuf.len() <= ctx.config().max_head_bytes + ctx.config().max_body_bytes
-            }
-            _ => true,
-        }
+        let input_full =
+            self.inbuf.len() > ctx.config().max_head_bytes + ctx.config().max_body_bytes;
+        !matches!(self.state, State::Closed) && !input_full && !self.output_full(ctx)
     }
 
     /// True when the connection is to be dropped without flushing output.
@@ -100,9 +130,21 @@ impl HttpConn {
         self.advance(ctx, now);
     }
 
-    /// The socket accepted response bytes.
-    pub fn on_sent(&mut self, now: Instant) {
+    /// The event loop took response bytes from `out`: `held` of them are
+    /// not sent yet.
+    pub fn set_held(&mut self, held: usize) {
+        self.held = held;
+    }
+
+    /// The socket accepted response bytes; `held` are still unsent in the
+    /// event loop. Pipelined requests that waited for the client to read
+    /// are processed once the output is under its limit again.
+    pub fn on_sent(&mut self, ctx: &mut ShardCtx, held: usize, now: Instant) {
+        self.held = held;
         self.last_send_progress = now;
+        if !self.output_full(ctx) && !self.inbuf.is_empty() {
+            self.advance(ctx, now);
+        }
     }
 
     /// The peer closed or reset the connection: cancel whatever runs for it.
@@ -247,6 +289,10 @@ impl HttpConn {
                     }
                 }
                 State::Head => {
+                    if self.head_scan.scanned == 0 {
+                        let blank = http::leading_blank_lines(&self.inbuf);
+                        self.inbuf.drain(..blank);
+                    }
                     if self.inbuf.is_empty() {
                         if ctx.draining {
                             // Idle after finishing (or skipping) a request while draining.
@@ -254,12 +300,33 @@ impl HttpConn {
                         }
                         return;
                     }
+                    if self.output_full(ctx) {
+                        // The client is not reading its answers: the next
+                        // request waits (resumed from `on_sent`; the send
+                        // timeout ends a client that never reads).
+                        return;
+                    }
                     self.request_started.get_or_insert(now);
                     let limits = HeadLimits {
                         max_head_bytes: ctx.config().max_head_bytes,
                         max_headers: ctx.config().max_headers,
                     };
-                    match http::parse_head(&self.inbuf, limits) {
+                    // The parser runs when the head is complete, and once
+                    // when its request line is (to refuse non-HTTP early):
+                    // never again for each byte that arrives.
+                    let end = self.head_scan.find_end(&self.inbuf);
+                    let check_line =
+                        end.is_none() && self.head_scan.line_end_seen && !self.request_line_checked;
+                    let parsed = if end.is_some() || check_line {
+                        self.request_line_checked = true;
+                        let upto = end.unwrap_or(self.inbuf.len());
+                        self.head_parses += 1;
+                        self.head_bytes_parsed += upto as u64;
+                        http::parse_head(&self.inbuf[..upto], limits)
+                    } else {
+                        Ok(None)
+                    };
+                    match parsed {
                         Ok(None) => {
                             if http::head_too_large(&self.inbuf, limits) {
                                 let err = http::HeadError::TooLarge(limits.max_head_bytes);
@@ -281,6 +348,8 @@ impl HttpConn {
                         }
                         Ok(Some(head)) => {
                             self.inbuf.drain(..head.head_len);
+                            self.head_scan = HeadScan::default();
+                            self.request_line_checked = false;
                             self.on_head(ctx, head, now);
                         }
                     }
@@ -425,6 +494,7 @@ mod tests {
             max_body_bytes: 256,
             queue_depth: 4,
             max_batch: 4,
+            max_pending_output_bytes: 4096,
             api_keys_file: "/nonexistent/kvmfork-keys.json".into(),
             ..ServeConfig::default()
         };
@@ -435,6 +505,7 @@ mod tests {
             default_timeout: config.default_timeout,
             max_timeout: config.max_timeout,
             max_batch: config.max_batch,
+            max_batch_time: config.max_batch_time,
             languages: vec![Language::Python],
         };
         let pool = WorkerPool::start(
@@ -458,6 +529,9 @@ mod tests {
             shutdown: AtomicBool::new(false),
             force: AtomicBool::new(false),
             session_queues: std::sync::OnceLock::new(),
+            conns: crate::server::connlimit::ConnLimiter::new(16, 16),
+            rate: crate::server::auth::RateLimiter::new(None),
+            key_execs: Vec::new(),
         });
         ShardCtx::new(0, shared, pool)
     }
@@ -516,6 +590,100 @@ mod tests {
             .collect();
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "{text}");
         assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 6);
+    }
+
+    #[test]
+    fn a_head_trickled_byte_by_byte_is_parsed_in_linear_work() {
+        let mut ctx = test_ctx();
+        let now = Instant::now();
+        let mut conn = HttpConn::new(KEY, IpAddr::from([127, 0, 0, 1]), now);
+        let mut head = String::from("\r\nGET /v1/health HTTP/1.1\r\n");
+        for i in 0..12 {
+            head.push_str(&format!("X-Filler-{i}: {}\r\n", "v".repeat(20)));
+        }
+        head.push_str("\r\n");
+        let len = head.len() as u64;
+        for byte in head.bytes() {
+            conn.on_data(&mut ctx, &[byte], now);
+        }
+        assert!(
+            conn.out.starts_with(b"HTTP/1.1 200 "),
+            "{}",
+            String::from_utf8_lossy(&conn.out)
+        );
+        // Once at the end of the request line, once at the end of the head
+        // (it was once per byte, ~len passes over ~len/2 bytes each).
+        assert_eq!(conn.head_parses, 2);
+        assert!(
+            conn.head_bytes_parsed <= 2 * len,
+            "{} > 2 x {len}",
+            conn.head_bytes_parsed
+        );
+        // A second head on the same connection starts afresh.
+        for byte in b"GET /v1/health HTTP/1.1\n\n" {
+            conn.on_data(&mut ctx, &[*byte], now);
+        }
+        assert_eq!(conn.head_parses, 4);
+        assert_eq!(
+            String::from_utf8_lossy(&conn.out)
+                .matches("HTTP/1.1 200 ")
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_request_line_that_is_not_http_is_refused_before_the_head_ends() {
+        let mut ctx = test_ctx();
+        let now = Instant::now();
+        let mut conn = HttpConn::new(KEY, IpAddr::from([127, 0, 0, 1]), now);
+        conn.on_data(&mut ctx, b"\x16\x03\x01 not http\r\nHost", now);
+        assert!(conn.out.starts_with(b"HTTP/1.1 400 "));
+        assert!(conn.is_closing());
+    }
+
+    #[test]
+    fn pipelined_requests_wait_while_the_client_does_not_read() {
+        let mut ctx = test_ctx();
+        let limit = ctx.config().max_pending_output_bytes;
+        let now = Instant::now();
+        let mut conn = HttpConn::new(KEY, IpAddr::from([127, 0, 0, 1]), now);
+        let request = b"GET /v1/health HTTP/1.1\r\n\r\n";
+        let mut flood = Vec::new();
+        for _ in 0..400 {
+            flood.extend_from_slice(request);
+        }
+        conn.on_data(&mut ctx, &flood, now);
+        let one = {
+            let text = String::from_utf8_lossy(&conn.out).into_owned();
+            text.find("HTTP/1.1 200 ").unwrap();
+            text[1..].find("HTTP/1.1 200 ").unwrap() + 1
+        };
+        // At most the limit plus the response that crossed it.
+        assert!(conn.out.len() <= limit + one, "{} bytes", conn.out.len());
+        assert!(!conn.wants_read(&ctx));
+        let mut answered = 0;
+        let mut rounds = 0;
+        while !conn.out.is_empty() {
+            // The event loop takes it all; the socket accepts it in one or two sends.
+            let taken = std::mem::take(&mut conn.out);
+            answered += String::from_utf8_lossy(&taken)
+                .matches("HTTP/1.1 200 ")
+                .count();
+            conn.set_held(taken.len());
+            assert!(!conn.wants_read(&ctx) || conn.inbuf.is_empty());
+            if taken.len() > limit {
+                // A partial send that leaves it over the limit starts nothing.
+                conn.on_sent(&mut ctx, limit + 1, now);
+                assert!(conn.out.is_empty(), "still over the limit");
+            }
+            conn.on_sent(&mut ctx, 0, now);
+            rounds += 1;
+            assert!(conn.out.len() <= limit + one);
+        }
+        assert_eq!(answered, 400);
+        assert!(rounds > 1);
+        assert!(conn.wants_read(&ctx));
     }
 
     /// A request and whether its Content-Length is honest.

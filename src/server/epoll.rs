@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::conn::{HttpConn, TimerVerdict};
-use super::event::{tick_interval, Drain, Slab};
+use super::event::{refuse_connection, tick_interval, Drain, Slab};
 use super::shard::ShardCtx;
 use super::workers::{ConnKey, Waker};
 use super::LoopError;
@@ -157,6 +157,10 @@ impl EpollLoop {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
+                    if let Err(refusal) = self.ctx.connection_opened(peer.ip()) {
+                        refuse_connection(stream, &refusal);
+                        continue;
+                    }
                     // Responses are single writes; don't wait for Nagle.
                     let _ = stream.set_nodelay(true);
                     let fd = stream.as_raw_fd();
@@ -170,9 +174,9 @@ impl EpollLoop {
                         .is_err()
                     {
                         self.conns.remove(key);
+                        self.ctx.connection_closed(peer.ip());
                         continue;
                     }
-                    self.ctx.connection_opened();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -294,7 +298,9 @@ impl EpollLoop {
                     }
                     Ok(n) => {
                         conn.http.out.drain(..n);
-                        conn.http.on_sent(now);
+                        // May answer pipelined requests that waited for the
+                        // client to read, refilling `out`.
+                        conn.http.on_sent(&mut self.ctx, 0, now);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -310,8 +316,9 @@ impl EpollLoop {
             if conn.http.is_closing() && conn.http.out.is_empty() {
                 let _ = conn.stream.shutdown(Shutdown::Write);
                 // Dropping the stream closes the fd, which removes it from epoll.
+                let peer = conn.http.peer();
                 self.conns.remove(key);
-                self.ctx.connection_closed();
+                self.ctx.connection_closed(peer);
                 continue;
             }
             let mut interest = 0u32;

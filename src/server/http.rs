@@ -174,6 +174,59 @@ pub fn head_too_large(buffered: &[u8], limits: HeadLimits) -> bool {
     buffered.len() > limits.max_head_bytes
 }
 
+/// Bytes of blank lines (`\r\n` or `\n`) at the start of `buf`, which
+/// may precede a request line (RFC 9112 §2.2) and are skipped.
+pub fn leading_blank_lines(buf: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        match &buf[i..] {
+            [b'\n', ..] => i += 1,
+            [b'\r', b'\n', ..] => i += 2,
+            _ => return i,
+        }
+    }
+}
+
+/// Where an incremental search for the end of a request head stands, so
+/// that each received byte is examined a bounded number of times instead of
+/// the whole buffer being parsed again on every read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeadScan {
+    /// Bytes of the buffer searched so far.
+    pub scanned: usize,
+    /// A line end was seen: the request line is complete.
+    pub line_end_seen: bool,
+}
+
+impl HeadScan {
+    /// Searches `buf` (which starts with a request line, blank lines
+    /// skipped) for the blank line ending the head, continuing where the
+    /// last call stopped. Returns the head's length once complete.
+    pub fn find_end(&mut self, buf: &[u8]) -> Option<usize> {
+        // A line end in the last two bytes searched could not be told apart
+        // from a head end (`\n\n` or `\n\r\n`) then: look at it again.
+        let mut i = self.scanned.saturating_sub(2).min(buf.len());
+        while let Some(offset) = buf[i..].iter().position(|&b| b == b'\n') {
+            let nl = i + offset;
+            self.line_end_seen = true;
+            let end = match &buf[nl + 1..] {
+                [b'\n', ..] => nl + 2,
+                [b'\r', b'\n', ..] => nl + 3,
+                _ => {
+                    i = nl + 1;
+                    continue;
+                }
+            };
+            // Should the parser still want more, the next search starts
+            // after this end rather than finding it again.
+            self.scanned = end + 2;
+            return Some(end);
+        }
+        self.scanned = buf.len();
+        None
+    }
+}
+
 fn parse_content_length(value: &[u8]) -> Result<u64, HeadError> {
     let value = trim_ascii(value);
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {

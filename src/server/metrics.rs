@@ -114,6 +114,8 @@ pub struct ShardStats {
     pub requests_in_flight: u64,
     pub connections_open: u64,
     pub connections_accepted: u64,
+    /// Connections refused by the connection caps.
+    pub connections_refused: u64,
     pub execs_in_flight: u64,
     pub timeouts: u64,
     pub guest_errors: u64,
@@ -179,6 +181,7 @@ impl ShardStats {
         self.requests_in_flight += other.requests_in_flight;
         self.connections_open += other.connections_open;
         self.connections_accepted += other.connections_accepted;
+        self.connections_refused += other.connections_refused;
         self.execs_in_flight += other.execs_in_flight;
         self.timeouts += other.timeouts;
         self.guest_errors += other.guest_errors;
@@ -347,6 +350,12 @@ pub fn render(shards: &[Arc<ShardMetrics>], backend: &str) -> String {
         "kvmfork_http_connections_accepted_total",
         "Client connections accepted.",
         s.connections_accepted,
+    );
+    counter(
+        &mut out,
+        "kvmfork_http_connections_refused_total",
+        "Client connections refused by --max-connections or --max-connections-per-address (answered 503 too_many_connections and closed).",
+        s.connections_refused,
     );
     gauge(
         &mut out,

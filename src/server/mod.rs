@@ -6,8 +6,10 @@
 //! statistics. Execs go to the shard's bounded queue; workers run them and
 //! post completions back through an eventfd the loop waits on, so a guest run
 //! never blocks the loop. Nothing on the request path locks across shards:
-//! metrics scrapes lock each shard's statistics briefly, and health answers
-//! from a per-shard snapshot refreshed at most once a second.
+//! metrics scrapes lock each shard's statistics briefly, health answers
+//! from a per-shard snapshot refreshed at most once a second, a key's rate
+//! limit is one atomic word all shards update, and the connection caps are
+//! locked only on accept and close.
 //!
 //! [`Lane`]: crate::api::Lane
 
@@ -15,8 +17,10 @@ mod auth;
 mod bufring;
 mod config;
 mod conn;
+mod connlimit;
 mod epoll;
 mod event;
+mod fair;
 mod http;
 mod metrics;
 mod sessions;
@@ -127,6 +131,11 @@ impl ServerHandle {
         self.shared.backend
     }
 
+    /// The configuration the server runs with.
+    pub fn config(&self) -> &ServeConfig {
+        &self.shared.config
+    }
+
     /// Starts draining: stop accepting, finish in-flight requests (cancelling
     /// execs still running after the drain timeout), then the shards exit.
     pub fn shutdown(&self) {
@@ -214,7 +223,7 @@ pub fn start(
     let keys = load_keys(&config)?;
     match &keys {
         Some(keys) => eprintln!(
-            "kvmfork serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key per shard)",
+            "kvmfork serve: auth on: {} API key(s) from {} (rate limit {}/s, burst {}, per key)",
             keys.len(),
             config.api_keys_file.display(),
             config.rate_limit,
@@ -250,9 +259,16 @@ pub fn start(
         default_timeout: config.default_timeout,
         max_timeout: config.max_timeout,
         max_batch: config.max_batch,
+        max_batch_time: config.max_batch_time,
         languages,
     };
+    let rate = auth::RateLimiter::new(keys.as_ref());
+    let key_execs = (0..keys.as_ref().map_or(0, |k| k.len()))
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
     let shared = Arc::new(Shared {
+        rate,
+        key_execs,
         config: config.clone(),
         factory: factory.clone(),
         keys,
@@ -264,6 +280,10 @@ pub fn start(
         shutdown: AtomicBool::new(false),
         force: AtomicBool::new(false),
         session_queues: std::sync::OnceLock::new(),
+        conns: connlimit::ConnLimiter::new(
+            config.connection_limit(),
+            config.max_connections_per_address,
+        ),
     });
 
     let cores = core_affinity::get_core_ids().unwrap_or_default();
@@ -337,11 +357,13 @@ pub fn start(
             .map_err(|_| ServerError::ShardPanicked(shard))??;
     }
     eprintln!(
-        "kvmfork serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard)",
+        "kvmfork serve: listening on http://{local_addr} ({}, {} shard(s) x {} worker(s), queue {} per shard, at most {} connections, {} per address)",
         backend.name(),
         config.shards,
         config.workers_per_shard,
-        config.queue_depth
+        config.queue_depth,
+        shared.conns.total_cap(),
+        config.max_connections_per_address
     );
     Ok(handle)
 }

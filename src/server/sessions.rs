@@ -392,6 +392,7 @@ pub fn decode(
                     e
                 })?);
             }
+            wire::check_batch_time(reqs.iter().map(|(r, _)| r.timeout), rules)?;
             SessionOp::Batch { id, owner, reqs }
         }
         SessionRoute::List => unreachable!("answered from the directory"),
@@ -478,8 +479,9 @@ fn child_json(
 }
 
 /// Serialises one exec result with the session fields added.
-pub fn exec_json(out: &mut Vec<u8>, id: &str, info: &SessionInfo, result: &ExecResult) {
-    wire::write_exec_result(out, id, result);
+/// Its outputs take at most `cap` bytes escaped (see [`wire::write_exec_result`]).
+pub fn exec_json(out: &mut Vec<u8>, id: &str, info: &SessionInfo, result: &ExecResult, cap: usize) {
+    wire::write_exec_result(out, id, result, cap);
     // write_exec_result wrote one JSON object: extend it in place.
     let close = out.pop();
     debug_assert_eq!(close, Some(b'}'));
@@ -493,8 +495,13 @@ pub fn exec_json(out: &mut Vec<u8>, id: &str, info: &SessionInfo, result: &ExecR
     out.extend_from_slice(&extra[1..]);
 }
 
-/// Status and JSON body for a session reply.
-pub fn encode(reply: &SessionReply, exec_id: &mut dyn FnMut() -> String) -> (u16, Vec<u8>) {
+/// Status and JSON body for a session reply; exec outputs take at most
+/// `output_cap` bytes escaped, a batch's together.
+pub fn encode(
+    reply: &SessionReply,
+    exec_id: &mut dyn FnMut() -> String,
+    output_cap: usize,
+) -> (u16, Vec<u8>) {
     match reply {
         SessionReply::Error(e) => error_body(e, exec_id),
         SessionReply::Created(list) if list.len() == 1 => match &list[0] {
@@ -508,7 +515,7 @@ pub fn encode(reply: &SessionReply, exec_id: &mut dyn FnMut() -> String) -> (u16
         SessionReply::Info(info) => json(200, &info_json(info)),
         SessionReply::Exec { info, result } => {
             let mut body = Vec::with_capacity(256 + result.stdout.len() * 2 + result.stderr.len());
-            exec_json(&mut body, &exec_id(), info, result);
+            exec_json(&mut body, &exec_id(), info, result, output_cap);
             (200, body)
         }
         SessionReply::Forked {
@@ -539,14 +546,7 @@ pub fn encode(reply: &SessionReply, exec_id: &mut dyn FnMut() -> String) -> (u16
         }
         SessionReply::Batch(results) => {
             let mut body = Vec::with_capacity(256 * results.len());
-            body.extend_from_slice(br#"{"results":["#);
-            for (i, result) in results.iter().enumerate() {
-                if i > 0 {
-                    body.push(b',');
-                }
-                wire::write_exec_result(&mut body, &exec_id(), result);
-            }
-            body.extend_from_slice(b"]}");
+            wire::write_batch(&mut body, results, exec_id, output_cap);
             (200, body)
         }
     }
@@ -569,6 +569,7 @@ mod tests {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             max_batch: 4,
+            max_batch_time: Duration::from_secs(1920),
             languages: vec![Language::Python],
         }
     }
@@ -585,7 +586,7 @@ mod tests {
             "restore_failed",
             "mmap: Cannot allocate memory /dev/kvm",
         );
-        let (status, body) = encode(&SessionReply::Error(host.clone()), &mut ids);
+        let (status, body) = encode(&SessionReply::Error(host.clone()), &mut ids, usize::MAX);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(status, 500);
         assert_eq!(v["error"]["code"], "restore_failed");
@@ -593,6 +594,7 @@ mod tests {
         let (_, body) = encode(
             &SessionReply::Created(vec![Err(host.clone()), Err(host)]),
             &mut ids,
+            usize::MAX,
         );
         let text = String::from_utf8(body).unwrap();
         assert!(!text.contains("mmap") && !text.contains("/dev"), "{text}");
@@ -604,6 +606,7 @@ mod tests {
         let (status, body) = encode(
             &SessionReply::Error(SessionError::new(404, "sandbox_not_found", "no sandbox x")),
             &mut ids,
+            usize::MAX,
         );
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(
@@ -741,7 +744,7 @@ mod tests {
             ..Default::default()
         };
         let mut out = Vec::new();
-        exec_json(&mut out, "id1", &info, &result);
+        exec_json(&mut out, "id1", &info, &result, usize::MAX);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stdout"], "2\n");
         assert_eq!(v["sandbox_id"], "sbx_x");

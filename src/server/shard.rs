@@ -11,6 +11,7 @@ use super::auth::{
     retry_after_secs, ApiKeys, AuthThrottle, RateLimiter, THROTTLE_TRACKED_ADDRESSES,
 };
 use super::config::ServeConfig;
+use super::fair::FairQueue;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
 use super::sessions::{self, SessionRoute};
@@ -54,6 +55,12 @@ pub struct Shared {
     /// Every shard's per-worker session queues, `[shard][worker]`; set once
     /// all shards' workers run.
     pub session_queues: std::sync::OnceLock<Vec<Vec<crossbeam_channel::Sender<Job>>>>,
+    /// Open connections, total and per client address.
+    pub conns: super::connlimit::ConnLimiter,
+    /// Each API key's rate limit, shared by the shards (lock-free).
+    pub rate: RateLimiter,
+    /// Each API key's execs queued or running, all shards (lock-free).
+    pub key_execs: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -119,19 +126,21 @@ pub struct ShardCtx {
     pub shared: Arc<Shared>,
     pub metrics: Arc<ShardMetrics>,
     pub pool: WorkerPool,
-    rate: RateLimiter,
     throttle: AuthThrottle,
     ids: IdGenerator,
     health_cache: Option<(Instant, Vec<u8>)>,
     /// Jobs submitted whose completion has not come back yet.
     pub jobs_in_flight: usize,
+    /// Stateless execs waiting for a worker, per key.
+    fair: FairQueue,
+    /// Fair-queued execs handed to the workers and not completed yet.
+    dispatched: usize,
     pub draining: bool,
 }
 
 impl ShardCtx {
     pub fn new(shard: usize, shared: Arc<Shared>, pool: WorkerPool) -> Self {
         let metrics = shared.shards[shard].clone();
-        let rate = RateLimiter::new(shared.keys.as_ref());
         let throttle = AuthThrottle::new(
             shared.config.auth_fail_limit,
             shared.config.auth_fail_window,
@@ -141,11 +150,12 @@ impl ShardCtx {
             shard,
             metrics,
             pool,
-            rate,
             throttle,
             ids: IdGenerator::new(shard),
             health_cache: None,
             jobs_in_flight: 0,
+            fair: FairQueue::default(),
+            dispatched: 0,
             draining: false,
             shared,
         }
@@ -252,7 +262,7 @@ impl ShardCtx {
                     ));
                 };
                 owner = Some(key);
-                if let Err(wait) = self.rate.try_acquire(key, now) {
+                if let Err(wait) = self.shared.rate.try_acquire(key, now) {
                     let err =
                         ApiError::new(429, "rate_limited", "rate limit exceeded for this API key");
                     let secs = retry_after_secs(wait);
@@ -298,7 +308,10 @@ impl ShardCtx {
             Route::Exec => match wire::decode_exec(body, &self.shared.rules) {
                 Ok(spec) => match self.unavailable(std::slice::from_ref(&spec), false) {
                     Some(refusal) => Dispatch::Respond(refusal),
-                    None => self.submit(Endpoint::Exec, false, vec![spec], conn),
+                    None => {
+                        let owner = owner_of_batch(head, &self.shared);
+                        self.submit(Endpoint::Exec, false, vec![spec], conn, owner)
+                    }
                 },
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
@@ -315,7 +328,10 @@ impl ShardCtx {
                 }
                 Ok(specs) => match self.unavailable(&specs, true) {
                     Some(refusal) => Dispatch::Respond(refusal),
-                    None => self.submit(Endpoint::ExecBatch, true, specs, conn),
+                    None => {
+                        let owner = owner_of_batch(head, &self.shared);
+                        self.submit(Endpoint::ExecBatch, true, specs, conn, owner)
+                    }
                 },
                 Err(err) => Dispatch::Respond(error_response(&err)),
             },
@@ -355,16 +371,54 @@ impl ShardCtx {
             }
         }
         let target = sessions::target(&op);
+        // A session exec counts once, a batch from a sandbox once per item.
+        let execs = match &op {
+            crate::api::SessionOp::Exec { .. } => 1,
+            crate::api::SessionOp::Batch { reqs, .. } => reqs.len(),
+            _ => 0,
+        };
+        let counted = match self.take_execs(owner, execs) {
+            Ok(counted) => counted,
+            Err(refusal) => return Dispatch::Respond(refusal),
+        };
         let job = Job {
             conn,
             slot: 0,
             work: Work::Session(op),
             reply: None,
+            fair_owner: None,
+            counted,
         };
+        if let Err(refusal) = self.send_session(job, target, head) {
+            self.release_execs(counted);
+            return Dispatch::Respond(refusal);
+        }
+        self.jobs_in_flight += 1;
+        self.metrics.stats().execs_in_flight += 1;
+        Dispatch::Pending(PendingExec {
+            endpoint: Endpoint::Sandboxes,
+            batch: false,
+            session: Some(route),
+            session_reply: None,
+            results: vec![None],
+            remaining: 1,
+            // Session runs outlive a client that goes away.
+            tokens: Vec::new(),
+        })
+    }
+
+    /// Sends a session job to its worker (or any worker of this shard for
+    /// a new session), or the refusal.
+    fn send_session(
+        &mut self,
+        job: Job,
+        target: Option<(usize, usize)>,
+        head: &RequestHead,
+    ) -> Result<(), Response> {
         let sent = match target {
             None => {
-                if self.pool.room() == 0 {
-                    return Dispatch::Respond(self.busy(
+                if self.room() == 0 {
+                    return Err(self.busy(
                         "queue_full",
                         "all workers are busy and the queue is full; retry later",
                     ));
@@ -380,7 +434,7 @@ impl ShardCtx {
                     .and_then(|w| w.get(worker));
                 let Some(queue) = queue else {
                     let text = sessions::path_sandbox_text(&head.path);
-                    return Dispatch::Respond(error_response(&ApiError::new(
+                    return Err(error_response(&ApiError::new(
                         404,
                         "sandbox_not_found",
                         format!("no sandbox {text} on this node"),
@@ -393,7 +447,7 @@ impl ShardCtx {
                 match queue.try_send(job) {
                     Ok(()) => true,
                     Err(crossbeam_channel::TrySendError::Full(_)) => {
-                        return Dispatch::Respond(self.busy(
+                        return Err(self.busy(
                             "sandbox_busy",
                             "too many requests are queued for this sandbox; retry later",
                         ))
@@ -403,20 +457,51 @@ impl ShardCtx {
             }
         };
         if !sent {
-            return Dispatch::Respond(self.busy("shutting_down", "the server is shutting down"));
+            return Err(self.busy("shutting_down", "the server is shutting down"));
         }
-        self.jobs_in_flight += 1;
-        self.metrics.stats().execs_in_flight += 1;
-        Dispatch::Pending(PendingExec {
-            endpoint: Endpoint::Sandboxes,
-            batch: false,
-            session: Some(route),
-            session_reply: None,
-            results: vec![None],
-            remaining: 1,
-            // Session runs outlive a client that goes away.
-            tokens: Vec::new(),
-        })
+        Ok(())
+    }
+
+    /// Counts `n` execs against `owner`'s cap on execs in flight (all
+    /// shards: one atomic counter per key, no lock), or the `429
+    /// too_many_execs` refusal. Without auth (no key) nothing is counted.
+    fn take_execs(&self, owner: Owner, n: usize) -> Result<Option<(usize, usize)>, Response> {
+        let Some(key) = owner else { return Ok(None) };
+        if n == 0 {
+            return Ok(None);
+        }
+        let cap = self.config().max_execs_per_key;
+        let counter = &self.shared.key_execs[key];
+        let mut current = counter.load(Ordering::Relaxed);
+        loop {
+            if current + n > cap {
+                let err = ApiError::new(
+                    429,
+                    "too_many_execs",
+                    format!(
+                        "this API key has {current} executions queued or running \
+                         (at most {cap}); retry when some finish"
+                    ),
+                );
+                return Err(error_response(&err)
+                    .with_header("Retry-After", self.config().retry_after_busy.to_string()));
+            }
+            match counter.compare_exchange_weak(
+                current,
+                current + n,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(Some((key, n))),
+                Err(now) => current = now,
+            }
+        }
+    }
+
+    fn release_execs(&self, counted: Option<(usize, usize)>) {
+        if let Some((key, n)) = counted {
+            self.shared.key_execs[key].fetch_sub(n, Ordering::Relaxed);
+        }
     }
 
     /// The refusal for the first spec whose language's template is not
@@ -464,20 +549,33 @@ impl ShardCtx {
         })
     }
 
+    /// Room for more execs in this shard's queue: waiting in the fair
+    /// queue and in the workers' channel together are at most `queue_depth`.
+    fn room(&self) -> usize {
+        self.pool.room().saturating_sub(self.fair.len())
+    }
+
+    /// Admits a request's execs into the fair queue (all or none) and
+    /// hands what free workers can take to them.
     fn submit(
         &mut self,
         endpoint: Endpoint,
         batch: bool,
         specs: Vec<ExecSpec>,
         conn: ConnKey,
+        owner: Owner,
     ) -> Dispatch {
-        if self.pool.room() < specs.len() {
+        if self.room() < specs.len() {
             return Dispatch::Respond(self.busy(
                 "queue_full",
                 "all workers are busy and the queue is full; retry later",
             ));
         }
         let n = specs.len();
+        let counted = match self.take_execs(owner, n) {
+            Ok(counted) => counted,
+            Err(refusal) => return Dispatch::Respond(refusal),
+        };
         let mut tokens = Vec::with_capacity(n);
         for (slot, spec) in specs.into_iter().enumerate() {
             let cancel = CancelToken::new();
@@ -488,30 +586,21 @@ impl ShardCtx {
                 timeout: spec.timeout,
                 cancel,
             };
-            if self
-                .pool
-                .submit(Job {
-                    conn,
-                    slot,
-                    work: Work::Exec(req),
-                    reply: None,
-                })
-                .is_err()
-            {
-                // Cannot happen after the room check (single producer); fail
-                // the whole request rather than answer with holes.
-                for token in &tokens {
-                    token.cancel();
-                }
-                self.jobs_in_flight += slot;
-                self.metrics.stats().execs_in_flight += slot as u64;
-                return Dispatch::Respond(
-                    self.busy("queue_full", "the exec queue is closed or full"),
-                );
-            }
+            let job = Job {
+                conn,
+                slot,
+                work: Work::Exec(req),
+                reply: None,
+                fair_owner: Some(owner),
+                // Each item is released as it completes.
+                counted: counted.map(|(key, _)| (key, 1)),
+            };
+            self.fair.push(owner, job);
+            self.metrics.queued.fetch_add(1, Ordering::Relaxed);
         }
         self.jobs_in_flight += n;
         self.metrics.stats().execs_in_flight += n as u64;
+        self.pump();
         Dispatch::Pending(PendingExec {
             endpoint,
             batch,
@@ -523,9 +612,37 @@ impl ShardCtx {
         })
     }
 
+    /// Hands fair-queued execs to the workers while one is free: the
+    /// workers' channel never holds a backlog that would bypass the fair
+    /// order.
+    fn pump(&mut self) {
+        let workers = self.config().workers_per_shard;
+        while self.dispatched < workers {
+            let Some(job) = self.fair.pop() else { break };
+            let owner = job.fair_owner.expect("fair-queued jobs have an owner");
+            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+            match self.pool.submit(job) {
+                Ok(()) => self.dispatched += 1,
+                Err(job) => {
+                    // The channel is full of session work (or closing): try
+                    // again at the next completion.
+                    self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+                    self.fair.unpop(owner, job);
+                    break;
+                }
+            }
+        }
+    }
+
     /// Accounts for a finished job, whether or not its connection is still open.
     pub fn job_finished(&mut self, completion: &Completion) {
         self.jobs_in_flight -= 1;
+        self.release_execs(completion.counted);
+        if let Some(owner) = completion.fair_owner {
+            self.fair.finished(owner);
+            self.dispatched -= 1;
+            self.pump();
+        }
         let mut stats = self.metrics.stats();
         stats.execs_in_flight = stats.execs_in_flight.saturating_sub(1);
         let ran_code = match &completion.session {
@@ -555,7 +672,8 @@ impl ShardCtx {
                 ))
             });
             let ids = &mut self.ids;
-            let (status, body) = sessions::encode(&reply, &mut || ids.next());
+            let cap = self.shared.config.max_response_output_bytes;
+            let (status, body) = sessions::encode(&reply, &mut || ids.next(), cap);
             return Response::json(status, body);
         }
         let results: Vec<ExecResult> = pending
@@ -583,19 +701,15 @@ impl ShardCtx {
             if let Some(err) = refused {
                 return error_response(&err);
             }
+            let cap = self.config().max_response_output_bytes;
             let mut body = Vec::with_capacity(256 + result.stdout.len() * 2 + result.stderr.len());
-            wire::write_exec_result(&mut body, &self.ids.next(), result);
+            wire::write_exec_result(&mut body, &self.ids.next(), result, cap);
             return Response::json(200, body);
         }
+        let cap = self.config().max_response_output_bytes;
         let mut body = Vec::with_capacity(256 * results.len());
-        body.extend_from_slice(br#"{"results":["#);
-        for (i, result) in results.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            wire::write_exec_result(&mut body, &self.ids.next(), result);
-        }
-        body.extend_from_slice(b"]}");
+        let ids = &mut self.ids;
+        wire::write_batch(&mut body, &results, &mut || ids.next(), cap);
         Response::json(200, body)
     }
 
@@ -613,13 +727,29 @@ impl ShardCtx {
         }
     }
 
-    pub fn connection_opened(&mut self) {
+    /// Admits a just-accepted connection from `peer` under the connection
+    /// caps, or returns the complete response that refuses it (`503
+    /// too_many_connections`, `Connection: close`) for the caller to write
+    /// before closing the socket.
+    pub fn connection_opened(&mut self, peer: IpAddr) -> Result<(), Vec<u8>> {
+        if let Err(refusal) = self.shared.conns.try_open(peer) {
+            self.metrics.stats().connections_refused += 1;
+            let err = ApiError::new(503, "too_many_connections", refusal.message());
+            let mut out = Vec::with_capacity(320);
+            error_response(&err)
+                .with_header("Retry-After", self.config().retry_after_busy.to_string())
+                .write_to(&mut out, false, false);
+            return Err(out);
+        }
         let mut stats = self.metrics.stats();
         stats.connections_open += 1;
         stats.connections_accepted += 1;
+        Ok(())
     }
 
-    pub fn connection_closed(&mut self) {
+    /// A connection admitted by [`ShardCtx::connection_opened`] closed.
+    pub fn connection_closed(&mut self, peer: IpAddr) {
+        self.shared.conns.close(peer);
         let mut stats = self.metrics.stats();
         stats.connections_open = stats.connections_open.saturating_sub(1);
     }
@@ -656,6 +786,7 @@ impl ShardCtx {
                 "workers_per_shard": self.config().workers_per_shard,
             },
             "connections_open": snap.stats.connections_open,
+            "connections_refused": snap.stats.connections_refused,
             "shards": snap.per_shard,
         });
         let body = serde_json::to_vec(&body).expect("serialising a JSON value cannot fail");
@@ -664,7 +795,7 @@ impl ShardCtx {
     }
 }
 
-/// The key of an already-authorised batch request (auth ran in `admit`).
+/// The key of an already-authorised exec or batch request (auth ran in `admit`).
 fn owner_of_batch(head: &RequestHead, shared: &Shared) -> Owner {
     shared
         .keys

@@ -13,7 +13,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
 use super::bufring::BufRing;
 use super::conn::{HttpConn, TimerVerdict};
-use super::event::{tick_interval, Drain, Slab, GENERATION_MASK};
+use super::event::{refuse_connection, tick_interval, Drain, Slab, GENERATION_MASK};
 use super::shard::ShardCtx;
 use super::workers::{ConnKey, Waker};
 use super::LoopError;
@@ -339,25 +339,29 @@ impl UringLoop {
             if self.drain.is_draining() {
                 return Ok(()); // Dropped: closes the socket.
             }
-            // Responses are single writes; don't wait for Nagle.
-            let _ = stream.set_nodelay(true);
             // Unknown only if the peer already left; it is then closed soon.
             let peer = stream
                 .peer_addr()
                 .map(|a| a.ip())
                 .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED.into());
-            let key = self.conns.insert_with(|key| Conn {
-                stream,
-                http: HttpConn::new(key, peer, now),
-                recv_armed: false,
-                recv_cancel_sent: false,
-                sending: Vec::new(),
-                send_offset: 0,
-                send_in_flight: false,
-                closing: false,
-            });
-            self.ctx.connection_opened();
-            self.touched.push(key);
+            match self.ctx.connection_opened(peer) {
+                Err(refusal) => refuse_connection(stream, &refusal),
+                Ok(()) => {
+                    // Responses are single writes; don't wait for Nagle.
+                    let _ = stream.set_nodelay(true);
+                    let key = self.conns.insert_with(|key| Conn {
+                        stream,
+                        http: HttpConn::new(key, peer, now),
+                        recv_armed: false,
+                        recv_cancel_sent: false,
+                        sending: Vec::new(),
+                        send_offset: 0,
+                        send_in_flight: false,
+                        closing: false,
+                    });
+                    self.touched.push(key);
+                }
+            }
         } else if result != -libc::ECANCELED {
             eprintln!(
                 "kvmfork serve: shard {}: accept failed: {}",
@@ -420,10 +424,15 @@ impl UringLoop {
             }
         } else {
             conn.send_offset += result as usize;
-            conn.http.on_sent(now);
             if conn.send_offset >= conn.sending.len() {
                 conn.sending.clear();
                 conn.send_offset = 0;
+            }
+            if !conn.closing {
+                // May answer pipelined requests that waited for the client
+                // to read; sync() sends what they produce.
+                let held = conn.sending.len() - conn.send_offset;
+                conn.http.on_sent(&mut self.ctx, held, now);
             }
         }
         self.touched.push(key);
@@ -538,6 +547,7 @@ impl UringLoop {
         {
             std::mem::swap(&mut conn.sending, &mut conn.http.out);
             conn.send_offset = 0;
+            conn.http.set_held(conn.sending.len());
         }
         let flushed = conn.sending.is_empty() && !conn.send_in_flight && conn.http.out.is_empty();
         if conn.closing || conn.http.peer_gone() || (conn.http.is_closing() && flushed) {
@@ -609,8 +619,9 @@ impl UringLoop {
             return Ok(());
         };
         if !conn.recv_armed && !conn.send_in_flight {
+            let peer = conn.http.peer();
             self.conns.remove(key);
-            self.ctx.connection_closed();
+            self.ctx.connection_closed(peer);
         }
         Ok(())
     }

@@ -75,6 +75,8 @@ pub struct DecodeRules {
     pub default_timeout: Duration,
     pub max_timeout: Duration,
     pub max_batch: usize,
+    /// Most wall time a batch may ask for: its items' timeouts added up.
+    pub max_batch_time: Duration,
     /// Languages with a loaded template.
     pub languages: Vec<Language>,
 }
@@ -121,7 +123,7 @@ pub fn decode_batch(body: &[u8], rules: &DecodeRules) -> Result<Vec<ExecSpec>, A
             ),
         ));
     }
-    items
+    let specs: Vec<ExecSpec> = items
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
@@ -133,7 +135,30 @@ pub fn decode_batch(body: &[u8], rules: &DecodeRules) -> Result<Vec<ExecSpec>, A
                 e
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    check_batch_time(specs.iter().map(|s| s.timeout), rules)?;
+    Ok(specs)
+}
+
+/// Refuses a batch whose items' timeouts add up to more than
+/// `max_batch_time`: one request may not book worker time without bound
+/// (64 items x 300 s would be over five hours).
+pub fn check_batch_time(
+    timeouts: impl Iterator<Item = Duration>,
+    rules: &DecodeRules,
+) -> Result<(), ApiError> {
+    let total: Duration = timeouts.fold(Duration::ZERO, |a, t| a.saturating_add(t));
+    if total > rules.max_batch_time {
+        return Err(ApiError::bad_request(
+            "batch_time_exceeded",
+            format!(
+                "a batch's timeout_seconds (the default for items without one) add up to at most {} s, got {} s",
+                rules.max_batch_time.as_secs_f64(),
+                total.as_secs_f64()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn validate(parsed: ExecIn, rules: &DecodeRules) -> Result<ExecSpec, ApiError> {
@@ -238,15 +263,102 @@ fn millis(d: Duration) -> f64 {
     (d.as_micros() as f64) / 1000.0
 }
 
-/// Serialises one exec result as a JSON object into `out`.
-pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult) {
+/// Length of `s` once JSON-escaped as serde_json writes it, quotes not
+/// counted: `"`, `\\` and `\b \t \n \f \r` take two bytes, other control
+/// characters six (`\u0001`), everything else its UTF-8 length.
+pub fn escaped_len(s: &str) -> usize {
+    s.bytes().map(escaped_byte_len).sum()
+}
+
+fn escaped_byte_len(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | 0x08 | 0x09 | 0x0a | 0x0c | 0x0d => 2,
+        0x00..=0x1f => 6,
+        _ => 1,
+    }
+}
+
+/// The longest prefix of `s`, ending on a character boundary, whose
+/// escaped length is at most `budget`.
+fn escaped_prefix(s: &str, budget: usize) -> &str {
+    let mut used = 0;
+    for (i, c) in s.char_indices() {
+        let mut buf = [0u8; 4];
+        let cost: usize = c.encode_utf8(&mut buf).bytes().map(escaped_byte_len).sum();
+        if used + cost > budget {
+            return &s[..i];
+        }
+        used += cost;
+    }
+    s
+}
+
+/// Max-min fair shares of `cap` between `demands`: everyone gets their
+/// demand when they all fit; otherwise every demand is cut to one common
+/// level, chosen so the shares add up to at most `cap`.
+pub fn fair_shares(demands: &[usize], cap: usize) -> Vec<usize> {
+    let total = demands.iter().fold(0usize, |a, &d| a.saturating_add(d));
+    if total <= cap {
+        return demands.to_vec();
+    }
+    let mut sorted = demands.to_vec();
+    sorted.sort_unstable();
+    let mut left = cap;
+    let mut level = 0;
+    for (i, &d) in sorted.iter().enumerate() {
+        let others = sorted.len() - i;
+        if d.saturating_mul(others) > left {
+            level = left / others;
+            break;
+        }
+        left -= d;
+    }
+    demands.iter().map(|&d| d.min(level)).collect()
+}
+
+/// Bytes an exec result's `stdout`, `output` (the same text again) and
+/// `stderr` take in a response, escaped.
+fn output_demand(result: &ExecResult) -> usize {
     let stdout = String::from_utf8_lossy(&result.stdout);
     let stderr = String::from_utf8_lossy(&result.stderr);
+    escaped_len(&stdout)
+        .saturating_mul(2)
+        .saturating_add(escaped_len(&stderr))
+}
+
+/// Each result's share of a response's output budget (`cap` bytes of
+/// escaped stdout, output and stderr across all of them): whole outputs
+/// when they fit, else fair shares, so one noisy item cannot crowd out
+/// the others of a batch.
+pub fn output_shares<'a>(
+    results: impl IntoIterator<Item = &'a ExecResult>,
+    cap: usize,
+) -> Vec<usize> {
+    let demands: Vec<usize> = results.into_iter().map(output_demand).collect();
+    fair_shares(&demands, cap)
+}
+
+/// Serialises one exec result as a JSON object into `out`, its escaped
+/// `stdout` + `output` + `stderr` cut to at most `share` bytes (a cut
+/// output is flagged `stdout_truncated` / `stderr_truncated`).
+pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult, share: usize) {
+    let stdout_full = String::from_utf8_lossy(&result.stdout);
+    let stderr_full = String::from_utf8_lossy(&result.stderr);
+    // stdout is written twice (`stdout` and Zeroboot's `output`).
+    let split = fair_shares(
+        &[
+            escaped_len(&stdout_full).saturating_mul(2),
+            escaped_len(&stderr_full),
+        ],
+        share,
+    );
+    let stdout = escaped_prefix(&stdout_full, split[0] / 2);
+    let stderr = escaped_prefix(&stderr_full, split[1]);
     let error = result.failure.as_ref().map(|f| failure_code(f, id));
     let exec = ExecOut {
         id,
-        stdout: &stdout,
-        stderr: &stderr,
+        stdout,
+        stderr,
         exit_code: if result.failure.is_some() {
             -1
         } else {
@@ -255,16 +367,34 @@ pub fn write_exec_result(out: &mut Vec<u8>, id: &str, result: &ExecResult) {
         fork_time_ms: millis(result.fork_time),
         exec_time_ms: millis(result.exec_time),
         total_time_ms: millis(result.total_time),
-        output: &stdout,
+        output: stdout,
         duration_ms: millis(result.total_time),
         timed_out: result.failure == Some(ExecFailure::Timeout),
-        stdout_truncated: result.stdout_truncated,
-        stderr_truncated: result.stderr_truncated,
+        stdout_truncated: result.stdout_truncated || stdout.len() < stdout_full.len(),
+        stderr_truncated: result.stderr_truncated || stderr.len() < stderr_full.len(),
         error: error
             .as_ref()
             .map(|(code, message)| ErrorBody { code, message }),
     };
     serde_json::to_writer(out, &exec).expect("serialising into a Vec cannot fail");
+}
+
+/// `{"results": [...]}` of a batch, its outputs within `cap` together.
+pub fn write_batch(
+    out: &mut Vec<u8>,
+    results: &[ExecResult],
+    ids: &mut dyn FnMut() -> String,
+    cap: usize,
+) {
+    let shares = output_shares(results, cap);
+    out.extend_from_slice(br#"{"results":["#);
+    for (i, (result, share)) in results.iter().zip(shares).enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_exec_result(out, &ids(), result, share);
+    }
+    out.extend_from_slice(b"]}");
 }
 
 #[cfg(test)]
@@ -277,6 +407,7 @@ mod tests {
             default_timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
             max_batch: 4,
+            max_batch_time: Duration::from_secs(100),
             languages: vec![Language::Python],
         }
     }
@@ -342,6 +473,26 @@ mod tests {
             decode_batch(b"{}", &r).unwrap_err().code,
             "missing_executions"
         );
+        // Timeouts add up: 3 x 30 s fits 100 s, a fourth does not.
+        let item = r#"{"code":"a"}"#;
+        assert!(decode_batch(
+            format!(r#"{{"executions":[{}]}}"#, [item; 3].join(",")).as_bytes(),
+            &r
+        )
+        .is_ok());
+        let err = decode_batch(
+            format!(r#"{{"executions":[{}]}}"#, [item; 4].join(",")).as_bytes(),
+            &r,
+        )
+        .unwrap_err();
+        assert_eq!(err.code, "batch_time_exceeded");
+        assert!(err.message.contains("100 s, got 120 s"), "{}", err.message);
+        let short = r#"{"code":"a","timeout_seconds":1}"#;
+        assert!(decode_batch(
+            format!(r#"{{"executions":[{}]}}"#, [short; 4].join(",")).as_bytes(),
+            &r
+        )
+        .is_ok());
         let big = format!(r#"{{"executions":[{}]}}"#, [r#"{"code":"a"}"#; 5].join(","));
         assert_eq!(
             decode_batch(big.as_bytes(), &r).unwrap_err().code,
@@ -359,7 +510,7 @@ mod tests {
             ..Default::default()
         };
         let mut out = Vec::new();
-        write_exec_result(&mut out, "id1", &result);
+        write_exec_result(&mut out, "id1", &result, usize::MAX);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["timed_out"], true);
         assert_eq!(v["exit_code"], -1);
@@ -377,12 +528,63 @@ mod tests {
             ..Default::default()
         };
         let mut out = Vec::new();
-        write_exec_result(&mut out, "id-7", &result);
+        write_exec_result(&mut out, "id-7", &result, usize::MAX);
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("KVM") && !text.contains("/dev"), "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["error"]["code"], "internal");
         assert_eq!(v["error"]["message"], "internal error; request id id-7");
+    }
+
+    #[test]
+    fn escaped_len_matches_serde_json() {
+        for text in [
+            "",
+            "plain",
+            "q\"b\\",
+            "\n\t\r\u{8}\u{c}",
+            "\u{1}\u{1f}\u{7f}",
+            "é€😀",
+            "a\u{0}b",
+        ] {
+            let json = serde_json::to_string(text).unwrap();
+            assert_eq!(escaped_len(text), json.len() - 2, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn fair_shares_cut_the_largest_demands_to_one_level() {
+        assert_eq!(fair_shares(&[1, 2, 3], 10), vec![1, 2, 3]);
+        assert_eq!(fair_shares(&[1, 100, 100], 41), vec![1, 20, 20]);
+        assert_eq!(fair_shares(&[100, 5, 100, 7], 100), vec![44, 5, 44, 7]);
+        assert_eq!(fair_shares(&[usize::MAX, usize::MAX], 10), vec![5, 5]);
+        assert_eq!(fair_shares(&[], 10), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn a_capped_result_fits_its_share_and_says_it_was_cut() {
+        let result = ExecResult {
+            stdout: vec![1u8; 10_000],
+            stderr: "é".repeat(5_000).into_bytes(),
+            ..Default::default()
+        };
+        for share in [0, 7, 100, 4096, 50_000] {
+            let mut out = Vec::new();
+            write_exec_result(&mut out, "id", &result, share);
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            let (stdout, stderr) = (v["stdout"].as_str().unwrap(), v["stderr"].as_str().unwrap());
+            assert_eq!(v["output"], v["stdout"]);
+            let used = 2 * escaped_len(stdout) + escaped_len(stderr);
+            assert!(used <= share, "{used} > {share}");
+            assert_eq!(v["stdout_truncated"], true);
+            // stderr (10 000 bytes) fits whole once half the share does.
+            assert_eq!(v["stderr_truncated"], share < 20_000, "share {share}");
+        }
+        let mut out = Vec::new();
+        write_exec_result(&mut out, "id", &result, usize::MAX);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stdout"].as_str().unwrap().len(), 10_000);
+        assert_eq!(v["stdout_truncated"], false);
     }
 
     proptest! {

@@ -51,6 +51,12 @@ pub struct Job {
     pub work: Work,
     /// None: the worker's own shard.
     pub reply: Option<Reply>,
+    /// The key a fair-queued exec was scheduled for (see `fair.rs`); None
+    /// for work that bypasses the fair queue (session operations).
+    pub fair_owner: Option<crate::api::Owner>,
+    /// (API key index, execs) this job counts against the key's cap on
+    /// execs in flight; handed back so the count is released.
+    pub counted: Option<(usize, usize)>,
 }
 
 pub struct Completion {
@@ -62,6 +68,10 @@ pub struct Completion {
     pub session: Option<SessionReply>,
     /// False when the job was cancelled before a worker started it.
     pub ran: bool,
+    /// [`Job::fair_owner`], handed back.
+    pub fair_owner: Option<crate::api::Owner>,
+    /// [`Job::counted`], handed back.
+    pub counted: Option<(usize, usize)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -339,6 +349,8 @@ fn run_worker(
             result,
             session,
             ran,
+            fair_owner: job.fair_owner,
+            counted: job.counted,
         };
         match &job.reply {
             Some(reply) => {

@@ -23,6 +23,8 @@ pub struct Events {
     pub started: AtomicUsize,
     pub cancelled: AtomicUsize,
     pub finished: AtomicUsize,
+    /// The code of every exec, in the order they started.
+    pub log: Mutex<Vec<String>>,
     /// `gate` commands wait until this opens.
     gate: Mutex<bool>,
     gate_cv: Condvar,
@@ -64,7 +66,8 @@ impl Events {
 }
 
 /// TEST-ONLY factory: lanes interpret `code` as a command:
-/// `echo:TEXT`, `exit:N`, `crash`, `big:N` (N bytes of stdout),
+/// `echo:TEXT`, `exit:N`, `crash`, `big:N` (N bytes of stdout), `ctl:N`
+/// (N control bytes of stdout),
 /// `sleep:MS` (honours timeout and cancel), `block` (until cancelled),
 /// `gate` (until [`Events::open_gate`] or cancelled), `barrier:N` (until N
 /// execs are inside at once; proves they run in parallel).
@@ -176,6 +179,7 @@ impl TestLane {
 
 impl Lane for TestLane {
     fn exec(&mut self, req: &ExecRequest) -> ExecResult {
+        self.events.log.lock().unwrap().push(req.code.clone());
         self.events.started.fetch_add(1, Ordering::SeqCst);
         self.stats.forks += 1;
         let (cmd, arg) = req.code.split_once(':').unwrap_or((req.code.as_str(), ""));
@@ -191,6 +195,8 @@ impl Lane for TestLane {
                 failed(ExecFailure::GuestCrashed("triple fault".into()))
             }
             "big" => ok(vec![b'x'; arg.parse().unwrap()]),
+            // N control bytes: each is escaped to six in JSON (`\u0001`).
+            "ctl" => ok(vec![1u8; arg.parse().unwrap()]),
             // A host-side failure whose text must not reach the client.
             "internal" => failed(ExecFailure::Internal(arg.into())),
             "shard" => ok(self.shard.to_string()),
@@ -403,7 +409,22 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Self::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// A client connecting from the loopback address `source` (any of
+    /// 127/8 works on Linux), to look like another host.
+    pub fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Self {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .expect("bind the client's source address");
+        socket.connect(&addr.into()).expect("connect");
+        Self::from_stream(socket.into())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Self {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
