@@ -119,6 +119,7 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
             prewarm: 1,
             warm: 0,
             limits: Limits::default(),
+            ..PoolConfig::default()
         },
     )
     .map_err(|e| e.to_string())?;

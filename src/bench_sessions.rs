@@ -140,6 +140,7 @@ fn http_session_exec(
             prewarm: 1,
             warm: 0,
             limits: Limits::default(),
+            ..PoolConfig::default()
         },
     );
     let config = ServeConfig {
@@ -237,6 +238,7 @@ pub fn run_session_bench(t: Arc<Template>, opts: &SessionBenchOptions) -> Result
                 max_dirty_pages: 1 << 20,
                 ..Limits::default()
             },
+            ..PoolConfig::default()
         },
     )
     .map_err(|e| e.to_string())?;

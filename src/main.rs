@@ -427,6 +427,8 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 prewarm: pool_size.min(1),
                 warm: warm_sandboxes,
                 limits,
+                // Twice what one exec may write.
+                recycle_dirty_bytes: (2 * max_sandbox_dirty_mib as u64) << 20,
             };
             let engine = if dirs.is_empty() {
                 let registry = std::sync::Arc::new(

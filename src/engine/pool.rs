@@ -25,7 +25,19 @@ pub struct PoolConfig {
     /// sessions: a fan-out of N children is fastest with N of them).
     pub warm: usize,
     pub limits: Limits,
+    /// A released sandbox that holds more guest memory than this apart from
+    /// the template after its reset is destroyed rather than reused. Pages
+    /// written in long runs are mapped back from the template by the reset
+    /// (and so given back); scattered ones stay private and are copied back
+    /// on every later reset, so one tenant must not make every later reset
+    /// of the VM slower, pin host memory, or show in the next tenant's
+    /// `fork_time_ms`. Housekeeping replaces it off the request path.
+    pub recycle_dirty_bytes: u64,
 }
+
+/// The default [`PoolConfig::recycle_dirty_bytes`]: twice the default
+/// memory limit of one exec.
+pub const RECYCLE_DIRTY_BYTES: u64 = 128 << 20;
 
 impl Default for PoolConfig {
     fn default() -> Self {
@@ -34,6 +46,7 @@ impl Default for PoolConfig {
             prewarm: 1,
             warm: 1,
             limits: Limits::default(),
+            recycle_dirty_bytes: RECYCLE_DIRTY_BYTES,
         }
     }
 }
@@ -171,13 +184,20 @@ impl Pool {
     /// Housekeeping off the request path (an idle worker's tick): idle
     /// sandboxes whose reset re-creates the memory slot anyway (they held a
     /// session's layer or ran guest-kernel code) are reset now, leaving them clean
-    /// for the next fork; then idle sandboxes are topped up to the warm
-    /// reserve, spending at most `budget` on new VMs.
+    /// for the next fork; those over the recycle threshold are destroyed;
+    /// then idle sandboxes are topped up to the warm reserve, spending at
+    /// most `budget` on new VMs.
     pub fn housekeep(&mut self, budget: std::time::Duration) {
         let t = self.template.clone();
         let before = self.idle.len();
-        self.idle
-            .retain_mut(|sb| !sb.needs_slot_cycle() || sb.reset(&t).is_ok());
+        let recycle = self.cfg.recycle_dirty_bytes;
+        self.idle.retain_mut(|sb| {
+            (!sb.needs_slot_cycle() || sb.reset(&t).is_ok())
+                // After its reset (which gives long written runs back): one
+                // that still holds too much is replaced (see
+                // `PoolConfig::recycle_dirty_bytes`).
+                && sb.dirty_bytes() <= recycle
+        });
         let destroyed = before - self.idle.len();
         self.stats.destroyed_vms += destroyed as u64;
         self.stats.live_vms = self.stats.live_vms.saturating_sub(destroyed);

@@ -337,6 +337,9 @@ pub struct Sandbox {
     /// (see `user_mode_only`): restoring it needs no memory-slot cycle and
     /// only registers and FPU.
     user_only_since_image: bool,
+    /// `ever_dirty`'s count at the last reset or apply (see
+    /// [`Sandbox::tenant_dirty_pages`]).
+    tenant_baseline: usize,
     seq: u64,
     /// Fork generation in the mailbox (the guest kernel reseeds its CRNG
     /// when it changes).
@@ -389,6 +392,7 @@ impl Sandbox {
             image: None,
             since_image: Vec::new(),
             user_only_since_image: false,
+            tenant_baseline: 0,
             seq: 0,
             generation: 0,
             interrupt_failure: None,
@@ -423,6 +427,13 @@ impl Sandbox {
     /// and must be destroyed.
     pub fn poisoned(&self) -> bool {
         self.poisoned
+    }
+
+    /// Guest memory the current tenant wrote since the last reset or apply
+    /// (what its memory limit counts).
+    pub fn tenant_dirty_bytes(&self) -> u64 {
+        (self.tenant_dirty_pages() + self.host_pages.len()) as u64
+            * crate::vmm::memory::PAGE_SIZE as u64
     }
 
     /// Guest memory this sandbox holds apart from its template (pages ever
@@ -726,6 +737,7 @@ impl Sandbox {
                 self.timer_unmasked = false;
             }
         }
+        self.tenant_baseline = self.dirty_page_count();
         let t4 = Instant::now();
         stats.vm_state = t3 - t2;
         stats.vcpu_state = t4 - t3;
@@ -828,6 +840,13 @@ impl Sandbox {
             }
         }
         Ok(())
+    }
+
+    /// Pages written since the last reset or apply: what the current tenant
+    /// (a stateless exec, or a session since it began) is held to, whatever
+    /// earlier tenants of this VM wrote (their pages stay in `ever_dirty`).
+    fn tenant_dirty_pages(&self) -> usize {
+        self.dirty_page_count().saturating_sub(self.tenant_baseline)
     }
 
     fn dirty_page_count(&self) -> usize {
@@ -967,7 +986,7 @@ impl Sandbox {
             // pages now (short runs finish before any watchdog check) and
             // hold it to the limit.
             match self.collect_dirty() {
-                Ok(()) if self.dirty_page_count() > limits.max_dirty_pages => {
+                Ok(()) if self.tenant_dirty_pages() > limits.max_dirty_pages => {
                     outcome = Err(ExecFailure::MemoryLimit)
                 }
                 Ok(()) => {}
@@ -1233,7 +1252,7 @@ impl Sandbox {
                     if self.vm.dirty_logging() {
                         self.collect_dirty()
                             .map_err(|e| ExecFailure::Internal(e.to_string()))?;
-                        if self.dirty_page_count() > limits.max_dirty_pages {
+                        if self.tenant_dirty_pages() > limits.max_dirty_pages {
                             return Err(ExecFailure::MemoryLimit);
                         }
                     }
