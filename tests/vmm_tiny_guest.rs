@@ -125,6 +125,7 @@ fn pool_reuses_reset_sandboxes() {
             prewarm: 1,
             warm: 0,
             limits: Limits::default(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -151,6 +152,7 @@ fn hostile_length_is_refused_and_the_sandbox_is_not_reused() {
             prewarm: 1,
             warm: 0,
             limits: Limits::default(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -175,6 +177,7 @@ fn infinite_loop_times_out_and_the_next_exec_works() {
             prewarm: 1,
             warm: 0,
             limits: Limits::default(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -201,6 +204,7 @@ fn cancellation_stops_a_running_guest() {
             prewarm: 0,
             warm: 0,
             limits: Limits::default(),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -225,6 +229,7 @@ fn guest_crash_is_reported_and_the_engine_keeps_serving() {
             prewarm: 1,
             warm: 0,
             limits: Limits::default(),
+            ..Default::default()
         },
     )
     .unwrap();
