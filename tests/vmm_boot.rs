@@ -7,8 +7,9 @@ mod common;
 
 use common::tiny_guest::kvm;
 use kvmfork::vmm::boot;
-use kvmfork::vmm::cpuid::{self, HostKind};
+use kvmfork::vmm::cpuid;
 use kvmfork::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use kvmfork::vmm::host::HostCaps;
 use kvmfork::vmm::memory::{GuestRam, Sharing};
 use kvmfork::vmm::vcpu::{RunOutcome, Vcpu};
 use kvmfork::vmm::vm::Vm;
@@ -80,7 +81,7 @@ fn tiny_kernel_boots_in_long_mode_and_sees_boot_params() {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .unwrap();
-    cpuid::filter(&mut cpuid, HostKind::detect());
+    cpuid::filter(&mut cpuid, HostCaps::current().cpuid);
     let mut vcpu = Vcpu::new(&vm, 0).unwrap();
     vcpu.set_cpuid(&cpuid).unwrap();
     boot::setup_boot_vcpu(&vcpu, loaded.entry).unwrap();

@@ -47,6 +47,8 @@ pub enum VmError {
     SetClock(kvm_ioctls::Error),
     #[error("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) failed: {0}")]
     EnableManualDirtyProtect(kvm_ioctls::Error),
+    #[error("KVM_ENABLE_CAP(PMU_CAPABILITY, DISABLE) failed: {0}")]
+    DisablePmu(kvm_ioctls::Error),
     #[error("eventfd for the serial IRQ failed: {0}")]
     EventFd(std::io::Error),
 }
@@ -86,6 +88,25 @@ impl Vm {
             ram_size: 0,
             dirty_logging: false,
         })
+    }
+
+    /// Turns KVM's virtual PMU off for this VM: performance-counter MSRs then
+    /// #GP in the guest and its kernel falls back to software events. Must
+    /// run before the vCPU is created (KVM refuses it afterwards). A KVM
+    /// without the capability (before 5.18, or `enable_pmu=0`, where there
+    /// is no vPMU anyway) is not an error.
+    pub fn disable_pmu(&self) -> Result<(), VmError> {
+        let cap = kvm_bindings::KVM_CAP_PMU_CAPABILITY;
+        let supported = self.fd.check_extension_raw(cap as libc::c_ulong);
+        if supported & kvm_bindings::KVM_PMU_CAP_DISABLE as i32 == 0 {
+            return Ok(());
+        }
+        let mut enable = kvm_bindings::kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
+        enable.args[0] = kvm_bindings::KVM_PMU_CAP_DISABLE as u64;
+        self.fd.enable_cap(&enable).map_err(VmError::DisablePmu)
     }
 
     pub fn fd(&self) -> &VmFd {
