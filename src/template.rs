@@ -545,6 +545,9 @@ fn boot_to_ready(
     if caps.disable_pmu {
         vm.disable_pmu()?;
     }
+    if caps.msr_filter {
+        vm.enable_msr_filter()?;
+    }
     vm.set_ram(&ram, false)?;
     let irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| TemplateError::Io("eventfd".into(), e))?;
@@ -656,6 +659,7 @@ fn boot_to_ready(
         memory: Default::default(),
         xsave_size: std::mem::size_of::<kvm_bindings::kvm_xsave>(),
         pmu_disabled: caps.disable_pmu,
+        msr_filtered: caps.msr_filter,
     };
     drop(vcpu);
     drop(vm);

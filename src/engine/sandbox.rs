@@ -244,6 +244,9 @@ impl Sandbox {
         if t.meta.pmu_disabled {
             vm.disable_pmu()?;
         }
+        if t.meta.msr_filtered {
+            vm.enable_msr_filter()?;
+        }
         if pooled && crate::settings::var_os("REPROTECT_DIRTY").is_none() {
             vm.enable_cumulative_dirty_log()?;
         }

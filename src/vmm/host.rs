@@ -11,6 +11,7 @@
 //! | CPUID profile | PVM masks | trimmed like Firecracker | trimmed |
 //! | extra kernel command line | `cmdline.pvm` | none | none |
 //! | vPMU | left as KVM has it | disabled (`KVM_CAP_PMU_CAPABILITY`) | disabled |
+//! | MSR filter | none | default deny, `msr_filter::ALLOWED` | same |
 //! | fork timer | masked until the first kick | same | same |
 
 use std::path::Path;
@@ -55,6 +56,10 @@ pub struct HostCaps {
     /// tenants get no performance counters (a side channel and attack
     /// surface). Hardware only: PVM templates were snapshotted with it on.
     pub disable_pmu: bool,
+    /// Default-deny MSR filter (`msr_filter.rs`), denied accesses #GP and
+    /// logged by the VMM. Hardware only: PVM templates were snapshotted
+    /// without one (see `msr_filter.rs` for why).
+    pub msr_filter: bool,
     pub timer: TimerHandling,
     /// Why each answer was chosen, for the one log line.
     pub why: Vec<String>,
@@ -130,6 +135,8 @@ impl HostCaps {
             cpuid: kind,
             pvm_cmdline: kind == HostKind::Pvm,
             disable_pmu: kind == HostKind::Hardware,
+            msr_filter: kind == HostKind::Hardware
+                && crate::settings::var("MSR_FILTER").as_deref() != Some("off"),
             timer,
             why,
         }
@@ -139,7 +146,7 @@ impl HostCaps {
     pub fn describe(&self) -> String {
         format!(
             "KVM kind {}, {} paging, exit counters {} a user-mode-only exec, CPUID profile {}, \
-             {} kernel command line, vPMU {}, fork timer {:?} ({})",
+             {} kernel command line, vPMU {}, MSR filter {}, fork timer {:?} ({})",
             self.kind.as_str(),
             if self.shadow_paging {
                 "shadow"
@@ -158,6 +165,13 @@ impl HostCaps {
             } else {
                 "as KVM has it"
             },
+            if !self.msr_filter {
+                "off"
+            } else if super::msr_filter::learning() {
+                "learning (denied accesses done host-side and logged)"
+            } else {
+                "default deny"
+            },
             self.timer,
             self.why.join("; ")
         )
@@ -171,9 +185,14 @@ impl HostCaps {
         match self.kind {
             HostKind::Pvm => "pvm".into(),
             HostKind::Hardware => format!(
-                "hardware cpuid={} pmu-off={}",
+                "hardware cpuid={} pmu-off={} msr-filter={}",
                 super::cpuid::HARDWARE_PROFILE_VERSION,
-                self.disable_pmu
+                self.disable_pmu,
+                if self.msr_filter {
+                    super::msr_filter::VERSION
+                } else {
+                    0
+                }
             ),
         }
     }
@@ -226,7 +245,7 @@ mod tests {
         let c = HostCaps::detect(&d.0, SVM);
         assert_eq!(c.kind, HostKind::Pvm);
         assert!(c.shadow_paging && c.counters_see_kernel_entry && c.pvm_cmdline);
-        assert!(!c.disable_pmu);
+        assert!(!c.disable_pmu && !c.msr_filter);
         assert_eq!(c.template_key(), "pvm", "PVM's cache key must not change");
     }
 
@@ -240,7 +259,7 @@ mod tests {
             !c.counters_see_kernel_entry,
             "hardware exits do not see syscalls"
         );
-        assert!(!c.pvm_cmdline && c.disable_pmu);
+        assert!(!c.pvm_cmdline && c.disable_pmu && c.msr_filter);
         assert!(c.template_key().starts_with("hardware"));
     }
 

@@ -9,6 +9,7 @@ pub mod host;
 pub mod kick;
 pub mod layout;
 pub mod memory;
+pub mod msr_filter;
 pub mod snapshot;
 pub mod stats;
 pub mod vcpu;

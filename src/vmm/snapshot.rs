@@ -76,6 +76,11 @@ pub struct TemplateMeta {
     /// templates made before the switch existed: off.
     #[serde(default)]
     pub pmu_disabled: bool,
+    /// The template VM booted behind the default-deny MSR filter; its forks
+    /// get it too (a guest kernel that booted without it may use MSRs the
+    /// filter denies).
+    #[serde(default)]
+    pub msr_filtered: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -512,6 +517,7 @@ mod tests {
             memory: MemoryInfo::default(),
             xsave_size: 0,
             pmu_disabled: false,
+            msr_filtered: false,
         };
         (
             meta,

@@ -127,6 +127,9 @@ pub fn tiny_template_with(agent: &[u8], setup: impl Fn(&GuestRam)) -> Template {
     if caps.disable_pmu {
         vm.disable_pmu().unwrap();
     }
+    if caps.msr_filter {
+        vm.enable_msr_filter().unwrap();
+    }
     vm.set_ram(&ram, false).unwrap();
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     vm.register_irqfd(&irq, COM1_IRQ).unwrap();
@@ -229,5 +232,6 @@ pub fn tiny_meta(state: &MachineState) -> TemplateMeta {
         memory: Default::default(),
         xsave_size: 0,
         pmu_disabled: HostCaps::current().disable_pmu,
+        msr_filtered: HostCaps::current().msr_filter,
     }
 }

@@ -122,6 +122,12 @@ check_template() { # language
     fi
     grep -E '\] (host|boot|snapshot|verify|done):' "$W/template-$lang.err" | grep -v 'guest running' |
         while IFS= read -r line; do echo "HWKVM OUT $lang: $line"; done
+    msr_denials "$W/template-$lang.err" "$lang boot"
+}
+# msr_denials <log> <label>: every MSR access the filter denied (#GP), counted.
+msr_denials() {
+    grep -o 'MSR filter: guest [a-z]* 0x[0-9a-f]*' "$1" 2>/dev/null | sort | uniq -c |
+        while IFS= read -r line; do echo "HWKVM OUT $2: $line denied"; done
 }
 # run_cmd <name> <kvmfork run args...>: $W/<name>.{out,err,rc,secs}.
 run_cmd() {
@@ -452,6 +458,7 @@ else
     wait "$server" || rc=$?
     if [ "$rc" -eq 0 ]; then pass serve-stop; else fail serve-stop "kvmfork serve exited with $rc after SIGTERM"; show "$W/serve.log"; fi
 fi
+msr_denials "$W/serve.log" serve
 phase serve
 
 # --- kvmfork bench fork ----------------------------------------------------------
