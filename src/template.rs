@@ -138,13 +138,28 @@ impl Template {
         let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
         let timer = ThreadTimer::for_current_thread().map_err(|e| e.to_string())?;
         let mut sb = Sandbox::fork_fresh(&kvm, self, true).map_err(|e| e.to_string())?;
-        let req = ExecRequest {
+        let language = self.language().unwrap_or(Language::Python);
+        let req = |code: &str| ExecRequest {
             code: code.into(),
-            language: self.language().unwrap_or(Language::Python),
+            language,
             timeout: Duration::from_secs(60),
             cancel: CancelToken::new(),
         };
-        let r = sb.exec(self, &req, &Limits::default(), &timer);
+        // A fresh VM's first exec always counts as kernel-entering (its
+        // first run takes exits a reset one does not): the probe runs on a
+        // VM that ran once and was reset, as a pooled exec does.
+        let warm = match language {
+            Language::Python => "pass",
+            Language::Node => "0",
+        };
+        let r = sb.exec(self, &req(warm), &Limits::default(), &timer);
+        if let Some(f) = &r.failure {
+            crate::vmm::kick::set_current_run(std::ptr::null_mut());
+            return Err(format!("the warm-up exec before the probe failed: {f:?}"));
+        }
+        sb.reset(self)
+            .map_err(|e| format!("resetting before the probe: {e}"))?;
+        let r = sb.exec(self, &req(code), &Limits::default(), &timer);
         // The sandbox goes away below: the kick handler must not keep its kvm_run.
         crate::vmm::kick::set_current_run(std::ptr::null_mut());
         if let Some(f) = &r.failure {
