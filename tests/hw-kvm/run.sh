@@ -165,7 +165,7 @@ assemble_initramfs() { # cloud-kernel-dir vmlinux python-cpio node-cpio out
     while read -r lib; do
         mkdir -p "$s$(dirname "$lib")"
         cp -L "$lib" "$s$lib"
-    done < <(ldd "$kvmfork_bin" "$tlb_test_bin" | grep -oE '/[^ ]+' | sort -u)
+    done < <({ ldd "$kvmfork_bin" && ldd "$tlb_test_bin"; } | grep -oE '/[^ ]+' | sort -u)
     [[ -e $s/lib64/ld-linux-x86-64.so.2 ]] || die "ldd did not list the dynamic loader of $kvmfork_bin"
     (cd "$s" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -L --quiet) >"$out" ||
         die "packing the initramfs failed"
