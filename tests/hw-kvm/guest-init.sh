@@ -494,8 +494,15 @@ phase tlb
 # page tables, as on PVM. kvmfork must detect it (HostCaps: shadow paging)
 # and resets must still drop every stale translation. The templates built
 # above are reused (same host kind, same CPUID).
-if rmmod kvm_amd 2>"$W/rmmod.err" && insmod /kvmfork/modules/kvm-amd.ko npt=0 2>"$W/insmod-npt0.err" &&
-    [ "$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)" = 0 ] && [ -c /dev/kvm ]; then
+npt0_ok=
+if rmmod kvm_amd 2>"$W/rmmod.err" && insmod /kvmfork/modules/kvm-amd.ko npt=0 2>"$W/insmod-npt0.err"; then
+    # devtmpfs creates /dev/kvm asynchronously after the module registers it.
+    i=0
+    while [ ! -c /dev/kvm ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    [ "$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)" = 0 ] && [ -c /dev/kvm ] && npt0_ok=1
+fi
+dmesg | grep -E 'SVM|kvm' | tail -n 3 | while IFS= read -r line; do echo "HWKVM OUT npt=0 dmesg: $line"; done
+if [ -n "$npt0_ok" ]; then
     pass npt0-reload
     run_cmd npt0-run-print 'print(1+1)' &
     p1=$!
@@ -521,7 +528,7 @@ if rmmod kvm_amd 2>"$W/rmmod.err" && insmod /kvmfork/modules/kvm-amd.ko npt=0 2>
     fi
     tlb_check npt0-tlb-remap
 else
-    fail npt0-reload "reloading kvm_amd with npt=0 failed: $(cat "$W/rmmod.err" "$W/insmod-npt0.err" 2>/dev/null)"
+    fail npt0-reload "reloading kvm_amd with npt=0 failed: $(cat "$W/rmmod.err" "$W/insmod-npt0.err" 2>/dev/null) (npt=$(cat /sys/module/kvm_amd/parameters/npt 2>&1), /dev/kvm: $(ls -l /dev/kvm 2>&1))"
     for c in npt0-host-caps npt0-run-print npt0-run-numpy npt0-bench-fork npt0-tlb-remap; do
         fail "$c" "skipped: no npt=0 KVM"
     done
