@@ -499,7 +499,8 @@ if rmmod kvm_amd 2>"$W/rmmod.err" && insmod /kvmfork/modules/kvm-amd.ko npt=0 2>
     # devtmpfs creates /dev/kvm asynchronously after the module registers it.
     i=0
     while [ ! -c /dev/kvm ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
-    [ "$(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null)" = 0 ] && [ -c /dev/kvm ] && npt0_ok=1
+    # (A bool parameter in Debian's 6.1: it reads N.)
+    case $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) in 0 | N) [ -c /dev/kvm ] && npt0_ok=1 ;; esac
 fi
 dmesg | grep -E 'SVM|kvm' | tail -n 3 | while IFS= read -r line; do echo "HWKVM OUT npt=0 dmesg: $line"; done
 if [ -n "$npt0_ok" ]; then
