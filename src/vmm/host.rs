@@ -68,13 +68,11 @@ pub struct HostCaps {
 static CURRENT: OnceLock<HostCaps> = OnceLock::new();
 
 impl HostCaps {
-    /// This host's capabilities, detected (and logged) on first use.
+    /// This host's capabilities, detected once. `serve` logs them at
+    /// start-up, `template build` and `bench fork` print them; `run` stays
+    /// silent (its stderr is the guest's).
     pub fn current() -> &'static HostCaps {
-        CURRENT.get_or_init(|| {
-            let caps = HostCaps::detect(Path::new("/sys"), &read("/proc/cpuinfo"));
-            eprintln!("kvmfork: host: {}", caps.describe());
-            caps
-        })
+        CURRENT.get_or_init(|| HostCaps::detect(Path::new("/sys"), &read("/proc/cpuinfo")))
     }
 
     /// Decides from sysfs (`sys`, normally `/sys`) and `/proc/cpuinfo`'s
