@@ -100,6 +100,7 @@ pub fn run_fork_bench(t: Arc<Template>, opts: &BenchOptions) -> Result<String, S
         t.meta.language,
         t.meta.host_kind.as_str()
     );
+    let _ = writeln!(out, "host: {}", t.caps.describe());
     let _ = writeln!(
         out,
         "code: {:?}, {} iterations per method\n",

@@ -405,6 +405,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             kvmfork::server::preflight(&config).map_err(|e| e.to_string())?;
             let sessions = sessions.to_config(max_output_bytes)?;
             let languages = serve_languages(&language)?;
+            // What this host's KVM can do, once, before any template uses it.
+            eprintln!(
+                "kvmfork: host: {}",
+                kvmfork::vmm::host::HostCaps::current().describe()
+            );
             let mut templates = Vec::new();
             for dir in &dirs {
                 let t = template::Template::load(dir)

@@ -17,6 +17,7 @@ use crate::engine::sandbox::{fill_random, Limits, Sandbox};
 use crate::vmm::boot;
 use crate::vmm::cpuid::{self, HostKind};
 use crate::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use crate::vmm::host::{HostCaps, TimerHandling};
 use crate::vmm::kick::ThreadTimer;
 use crate::vmm::memory::{GuestRam, Sharing};
 use crate::vmm::snapshot::{self, ArtifactInfo, MachineState, TemplateMeta};
@@ -78,12 +79,16 @@ pub struct Template {
     pub source: GuestRam,
     /// LAPIC a fork starts with (timer masked: see `VcpuState::lapic_timer_masked`).
     pub fork_lapic: kvm_lapic_state,
+    /// What the host can do (`HostCaps::current`, possibly narrowed by the
+    /// start-up self-check). Public so tests can give a template the other
+    /// host kind's answers and exercise both reset paths on either host.
+    pub caps: HostCaps,
 }
 
 impl Template {
     pub fn load(dir: &Path) -> Result<Template, TemplateError> {
         let (meta, state) = snapshot::read_state(&dir.join(STATE_FILE))?;
-        let here = HostKind::detect();
+        let here = HostCaps::current().kind;
         if meta.host_kind != here {
             return Err(TemplateError::WrongHost {
                 found: meta.host_kind.as_str().into(),
@@ -98,7 +103,74 @@ impl Template {
             });
         }
         let memfd = snapshot::load_memory(&dir.join(&meta.memory.file), &meta.memory)?;
-        Template::from_parts(dir.to_path_buf(), meta, state, memfd)
+        let mut t = Template::from_parts(dir.to_path_buf(), meta, state, memfd)?;
+        if t.caps.counters_see_kernel_entry {
+            let code = kernel_probe_code(t.language().unwrap_or(Language::Python));
+            match t.verify_user_mode_probe(code) {
+                Ok(()) => {}
+                Err(why) => eprintln!(
+                    "kvmfork: {}: the registers-and-FPU-only reset is off: {why}",
+                    t.dir.display()
+                ),
+            }
+        }
+        Ok(t)
+    }
+
+    /// Verifies the premise of the registers-and-FPU-only reset
+    /// (`caps.counters_see_kernel_entry`): runs `code`, which must enter the
+    /// guest kernel, in a pooled fork and checks that the exit counters saw
+    /// it. If they did not (or the probe could not run), the premise is
+    /// cleared for this template, so every exec counts as kernel-entering
+    /// (full reset, memory slot cycled), and the reason is returned.
+    pub fn verify_user_mode_probe(&mut self, code: &str) -> Result<(), String> {
+        let verdict = self.run_probe(code);
+        if verdict.is_err() {
+            self.caps.counters_see_kernel_entry = false;
+            self.caps
+                .why
+                .push("start-up probe: counters did not see a syscall".into());
+        }
+        verdict
+    }
+
+    fn run_probe(&self, code: &str) -> Result<(), String> {
+        let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+        let timer = ThreadTimer::for_current_thread().map_err(|e| e.to_string())?;
+        let mut sb = Sandbox::fork_fresh(&kvm, self, true).map_err(|e| e.to_string())?;
+        let language = self.language().unwrap_or(Language::Python);
+        let req = |code: &str| ExecRequest {
+            code: code.into(),
+            language,
+            timeout: Duration::from_secs(60),
+            cancel: CancelToken::new(),
+        };
+        // A fresh VM's first exec always counts as kernel-entering (its
+        // first run takes exits a reset one does not): the probe runs on a
+        // VM that ran once and was reset, as a pooled exec does.
+        let warm = match language {
+            Language::Python => "pass",
+            Language::Node => "0",
+        };
+        let r = sb.exec(self, &req(warm), &Limits::default(), &timer);
+        if let Some(f) = &r.failure {
+            crate::vmm::kick::set_current_run(std::ptr::null_mut());
+            return Err(format!("the warm-up exec before the probe failed: {f:?}"));
+        }
+        sb.reset(self)
+            .map_err(|e| format!("resetting before the probe: {e}"))?;
+        let r = sb.exec(self, &req(code), &Limits::default(), &timer);
+        // The sandbox goes away below: the kick handler must not keep its kvm_run.
+        crate::vmm::kick::set_current_run(std::ptr::null_mut());
+        if let Some(f) = &r.failure {
+            return Err(format!("the probe {code:?} failed: {f:?}"));
+        }
+        if !sb.kernel_entered() {
+            return Err(format!(
+                "the probe {code:?} makes a syscall, but KVM's exit counters did not see the guest kernel run"
+            ));
+        }
+        Ok(())
     }
 
     /// Assembles a template from a machine state and the memfd holding its
@@ -111,10 +183,10 @@ impl Template {
     ) -> Result<Template, TemplateError> {
         GuestRam::seal(&memfd)?;
         let source = GuestRam::map(&memfd, meta.ram_size as usize, Sharing::ReadOnly)?;
-        let fork_lapic = if crate::settings::var_os("KEEP_TIMER").is_some() {
-            state.vcpu.lapic
-        } else {
-            state.vcpu.lapic_timer_masked()
+        let caps = HostCaps::current().clone();
+        let fork_lapic = match caps.timer {
+            TimerHandling::Template => state.vcpu.lapic,
+            TimerHandling::MaskedUntilKick => state.vcpu.lapic_timer_masked(),
         };
         Ok(Template {
             dir,
@@ -123,11 +195,20 @@ impl Template {
             memfd,
             source,
             fork_lapic,
+            caps,
         })
     }
 
     pub fn language(&self) -> Option<Language> {
         Language::from_wire(&self.meta.language)
+    }
+}
+
+/// Code that enters the guest kernel (one syscall) for the start-up probe.
+pub fn kernel_probe_code(language: Language) -> &'static str {
+    match language {
+        Language::Python => "import os; os.getppid()",
+        Language::Node => "require('fs').statSync('/')",
     }
 }
 
@@ -230,11 +311,11 @@ fn read_words(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// The kernel command line for `host`.
-pub fn kernel_cmdline(host: HostKind) -> String {
+/// The kernel command line for a host with `caps`.
+pub fn kernel_cmdline(caps: &HostCaps) -> String {
     let kdir = guest_dir().join("kernel");
     let mut words = vec![read_words(&kdir.join("cmdline.base"))];
-    if host == HostKind::Pvm {
+    if caps.pvm_cmdline {
         words.push(read_words(&kdir.join("cmdline.pvm")));
     }
     words.push(format!("kvmfork.mailbox={:#x}", c::MAILBOX_GPA));
@@ -275,8 +356,10 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
     let p = Progress {
         start: Instant::now(),
     };
-    let host = HostKind::detect();
+    let caps = HostCaps::current();
+    let host = caps.kind;
     p.say("host", &format!("KVM kind: {}", host.as_str()));
+    p.say("host", &caps.describe());
     let gdir = guest_dir();
     let (kernel_dir, kernel) = match &opts.kernel {
         Some(k) => (
@@ -305,7 +388,7 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
             (d, i)
         }
     };
-    let cmdline = kernel_cmdline(host);
+    let cmdline = kernel_cmdline(caps);
     let ram_size = opts.ram_mib << 20;
 
     let mut h = Sha256::new();
@@ -318,7 +401,7 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
         ram_size.to_string(),
         snapshot::FORMAT_VERSION.to_string(),
         BOOT_PROTOCOL_VERSION.to_string(),
-        host.as_str().to_string(),
+        caps.template_key(),
     ] {
         h.update(part.as_bytes());
         h.update([0]);
@@ -357,7 +440,7 @@ pub fn build(opts: &BuildOptions) -> Result<PathBuf, TemplateError> {
     );
     let packages = read_packages(&rootfs_dir.join("manifest.json"));
     let (meta, machine, ram) =
-        boot_to_ready(&p, opts, host, &kernel, &initrd, &cmdline, ram_size, &tmp)?;
+        boot_to_ready(&p, opts, caps, &kernel, &initrd, &cmdline, ram_size, &tmp)?;
     p.say("snapshot", "writing memory (sparse) and machine state");
     let memory = snapshot::write_memory(&tmp.join(MEMORY_FILE), &ram)?;
     drop(ram);
@@ -448,7 +531,7 @@ fn read_packages(manifest: &Path) -> Vec<String> {
 fn boot_to_ready(
     p: &Progress,
     opts: &BuildOptions,
-    host: HostKind,
+    caps: &HostCaps,
     kernel: &Path,
     initrd: &Path,
     cmdline: &str,
@@ -472,7 +555,14 @@ fn boot_to_ready(
         ),
     );
 
+    let host = caps.kind;
     let mut vm = Vm::new(&kvm)?;
+    if caps.disable_pmu {
+        vm.disable_pmu()?;
+    }
+    if caps.msr_filter {
+        vm.enable_msr_filter()?;
+    }
     vm.set_ram(&ram, false)?;
     let irq =
         EventFd::new(libc::EFD_NONBLOCK).map_err(|e| TemplateError::Io("eventfd".into(), e))?;
@@ -480,7 +570,7 @@ fn boot_to_ready(
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(TemplateError::SupportedCpuid)?;
-    cpuid::filter(&mut cpuid, host);
+    cpuid::filter(&mut cpuid, caps.cpuid);
     let mut vcpu = Vcpu::new(&vm, 0)?;
     vcpu.set_cpuid(&cpuid)?;
     boot::setup_boot_vcpu(&vcpu, loaded.entry)?;
@@ -583,6 +673,8 @@ fn boot_to_ready(
         snapshot_cpl: cpl,
         memory: Default::default(),
         xsave_size: std::mem::size_of::<kvm_bindings::kvm_xsave>(),
+        pmu_disabled: caps.disable_pmu,
+        msr_filtered: caps.msr_filter,
     };
     drop(vcpu);
     drop(vm);
@@ -689,12 +781,21 @@ pub fn describe(dir: &Path) -> Result<String, TemplateError> {
         state.vcpu.msrs.len(),
         state.vcpu.cpuid.len()
     );
-    if meta.host_kind == HostKind::Pvm {
-        let _ = writeln!(
-            s,
-            "PVM masks     {}",
-            cpuid::pvm_hidden_features().join(", ")
-        );
+    match meta.host_kind {
+        HostKind::Pvm => {
+            let _ = writeln!(
+                s,
+                "PVM masks     {}",
+                cpuid::pvm_hidden_features().join(", ")
+            );
+        }
+        HostKind::Hardware => {
+            let _ = writeln!(
+                s,
+                "CPUID trim    {}",
+                cpuid::hardware_hidden_features().join(", ")
+            );
+        }
     }
     let _ = writeln!(
         s,

@@ -7,8 +7,9 @@ mod common;
 
 use common::tiny_guest::kvm;
 use kvmfork::vmm::boot;
-use kvmfork::vmm::cpuid::{self, HostKind};
+use kvmfork::vmm::cpuid;
 use kvmfork::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
+use kvmfork::vmm::host::HostCaps;
 use kvmfork::vmm::memory::{GuestRam, Sharing};
 use kvmfork::vmm::vcpu::{RunOutcome, Vcpu};
 use kvmfork::vmm::vm::Vm;
@@ -80,7 +81,7 @@ fn tiny_kernel_boots_in_long_mode_and_sees_boot_params() {
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .unwrap();
-    cpuid::filter(&mut cpuid, HostKind::detect());
+    cpuid::filter(&mut cpuid, HostCaps::current().cpuid);
     let mut vcpu = Vcpu::new(&vm, 0).unwrap();
     vcpu.set_cpuid(&cpuid).unwrap();
     boot::setup_boot_vcpu(&vcpu, loaded.entry).unwrap();
@@ -127,5 +128,56 @@ fn bad_kernel_images_are_refused() {
         boot::load_linux(&small, &kernel, None, ""),
         Err(boot::BootError::RamTooSmall(_))
     ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// mov ecx,EFER; rdmsr (allowed); mov al,'E'; mov dx,0x3f8; out dx,al;
+/// mov ecx,0xc0010004 (AMD PERF_CTR0); rdmsr (denied: #GP, and with no IDT a
+/// triple fault); mov al,'X'; out dx,al; hlt loop.
+const MSR_KERNEL: [u8; 30] = [
+    0xb9, 0x80, 0x00, 0x00, 0xc0, 0x0f, 0x32, 0xb0, 0x45, 0x66, 0xba, 0xf8, 0x03, 0xee, 0xb9, 0x04,
+    0x00, 0x01, 0xc0, 0x0f, 0x32, 0xb0, 0x58, 0xee, 0xf4, 0xeb, 0xfd, 0x90, 0x90, 0x90,
+];
+
+#[test]
+fn msr_filter_lets_allowed_msrs_through_and_faults_denied_ones() {
+    let kvm = kvm();
+    let dir = std::env::temp_dir().join(format!("kvmfork-msr-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, tiny_elf(&MSR_KERNEL)).unwrap();
+    let ram_size = 256usize << 20;
+    let memfd = GuestRam::create_memfd("msr-test", ram_size).unwrap();
+    let ram = GuestRam::map(&memfd, ram_size, Sharing::Shared).unwrap();
+    let loaded = boot::load_linux(&ram, &kernel, None, "").unwrap();
+    let mut vm = Vm::new(&kvm).unwrap();
+    // On every host, whatever HostCaps says: the filter itself is tested.
+    vm.enable_msr_filter().unwrap();
+    vm.set_ram(&ram, false).unwrap();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.register_irqfd(&irq, COM1_IRQ).unwrap();
+    let mut cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    cpuid::filter(&mut cpuid, HostCaps::current().cpuid);
+    let mut vcpu = Vcpu::new(&vm, 0).unwrap();
+    vcpu.set_cpuid(&cpuid).unwrap();
+    boot::setup_boot_vcpu(&vcpu, loaded.entry).unwrap();
+    let mut devices = LegacyDevices::new(irq, ConsoleSink::new(256, false, None));
+    let outcome = vcpu.run(&mut devices, &ram).unwrap();
+    assert!(
+        matches!(outcome, RunOutcome::Crashed(_)),
+        "the denied rdmsr must fault (no IDT: the guest dies): {outcome:?}"
+    );
+    assert_eq!(
+        devices.console().tail_text(1),
+        "E",
+        "EFER was readable, the code after the denied rdmsr never ran"
+    );
+    assert_eq!(
+        vcpu.msr_denied(),
+        1,
+        "the VMM saw exactly one denied access"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

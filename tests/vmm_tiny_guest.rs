@@ -299,3 +299,42 @@ fn snapshot_roundtrips_through_the_file_format() {
     assert!(err.to_string().contains("corrupted"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn both_reset_rules_run_on_either_host() {
+    // The host seam is injectable: the PVM rule (exit counters prove a
+    // user-mode-only exec: registers-and-FPU reset, no slot cycle) and the
+    // hardware rule (every exec counts as kernel-entering: full reset, slot
+    // cycled) are both exercised here whatever this host is. The tiny
+    // agent never leaves ring 3 and takes no fault or interrupt, so the
+    // counters call its execs user-mode-only on either host.
+    let kvm = kvm();
+    let timer = ThreadTimer::for_current_thread().unwrap();
+    for counters_trusted in [true, false] {
+        let mut t = tiny_template();
+        t.caps.counters_see_kernel_entry = counters_trusted;
+        let mut sb = Sandbox::fork_fresh(&kvm, &t, true).unwrap();
+        for i in 1..=3u8 {
+            let r = sb.exec(
+                &t,
+                &req("A", Duration::from_secs(10)),
+                &Limits::default(),
+                &timer,
+            );
+            assert_eq!(r.failure, None);
+            assert_eq!(
+                r.stdout,
+                vec![b'A', 1],
+                "exec {i}: counter reset to the template's"
+            );
+            assert_eq!(
+                sb.kernel_entered(),
+                !counters_trusted,
+                "counters trusted = {counters_trusted}"
+            );
+            assert_eq!(sb.needs_slot_cycle(), !counters_trusted);
+            sb.reset(&t).unwrap();
+            assert_eq!(sb.ram().read_u64(COUNTER_GPA).unwrap(), 0);
+        }
+    }
+}

@@ -20,7 +20,6 @@ use super::mailbox::{self, MailboxRequest, CODE_MAX};
 use crate::api::{ExecFailure, ExecRequest, ExecResult};
 use crate::contract as c;
 use crate::template::Template;
-use crate::vmm::cpuid::HostKind;
 use crate::vmm::devices::{ConsoleSink, LegacyDevices, COM1_IRQ};
 use crate::vmm::kick::ThreadTimer;
 use crate::vmm::memory::{GuestRam, Sharing};
@@ -355,6 +354,12 @@ impl Sandbox {
     /// pages so the sandbox can later be reset by copy-back.
     pub fn fork_fresh(kvm: &Kvm, t: &Template, pooled: bool) -> Result<Sandbox, SandboxError> {
         let mut vm = Vm::new(kvm)?;
+        if t.meta.pmu_disabled {
+            vm.disable_pmu()?;
+        }
+        if t.meta.msr_filtered {
+            vm.enable_msr_filter()?;
+        }
         if pooled && crate::settings::var_os("REPROTECT_DIRTY").is_none() {
             vm.enable_cumulative_dirty_log()?;
         }
@@ -412,6 +417,13 @@ impl Sandbox {
     /// layer or ran guest-kernel code since the slot was made).
     pub fn needs_slot_cycle(&self) -> bool {
         self.used && !self.shadow_clean && (self.kernel_entered || !self.layered.runs.is_empty())
+    }
+
+    /// Whether the runs since the last reset may have entered the guest
+    /// kernel (the next reset then re-creates the memory slot). The start-up
+    /// self-check reads it after a probe that makes a syscall.
+    pub fn kernel_entered(&self) -> bool {
+        self.kernel_entered
     }
 
     /// Whether this sandbox may be reset and reused.
@@ -961,7 +973,7 @@ impl Sandbox {
             interrupted = outcome.is_ok();
         }
         let _ = timer.disarm();
-        if t.meta.host_kind == HostKind::Pvm {
+        if t.caps.counters_see_kernel_entry {
             let entered = self.left_user_mode(&before);
             // Only a clean DONE counts: anything else poisons the sandbox anyway.
             // (An exec that had its timer given back changed the LAPIC.)
@@ -977,7 +989,13 @@ impl Sandbox {
             }
             self.user_only_since_image &= user_only;
         } else {
-            // No counters to prove it.
+            // Hardware KVM: a syscall or a fault the guest handles itself
+            // causes no exit, so nothing proves the exec stayed in user mode.
+            // The guest kernel may have rewritten page tables (a tenant is
+            // root with /dev/mem): the reset must cycle the slot, which also
+            // makes KVM flush the guest's TLB (HostCaps, SECURITY.md).
+            self.kernel_entered = true;
+            self.user_mode_only = false;
             self.user_only_since_image = false;
         }
         result.exec_time = started.elapsed();

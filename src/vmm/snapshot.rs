@@ -71,6 +71,16 @@ pub struct TemplateMeta {
     pub snapshot_cpl: u8,
     pub memory: MemoryInfo,
     pub xsave_size: usize,
+    /// The template VM ran with KVM's virtual PMU off (hardware hosts); its
+    /// forks must too, or their MSR state would not match. Absent in
+    /// templates made before the switch existed: off.
+    #[serde(default)]
+    pub pmu_disabled: bool,
+    /// The template VM booted behind the default-deny MSR filter; its forks
+    /// get it too (a guest kernel that booted without it may use MSRs the
+    /// filter denies).
+    #[serde(default)]
+    pub msr_filtered: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -506,6 +516,8 @@ mod tests {
             snapshot_cpl: 3,
             memory: MemoryInfo::default(),
             xsave_size: 0,
+            pmu_disabled: false,
+            msr_filtered: false,
         };
         (
             meta,

@@ -128,7 +128,13 @@ pub struct Vcpu {
     /// them over in kvm_run for the next KVM_RUN instead of three ioctls
     /// (each costs ~10 µs on PVM hosts).
     sync_regs: bool,
+    /// Guest MSR accesses the filter denied (#GP injected), since creation.
+    msr_denied: u64,
 }
+
+/// Denied MSR accesses logged per vCPU; later ones are only counted (a
+/// tenant must not be able to flood the host's log).
+const MSR_DENIED_LOGGED: u64 = 16;
 
 impl Vcpu {
     pub fn new(vm: &super::vm::Vm, id: u64) -> Result<Vcpu, VcpuError> {
@@ -141,7 +147,11 @@ impl Vcpu {
             .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS as libc::c_ulong)
             & all
             == all;
-        Ok(Vcpu { fd, sync_regs })
+        Ok(Vcpu {
+            fd,
+            sync_regs,
+            msr_denied: 0,
+        })
     }
 
     pub fn fd(&self) -> &VcpuFd {
@@ -150,6 +160,56 @@ impl Vcpu {
 
     pub fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// Guest MSR accesses the MSR filter denied on this vCPU.
+    pub fn msr_denied(&self) -> u64 {
+        self.msr_denied
+    }
+
+    /// A guest MSR access the filter denied (`write` with `data`): #GP, or
+    /// in learning mode done host-side. Returns the error flag for kvm_run
+    /// and the value read.
+    fn denied_msr(&mut self, index: u32, write: Option<u64>) -> (u8, u64) {
+        let op = if write.is_some() { "wrmsr" } else { "rdmsr" };
+        if super::msr_filter::learning() {
+            let mut one = match Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data: write.unwrap_or(0),
+                ..Default::default()
+            }]) {
+                Ok(m) => m,
+                Err(_) => return (1, 0),
+            };
+            let done = match write {
+                Some(_) => self.fd.set_msrs(&one),
+                None => self.fd.get_msrs(&mut one),
+            };
+            let ok = matches!(done, Ok(1));
+            let value = one.as_slice()[0].data;
+            eprintln!(
+                "kvmfork: MSR filter (learn): guest {op} {index:#x} = {value:#x}, {}",
+                if ok {
+                    "done host-side"
+                } else {
+                    "refused by KVM too"
+                }
+            );
+            return (u8::from(!ok), value);
+        }
+        self.msr_denied += 1;
+        if self.msr_denied <= MSR_DENIED_LOGGED {
+            eprintln!(
+                "kvmfork: MSR filter: guest {op} {index:#x} denied (#GP injected; {} on this vCPU{})",
+                self.msr_denied,
+                if self.msr_denied == MSR_DENIED_LOGGED {
+                    ", further ones are only counted"
+                } else {
+                    ""
+                }
+            );
+        }
+        (1, 0)
     }
 
     pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), VcpuError> {
@@ -198,6 +258,27 @@ impl Vcpu {
                     // Writes to nothing are dropped, like on a real bus.
                 }
                 VcpuExit::MmioRead(_, data) => data.fill(0xff),
+                // Only the filter's denials exit (KVM_MSR_EXIT_REASON_FILTER).
+                VcpuExit::X86Rdmsr(exit) => {
+                    let index = exit.index;
+                    let (error, value) = self.denied_msr(index, None);
+                    // SAFETY: the exit is KVM_EXIT_X86_RDMSR, so `msr` is the
+                    // active member of kvm_run's exit union.
+                    unsafe {
+                        let msr = &mut self.fd.get_kvm_run().__bindgen_anon_1.msr;
+                        msr.error = error;
+                        msr.data = value;
+                    }
+                }
+                VcpuExit::X86Wrmsr(exit) => {
+                    let (index, data) = (exit.index, exit.data);
+                    let (error, _) = self.denied_msr(index, Some(data));
+                    // (The exit's own `error` reference borrows the vCPU fd;
+                    // kvm_run is written again instead. Storing a field of
+                    // the exit union needs no unsafe: the exit is
+                    // KVM_EXIT_X86_WRMSR, so `msr` is the active member.)
+                    self.fd.get_kvm_run().__bindgen_anon_1.msr.error = error;
+                }
                 VcpuExit::Hlt => {
                     return Ok(RunOutcome::Crashed(
                         "guest halted with interrupts off".into(),

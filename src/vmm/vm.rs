@@ -49,6 +49,12 @@ pub enum VmError {
     SetClock(kvm_ioctls::Error),
     #[error("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2) failed: {0}")]
     EnableManualDirtyProtect(kvm_ioctls::Error),
+    #[error("KVM_ENABLE_CAP(PMU_CAPABILITY, DISABLE) failed: {0}")]
+    DisablePmu(kvm_ioctls::Error),
+    #[error("KVM_ENABLE_CAP(X86_USER_SPACE_MSR) failed: {0}")]
+    EnableUserSpaceMsr(kvm_ioctls::Error),
+    #[error("KVM_X86_SET_MSR_FILTER failed: {0}")]
+    SetMsrFilter(kvm_ioctls::Error),
     #[error("eventfd for the serial IRQ failed: {0}")]
     EventFd(std::io::Error),
 }
@@ -99,6 +105,40 @@ impl Vm {
             dirty_logging: false,
             cumulative_log: false,
         })
+    }
+
+    /// Turns KVM's virtual PMU off for this VM: performance-counter MSRs then
+    /// #GP in the guest and its kernel falls back to software events. Must
+    /// run before the vCPU is created (KVM refuses it afterwards). A KVM
+    /// without the capability (before 5.18, or `enable_pmu=0`, where there
+    /// is no vPMU anyway) is not an error.
+    pub fn disable_pmu(&self) -> Result<(), VmError> {
+        let cap = kvm_bindings::KVM_CAP_PMU_CAPABILITY;
+        let supported = self.fd.check_extension_raw(cap as libc::c_ulong);
+        if supported & kvm_bindings::KVM_PMU_CAP_DISABLE as i32 == 0 {
+            return Ok(());
+        }
+        let mut enable = kvm_bindings::kvm_enable_cap {
+            cap,
+            ..Default::default()
+        };
+        enable.args[0] = kvm_bindings::KVM_PMU_CAP_DISABLE as u64;
+        self.fd.enable_cap(&enable).map_err(VmError::DisablePmu)
+    }
+
+    /// Installs the default-deny MSR filter (`msr_filter::ALLOWED`) and has
+    /// KVM hand every denied access to the VMM (`Vcpu::run` injects #GP and
+    /// counts it) instead of injecting #GP silently. Before the vCPU exists.
+    pub fn enable_msr_filter(&self) -> Result<(), VmError> {
+        let mut enable = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            ..Default::default()
+        };
+        enable.args[0] = kvm_bindings::KVM_MSR_EXIT_REASON_FILTER as u64;
+        self.fd
+            .enable_cap(&enable)
+            .map_err(VmError::EnableUserSpaceMsr)?;
+        super::msr_filter::install(&self.fd).map_err(VmError::SetMsrFilter)
     }
 
     pub fn fd(&self) -> &VmFd {

@@ -33,7 +33,9 @@ echo 4 >/proc/sys/kernel/printk
 PLAN="modules dev-kvm svm-cpuinfo template-python run-print run-numpy run-exception
 run-timeout run-after-timeout template-node host-kind-hardware run-node
 serve-start serve-health serve-exec serve-batch serve-unauthorized serve-malformed
-serve-session serve-session-fork serve-session-restore run-urandom serve-metrics serve-stop bench-fork"
+tenant-cpuid-flags tenant-vmrun-faults tenant-vmxon-faults tenant-perf-denied
+serve-session serve-session-fork serve-session-restore run-urandom serve-metrics serve-stop bench-fork
+tlb-remap npt0-reload npt0-run-print npt0-run-numpy npt0-host-caps npt0-bench-fork npt0-tlb-remap"
 set -- $PLAN
 # (A fresh line: the firmware leaves terminal escapes on the console.)
 echo
@@ -120,6 +122,12 @@ check_template() { # language
     fi
     grep -E '\] (host|boot|snapshot|verify|done):' "$W/template-$lang.err" | grep -v 'guest running' |
         while IFS= read -r line; do echo "HWKVM OUT $lang: $line"; done
+    msr_denials "$W/template-$lang.err" "$lang boot"
+}
+# msr_denials <log> <label>: every MSR access the filter denied (#GP), counted.
+msr_denials() {
+    grep -o 'MSR filter: guest [a-z]* 0x[0-9a-f]*' "$1" 2>/dev/null | sort | uniq -c |
+        while IFS= read -r line; do echo "HWKVM OUT $2: $line denied"; done
 }
 # run_cmd <name> <kvmfork run args...>: $W/<name>.{out,err,rc,secs}.
 run_cmd() {
@@ -305,6 +313,54 @@ if [ -n "$up" ]; then
     http malformed POST /v1/exec '{"code": "print(1)"' --header "$AUTH"
     expect_status serve-malformed malformed 400 && pass serve-malformed
 
+    # --- hardware-path isolation, seen from a tenant (SECURITY.md) ---------
+    # The CPUID trim: no virtualization, no PMU in the tenant's view.
+    http cpuinfo POST /v1/exec '{"code": "print([l for l in open(\"/proc/cpuinfo\") if l.startswith(\"flags\")][0])"}' --header "$AUTH"
+    if expect_status tenant-cpuid-flags cpuinfo 200; then
+        # stdout is JSON-escaped: "flags\t\t: fpu ... last\n".
+        flags=$(grep -o '"stdout":"flags[^"]*' "$W/cpuinfo.body" | cut -d: -f3- | sed 's/\\n$//')
+        echo "HWKVM OUT tenant flags:$flags"
+        bad=$(echo "$flags" | tr ' ' '\n' | grep -xE 'vmx|svm|pdcm|arch_perfmon|perfctr_core|perfctr_nb|perfctr_llc|ibs|lwp|monitor|ds_cpl|dtes64|est|tm2|smx' | tr '\n' ' ')
+        if ! echo "$flags" | grep -qw fpu; then
+            fail tenant-cpuid-flags "no flags line with fpu in the tenant's /proc/cpuinfo: $(head -c 300 "$W/cpuinfo.body")"
+        elif [ -n "$bad" ]; then
+            fail tenant-cpuid-flags "the tenant sees CPU flags the hardware CPUID trim must hide: $bad"
+        else
+            pass tenant-cpuid-flags
+        fi
+    fi
+    # vmrun / vmxon from the tenant fault (a crash result or an exception,
+    # never "4242"), and the next exec on the same server works.
+    for insn in vmrun:0x0f,0x01,0xd8 vmxon:0xf3,0x0f,0xc7,0x30; do
+        name=${insn%%:*}
+        code="import ctypes, mmap\nm = mmap.mmap(-1, 4096, prot=7)\nm.write(bytes([${insn#*:}, 0xc3]))\nctypes.CFUNCTYPE(None)(ctypes.addressof(ctypes.c_char.from_buffer(m)))()\nprint(4242)"
+        http "$name" POST /v1/exec "{\"code\": \"$code\"}" --header "$AUTH"
+        http "$name-after" POST /v1/exec '{"code": "print(40 + 2)"}' --header "$AUTH"
+        if expect_status "tenant-$name-faults" "$name" 200; then
+            echo "HWKVM OUT $name: $(grep -oE '"exit_code":-?[0-9]+|"code":"[a-z_]+"' "$W/$name.body" | tr '\n' ' ')"
+            if grep -qF '4242' "$W/$name.body"; then
+                fail "tenant-$name-faults" "$name ran without a fault: $(head -c 300 "$W/$name.body")"
+            elif grep -qF '"exit_code":0' "$W/$name.body"; then
+                fail "tenant-$name-faults" "exit code 0 after $name: $(head -c 300 "$W/$name.body")"
+            elif ! grep -qF '"stdout":"42\n"' "$W/$name-after.body"; then
+                fail "tenant-$name-faults" "the next exec after $name failed: HTTP $(status "$name-after") $(head -c 300 "$W/$name-after.body")"
+            else
+                pass "tenant-$name-faults"
+            fi
+        fi
+    done
+    # perf_event_open (syscall 298) of a hardware counter fails; a software
+    # event is tried too, to show the syscall itself exists.
+    http perf POST /v1/exec '{"code": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\ndef po(t):\n    a = (ctypes.c_uint32 * 32)()\n    a[0] = t\n    a[1] = 64\n    return (libc.syscall(298, a, 0, -1, -1, 0), ctypes.get_errno())\nprint(\"hw\", po(0), \"sw\", po(1))"}' --header "$AUTH"
+    if expect_status tenant-perf-denied perf 200; then
+        got=$(grep -o '"stdout":"[^"]*' "$W/perf.body" | cut -d'"' -f4)
+        echo "HWKVM OUT perf_event_open (fd, errno): $got"
+        case $got in
+            "hw (-1, "*) pass tenant-perf-denied ;;
+            *) fail tenant-perf-denied "perf_event_open of a hardware counter did not fail: $(head -c 300 "$W/perf.body")" ;;
+        esac
+    fi
+
     # A live session: state between execs, live fork (children map the
     # session's layer over the template), checkpoint and rollback.
     sid=
@@ -383,7 +439,8 @@ if [ -n "$up" ]; then
         fi
     fi
 else
-    for c in serve-health serve-exec serve-batch serve-unauthorized serve-malformed serve-session \
+    for c in serve-health serve-exec serve-batch serve-unauthorized serve-malformed \
+        tenant-cpuid-flags tenant-vmrun-faults tenant-vmxon-faults tenant-perf-denied serve-session \
         serve-session-fork serve-session-restore run-urandom serve-metrics; do
         fail "$c" "skipped: the server did not start"
     done
@@ -401,6 +458,7 @@ else
     wait "$server" || rc=$?
     if [ "$rc" -eq 0 ]; then pass serve-stop; else fail serve-stop "kvmfork serve exited with $rc after SIGTERM"; show "$W/serve.log"; fi
 fi
+msr_denials "$W/serve.log" serve
 phase serve
 
 # --- kvmfork bench fork ----------------------------------------------------------
@@ -414,5 +472,68 @@ else
     show "$W/bench.err"
 fi
 phase bench
+
+# --- the TLB test (tests/vmm_tlb_remap.rs) -------------------------------------
+# tlb_check <check>: the one test of the shipped binary, exactly.
+tlb_check() {
+    local rc=0
+    /kvmfork/bin/vmm_tlb_remap --exact pooled_reset_drops_translations_of_a_page_the_guest_remapped \
+        --test-threads 1 >"$W/$1.out" 2>&1 || rc=$?
+    if [ "$rc" -eq 0 ] && grep -q 'test result: ok. 1 passed' "$W/$1.out"; then
+        pass "$1"
+    else
+        fail "$1" "vmm_tlb_remap exited $rc"
+        show "$W/$1.out" 25
+    fi
+}
+tlb_check tlb-remap
+phase tlb
+
+# --- shadow paging: kvm_amd reloaded with npt=0 ----------------------------------
+# The same hardware-style KVM without nested paging: KVM shadows the guest's
+# page tables, as on PVM. kvmfork must detect it (HostCaps: shadow paging)
+# and resets must still drop every stale translation. The templates built
+# above are reused (same host kind, same CPUID).
+npt0_ok=
+if rmmod kvm_amd 2>"$W/rmmod.err" && insmod /kvmfork/modules/kvm-amd.ko npt=0 2>"$W/insmod-npt0.err"; then
+    # devtmpfs creates /dev/kvm asynchronously after the module registers it.
+    i=0
+    while [ ! -c /dev/kvm ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    # (A bool parameter in Debian's 6.1: it reads N.)
+    case $(cat /sys/module/kvm_amd/parameters/npt 2>/dev/null) in 0 | N) [ -c /dev/kvm ] && npt0_ok=1 ;; esac
+fi
+dmesg | grep -E 'SVM|kvm' | tail -n 3 | while IFS= read -r line; do echo "HWKVM OUT npt=0 dmesg: $line"; done
+if [ -n "$npt0_ok" ]; then
+    pass npt0-reload
+    run_cmd npt0-run-print 'print(1+1)' &
+    p1=$!
+    run_cmd npt0-run-numpy 'import numpy as np; print(np.arange(10).mean())' &
+    p2=$!
+    wait "$p1" "$p2"
+    expect_out npt0-run-print 2
+    expect_out npt0-run-numpy 4.5
+    rc=0
+    kvmfork bench fork --iterations 5 --alive 1 --max-exec-alive 1 >"$W/bench-npt0.out" 2>"$W/bench-npt0.err" || rc=$?
+    while IFS= read -r line; do echo "HWKVM OUT bench npt=0: $line"; done <"$W/bench-npt0.out"
+    # bench prints the host capabilities kvmfork decided (HostCaps).
+    if grep -q '^host: KVM kind hardware, shadow paging' "$W/bench-npt0.out"; then
+        pass npt0-host-caps
+    else
+        fail npt0-host-caps "kvmfork did not report shadow paging with npt=0: $(grep '^host:' "$W/bench-npt0.out" | head -n 1)"
+    fi
+    if [ "$rc" -eq 0 ] && grep -q 'p50' "$W/bench-npt0.out"; then
+        pass npt0-bench-fork
+    else
+        fail npt0-bench-fork "exit $rc, or no p50 in its output"
+        show "$W/bench-npt0.err"
+    fi
+    tlb_check npt0-tlb-remap
+else
+    fail npt0-reload "reloading kvm_amd with npt=0 failed: $(cat "$W/rmmod.err" "$W/insmod-npt0.err" 2>/dev/null) (npt=$(cat /sys/module/kvm_amd/parameters/npt 2>&1), /dev/kvm: $(ls -l /dev/kvm 2>&1))"
+    for c in npt0-run-print npt0-run-numpy npt0-host-caps npt0-bench-fork npt0-tlb-remap; do
+        fail "$c" "skipped: no npt=0 KVM"
+    done
+fi
+phase npt0
 
 finish

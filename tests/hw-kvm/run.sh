@@ -11,7 +11,8 @@
 #
 #   bash tests/hw-kvm/run.sh
 #
-# env: KVMFORK_BIN (default target/release/kvmfork), HW_KVM_TIMEOUT (seconds
+# env: KVMFORK_BIN (default target/release/kvmfork), KVMFORK_TLB_TEST_BIN
+# (default: the newest target/release/deps/vmm_tlb_remap-*), HW_KVM_TIMEOUT (seconds
 # for the whole QEMU run, default 570: the suite stays under 10 minutes), HW_KVM_MEM_MIB (QEMU guest RAM,
 # default 6144), HW_KVM_KEEP_LOG=1 (keep the console log even on success),
 # KVMFORK_EXTRA_CMDLINE (passed to the nested guest's kvmfork: appended to
@@ -22,6 +23,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/../.." && pwd)
 cache_root=${KVMFORK_CACHE_DIR:-$HOME/.cache/kvmfork}
 kvmfork_bin=${KVMFORK_BIN:-$root/target/release/kvmfork}
+# The TLB test binary (tests/vmm_tlb_remap.rs), run inside the nested guest:
+# `cargo test --release --no-run` builds it; the newest one is taken.
+tlb_test_bin=${KVMFORK_TLB_TEST_BIN:-$(ls -t "$root"/target/release/deps/vmm_tlb_remap-* 2>/dev/null | grep -v '\.d$' | head -n 1 || true)}
 qemu_timeout=${HW_KVM_TIMEOUT:-570}
 mem_mib=${HW_KVM_MEM_MIB:-6144}
 # Multi-threaded TCG by default: single-threaded (HW_KVM_TCG_THREAD=single)
@@ -148,6 +152,7 @@ assemble_initramfs() { # cloud-kernel-dir vmlinux python-cpio node-cpio out
     chmod 0755 "$s/init" "$s/bin/busybox"
     cp "$ck"/kvm.ko "$ck"/kvm-amd.ko "$ck"/irqbypass.ko "$s/kvmfork/modules/"
     cp "$kvmfork_bin" "$s/kvmfork/bin/kvmfork"
+    cp "$tlb_test_bin" "$s/kvmfork/bin/vmm_tlb_remap"
     cp "$root/guest/kernel/cmdline.base" "$root/guest/kernel/cmdline.pvm" "$s/kvmfork/guest/kernel/"
     ln -s "$vmlinux" "$s/kvmfork/vmlinux"
     ln -s "$py" "$s/kvmfork/rootfs-python.cpio"
@@ -160,7 +165,7 @@ assemble_initramfs() { # cloud-kernel-dir vmlinux python-cpio node-cpio out
     while read -r lib; do
         mkdir -p "$s$(dirname "$lib")"
         cp -L "$lib" "$s$lib"
-    done < <(ldd "$kvmfork_bin" | grep -oE '/[^ ]+' | sort -u)
+    done < <({ ldd "$kvmfork_bin" && ldd "$tlb_test_bin"; } | grep -oE '/[^ ]+' | sort -u)
     [[ -e $s/lib64/ld-linux-x86-64.so.2 ]] || die "ldd did not list the dynamic loader of $kvmfork_bin"
     (cd "$s" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -L --quiet) >"$out" ||
         die "packing the initramfs failed"
@@ -169,6 +174,9 @@ assemble_initramfs() { # cloud-kernel-dir vmlinux python-cpio node-cpio out
 # --- main ----------------------------------------------------------------------
 ensure_packages
 [[ -x $kvmfork_bin ]] || die "$kvmfork_bin not found: build it with cargo build --release --workspace --locked"
+[[ -n $tlb_test_bin && -x $tlb_test_bin ]] ||
+    die "no target/release/deps/vmm_tlb_remap-* test binary: build it with cargo test --release --no-run"
+progress "TLB test binary: $tlb_test_bin"
 phase_done "prerequisites"
 
 ck=$(cloud_kernel)
