@@ -5,6 +5,8 @@ pub mod bench;
 pub mod bench_sessions;
 pub mod engine;
 pub mod mcp;
+pub mod privileges;
+pub mod seccomp;
 pub mod server;
 pub mod settings;
 pub mod template;

@@ -89,7 +89,7 @@ declare -A node_pid
 # --node-id must match deploy/haproxy.cfg: kvmfork1 is n1, kvmfork2 is n2.
 start_node() { # name port node-id
   "$kvmfork" serve --listen "127.0.0.1:$2" --node-id "$3" --template "$template" \
-    --shards 1 --workers-per-shard 1 --pool-size 1 \
+    --shards 1 --workers-per-shard 1 --pool-size 1 --allow-root \
     --api-keys-file "$work/keys.json" --rate-limit 0 --drain-timeout-seconds 10 \
     >>"$work/$1.log" 2>&1 &
   node_pid[$1]=$!

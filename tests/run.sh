@@ -44,6 +44,11 @@ KVMFORK_TEMPLATE=$(./target/release/kvmfork template build | tail -n 1)
 KVMFORK_NODE_TEMPLATE=$(./target/release/kvmfork template build --language node | tail -n 1)
 export KVMFORK_TEMPLATE KVMFORK_NODE_TEMPLATE
 
+# The suites, the live server below and tests/loadbalancer.sh start
+# `kvmfork serve` as root (this script needs root for apt): say so, or serve
+# refuses to run its exec workers as root.
+export KVMFORK_ALLOW_ROOT=1
+
 step "Rust test suites"
 cargo test --release --workspace --locked
 

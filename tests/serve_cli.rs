@@ -60,6 +60,8 @@ fn serve_with_broken_node_template(args: &[&str]) -> Serve {
     std::fs::write(template.join("state.snap"), b"not a kvmfork state file").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvmfork"))
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
+        // The suites run as root (tests/run.sh needs it for apt).
+        .env("KVMFORK_ALLOW_ROOT", "1")
         .args([
             "--api-keys-file",
             "/nonexistent/kvmfork-serve-cli-keys.json",

@@ -77,6 +77,7 @@ fn kvmfork_serve_refuses_before_building_anything() {
     let dir = std::env::temp_dir().join(format!("kvmfork-auth-cli-{}", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvmfork"))
         .args(["serve", "--listen", "0.0.0.0:0", "--api-keys-file", MISSING])
+        .env("KVMFORK_ALLOW_ROOT", "1")
         .env("KVMFORK_CACHE_DIR", &dir)
         .env("KVMFORK_GUEST_DIR", dir.join("no-guest-sources"))
         .stdout(Stdio::null())

@@ -39,6 +39,15 @@ pub struct ServeConfig {
     pub auth_fail_limit: u32,
     pub auth_fail_window: Duration,
     pub force_epoll: bool,
+    /// The seccomp filters each event-loop and exec-worker thread installs
+    /// as it starts (see [`crate::seccomp`]).
+    pub seccomp: crate::seccomp::Mode,
+    /// Switch to this user (its uid, gid and groups) once the listeners are
+    /// bound, before any event-loop or worker thread starts.
+    pub user: Option<String>,
+    /// Refuse to start exec workers as root (uid 0 after `user`). Off for
+    /// library callers; `kvmfork serve` sets it unless `--allow-root`.
+    pub refuse_root: bool,
     pub max_head_bytes: usize,
     pub max_headers: usize,
     pub max_body_bytes: usize,
@@ -97,6 +106,9 @@ impl Default for ServeConfig {
             auth_fail_limit: 10,
             auth_fail_window: Duration::from_secs(60),
             force_epoll: false,
+            seccomp: crate::seccomp::Mode::Enforce,
+            user: None,
+            refuse_root: false,
             max_head_bytes: 16 * 1024,
             max_headers: 64,
             max_body_bytes: 4 * 1024 * 1024,
@@ -245,6 +257,15 @@ pub struct ServeArgs {
     /// Serve with epoll even where io_uring works.
     #[arg(long)]
     pub force_epoll: bool,
+    /// Seccomp filters kvmfork installs on its own threads (default deny, one allow-list per thread kind): enforce kills the process on a call off the list, log allows it and reports it in the kernel log (audit type 1326), off installs none.
+    #[arg(long, value_enum, default_value_t = crate::seccomp::Mode::Enforce)]
+    pub seccomp: crate::seccomp::Mode,
+    /// Once /dev/kvm opens and the listeners are bound, switch to this user (name or uid; its group and supplementary groups, which need `kvm`) before serving.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Run exec workers as root; without it (or KVMFORK_ALLOW_ROOT=1) `serve` refuses to start as root (after --user).
+    #[arg(long, env = "KVMFORK_ALLOW_ROOT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_root: bool,
     /// Largest request body in bytes (413 above).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -296,6 +317,9 @@ impl ServeArgs {
         config.auth_fail_window =
             seconds("auth-fail-window-seconds", self.auth_fail_window_seconds)?;
         config.force_epoll = self.force_epoll;
+        config.seccomp = self.seccomp;
+        config.user = self.user.clone();
+        config.refuse_root = !self.allow_root;
         config.max_body_bytes = self.max_body_bytes;
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
         config.default_timeout = config.default_timeout.min(config.max_timeout);

@@ -511,6 +511,7 @@ mod tests {
         let pool = WorkerPool::start(
             0,
             1,
+            crate::seccomp::Mode::Off,
             config.queue_depth,
             factory.clone(),
             metrics[0].clone(),

@@ -80,6 +80,19 @@ pub enum ServerError {
     Loop { shard: usize, source: LoopError },
     #[error("the thread of shard {0} panicked")]
     ShardPanicked(usize),
+    #[error("--user: {0}")]
+    User(String),
+    #[error(
+        "refusing to run exec workers as root: pass --user NAME to switch to an \
+         unprivileged user (in group kvm) once the listeners are bound, or \
+         --allow-root to run them as root anyway"
+    )]
+    Root,
+    #[error("shard {shard}: {source}")]
+    Seccomp {
+        shard: usize,
+        source: crate::seccomp::SeccompError,
+    },
 }
 
 /// Failures of a running event loop.
@@ -186,11 +199,17 @@ pub fn serve(config: ServeConfig, factory: Arc<dyn LaneFactory>) -> Result<(), S
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServerError::Signals)?;
     let signal_handle = signals.handle();
+    let seccomp = config.seccomp;
     let server = start(config, factory)?;
     let shared = server.shared.clone();
     let watcher = std::thread::Builder::new()
         .name("kvmfork-signals".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Helper, seccomp) {
+                eprintln!("kvmfork serve: {e}: stopping");
+                shared.request_shutdown(true);
+                return;
+            }
             let mut seen = 0;
             for signal in signals.forever() {
                 seen += 1;
@@ -241,6 +260,29 @@ pub fn start(
         eprintln!("kvmfork serve: WARNING: no language is served; every exec will be refused");
     }
     let listeners = bind_listeners(config.listen, config.shards)?;
+    // Privileges go once the ports are bound and before any filtered thread
+    // exists. The pools open /dev/kvm as the new user: check it can.
+    if let Some(name) = &config.user {
+        let user = crate::privileges::lookup(name).map_err(ServerError::User)?;
+        crate::privileges::drop_to(&user).map_err(ServerError::User)?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| {
+                ServerError::User(format!(
+                    "user {} cannot open /dev/kvm ({e}): add it to the kvm group",
+                    user.name
+                ))
+            })?;
+        eprintln!(
+            "kvmfork serve: running as user {} (uid {}, gid {})",
+            user.name, user.uid, user.gid
+        );
+    }
+    if config.refuse_root && crate::privileges::is_root() {
+        return Err(ServerError::Root);
+    }
     let local_addr = listeners[0]
         .local_addr()
         .map_err(|source| ServerError::Bind {
@@ -299,6 +341,7 @@ pub fn start(
         pools.push(WorkerPool::start(
             shard,
             config.workers_per_shard,
+            config.seccomp,
             config.queue_depth,
             factory.clone(),
             metrics[shard].clone(),
@@ -311,6 +354,7 @@ pub fn start(
         let ctx = ShardCtx::new(shard, shared.clone(), pool);
         let waker = wakers[shard].clone();
         let recv_buffers = config.recv_buffers;
+        let seccomp = config.seccomp;
         let core = (!cores.is_empty()).then(|| cores[shard % cores.len()]);
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), ServerError>>(1);
         let thread = std::thread::Builder::new()
@@ -323,6 +367,14 @@ pub fn start(
                             core.id
                         );
                     }
+                }
+                // The filter goes on before the loop exists, so nothing this
+                // thread does with a client's bytes runs unfiltered.
+                if let Err(source) =
+                    crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop, seccomp)
+                {
+                    let _ = ready_tx.send(Err(ServerError::Seccomp { shard, source }));
+                    return Ok(());
                 }
                 // The ring is created by the thread that uses it: io_uring
                 // ties completion work to the submitting task.
@@ -385,7 +437,11 @@ fn load_keys(config: &ServeConfig) -> Result<Option<ApiKeys>, ServerError> {
 /// fail early on a bad configuration.
 pub fn preflight(config: &ServeConfig) -> Result<(), ServerError> {
     config.validate().map_err(ServerError::Config)?;
-    load_keys(config).map(drop)
+    load_keys(config)?;
+    if config.refuse_root && config.user.is_none() && crate::privileges::is_root() {
+        return Err(ServerError::Root);
+    }
+    Ok(())
 }
 
 /// Probes io_uring once per process start and says why when falling back.

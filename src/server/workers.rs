@@ -144,6 +144,7 @@ impl WorkerPool {
     pub fn start(
         shard: usize,
         workers: usize,
+        seccomp: crate::seccomp::Mode,
         queue_depth: usize,
         factory: Arc<dyn LaneFactory>,
         metrics: Arc<ShardMetrics>,
@@ -166,6 +167,15 @@ impl WorkerPool {
             let handle = std::thread::Builder::new()
                 .name(format!("kvmfork-s{shard}-w{worker}"))
                 .spawn(move || {
+                    // First, before the lane's VMs exist: every guest this
+                    // thread runs, and every VM it creates later (pool
+                    // refills), is under the worker filter.
+                    if let Err(e) =
+                        crate::seccomp::install(crate::seccomp::ThreadKind::Worker, seccomp)
+                    {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
                     let lane = match factory.new_worker_lane(shard, worker) {
                         Ok(lane) => lane,
                         Err(message) => {
