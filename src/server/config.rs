@@ -263,7 +263,7 @@ pub struct ServeArgs {
     /// Once /dev/kvm opens and the listeners are bound, switch to this user (name or uid; its group and supplementary groups, which need `kvm`) before serving.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
-    /// Run exec workers as root; without it (or KVMFORK_ALLOW_ROOT=1) `serve` refuses to start as root (after --user).
+    /// Run exec workers as root; without it (or KVMFORK_ALLOW_ROOT=1) `serve` on a non-loopback address refuses to start as root (after --user); on loopback it warns.
     #[arg(long, env = "KVMFORK_ALLOW_ROOT", action = clap::ArgAction::SetTrue, value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_root: bool,
     /// Largest request body in bytes (413 above).
@@ -319,7 +319,16 @@ impl ServeArgs {
         config.force_epoll = self.force_epoll;
         config.seccomp = self.seccomp;
         config.user = self.user.clone();
-        config.refuse_root = !self.allow_root;
+        // Root on loopback (a developer's machine, the README's command) is
+        // allowed with a warning; listening for the network it must be asked for.
+        config.refuse_root = !self.allow_root && !self.listen.ip().is_loopback();
+        if !self.allow_root
+            && self.listen.ip().is_loopback()
+            && crate::privileges::is_root()
+            && self.user.is_none()
+        {
+            eprintln!("kvmfork serve: WARNING: exec workers run as root (allowed on loopback; use --user, or --allow-root to silence this)");
+        }
         config.max_body_bytes = self.max_body_bytes;
         config.max_timeout = seconds("max-timeout-seconds", self.max_timeout_seconds)?;
         config.default_timeout = config.default_timeout.min(config.max_timeout);
@@ -392,6 +401,27 @@ mod tests {
         assert!(required(&["--require-auth"]));
         assert!(required(&["--require-auth=true"]));
         assert!(Cli::try_parse_from(["kvmfork", "--require-auth=maybe"]).is_err());
+    }
+
+    #[test]
+    fn root_is_refused_off_loopback_unless_allowed() {
+        let refuses = |args: &[&str]| {
+            let mut argv = vec!["kvmfork"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+                .unwrap()
+                .serve
+                .to_config()
+                .unwrap()
+                .refuse_root
+        };
+        // Loopback (the README's command) is allowed, with a warning.
+        assert!(!refuses(&[]));
+        assert!(!refuses(&["--listen", "[::1]:80"]));
+        assert!(!refuses(&["--listen", "0.0.0.0:8080", "--allow-root"]));
+        // tests/run.sh exports KVMFORK_ALLOW_ROOT=1, which clap reads too.
+        let from_env = std::env::var_os("KVMFORK_ALLOW_ROOT").is_some();
+        assert_eq!(refuses(&["--listen", "0.0.0.0:8080"]), !from_env);
     }
 
     #[test]
