@@ -178,7 +178,8 @@ fn http_session_exec(
         let t0 = Instant::now();
         let (status, v) = http(&mut conn, "POST", &path, r#"{"code": "x += 1; x"}"#)?;
         h.record(us(t0.elapsed())).ok();
-        if status != 200 || v["result"]["text"] != (i + 1).to_string() {
+        let want = (i + 1).to_string();
+        if status != 200 || v["result"]["text"].as_str() != Some(want.as_str()) {
             return Err(format!("session exec over HTTP #{}: {status} {v}", i + 1));
         }
     }

@@ -22,6 +22,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Build or describe templates (a booted, snapshotted guest per language).
     Template {

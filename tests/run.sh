@@ -37,6 +37,10 @@ systemctl stop haproxy 2>/dev/null || true
 step "building kvmfork (release)"
 cargo build --release --workspace --locked
 
+step "style: rustfmt, and clippy with warnings as errors (Cargo.toml [lints])"
+cargo fmt --all --check
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
+
 step "guest templates (kernel, rootfs, boot, snapshot; cached by input hash)"
 # The suites use exactly these (the cache may hold templates of other
 # sources, e.g. from another checkout: never pick one by age).

@@ -337,6 +337,7 @@ impl SessionTable {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn insert(
         &mut self,
         sandbox: Sandbox,

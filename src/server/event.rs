@@ -150,6 +150,21 @@ pub fn tick_interval(config: &ServeConfig) -> Duration {
     (shortest / 4).clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 
+/// Answers a connection refused by the connection caps with `response`
+/// and closes it, without ever blocking the event loop: a fresh socket's
+/// send buffer takes a few hundred bytes at once. What the client already
+/// sent is read first so that closing does not reset the connection
+/// (which could discard the answer before the client reads it).
+pub fn refuse_connection(mut stream: TcpStream, response: &[u8]) {
+    if stream.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let _ = stream.read(&mut sink);
+    let _ = stream.write(response);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,19 +182,4 @@ mod tests {
         assert_eq!(slab.keys(), vec![b]);
         assert!(!slab.is_empty());
     }
-}
-
-/// Answers a connection refused by the connection caps with `response`
-/// and closes it, without ever blocking the event loop: a fresh socket's
-/// send buffer takes a few hundred bytes at once. What the client already
-/// sent is read first so that closing does not reset the connection
-/// (which could discard the answer before the client reads it).
-pub fn refuse_connection(mut stream: TcpStream, response: &[u8]) {
-    if stream.set_nonblocking(true).is_err() {
-        return;
-    }
-    let mut sink = [0u8; 4096];
-    let _ = stream.read(&mut sink);
-    let _ = stream.write(response);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
 }

@@ -142,7 +142,9 @@ fn parse_body<T: for<'de> Deserialize<'de> + Default>(body: &[u8]) -> Result<T, 
 fn ttl(secs: Option<f64>) -> Result<Option<Duration>, ApiError> {
     match secs {
         None => Ok(None),
-        Some(s) if s.is_finite() && s >= 1.0 && s <= 1e9 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) if s.is_finite() && (1.0..=1e9).contains(&s) => {
+            Ok(Some(Duration::from_secs_f64(s)))
+        }
         Some(s) => Err(bad(
             "invalid_ttl",
             format!("ttl_seconds must be a number >= 1, got {s}"),

@@ -110,6 +110,8 @@ impl PendingExec {
 }
 
 /// A request's answer: now, or once its executions complete.
+// Returned once per request and consumed at once: not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Dispatch {
     Respond(Response),
     Pending(PendingExec),

@@ -101,8 +101,8 @@ impl Waker {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: fd is a fresh descriptor we exclusively own.
         Ok(Waker {
+            // SAFETY: fd is a fresh descriptor we exclusively own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }
@@ -231,7 +231,9 @@ impl WorkerPool {
             .map_or(0, |tx| self.capacity.saturating_sub(tx.len()))
     }
 
-    /// Queues a job; call only after checking [`WorkerPool::room`].
+    /// Queues a job; call only after checking [`WorkerPool::room`]. The job
+    /// comes back on refusal (it is the caller's to answer).
+    #[allow(clippy::result_large_err)]
     pub fn submit(&self, job: Job) -> Result<(), Job> {
         let Some(tx) = &self.jobs else {
             return Err(job);

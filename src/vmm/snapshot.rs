@@ -152,7 +152,7 @@ fn pod_from<T>(name: &str, bytes: &[u8]) -> Result<T, SnapshotError> {
 
 fn pod_vec_from<T: Copy>(name: &str, bytes: &[u8]) -> Result<Vec<T>, SnapshotError> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(SnapshotError::Incompatible(format!(
             "section {name} is not a whole number of entries"
         )));
@@ -465,8 +465,10 @@ mod tests {
     use crate::vmm::cpuid::HostKind;
 
     fn sample() -> (TemplateMeta, MachineState) {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x4242;
+        let regs = kvm_regs {
+            rip: 0x4242,
+            ..Default::default()
+        };
         let vcpu = VcpuState {
             cpuid: vec![kvm_cpuid_entry2 {
                 function: 1,
@@ -529,7 +531,7 @@ mod tests {
         )
     }
 
-    fn reseal(bytes: &mut Vec<u8>) {
+    fn reseal(bytes: &mut [u8]) {
         let n = bytes.len() - 4;
         let crc = crc32fast::hash(&bytes[..n]);
         bytes[n..].copy_from_slice(&crc.to_le_bytes());
