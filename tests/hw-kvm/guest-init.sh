@@ -462,8 +462,26 @@ msr_denials "$W/serve.log" serve
 phase serve
 
 # --- kvmfork bench fork ----------------------------------------------------------
+# bench_fork <out> <err> <args...>: `kvmfork bench fork` with a deadline. Twice
+# in ~12 nested runs a bench fork here made no progress at all (QEMU busy, no
+# output) until the whole suite's timeout; that hang is not understood yet
+# (not seen on PVM). So a run that passes BENCH_DEADLINE is killed, reported
+# (HWKVM OUT WARNING with its stderr), and retried once; a second hang fails.
+BENCH_DEADLINE=120
+bench_fork() {
+    local out=$1 err=$2 attempt rc
+    shift 2
+    for attempt in 1 2; do
+        rc=0
+        timeout -s KILL "$BENCH_DEADLINE" kvmfork bench fork "$@" >"$out" 2>"$err" || rc=$?
+        [ "$rc" -ne 137 ] && return "$rc"
+        echo "HWKVM OUT WARNING: kvmfork bench fork $* made no progress in ${BENCH_DEADLINE} s (attempt $attempt, killed); its stderr:"
+        tail -n 5 "$err" | while IFS= read -r line; do echo "HWKVM OUT   $line"; done
+    done
+    return "$rc"
+}
 rc=0
-kvmfork bench fork --iterations 10 --alive 1,5 --max-exec-alive 5 >"$W/bench.out" 2>"$W/bench.err" || rc=$?
+bench_fork "$W/bench.out" "$W/bench.err" --iterations 10 --alive 1,5 --max-exec-alive 5 || rc=$?
 while IFS= read -r line; do echo "HWKVM OUT bench: $line"; done <"$W/bench.out"
 if [ "$rc" -eq 0 ] && grep -q 'p50' "$W/bench.out"; then
     pass bench-fork
@@ -513,7 +531,7 @@ if [ -n "$npt0_ok" ]; then
     expect_out npt0-run-print 2
     expect_out npt0-run-numpy 4.5
     rc=0
-    kvmfork bench fork --iterations 5 --alive 1 --max-exec-alive 1 >"$W/bench-npt0.out" 2>"$W/bench-npt0.err" || rc=$?
+    bench_fork "$W/bench-npt0.out" "$W/bench-npt0.err" --iterations 5 --alive 1 --max-exec-alive 1 || rc=$?
     while IFS= read -r line; do echo "HWKVM OUT bench npt=0: $line"; done <"$W/bench-npt0.out"
     # bench prints the host capabilities kvmfork decided (HostCaps).
     if grep -q '^host: KVM kind hardware, shadow paging' "$W/bench-npt0.out"; then
