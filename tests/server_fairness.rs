@@ -62,8 +62,8 @@ fn metric(server: &server_support::TestServer, name: &str) -> u64 {
 /// Key A fills both workers and queues six more execs (one batch); key B
 /// then sends one exec. Before the fix the shard's queue was one FIFO, so
 /// B's exec started ninth, after all of A's batch (with 300 s items: five
-/// minutes of waiting). Now the next free worker takes B's exec: it starts
-/// third, and A's batch still completes in full.
+/// minutes of waiting). Now one of the next free workers takes B's exec: it
+/// starts third or fourth, and A's batch still completes in full.
 #[test]
 fn another_keys_exec_takes_the_next_free_worker_ahead_of_a_queued_batch() {
     for_each_backend(|backend| {
@@ -105,7 +105,13 @@ fn another_keys_exec_takes_the_next_free_worker_ahead_of_a_queued_batch() {
             .all(|r| r["stdout"] == "gate opened"));
         let log = server.events.log.lock().unwrap().clone();
         let b_started = log.iter().position(|c| c == "echo:b").unwrap();
-        assert_eq!(b_started, 2, "start order: {log:?}");
+        // Opening the gate frees both workers at once: B's exec takes one of
+        // those two (3rd or 4th start; without the fair queue it was 9th).
+        assert!(
+            (2..=3).contains(&b_started),
+            "B started {}th; start order: {log:?}",
+            b_started + 1
+        );
     });
 }
 
