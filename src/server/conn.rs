@@ -532,7 +532,7 @@ mod tests {
             started: Instant::now(),
             shutdown: AtomicBool::new(false),
             force: AtomicBool::new(false),
-            session_queues: std::sync::OnceLock::new(),
+            schedulers: std::sync::OnceLock::new(),
             conns: crate::server::connlimit::ConnLimiter::new(16, 16),
             rate: crate::server::auth::RateLimiter::new(None),
             key_execs: Vec::new(),
