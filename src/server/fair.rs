@@ -155,8 +155,7 @@ impl FairQueue {
                 continue;
             };
             let (used, held) = self.usage(*owner, key, now);
-            if !draining && workers >= 2 && held + 1 >= workers && self.others_active(*owner, now)
-            {
+            if !draining && workers >= 2 && held + 1 >= workers && self.others_active(*owner, now) {
                 continue;
             }
             let rank = (used, key.waiting[index].arrival);
@@ -182,10 +181,7 @@ impl FairQueue {
     /// Worker `worker`'s run ended: its time is added to its key's usage.
     pub fn finished(&mut self, worker: usize, now: Instant) {
         if let Some((owner, since)) = self.busy[worker].take() {
-            let key = self
-            .keys
-            .entry(owner)
-            .or_insert_with(|| KeyState::new(now));
+            let key = self.keys.entry(owner).or_insert_with(|| KeyState::new(now));
             key.used = key.decayed(now) + now.saturating_duration_since(since).as_secs_f64();
             key.stamp = now;
             key.last_active = now;

@@ -310,6 +310,11 @@ pub fn start(
         .collect();
     let shared = Arc::new(Shared {
         rate,
+        auth_throttle: auth::AuthThrottle::new(
+            config.auth_fail_limit,
+            config.auth_fail_window,
+            auth::THROTTLE_TRACKED_ADDRESSES,
+        ),
         key_execs,
         config: config.clone(),
         factory: factory.clone(),

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::auth::{
-    retry_after_secs, ApiKeys, AuthThrottle, RateLimiter, THROTTLE_TRACKED_ADDRESSES,
-};
+use super::auth::{retry_after_secs, ApiKeys, AuthThrottle, RateLimiter};
 use super::config::ServeConfig;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
@@ -58,6 +56,9 @@ pub struct Shared {
     pub conns: super::connlimit::ConnLimiter,
     /// Each API key's rate limit, shared by the shards (lock-free).
     pub rate: RateLimiter,
+    /// Failed authentications per client address, shared by the shards
+    /// (lock-free).
+    pub auth_throttle: AuthThrottle,
     /// Each API key's execs queued or running, all shards (lock-free).
     pub key_execs: Vec<std::sync::atomic::AtomicUsize>,
 }
@@ -127,7 +128,6 @@ pub struct ShardCtx {
     pub shared: Arc<Shared>,
     pub metrics: Arc<ShardMetrics>,
     pub pool: WorkerPool,
-    throttle: AuthThrottle,
     ids: IdGenerator,
     health_cache: Option<(Instant, Vec<u8>)>,
     /// Jobs submitted whose completion has not come back yet.
@@ -138,16 +138,10 @@ pub struct ShardCtx {
 impl ShardCtx {
     pub fn new(shard: usize, shared: Arc<Shared>, pool: WorkerPool) -> Self {
         let metrics = shared.shards[shard].clone();
-        let throttle = AuthThrottle::new(
-            shared.config.auth_fail_limit,
-            shared.config.auth_fail_window,
-            THROTTLE_TRACKED_ADDRESSES,
-        );
         ShardCtx {
             shard,
             metrics,
             pool,
-            throttle,
             ids: IdGenerator::new(shard),
             health_cache: None,
             jobs_in_flight: 0,
@@ -232,7 +226,7 @@ impl ShardCtx {
             if let Some(keys) = &self.shared.keys {
                 // A throttled address is refused whatever key it sends: the
                 // key is not even checked, so guessing learns nothing.
-                if let Err(wait) = self.throttle.check(peer, now) {
+                if let Err(wait) = self.shared.auth_throttle.check(peer, now) {
                     let err = ApiError::new(
                         429,
                         "auth_throttled",
@@ -245,7 +239,7 @@ impl ShardCtx {
                     ));
                 }
                 let Some(key) = head.bearer.as_deref().and_then(|token| keys.lookup(token)) else {
-                    self.throttle.record_failure(peer, now);
+                    self.shared.auth_throttle.record_failure(peer, now);
                     let err = ApiError::new(
                         401,
                         "unauthorized",
