@@ -47,6 +47,10 @@ pub enum ThreadKind {
     EventLoop,
     /// An exec worker: owns a lane's VMs and runs their vCPU (KVM ioctls).
     Worker,
+    /// `serve`'s template thread: waits for the builder process (which
+    /// runs the build scripts unfiltered, see `kvmfork template provide`),
+    /// then loads each template and runs its start-up probe guest.
+    TemplateLoader,
     /// Helpers that only wait (the signal watcher).
     Helper,
 }
@@ -56,6 +60,7 @@ impl ThreadKind {
         match self {
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Worker => "exec worker",
+            ThreadKind::TemplateLoader => "template loader",
             ThreadKind::Helper => "helper",
         }
     }
@@ -294,6 +299,19 @@ const WORKER: &[i64] = &[
     libc::SYS_readlinkat,
 ];
 
+/// The template loader, beyond the worker's list (it loads a snapshot into
+/// a memfd and runs a probe guest like a worker): waiting for the builder
+/// process, and the set-id calls glibc makes on every thread when `--user`
+/// switches the process after the loader started (it is root until then
+/// anyway, and the switch cannot be undone).
+const TEMPLATE_LOADER: &[i64] = &[
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_setgroups,
+    libc::SYS_setresgid,
+    libc::SYS_setresuid,
+];
+
 /// The signal watcher: waits on signal-hook's socket pair (and its signal
 /// handler writes to it when a signal lands on this thread).
 const HELPER: &[i64] = &[libc::SYS_recvfrom, libc::SYS_sendto];
@@ -324,13 +342,19 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, S
     let extra: &[i64] = match kind {
         ThreadKind::EventLoop => EVENT_LOOP,
         ThreadKind::Worker => WORKER,
+        ThreadKind::TemplateLoader => TEMPLATE_LOADER,
         ThreadKind::Helper => HELPER,
     };
-    for &nr in COMMON.iter().chain(extra) {
+    let loader: &[i64] = if kind == ThreadKind::TemplateLoader {
+        WORKER
+    } else {
+        &[]
+    };
+    for &nr in COMMON.iter().chain(extra).chain(loader) {
         rules.insert(nr, vec![]);
     }
     let mut ioctls = vec![ioctl_eq(kind, FIONBIO)?, ioctl_eq(kind, FIOCLEX)?];
-    if kind == ThreadKind::Worker {
+    if matches!(kind, ThreadKind::Worker | ThreadKind::TemplateLoader) {
         // Exactly the KVM requests kvmfork makes.
         for request in kvm_requests::all() {
             ioctls.push(ioctl_eq(kind, request)?);
@@ -384,6 +408,7 @@ mod tests {
         for kind in [
             ThreadKind::EventLoop,
             ThreadKind::Worker,
+            ThreadKind::TemplateLoader,
             ThreadKind::Helper,
         ] {
             for action in [SeccompAction::Log, SeccompAction::KillProcess] {
