@@ -147,6 +147,7 @@ mod kvm_requests {
     /// number, as do KVM_SET_PIT2 and KVM_SET_VCPU_EVENTS: the kernel tells
     /// them apart by the descriptor.)
     pub fn all() -> Vec<u64> {
+        // c_ulong is u64 on x86_64, the only target these filters build for.
         let mut v: Vec<u64> = [
             KVM_CREATE_VM(),
             KVM_GET_MSR_INDEX_LIST(),
@@ -195,9 +196,7 @@ mod kvm_requests {
             KVM_SET_XCRS(),
             KVM_GET_STATS_FD(),
         ]
-        .iter()
-        .map(|&r| r as u64)
-        .collect();
+        .to_vec();
         v.sort_unstable();
         v.dedup();
         v
