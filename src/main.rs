@@ -1,6 +1,6 @@
 //! `kvmfork`: build templates, run code in sandboxes, benchmark forks, serve the API.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -160,6 +160,17 @@ enum TemplateCmd {
     },
     /// Print a template's metadata.
     Inspect { dir: PathBuf },
+    /// `serve`'s template builder process (not for direct use): builds or
+    /// finds each language's template in turn and reports one line per
+    /// language on stdout, `ok LANG DIR` or `err LANG REASON`.
+    #[command(hide = true)]
+    Provide {
+        #[arg(long, value_delimiter = ',')]
+        language: Vec<String>,
+        /// Switch to this user first (serve's --user).
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 fn parse_language(s: &str) -> Result<Language, String> {
@@ -200,7 +211,7 @@ fn serve_languages(names: &[String]) -> Result<Vec<Language>, String> {
 /// with: found in the cache by the hash of its inputs, or built (minutes on
 /// PVM hosts). Without the guest sources (an installed binary), the newest
 /// cached template of the language.
-fn provide_template(language: Language) -> Result<template::Template, String> {
+fn template_dir(language: Language) -> Result<PathBuf, String> {
     let lang = language.as_str();
     let guest = template::guest_dir();
     let dir = if guest.join("kernel/build.sh").is_file() {
@@ -230,26 +241,129 @@ fn provide_template(language: Language) -> Result<template::Template, String> {
             )
         })?
     };
-    template::Template::load(&dir).map_err(|e| format!("loading template {}: {e}", dir.display()))
+    Ok(dir)
 }
 
-/// Builds or loads each language's template in turn on a background thread
-/// and publishes it in `registry` (ready, or failed with the reason).
+/// `kvmfork template provide`: [`template_dir`] for each language, one
+/// line each on stdout. Runs in a process of its own, unfiltered, because
+/// building runs the guest build scripts (bash, make, a compiler, dpkg): no
+/// default-deny list for those would be worth the name, and seccomp
+/// filters are inherited across fork and exec.
+fn provide_templates(languages: &[String], user: Option<&str>) -> Result<ExitCode, String> {
+    // Dies with the server's template thread (a killed server leaves no
+    // builder behind).
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    if let Some(name) = user {
+        let user = kvmfork::privileges::lookup(name)?;
+        kvmfork::privileges::drop_to(&user)?;
+    }
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for name in languages {
+        let language = parse_language(name)?;
+        let line = match std::panic::catch_unwind(|| template_dir(language)) {
+            Ok(Ok(dir)) => format!("ok {name} {}", dir.display()),
+            Ok(Err(why)) => format!("err {name} {}", why.replace('\n', " ")),
+            Err(_) => format!("err {name} building the template panicked (see the log)"),
+        };
+        failed |= line.starts_with("err");
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Reads the builder process's line for `language`: the template's
+/// directory, or why there is none.
+fn read_provided(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    language: Language,
+) -> Result<PathBuf, String> {
+    let lang = language.as_str();
+    let line = match lines.next() {
+        Some(Ok(line)) => line,
+        Some(Err(e)) => return Err(format!("reading the template builder's answer: {e}")),
+        None => return Err("the template builder process exited early (see the log)".into()),
+    };
+    let rest = line
+        .split_once(' ')
+        .map(|(verdict, rest)| (verdict, rest.split_once(' ')));
+    match rest {
+        Some(("ok", Some((l, dir)))) if l == lang => Ok(PathBuf::from(dir)),
+        Some(("err", Some((l, why)))) if l == lang => Err(why.to_string()),
+        _ => Err(format!(
+            "unexpected answer from the template builder: {line:?}"
+        )),
+    }
+}
+
+/// Builds or loads each language's template in turn and publishes it in
+/// `registry` (ready, or failed with the reason). The building is done by a
+/// child process (`kvmfork template provide`), started first thing by a
+/// background thread that then installs the template-loader filter: what
+/// stays in the server, loading a snapshot and running its start-up probe,
+/// is filtered like an exec worker.
 fn provision_templates(
     registry: std::sync::Arc<kvmfork::engine::lane::TemplateRegistry>,
+    seccomp: kvmfork::seccomp::Mode,
+    user: Option<String>,
 ) -> Result<(), String> {
+    let languages: Vec<String> = registry
+        .languages()
+        .iter()
+        .map(|l| l.as_str().to_string())
+        .collect();
     std::thread::Builder::new()
         .name("kvmfork-templates".into())
         .spawn(move || {
+            let mut command = std::process::Command::new(
+                std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into()),
+            );
+            command
+                .args(["template", "provide", "--language", &languages.join(",")])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped());
+            if let Some(user) = &user {
+                command.args(["--user", user]);
+            }
+            let mut child = command.spawn();
+            // Filtered from here on: the builder process was spawned above.
+            if let Err(e) =
+                kvmfork::seccomp::install(kvmfork::seccomp::ThreadKind::TemplateLoader, seccomp)
+            {
+                eprintln!("kvmfork serve: ERROR: {e}");
+                for language in registry.languages() {
+                    let _ = registry.set_failed(language, e.to_string());
+                }
+                return;
+            }
+            let mut lines = child
+                .as_mut()
+                .ok()
+                .and_then(|c| c.stdout.take())
+                .map(|out| std::io::BufRead::lines(std::io::BufReader::new(out)));
             for language in registry.languages() {
                 let started = std::time::Instant::now();
                 registry.start(language);
                 let lang = language.as_str();
+                let dir = match (&child, lines.as_mut()) {
+                    (Err(e), _) => Err(format!("starting the template builder process: {e}")),
+                    (Ok(_), Some(lines)) => read_provided(lines, language),
+                    (Ok(_), None) => Err("the template builder process has no output".into()),
+                };
                 // A panic must not leave the slot "building" forever.
-                let provided = std::panic::catch_unwind(|| provide_template(language))
-                    .unwrap_or_else(|_| {
-                        Err("building or loading the template panicked (see the log)".into())
-                    });
+                let provided = std::panic::catch_unwind(|| {
+                    let dir = dir?;
+                    template::Template::load(&dir)
+                        .map_err(|e| format!("loading template {}: {e}", dir.display()))
+                })
+                .unwrap_or_else(|_| Err("loading the template panicked (see the log)".into()));
                 let outcome = match provided {
                     Ok(t) => {
                         let dir = t.dir.clone();
@@ -275,6 +389,9 @@ fn provision_templates(
                         let _ = registry.set_failed(language, why);
                     }
                 }
+            }
+            if let Ok(child) = &mut child {
+                let _ = child.wait();
             }
         })
         .map(drop)
@@ -441,7 +558,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 let registry = std::sync::Arc::new(
                     kvmfork::engine::lane::TemplateRegistry::building(&languages),
                 );
-                provision_templates(registry.clone())?;
+                provision_templates(registry.clone(), config.seccomp, config.user.clone())?;
                 kvmfork::engine::lane::Engine::with_registry(registry, pool)
             } else {
                 kvmfork::engine::lane::Engine::new(templates, pool)
@@ -451,6 +568,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Template {
+            command: TemplateCmd::Provide { language, user },
+        } => provide_templates(&language, user.as_deref()),
         Cmd::Template {
             command: TemplateCmd::Inspect { dir },
         } => {

@@ -47,6 +47,10 @@ pub enum ThreadKind {
     EventLoop,
     /// An exec worker: owns a lane's VMs and runs their vCPU (KVM ioctls).
     Worker,
+    /// `serve`'s template thread: waits for the builder process (which
+    /// runs the build scripts unfiltered, see `kvmfork template provide`),
+    /// then loads each template and runs its start-up probe guest.
+    TemplateLoader,
     /// Helpers that only wait (the signal watcher).
     Helper,
 }
@@ -56,6 +60,7 @@ impl ThreadKind {
         match self {
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Worker => "exec worker",
+            ThreadKind::TemplateLoader => "template loader",
             ThreadKind::Helper => "helper",
         }
     }
@@ -69,9 +74,134 @@ pub enum SeccompError {
     Install { kind: &'static str, message: String },
 }
 
-/// The ioctl type of KVM's requests (`KVMIO` in linux/kvm.h): bits 8..15 of
-/// the request number.
-const KVMIO: u64 = 0xAE;
+/// The KVM requests kvmfork issues, the only ones an exec worker may make.
+/// Found by reading every kvm-ioctls 0.25 method the crate calls (`Kvm`,
+/// `VmFd`, `VcpuFd`: the request each wraps, from kvm-ioctls'
+/// `kvm_ioctls.rs`) and the crate's own raw requests (`KVM_CLEAR_DIRTY_LOG`
+/// in `vmm/vm.rs`, `KVM_GET_STATS_FD` in `vmm/stats.rs`). Calls without an
+/// ioctl (`set_kvm_immediate_exit`, sync regs) need none. Any other KVM
+/// request (`KVM_GET_API_VERSION`, `KVM_SET_GSI_ROUTING`, `KVM_SIGNAL_MSI`,
+/// ...) kills the process.
+mod kvm_requests {
+    use kvm_bindings::*;
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+    // /dev/kvm: Kvm::create_vm (also KVM_CHECK_EXTENSION,
+    // KVM_GET_VCPU_MMAP_SIZE), check_extension_raw, get_supported_cpuid,
+    // get_msr_index_list.
+    ioctl_io_nr!(KVM_CREATE_VM, KVMIO, 0x01);
+    ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_msr_list);
+    ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+    ioctl_io_nr!(KVM_GET_VCPU_MMAP_SIZE, KVMIO, 0x04);
+    ioctl_iowr_nr!(KVM_GET_SUPPORTED_CPUID, KVMIO, 0x05, kvm_cpuid2);
+    // VM fd.
+    ioctl_io_nr!(KVM_CREATE_VCPU, KVMIO, 0x41);
+    ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+    ioctl_iow_nr!(
+        KVM_SET_USER_MEMORY_REGION,
+        KVMIO,
+        0x46,
+        kvm_userspace_memory_region
+    );
+    ioctl_io_nr!(KVM_SET_TSS_ADDR, KVMIO, 0x47);
+    ioctl_iow_nr!(KVM_SET_IDENTITY_MAP_ADDR, KVMIO, 0x48, u64);
+    ioctl_io_nr!(KVM_CREATE_IRQCHIP, KVMIO, 0x60);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
+    ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+    ioctl_iow_nr!(KVM_CREATE_PIT2, KVMIO, 0x77, kvm_pit_config);
+    ioctl_iow_nr!(KVM_SET_CLOCK, KVMIO, 0x7b, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+    ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
+    ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, kvm_enable_cap);
+    ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+    ioctl_iow_nr!(KVM_SET_MSR_FILTER, KVMIO, 0xc6, kvm_msr_filter);
+    // vCPU fd.
+    ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_iow_nr!(KVM_SET_REGS, KVMIO, 0x82, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iow_nr!(KVM_SET_SREGS, KVMIO, 0x84, kvm_sregs);
+    ioctl_iowr_nr!(KVM_TRANSLATE, KVMIO, 0x85, kvm_translation);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_iow_nr!(KVM_SET_MSRS, KVMIO, 0x89, kvm_msrs);
+    ioctl_iow_nr!(KVM_SET_FPU, KVMIO, 0x8d, kvm_fpu);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_iow_nr!(KVM_SET_LAPIC, KVMIO, 0x8f, kvm_lapic_state);
+    ioctl_iow_nr!(KVM_SET_CPUID2, KVMIO, 0x90, kvm_cpuid2);
+    ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_cpuid2);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_iow_nr!(KVM_SET_MP_STATE, KVMIO, 0x99, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_iow_nr!(KVM_SET_VCPU_EVENTS, KVMIO, 0xa0, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_iow_nr!(KVM_SET_DEBUGREGS, KVMIO, 0xa2, kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_iow_nr!(KVM_SET_XSAVE, KVMIO, 0xa5, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_iow_nr!(KVM_SET_XCRS, KVMIO, 0xa7, kvm_xcrs);
+    ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+
+    /// Every request above. (KVM_GET_PIT2 and KVM_GET_VCPU_EVENTS share a
+    /// command byte, as do the two setters, but not a number: the argument
+    /// size is part of it.)
+    pub fn all() -> Vec<u64> {
+        // c_ulong is u64 on x86_64, the only target these filters build for.
+        let mut v: Vec<u64> = [
+            KVM_CREATE_VM(),
+            KVM_GET_MSR_INDEX_LIST(),
+            KVM_CHECK_EXTENSION(),
+            KVM_GET_VCPU_MMAP_SIZE(),
+            KVM_GET_SUPPORTED_CPUID(),
+            KVM_CREATE_VCPU(),
+            KVM_GET_DIRTY_LOG(),
+            KVM_SET_USER_MEMORY_REGION(),
+            KVM_SET_TSS_ADDR(),
+            KVM_SET_IDENTITY_MAP_ADDR(),
+            KVM_CREATE_IRQCHIP(),
+            KVM_GET_IRQCHIP(),
+            KVM_SET_IRQCHIP(),
+            KVM_IRQFD(),
+            KVM_CREATE_PIT2(),
+            KVM_SET_CLOCK(),
+            KVM_GET_CLOCK(),
+            KVM_GET_PIT2(),
+            KVM_SET_PIT2(),
+            KVM_ENABLE_CAP(),
+            KVM_CLEAR_DIRTY_LOG(),
+            KVM_SET_MSR_FILTER(),
+            KVM_RUN(),
+            KVM_GET_REGS(),
+            KVM_SET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_SET_SREGS(),
+            KVM_TRANSLATE(),
+            KVM_GET_MSRS(),
+            KVM_SET_MSRS(),
+            KVM_SET_FPU(),
+            KVM_GET_LAPIC(),
+            KVM_SET_LAPIC(),
+            KVM_SET_CPUID2(),
+            KVM_GET_CPUID2(),
+            KVM_GET_MP_STATE(),
+            KVM_SET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_SET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_SET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_SET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_SET_XCRS(),
+            KVM_GET_STATS_FD(),
+        ]
+        .to_vec();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
 /// `ioctl(fd, FIONBIO)` and `FIOCLEX`: set a descriptor non-blocking or
 /// close-on-exec (the standard library uses them on sockets and files).
 const FIONBIO: u64 = 0x5421;
@@ -168,6 +298,19 @@ const WORKER: &[i64] = &[
     libc::SYS_readlinkat,
 ];
 
+/// The template loader, beyond the worker's list (it loads a snapshot into
+/// a memfd and runs a probe guest like a worker): waiting for the builder
+/// process, and the set-id calls glibc makes on every thread when `--user`
+/// switches the process after the loader started (it is root until then
+/// anyway, and the switch cannot be undone).
+const TEMPLATE_LOADER: &[i64] = &[
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_setgroups,
+    libc::SYS_setresgid,
+    libc::SYS_setresuid,
+];
+
 /// The signal watcher: waits on signal-hook's socket pair (and its signal
 /// handler writes to it when a signal lands on this thread).
 const HELPER: &[i64] = &[libc::SYS_recvfrom, libc::SYS_sendto];
@@ -198,22 +341,23 @@ pub fn filter(kind: ThreadKind, mismatch: SeccompAction) -> Result<BpfProgram, S
     let extra: &[i64] = match kind {
         ThreadKind::EventLoop => EVENT_LOOP,
         ThreadKind::Worker => WORKER,
+        ThreadKind::TemplateLoader => TEMPLATE_LOADER,
         ThreadKind::Helper => HELPER,
     };
-    for &nr in COMMON.iter().chain(extra) {
+    let loader: &[i64] = if kind == ThreadKind::TemplateLoader {
+        WORKER
+    } else {
+        &[]
+    };
+    for &nr in COMMON.iter().chain(extra).chain(loader) {
         rules.insert(nr, vec![]);
     }
     let mut ioctls = vec![ioctl_eq(kind, FIONBIO)?, ioctl_eq(kind, FIOCLEX)?];
-    if kind == ThreadKind::Worker {
-        // Only KVM's requests: type KVMIO in bits 8..15 of the request.
-        let c = SeccompCondition::new(
-            1,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::MaskedEq(0xff00),
-            KVMIO << 8,
-        )
-        .map_err(|e| build_error(kind, e))?;
-        ioctls.push(rule(kind, vec![c])?);
+    if matches!(kind, ThreadKind::Worker | ThreadKind::TemplateLoader) {
+        // Exactly the KVM requests kvmfork makes.
+        for request in kvm_requests::all() {
+            ioctls.push(ioctl_eq(kind, request)?);
+        }
     }
     rules.insert(libc::SYS_ioctl, ioctls);
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
@@ -263,6 +407,7 @@ mod tests {
         for kind in [
             ThreadKind::EventLoop,
             ThreadKind::Worker,
+            ThreadKind::TemplateLoader,
             ThreadKind::Helper,
         ] {
             for action in [SeccompAction::Log, SeccompAction::KillProcess] {
@@ -270,5 +415,18 @@ mod tests {
                 assert!(program.len() > COMMON.len(), "{kind:?}");
             }
         }
+    }
+
+    /// The list holds the numbers the VMM's own definitions use, and no
+    /// request by its type byte alone.
+    #[test]
+    fn the_worker_allows_exactly_the_kvm_requests_kvmfork_makes() {
+        let all = kvm_requests::all();
+        assert_eq!(all.len(), 46, "46 distinct requests");
+        assert!(all.contains(&(crate::vmm::vm::KVM_CLEAR_DIRTY_LOG() as u64)));
+        assert!(all.contains(&(crate::vmm::stats::KVM_GET_STATS_FD() as u64)));
+        assert!(all.contains(&0xAE80), "KVM_RUN");
+        assert!(!all.contains(&0xAE00), "KVM_GET_API_VERSION is not used");
+        assert!(all.iter().all(|r| (r >> 8) & 0xff == 0xAE));
     }
 }

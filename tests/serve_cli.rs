@@ -51,13 +51,22 @@ impl Serve {
     }
 }
 
-fn serve_with_broken_node_template(args: &[&str]) -> Serve {
+fn fresh_cache() -> std::path::PathBuf {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let cache = std::env::temp_dir().join(format!("kvmfork-serve-cli-{}-{n}", std::process::id()));
+    std::env::temp_dir().join(format!("kvmfork-serve-cli-{}-{n}", std::process::id()))
+}
+
+fn serve_with_broken_node_template(args: &[&str]) -> Serve {
+    let cache = fresh_cache();
     let template = cache.join("templates/node-broken");
     std::fs::create_dir_all(&template).unwrap();
     std::fs::write(template.join("state.snap"), b"not a kvmfork state file").unwrap();
+    let guest = cache.join("no-guest-sources");
+    spawn_serve(args, cache, &guest)
+}
+
+fn spawn_serve(args: &[&str], cache: std::path::PathBuf, guest: &std::path::Path) -> Serve {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvmfork"))
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
         // The suites run as root (tests/run.sh needs it for apt).
@@ -68,7 +77,7 @@ fn serve_with_broken_node_template(args: &[&str]) -> Serve {
         ])
         .args(args)
         .env("KVMFORK_CACHE_DIR", &cache)
-        .env("KVMFORK_GUEST_DIR", cache.join("no-guest-sources"))
+        .env("KVMFORK_GUEST_DIR", guest)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -230,4 +239,101 @@ fn without_guest_sources_a_missing_template_fails_with_what_to_do() {
         (status, body["error"]["code"].as_str()),
         (500, Some("template_failed"))
     );
+}
+
+/// `Seccomp:` of /proc/<path>/status (0 none, 2 filtered).
+fn seccomp_of(path: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{path}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp:"))
+        .unwrap_or("gone")
+        .trim()
+        .to_string()
+}
+
+/// The processes whose parent is `pid`, with their command lines.
+fn children_of(pid: u32) -> Vec<(u32, String)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (ppid == pid).then_some((p, cmd))
+        })
+        .collect()
+}
+
+/// The template thread of `serve` is filtered, and the build scripts run
+/// in a child process that is not (they run bash, make, a compiler, dpkg;
+/// filters are inherited across exec). Before the fix the thread built in
+/// the server process itself with no filter (`Seccomp: 0`), its build
+/// scripts being the server's own children. Here the guest sources' kernel
+/// script only sleeps, so the build is caught in the middle.
+#[test]
+fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtered() {
+    let cache = fresh_cache();
+    let guest = cache.join("guest");
+    std::fs::create_dir_all(guest.join("kernel")).unwrap();
+    std::fs::write(guest.join("kernel/build.sh"), "sleep 60\n").unwrap();
+    let serve = spawn_serve(&["--language", "python"], cache, &guest);
+    let pid = serve.child.id();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (builder, script) = loop {
+        let builder = children_of(pid)
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("template provide --language python"));
+        if let Some((builder, _)) = builder {
+            if let Some((script, _)) = children_of(builder)
+                .into_iter()
+                .find(|(_, cmd)| cmd.contains("kernel/build.sh"))
+            {
+                break (builder, script);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no builder process running the kernel script under {pid}: {:?}",
+            children_of(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let thread = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| t.ok()?.file_name().to_str().map(String::from))
+        .find(|tid| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                .is_ok_and(|c| c.trim() == "kvmfork-templat")
+        })
+        .expect("serve has a template thread while building");
+    assert_eq!(
+        seccomp_of(&format!("{pid}/task/{thread}")),
+        "2",
+        "the template thread"
+    );
+    assert_eq!(seccomp_of(&builder.to_string()), "0", "the builder process");
+    assert_eq!(seccomp_of(&script.to_string()), "0", "the build script");
+    let (_, health) = request(serve.addr, "GET", "/v1/health", "");
+    assert_eq!(
+        health["templates"]["python"]["state"], "building",
+        "{health}"
+    );
+    // The builder goes with the server.
+    drop(serve);
+    let gone = Instant::now() + Duration::from_secs(10);
+    while seccomp_of(&builder.to_string()) != "gone" {
+        assert!(Instant::now() < gone, "the builder outlived the server");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: no memory arguments; the script is this test's own sleep.
+    unsafe { libc::kill(script as i32, libc::SIGKILL) };
 }

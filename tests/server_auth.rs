@@ -206,6 +206,57 @@ fn failed_authentications_are_throttled_per_address() {
     });
 }
 
+/// The throttle is one for the node. Before the fix each shard counted
+/// failures on its own, so an address whose connections landed on both
+/// shards got `limit x shards` guesses (here 2 + 2 failures stayed under a
+/// limit of 4 on each shard, and both answered 401 again). Now the 4
+/// failures from two shards block the address on both.
+#[test]
+fn failed_authentications_count_once_for_the_node_across_shards() {
+    server_support::for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["good-key"]"#), |c| {
+            c.shards = 2;
+            c.auth_fail_limit = 4;
+            c.auth_fail_window = Duration::from_secs(60);
+        });
+        let bad = [("Authorization", "Bearer guess")];
+        let good = [("Authorization", "Bearer good-key")];
+        // One keep-alive connection on each shard (SO_REUSEPORT spreads
+        // connections by their address hash; successes do not count).
+        let mut on_shard: [Option<server_support::Client>; 2] = [None, None];
+        for _ in 0..200 {
+            if on_shard.iter().all(Option::is_some) {
+                break;
+            }
+            let mut c = server.connect();
+            c.send("POST", "/v1/exec", &good, Some(r#"{"code":"shard"}"#));
+            let shard: usize = c.read_response().json()["stdout"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            on_shard[shard].get_or_insert(c);
+        }
+        let body = Some(r#"{"code":"echo:hi"}"#);
+        for c in on_shard.iter_mut() {
+            let c = c.as_mut().expect("a connection on each shard");
+            for i in 0..2 {
+                c.send("POST", "/v1/exec", &bad, body);
+                assert_eq!(c.read_response().status, 401, "failure {i}");
+            }
+        }
+        for c in on_shard.iter_mut() {
+            let c = c.as_mut().unwrap();
+            c.send("POST", "/v1/exec", &good, body);
+            let resp = c.read_response();
+            assert_eq!(
+                (resp.status, resp.error_code().as_str()),
+                (429, "auth_throttled")
+            );
+        }
+    });
+}
+
 /// A keys file with a bad entry is a start-up error naming the entry; a
 /// tiny (valid) rate answers 429 with a finite Retry-After instead of
 /// panicking the shard (it did, in `Duration::from_secs_f64`, before

@@ -210,3 +210,182 @@ fn a_key_holds_at_most_its_execs_in_flight_on_any_shard() {
         assert_eq!(resp.json()["stdout"], "again");
     });
 }
+
+/// Sends one request with key `key` on a fresh connection; the response
+/// is read later.
+fn send(
+    server: &server_support::TestServer,
+    key: &str,
+    path: &str,
+    body: &str,
+) -> server_support::Client {
+    let mut c = server.connect();
+    let auth = format!("Bearer {key}");
+    c.send("POST", path, &[("Authorization", &auth)], Some(body));
+    c
+}
+
+/// Waits (bounded) until `n` execs wait in the queue.
+fn wait_queued(server: &server_support::TestServer, n: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while metric(server, "kvmfork_exec_queue_depth") < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} execs ever queued"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A new session for `key` (on the one shard's worker the server picks).
+fn create_session(server: &server_support::TestServer, key: &str) -> String {
+    let resp = send(server, key, "/v1/sandboxes", "{}").read_response();
+    assert_eq!(resp.status, 201, "{:?}", resp.json());
+    resp.json()["sandbox_id"].as_str().unwrap().to_string()
+}
+
+/// Session execs wait in the same per-key fair queue as stateless ones.
+/// Before the fix they went to a per-worker channel that the worker served
+/// before the fair queue, so key A's queued session execs all ran before
+/// key B's stateless exec (B started 6th here, after A's four session
+/// execs; and none of them showed in `kvmfork_exec_queue_depth`). Now B,
+/// which used no worker time, goes first once the worker frees.
+#[test]
+fn session_execs_wait_in_the_fair_queue_with_stateless_ones() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["key-a", "key-b"]"#), |c| {
+            c.workers_per_shard = 1;
+            c.queue_depth = 16;
+        });
+        let id = create_session(&server, "key-a");
+        let mut gate = send(&server, "key-a", "/v1/exec", r#"{"code":"gate"}"#);
+        server.events.wait_started(1);
+        let path = format!("/v1/sandboxes/{id}/exec");
+        let mut sessions: Vec<_> = (0..4)
+            .map(|_| send(&server, "key-a", &path, r#"{"code":"echo:s"}"#))
+            .collect();
+        wait_queued(&server, 4);
+        let mut b = send(&server, "key-b", "/v1/exec", r#"{"code":"echo:b"}"#);
+        wait_queued(&server, 5);
+        server.events.open_gate();
+        assert_eq!(b.read_response().json()["stdout"], "b");
+        assert_eq!(gate.read_response().status, 200);
+        for c in &mut sessions {
+            let resp = c.read_response();
+            assert_eq!(resp.status, 200, "{:?}", resp.json());
+            assert_eq!(resp.json()["stdout"], "s");
+        }
+        let log = server.events.log.lock().unwrap().clone();
+        assert_eq!(log[0], "gate");
+        assert_eq!(log[1], "echo:b", "start order: {log:?}");
+    });
+}
+
+/// A session exec counts towards `--max-execs-per-key` like a stateless
+/// one: with key A's 8-item batch holding its cap of 8, A's session exec is
+/// refused, and key B's session exec runs.
+#[test]
+fn session_execs_count_towards_the_keys_exec_cap() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["key-a", "key-b"]"#), |c| {
+            c.queue_depth = 16;
+            c.max_batch = 8;
+            c.max_execs_per_key = 8;
+        });
+        let a_id = create_session(&server, "key-a");
+        let b_id = create_session(&server, "key-b");
+        let batch = format!(
+            r#"{{"executions":[{}]}}"#,
+            [r#"{"code":"gate"}"#; 8].join(",")
+        );
+        let mut a = send(&server, "key-a", "/v1/exec/batch", &batch);
+        server.events.wait_started(1);
+        let path = |id: &str| format!("/v1/sandboxes/{id}/exec");
+        let resp = send(&server, "key-a", &path(&a_id), r#"{"code":"echo:s"}"#).read_response();
+        assert_eq!(resp.status, 429, "{:?}", resp.json());
+        assert_eq!(resp.error_code(), "too_many_execs");
+        let mut b = send(&server, "key-b", &path(&b_id), r#"{"code":"echo:b"}"#);
+        server.events.open_gate();
+        assert_eq!(b.read_response().json()["stdout"], "b");
+        assert_eq!(a.read_response().status, 200);
+        // A's places came back.
+        let resp = send(&server, "key-a", &path(&a_id), r#"{"code":"echo:s"}"#).read_response();
+        assert_eq!(resp.json()["stdout"], "s");
+    });
+}
+
+/// Shares are by worker time, not exec count. Key A's one exec held the
+/// only worker (a gate, open for as long as the test needs to queue the
+/// rest); A then queued one more exec, and key B one after it. Before the
+/// fix both keys had zero execs running when the worker freed, so A's went
+/// first (older); now A's time on the worker puts B's first.
+#[test]
+fn the_key_that_used_less_worker_time_goes_first() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["key-a", "key-b"]"#), |c| {
+            c.workers_per_shard = 1;
+        });
+        let mut gate = send(&server, "key-a", "/v1/exec", r#"{"code":"gate"}"#);
+        server.events.wait_started(1);
+        let mut a = send(&server, "key-a", "/v1/exec", r#"{"code":"echo:a"}"#);
+        wait_queued(&server, 1);
+        let mut b = send(&server, "key-b", "/v1/exec", r#"{"code":"echo:b"}"#);
+        wait_queued(&server, 2);
+        server.events.open_gate();
+        for (c, out) in [(&mut gate, "gate opened"), (&mut a, "a"), (&mut b, "b")] {
+            assert_eq!(c.read_response().json()["stdout"], out);
+        }
+        let log = server.events.log.lock().unwrap().clone();
+        assert_eq!(log, ["gate", "echo:b", "echo:a"]);
+    });
+}
+
+/// Runs are not preempted, so a key that holds every worker with long runs
+/// makes any other key wait for one of them to end (before the fix: key A's
+/// 4 gated execs took both workers, and B's exec waited for the gate,
+/// here forever). Now, while another key is active (B ran an exec just
+/// before), A may hold at most one of the two workers: B's exec starts and
+/// completes while A's runs are still held, then A's batch completes.
+/// Bound: B's exec starts without waiting for any of A's runs.
+#[test]
+fn one_worker_stays_free_for_another_active_key() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["key-a", "key-b"]"#), |c| {
+            c.workers_per_shard = 2;
+            c.queue_depth = 16;
+        });
+        let warm = send(&server, "key-b", "/v1/exec", r#"{"code":"echo:warm"}"#).read_response();
+        assert_eq!(warm.json()["stdout"], "warm");
+        let batch = format!(
+            r#"{{"executions":[{}]}}"#,
+            [r#"{"code":"gate"}"#; 4].join(",")
+        );
+        let mut a = send(&server, "key-a", "/v1/exec/batch", &batch);
+        server.events.wait_started(2);
+        wait_queued(&server, 3);
+        let mut b = send(&server, "key-b", "/v1/exec", r#"{"code":"echo:b"}"#);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while server.events.finished.load(Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B's exec did not run while A's held a worker; start order: {:?}",
+                server.events.log.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(b.read_response().json()["stdout"], "b");
+        assert_eq!(
+            server.events.started.load(Ordering::SeqCst),
+            3,
+            "one of A's runs and B's two"
+        );
+        server.events.open_gate();
+        let results = a.read_response().json()["results"].clone();
+        assert_eq!(results.as_array().unwrap().len(), 4);
+        assert!(results
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["stdout"] == "gate opened"));
+    });
+}

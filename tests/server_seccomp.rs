@@ -1,7 +1,7 @@
 //! kvmfork's own seccomp filters, in a child process: a forbidden syscall
 //! made by an exec worker thread of a running server kills the whole
-//! process (SIGSYS), a forbidden ioctl request kills it too, while the KVM
-//! ioctls the worker needs and everything the server does to answer are
+//! process (SIGSYS), a forbidden ioctl request kills it too (a KVM request
+//! kvmfork never makes included), while the KVM ioctls the worker needs and everything the server does to answer are
 //! allowed. With `--seccomp=log` the same calls are only reported.
 //!
 //! The child is this test binary run again with `--ignored --exact
@@ -47,11 +47,21 @@ impl Lane for SyscallLane {
             // A KVM request the worker needs: allowed in every mode.
             "kvm" => {
                 let kvm = std::fs::File::open("/dev/kvm").expect("opening /dev/kvm");
+                // KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03), of KVM_CAP_IRQCHIP (0).
+                // SAFETY: this request reads its integer argument only.
+                let v =
+                    unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&kvm), 0xAE03 as _, 0) };
+                format!("kvm={v}")
+            }
+            // A KVM request kvmfork never makes: only the exact list of
+            // requests it uses is allowed, not KVM's whole type byte.
+            "kvm_unused" => {
+                let kvm = std::fs::File::open("/dev/kvm").expect("opening /dev/kvm");
                 // KVM_GET_API_VERSION = _IO(KVMIO, 0x00).
                 // SAFETY: this request takes no argument and touches no memory.
                 let v =
                     unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&kvm), 0xAE00 as _, 0) };
-                format!("kvm={v}")
+                format!("kvm_unused={v}")
             }
             other => format!("unknown {other}"),
         };
@@ -196,7 +206,10 @@ fn a_forbidden_syscall_from_an_exec_worker_kills_the_process() {
     assert_eq!(health["status"], "ok");
     let (status, kvm) = exec(child.addr, "kvm").expect("an answer to the KVM ioctl");
     assert_eq!(status, 200, "{kvm}");
-    assert_eq!(kvm["stdout"], "kvm=12", "KVM_GET_API_VERSION");
+    assert_eq!(
+        kvm["stdout"], "kvm=1",
+        "KVM_CHECK_EXTENSION(KVM_CAP_IRQCHIP)"
+    );
     // socket(2) on the worker thread: no answer, the process is gone.
     assert!(
         exec(child.addr, "socket").is_none(),
@@ -217,13 +230,30 @@ fn an_ioctl_request_outside_kvm_kills_the_process() {
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
 }
 
+/// Before the fix the worker's ioctl rule matched KVM's type byte (0xAE),
+/// so any KVM request passed, KVM_GET_API_VERSION among them (it answered
+/// `kvm_unused=12`). Now only the requests kvmfork makes pass.
+#[test]
+fn a_kvm_request_kvmfork_never_makes_kills_the_process() {
+    let mut child = spawn_child("enforce");
+    let (status, kvm) = exec(child.addr, "kvm").expect("an answer to a used KVM ioctl");
+    assert_eq!(status, 200, "{kvm}");
+    assert!(
+        exec(child.addr, "kvm_unused").is_none(),
+        "answered after KVM_GET_API_VERSION"
+    );
+    let status = wait_exit(&mut child);
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
+}
+
 #[test]
 fn log_mode_reports_and_allows_the_same_calls() {
     let mut child = spawn_child("log");
     for (code, want) in [
         ("socket", "socket="),
         ("tcgets", "tcgets="),
-        ("kvm", "kvm=12"),
+        ("kvm", "kvm=1"),
+        ("kvm_unused", "kvm_unused=12"),
     ] {
         let (status, resp) = exec(child.addr, code).expect("log mode answers");
         assert_eq!(status, 200, "{resp}");

@@ -5,7 +5,6 @@
 //! Rate limits are one per key for the whole server, kept lock-free (one
 //! atomic word per key that every shard updates by compare-and-swap).
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -218,33 +217,40 @@ impl RateLimiter {
     }
 }
 
-/// Client addresses one shard tracks failed authentications for; beyond
-/// this the address tracked longest is forgotten first.
+/// Client addresses the throttle has room for (slots of its table; two
+/// addresses that hash to one slot share it, the later replacing the
+/// earlier, like eviction from a full map).
 pub const THROTTLE_TRACKED_ADDRESSES: usize = 4096;
 
-#[derive(Clone, Copy, Debug)]
-struct Failures {
-    count: u32,
-    /// First failure of the counting window, or the start of the block once
-    /// `count` reached the limit.
-    since: Instant,
-    /// Position in [`AuthThrottle::order`].
-    seq: u64,
-}
+/// Time in the throttle's slots: 10 ms ticks since the throttle was made,
+/// kept in [`TICK_BITS`] bits (wrapping after ~31 days; ages are computed
+/// modulo that, and windows are capped well below it).
+const TICK: Duration = Duration::from_millis(10);
+const TICK_BITS: u32 = 28;
+const TICK_MASK: u64 = (1 << TICK_BITS) - 1;
+const COUNT_BITS: u32 = 16;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+/// Bits of an address's hash kept in its slot to tell addresses apart.
+const TAG_BITS: u32 = 64 - TICK_BITS - COUNT_BITS;
 
-/// One shard's throttle of failed authentications per client address
-/// (IPv6 by /64, since one host holds a whole /64). After `limit` failures
-/// within `window` of the first, the address is refused for `window`
-/// without its key being checked. A success does not clear the count, so a
-/// tenant with a valid key cannot interleave it to keep guessing others'.
+/// The node's throttle of failed authentications per client address (IPv6
+/// by /64, since one host holds a whole /64), shared by every shard. After
+/// `limit` failures within `window` of the first, the address is refused
+/// for `window` without its key being checked, whichever shard its
+/// connections land on. A success does not clear the count, so a tenant
+/// with a valid key cannot interleave it to keep guessing others'.
+///
+/// Lock-free: a fixed table of one atomic word per slot (hash tag, window
+/// start, count), updated by compare-and-swap; the slot is picked by a
+/// keyed hash of the address, so a client cannot choose whose slot it
+/// lands in.
 pub struct AuthThrottle {
-    limit: u32,
-    window: Duration,
-    cap: usize,
-    entries: HashMap<IpAddr, Failures>,
-    /// Addresses by when their entry last (re)started: oldest evicted first.
-    order: BTreeMap<u64, IpAddr>,
-    next_seq: u64,
+    limit: u64,
+    /// In ticks.
+    window: u64,
+    slots: Box<[AtomicU64]>,
+    hasher: std::collections::hash_map::RandomState,
+    epoch: Instant,
 }
 
 /// The unit an address is throttled and its connections counted by.
@@ -258,97 +264,130 @@ pub(crate) fn address_key(addr: IpAddr) -> IpAddr {
     }
 }
 
-impl AuthThrottle {
-    /// `limit` 0 turns the throttle off.
-    pub fn new(limit: u32, window: Duration, cap: usize) -> Self {
-        AuthThrottle {
-            limit,
-            window,
-            cap: cap.max(1),
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-            next_seq: 0,
+/// A slot's word: `tag | since (ticks) | count`; 0 is empty.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Slot {
+    tag: u64,
+    since: u64,
+    count: u64,
+}
+
+impl Slot {
+    fn unpack(word: u64) -> Self {
+        Slot {
+            tag: word >> (TICK_BITS + COUNT_BITS),
+            since: (word >> COUNT_BITS) & TICK_MASK,
+            count: word & COUNT_MASK,
         }
+    }
+
+    fn pack(self) -> u64 {
+        (self.tag << (TICK_BITS + COUNT_BITS))
+            | ((self.since & TICK_MASK) << COUNT_BITS)
+            | self.count
+    }
+}
+
+impl AuthThrottle {
+    /// `limit` 0 turns the throttle off; `slots` is rounded up to a power
+    /// of two.
+    pub fn new(limit: u32, window: Duration, slots: usize) -> Self {
+        let window = (window.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        AuthThrottle {
+            limit: u64::from(limit).min(COUNT_MASK),
+            // Far below the wrap, so a live window is never mistaken.
+            window: window.min(TICK_MASK / 4),
+            slots: (0..slots.max(1).next_power_of_two())
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            hasher: Default::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn ticks(&self, now: Instant) -> u64 {
+        let t = now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos();
+        (t as u64) & TICK_MASK
+    }
+
+    /// The slot for `addr` and the tag that marks it as `addr`'s (never 0,
+    /// so an empty slot matches no address).
+    fn slot(&self, addr: IpAddr) -> (&AtomicU64, u64) {
+        use std::hash::BuildHasher;
+        let hash = self.hasher.hash_one(address_key(addr));
+        let index = (hash as usize) & (self.slots.len() - 1);
+        let tag = (hash >> (64 - TAG_BITS)).max(1);
+        (&self.slots[index], tag)
+    }
+
+    fn age(&self, slot: Slot, now: u64) -> u64 {
+        now.wrapping_sub(slot.since) & TICK_MASK
     }
 
     #[cfg(test)]
-    fn tracked(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// A new position in the eviction order for `key`.
-    fn restart(&mut self, key: IpAddr) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.order.insert(seq, key);
-        seq
-    }
-
-    fn forget(&mut self, key: IpAddr) {
-        if let Some(f) = self.entries.remove(&key) {
-            self.order.remove(&f.seq);
-        }
+    fn tracked(&self, now: Instant) -> usize {
+        let now = self.ticks(now);
+        self.slots
+            .iter()
+            .map(|w| Slot::unpack(w.load(Ordering::Relaxed)))
+            .filter(|s| s.tag != 0 && self.age(*s, now) < self.window)
+            .count()
     }
 
     /// `Err(how long)` while `addr` is throttled.
-    pub fn check(&mut self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
-        let key = address_key(addr);
-        let Some(f) = self.entries.get(&key) else {
-            return Ok(());
-        };
-        let age = now.saturating_duration_since(f.since);
-        if age < self.window {
-            if f.count >= self.limit {
-                return Err(self.window - age);
-            }
+    pub fn check(&self, addr: IpAddr, now: Instant) -> Result<(), Duration> {
+        if self.limit == 0 {
             return Ok(());
         }
-        self.forget(key);
+        let (word, tag) = self.slot(addr);
+        let slot = Slot::unpack(word.load(Ordering::Relaxed));
+        let age = self.age(slot, self.ticks(now));
+        if slot.tag == tag && age < self.window && slot.count >= self.limit {
+            return Err(TICK * (self.window - age) as u32);
+        }
         Ok(())
     }
 
     /// Counts a failed authentication from `addr`.
-    pub fn record_failure(&mut self, addr: IpAddr, now: Instant) {
+    pub fn record_failure(&self, addr: IpAddr, now: Instant) {
         if self.limit == 0 {
             return;
         }
-        let key = address_key(addr);
-        let expired = self
-            .entries
-            .get(&key)
-            .is_some_and(|f| now.saturating_duration_since(f.since) >= self.window);
-        if expired {
-            self.forget(key);
-        }
-        if !self.entries.contains_key(&key) {
-            while self.entries.len() >= self.cap {
-                let Some((_, oldest)) = self.order.pop_first() else {
-                    break;
-                };
-                self.entries.remove(&oldest);
-            }
-            let seq = self.restart(key);
-            self.entries.insert(
-                key,
-                Failures {
-                    count: 0,
+        let (word, tag) = self.slot(addr);
+        let now = self.ticks(now);
+        let mut current = word.load(Ordering::Relaxed);
+        loop {
+            let slot = Slot::unpack(current);
+            let next = if slot.tag != tag || self.age(slot, now) >= self.window {
+                // A new window (replacing whatever address held the slot).
+                Slot {
+                    tag,
                     since: now,
-                    seq,
-                },
-            );
-        }
-        let f = self.entries.get_mut(&key).expect("inserted above");
-        if f.count >= self.limit {
-            return; // Already blocked: retries do not extend the block.
-        }
-        f.count += 1;
-        if f.count == self.limit {
+                    count: 1,
+                }
+            } else if slot.count >= self.limit {
+                return; // Already blocked: retries do not extend the block.
+            } else {
+                Slot {
+                    count: slot.count + 1,
+                    ..slot
+                }
+            };
             // The block lasts a whole window from the failure that caused it.
-            let old = f.seq;
-            f.since = now;
-            self.order.remove(&old);
-            let seq = self.restart(key);
-            self.entries.get_mut(&key).expect("present").seq = seq;
+            let next = if next.count == self.limit {
+                Slot { since: now, ..next }
+            } else {
+                next
+            };
+            match word.compare_exchange_weak(
+                current,
+                next.pack(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
         }
     }
 }
@@ -475,7 +514,7 @@ mod tests {
     #[test]
     fn failed_auths_throttle_the_address_for_a_window() {
         let window = Duration::from_secs(60);
-        let mut t = AuthThrottle::new(3, window, 16);
+        let t = AuthThrottle::new(3, window, 16);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let t0 = Instant::now();
@@ -493,7 +532,11 @@ mod tests {
             Duration::from_secs(32)
         );
         assert!(t.check(a, t0 + Duration::from_secs(62)).is_ok());
-        assert_eq!(t.tracked(), 0, "an expired entry is dropped");
+        assert_eq!(
+            t.tracked(t0 + Duration::from_secs(62)),
+            0,
+            "an expired entry counts for nothing"
+        );
         // Failures spread over more than a window never throttle.
         for i in 0..10 {
             t.record_failure(b, t0 + window * i);
@@ -505,11 +548,11 @@ mod tests {
         }
         assert!(t.check("2001:db8::9".parse().unwrap(), t0).is_err());
         assert!(t.check("2001:db8:0:1::1".parse().unwrap(), t0).is_ok());
-        let mut t = AuthThrottle::new(1, window, 16);
+        let t = AuthThrottle::new(1, window, 16);
         t.record_failure("::ffff:192.0.2.7".parse().unwrap(), t0);
         assert!(t.check("192.0.2.7".parse().unwrap(), t0).is_err());
         // Limit 0: off.
-        let mut off = AuthThrottle::new(0, window, 16);
+        let off = AuthThrottle::new(0, window, 16);
         for _ in 0..100 {
             off.record_failure(a, t0);
         }
@@ -518,15 +561,71 @@ mod tests {
 
     #[test]
     fn the_throttle_keeps_a_bounded_number_of_addresses() {
-        let mut t = AuthThrottle::new(1, Duration::from_secs(60), 4);
+        let t = AuthThrottle::new(1, Duration::from_secs(60), 4);
+        assert_eq!(t.slots.len(), 4, "fixed memory");
         let t0 = Instant::now();
         for i in 0..100u32 {
             t.record_failure(IpAddr::from(i.to_be_bytes()), t0);
-            assert!(t.tracked() <= 4);
+            assert!(t.tracked(t0) <= 4);
+            // The newest is always kept (it replaced whoever had its slot).
+            assert!(t.check(IpAddr::from(i.to_be_bytes()), t0).is_err());
         }
-        // The newest are kept, the oldest evicted.
-        assert!(t.check(IpAddr::from(99u32.to_be_bytes()), t0).is_err());
-        assert!(t.check(IpAddr::from(0u32.to_be_bytes()), t0).is_ok());
+        let blocked = (0..100u32)
+            .filter(|i| t.check(IpAddr::from(i.to_be_bytes()), t0).is_err())
+            .count();
+        assert!((1..=4).contains(&blocked), "{blocked}");
+    }
+
+    /// The shards share one throttle: failures recorded from several
+    /// threads at once all count, and the block is seen by every thread.
+    /// (Before, each shard kept its own map: an address got `limit x
+    /// shards` guesses.)
+    #[test]
+    fn failures_from_every_shard_count_once_for_the_node() {
+        let t = std::sync::Arc::new(AuthThrottle::new(400, Duration::from_secs(60), 64));
+        let addr: IpAddr = "198.51.100.4".parse().unwrap();
+        let t0 = Instant::now();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..99 {
+                        assert!(t.check(addr, t0).is_ok());
+                        t.record_failure(addr, t0);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // 396 of 400: not yet.
+        assert!(t.check(addr, t0).is_ok());
+        for _ in 0..4 {
+            t.record_failure(addr, t0);
+        }
+        assert!(t.check(addr, t0).is_err());
+        let seen = std::thread::spawn({
+            let t = t.clone();
+            move || t.check(addr, t0).is_err()
+        });
+        assert!(seen.join().unwrap());
+    }
+
+    #[test]
+    fn slot_words_round_trip() {
+        let s = Slot {
+            tag: (1 << TAG_BITS) - 1,
+            since: TICK_MASK,
+            count: COUNT_MASK,
+        };
+        assert_eq!(Slot::unpack(s.pack()), s);
+        let s = Slot {
+            tag: 1,
+            since: 12345,
+            count: 7,
+        };
+        assert_eq!(Slot::unpack(s.pack()), s);
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub struct ServeConfig {
     pub require_auth: Option<bool>,
     /// Failed authentications from one client address (IPv6: /64) within
     /// `auth_fail_window` after which it gets 429 for a window (0 = off);
-    /// counted per shard.
+    /// counted once for the node (all shards).
     pub auth_fail_limit: u32,
     pub auth_fail_window: Duration,
     pub force_epoll: bool,
@@ -248,7 +248,7 @@ pub struct ServeArgs {
     /// Refuse to start without the API keys file [default: true unless --listen is a loopback address]; --require-auth=false serves without auth anywhere.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub require_auth: Option<bool>,
-    /// Failed authentications per client address (IPv6: per /64) within the window before it gets 429 auth_throttled for a window (0 = off); counted by each shard independently.
+    /// Failed authentications per client address (IPv6: per /64) within the window before it gets 429 auth_throttled for a window (0 = off); counted once for the whole node, whichever shard a connection lands on.
     #[arg(long, default_value_t = 10)]
     pub auth_fail_limit: u32,
     /// Length of the failed-authentication window and of the block that follows.

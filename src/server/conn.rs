@@ -532,9 +532,10 @@ mod tests {
             started: Instant::now(),
             shutdown: AtomicBool::new(false),
             force: AtomicBool::new(false),
-            session_queues: std::sync::OnceLock::new(),
+            schedulers: std::sync::OnceLock::new(),
             conns: crate::server::connlimit::ConnLimiter::new(16, 16),
             rate: crate::server::auth::RateLimiter::new(None),
+            auth_throttle: crate::server::auth::AuthThrottle::new(0, Duration::from_secs(1), 1),
             key_execs: Vec::new(),
         });
         ShardCtx::new(0, shared, pool)

@@ -1,81 +1,203 @@
-//! Fair queueing of one shard's stateless execs across API keys.
+//! Fair scheduling of one shard's work across API keys, by worker time.
 //!
-//! Execs wait here, one queue per key, instead of in the workers' shared
-//! FIFO channel; the shard hands one to the workers only when a worker is
-//! free, choosing the key with the fewest execs running on this shard (ties:
-//! the key whose oldest waiting exec came first). A key that filled every
-//! worker with a 64-item batch therefore gets the next free worker only
-//! when no other key is waiting: another key's request starts as soon as
-//! any worker frees, instead of after the whole batch (max-min fairness in
-//! running execs; every exec counts the same, whatever its length).
+//! Everything a shard's workers run waits here: stateless execs (any worker
+//! may take them) and session operations (pinned to the worker whose lane
+//! holds the session), one queue per key. A free worker takes, among the
+//! keys with a job it may run, the key that used the least worker time
+//! recently: its runs in progress so far plus its finished runs' time,
+//! halved every [`USAGE_HALF_LIFE`] (ties: the oldest waiting job first).
+//! A key whose long runs held the workers therefore goes after a key that
+//! only ran `print(1)`, however few execs each sent.
+//!
+//! Runs are not preempted, so time shares alone cannot help a key that
+//! arrives while another holds every worker. Hence a reserve: while another
+//! key was active recently (queued, running, or finished within
+//! [`RECENT`]), no key may hold all of a shard's workers (when it has two or
+//! more); one stays free for the others. A key alone on the node may use
+//! them all.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use super::workers::Job;
 use crate::api::Owner;
 
-#[derive(Default)]
-struct KeyState {
-    /// Waiting execs with their arrival numbers.
-    waiting: VecDeque<(u64, Job)>,
-    /// Execs handed to the workers and not yet completed.
-    running: usize,
+/// Finished run time counts half after this long.
+pub const USAGE_HALF_LIFE: Duration = Duration::from_secs(5);
+/// A key counts as active for the reserve this long after its last job.
+pub const RECENT: Duration = Duration::from_secs(10);
+
+struct Waiting {
+    arrival: u64,
+    /// The one worker that may run it (a session's), or any.
+    worker: Option<usize>,
+    job: Job,
 }
 
-#[derive(Default)]
+struct KeyState {
+    waiting: VecDeque<Waiting>,
+    /// Finished run time, decayed to `stamp`, in seconds.
+    used: f64,
+    stamp: Instant,
+    /// Last push or finish.
+    last_active: Instant,
+}
+
+impl KeyState {
+    fn new(now: Instant) -> Self {
+        KeyState {
+            waiting: VecDeque::new(),
+            used: 0.0,
+            stamp: now,
+            last_active: now,
+        }
+    }
+
+    fn decayed(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.stamp).as_secs_f64();
+        self.used * 0.5f64.powf(dt / USAGE_HALF_LIFE.as_secs_f64())
+    }
+
+    /// The first waiting job `worker` may run.
+    fn eligible(&self, worker: usize) -> Option<usize> {
+        self.waiting
+            .iter()
+            .position(|w| w.worker.is_none_or(|pin| pin == worker))
+    }
+}
+
 pub struct FairQueue {
     keys: HashMap<Owner, KeyState>,
-    waiting: usize,
+    /// What each worker runs: its key and since when.
+    busy: Vec<Option<(Owner, Instant)>>,
+    /// Waiting jobs any worker may take.
+    waiting_any: usize,
+    /// Waiting jobs pinned to each worker.
+    waiting_pinned: Vec<usize>,
     arrivals: u64,
 }
 
 impl FairQueue {
-    /// Execs waiting (not yet handed to a worker).
-    pub fn len(&self) -> usize {
-        self.waiting
+    pub fn new(workers: usize) -> Self {
+        FairQueue {
+            keys: HashMap::new(),
+            busy: vec![None; workers],
+            waiting_any: 0,
+            waiting_pinned: vec![0; workers],
+            arrivals: 0,
+        }
     }
 
-    pub fn push(&mut self, owner: Owner, job: Job) {
+    pub fn workers(&self) -> usize {
+        self.busy.len()
+    }
+
+    /// Waiting jobs any worker may take.
+    pub fn waiting_any(&self) -> usize {
+        self.waiting_any
+    }
+
+    /// Waiting jobs pinned to `worker`.
+    pub fn waiting_pinned(&self, worker: usize) -> usize {
+        self.waiting_pinned[worker]
+    }
+
+    /// Queues `job` of `owner`, for `worker` only or (None) any worker.
+    pub fn push(&mut self, owner: Owner, worker: Option<usize>, job: Job, now: Instant) {
         self.arrivals += 1;
-        self.waiting += 1;
-        let key = self.keys.entry(owner).or_default();
-        key.waiting.push_back((self.arrivals, job));
+        match worker {
+            Some(w) => self.waiting_pinned[w] += 1,
+            None => self.waiting_any += 1,
+        }
+        let key = self.keys.entry(owner).or_insert_with(|| KeyState::new(now));
+        key.last_active = now;
+        key.waiting.push_back(Waiting {
+            arrival: self.arrivals,
+            worker,
+            job,
+        });
     }
 
-    /// The next exec to hand to a free worker, counted as running for its
-    /// key until [`FairQueue::finished`].
-    pub fn pop(&mut self) -> Option<Job> {
-        let owner = *self
-            .keys
-            .iter()
-            .filter_map(|(owner, k)| Some((owner, (k.running, k.waiting.front()?.0))))
-            .min_by_key(|(_, rank)| *rank)?
-            .0;
-        let key = self.keys.get_mut(&owner).expect("chosen above");
-        let (_, job) = key.waiting.pop_front().expect("has a waiting exec");
-        key.running += 1;
-        self.waiting -= 1;
-        Some(job)
-    }
-
-    /// Puts back an exec [`FairQueue::pop`] gave out that could not be
-    /// handed over, at the front of its key's queue.
-    pub fn unpop(&mut self, owner: Owner, job: Job) {
-        let key = self.keys.entry(owner).or_default();
-        key.running = key.running.saturating_sub(1);
-        // Its original arrival number is gone; 0 puts it first again.
-        key.waiting.push_front((0, job));
-        self.waiting += 1;
-    }
-
-    /// An exec of `owner` handed out by [`FairQueue::pop`] completed.
-    pub fn finished(&mut self, owner: Owner) {
-        if let Some(key) = self.keys.get_mut(&owner) {
-            key.running = key.running.saturating_sub(1);
-            if key.running == 0 && key.waiting.is_empty() {
-                self.keys.remove(&owner);
+    /// `owner`'s recent worker time: finished runs (decayed) plus runs in
+    /// progress so far; and how many workers it holds.
+    fn usage(&self, owner: Owner, key: &KeyState, now: Instant) -> (f64, usize) {
+        let mut used = key.decayed(now);
+        let mut held = 0;
+        for (o, since) in self.busy.iter().flatten() {
+            if *o == owner {
+                used += now.saturating_duration_since(*since).as_secs_f64();
+                held += 1;
             }
         }
+        (used, held)
+    }
+
+    /// Whether a key other than `owner` is active (queued, running or
+    /// finished within [`RECENT`]).
+    fn others_active(&self, owner: Owner, now: Instant) -> bool {
+        self.keys.iter().any(|(o, k)| {
+            *o != owner
+                && (!k.waiting.is_empty()
+                    || self.busy.iter().flatten().any(|(b, _)| b == o)
+                    || now.saturating_duration_since(k.last_active) < RECENT)
+        })
+    }
+
+    /// The next job for free worker `worker`, which then counts as running
+    /// for its key until [`FairQueue::finished`]. `draining`: the reserve
+    /// is off (everything left must run).
+    pub fn pop(&mut self, worker: usize, now: Instant, draining: bool) -> Option<Job> {
+        debug_assert!(self.busy[worker].is_none(), "worker {worker} is busy");
+        let workers = self.busy.len();
+        let mut best: Option<(Owner, usize, (f64, u64))> = None;
+        for (owner, key) in &self.keys {
+            let Some(index) = key.eligible(worker) else {
+                continue;
+            };
+            let (used, held) = self.usage(*owner, key, now);
+            if !draining && workers >= 2 && held + 1 >= workers && self.others_active(*owner, now) {
+                continue;
+            }
+            let rank = (used, key.waiting[index].arrival);
+            let better = match &best {
+                None => true,
+                Some((_, _, b)) => rank.0.total_cmp(&b.0).then(rank.1.cmp(&b.1)).is_lt(),
+            };
+            if better {
+                best = Some((*owner, index, rank));
+            }
+        }
+        let (owner, index, _) = best?;
+        let key = self.keys.get_mut(&owner).expect("chosen above");
+        let waiting = key.waiting.remove(index).expect("index is in range");
+        match waiting.worker {
+            Some(w) => self.waiting_pinned[w] -= 1,
+            None => self.waiting_any -= 1,
+        }
+        self.busy[worker] = Some((owner, now));
+        Some(waiting.job)
+    }
+
+    /// Worker `worker`'s run ended: its time is added to its key's usage.
+    pub fn finished(&mut self, worker: usize, now: Instant) {
+        if let Some((owner, since)) = self.busy[worker].take() {
+            let key = self.keys.entry(owner).or_insert_with(|| KeyState::new(now));
+            key.used = key.decayed(now) + now.saturating_duration_since(since).as_secs_f64();
+            key.stamp = now;
+            key.last_active = now;
+        }
+        self.forget_idle(now);
+    }
+
+    /// Drops keys with nothing queued or running whose last job is older
+    /// than [`RECENT`] (their usage has halved twice by then).
+    fn forget_idle(&mut self, now: Instant) {
+        let busy = &self.busy;
+        self.keys.retain(|owner, k| {
+            !k.waiting.is_empty()
+                || busy.iter().flatten().any(|(o, _)| o == owner)
+                || now.saturating_duration_since(k.last_active) < RECENT
+        });
     }
 
     #[cfg(test)]
@@ -89,7 +211,6 @@ mod tests {
     use super::*;
     use crate::api::{CancelToken, ExecRequest, Language};
     use crate::server::workers::{ConnKey, Work};
-    use std::time::Duration;
 
     fn job(tag: usize, owner: Owner) -> Job {
         Job {
@@ -105,58 +226,132 @@ mod tests {
                 cancel: CancelToken::new(),
             }),
             reply: None,
-            fair_owner: Some(owner),
+            owner,
+            worker: None,
             counted: None,
         }
     }
 
-    fn pop_owner(q: &mut FairQueue) -> Owner {
-        q.pop().unwrap().fair_owner.unwrap()
+    fn pop_owner(q: &mut FairQueue, worker: usize, now: Instant) -> Owner {
+        q.pop(worker, now, false).expect("a job").owner
     }
 
     #[test]
     fn a_second_key_goes_first_once_a_worker_frees() {
+        let t = Instant::now();
         let (a, b) = (Some(0), Some(1));
-        let mut q = FairQueue::default();
+        let mut q = FairQueue::new(2);
         for i in 0..8 {
-            q.push(a, job(i, a));
+            q.push(a, None, job(i, a), t);
         }
-        // Two workers take two of a's.
-        assert_eq!(pop_owner(&mut q), a);
-        assert_eq!(pop_owner(&mut q), a);
-        q.push(b, job(100, b));
-        q.push(b, job(101, b));
-        q.finished(a);
-        // a has 1 running, b none: b's first.
-        assert_eq!(pop_owner(&mut q), b);
-        q.finished(a);
-        // Both have one running: a's oldest waiting came first.
-        assert_eq!(pop_owner(&mut q), a);
-        assert_eq!(q.len(), 6);
-        q.finished(b);
-        assert_eq!(pop_owner(&mut q), b);
-        // Only a is left waiting.
-        q.finished(b);
-        q.finished(a);
-        q.finished(a);
-        while q.pop().is_some() {}
-        for _ in 0..5 {
-            q.finished(a);
+        // Alone, a may take both workers.
+        assert_eq!(pop_owner(&mut q, 0, t), a);
+        assert_eq!(pop_owner(&mut q, 1, t), a);
+        let t1 = t + Duration::from_millis(10);
+        q.push(b, None, job(100, b), t1);
+        q.push(b, None, job(101, b), t1);
+        q.finished(0, t1);
+        // a used 20 ms, b nothing: b's first.
+        assert_eq!(pop_owner(&mut q, 0, t1), b);
+        assert_eq!(q.waiting_any(), 7);
+    }
+
+    /// By time, not by count: a key whose one run took 10 s goes after a
+    /// key that ran ten 10 ms execs.
+    #[test]
+    fn the_key_with_less_recent_worker_time_goes_first() {
+        let t = Instant::now();
+        let (long, short) = (Some(0), Some(1));
+        let mut q = FairQueue::new(1);
+        q.push(long, None, job(0, long), t);
+        assert_eq!(pop_owner(&mut q, 0, t), long);
+        let mut now = t + Duration::from_secs(10);
+        q.finished(0, now);
+        for i in 0..10 {
+            q.push(short, None, job(i, short), now);
+            assert_eq!(pop_owner(&mut q, 0, now), short);
+            now += Duration::from_millis(10);
+            q.finished(0, now);
         }
-        assert_eq!(q.tracked_keys(), 0, "idle keys are forgotten");
+        q.push(long, None, job(1, long), now);
+        q.push(short, None, job(11, short), now);
+        // long's job is older, but long used ~10 s to short's 0.1 s.
+        assert_eq!(pop_owner(&mut q, 0, now), short);
+        q.finished(0, now);
+        assert_eq!(pop_owner(&mut q, 0, now), long);
+        // Usage halves every half-life.
+        let key = &q.keys[&short];
+        let later = key.stamp + USAGE_HALF_LIFE;
+        assert!((key.decayed(later) - key.used / 2.0).abs() < 1e-9);
+    }
+
+    /// The count-based queue let a key that arrived alone hold every
+    /// worker; with another key recently active it keeps one free.
+    #[test]
+    fn one_worker_stays_free_for_other_active_keys() {
+        let t = Instant::now();
+        let (a, b) = (Some(0), Some(1));
+        let mut q = FairQueue::new(2);
+        q.push(b, None, job(0, b), t);
+        assert_eq!(pop_owner(&mut q, 0, t), b);
+        q.finished(0, t);
+        for i in 0..4 {
+            q.push(a, None, job(i, a), t);
+        }
+        assert_eq!(pop_owner(&mut q, 0, t), a);
+        // b finished just now: a may not take the last worker.
+        assert!(q.pop(1, t, false).is_none());
+        // b's next exec gets it at once.
+        q.push(b, None, job(1, b), t);
+        assert_eq!(pop_owner(&mut q, 1, t), b);
+        q.finished(1, t);
+        // Once b has been idle for RECENT, a may use both again.
+        let later = t + RECENT;
+        assert_eq!(pop_owner(&mut q, 1, later), a);
+        // Draining ignores the reserve.
+        q.finished(1, later);
+        q.push(b, None, job(2, b), later);
+        q.finished(0, later);
+        assert!(q.pop(0, later, true).is_some());
+        assert!(q.pop(1, later, true).is_some());
     }
 
     #[test]
-    fn a_job_put_back_goes_out_first() {
-        let a = None;
-        let mut q = FairQueue::default();
-        q.push(a, job(1, a));
-        q.push(a, job(2, a));
-        let first = q.pop().unwrap();
-        assert_eq!(first.slot, 1);
-        q.unpop(a, first);
-        assert_eq!(q.pop().unwrap().slot, 1);
-        assert_eq!(q.pop().unwrap().slot, 2);
-        assert!(q.pop().is_none());
+    fn pinned_jobs_run_only_on_their_worker_in_fair_order() {
+        let t = Instant::now();
+        let (a, b) = (Some(0), Some(1));
+        let mut q = FairQueue::new(1);
+        // a has a long stateless run going, then queues session execs.
+        q.push(a, None, job(0, a), t);
+        assert_eq!(pop_owner(&mut q, 0, t), a);
+        let t1 = t + Duration::from_secs(1);
+        for i in 1..5 {
+            q.push(a, Some(0), job(i, a), t1);
+        }
+        q.push(b, None, job(10, b), t1);
+        q.finished(0, t1);
+        assert_eq!(q.waiting_pinned(0), 4);
+        // b's stateless exec goes ahead of a's session execs.
+        assert_eq!(pop_owner(&mut q, 0, t1), b);
+        q.finished(0, t1);
+        assert_eq!(pop_owner(&mut q, 0, t1), a);
+        assert_eq!(q.waiting_pinned(0), 3);
+        // A job pinned to worker 1 is not worker 0's.
+        let mut q = FairQueue::new(2);
+        q.push(a, Some(1), job(0, a), t);
+        assert!(q.pop(0, t, false).is_none());
+        assert_eq!(q.pop(1, t, false).unwrap().slot, 0);
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten() {
+        let t = Instant::now();
+        let mut q = FairQueue::new(1);
+        q.push(Some(3), None, job(0, Some(3)), t);
+        q.pop(0, t, false).unwrap();
+        q.finished(0, t);
+        assert_eq!(q.tracked_keys(), 1);
+        q.finished(0, t + RECENT);
+        assert_eq!(q.tracked_keys(), 0);
     }
 }

@@ -310,6 +310,11 @@ pub fn start(
         .collect();
     let shared = Arc::new(Shared {
         rate,
+        auth_throttle: auth::AuthThrottle::new(
+            config.auth_fail_limit,
+            config.auth_fail_window,
+            auth::THROTTLE_TRACKED_ADDRESSES,
+        ),
         key_execs,
         config: config.clone(),
         factory: factory.clone(),
@@ -321,7 +326,7 @@ pub fn start(
         started: Instant::now(),
         shutdown: AtomicBool::new(false),
         force: AtomicBool::new(false),
-        session_queues: std::sync::OnceLock::new(),
+        schedulers: std::sync::OnceLock::new(),
         conns: connlimit::ConnLimiter::new(
             config.connection_limit(),
             config.max_connections_per_address,
@@ -348,8 +353,8 @@ pub fn start(
             wakers[shard].clone(),
         )?);
     }
-    let queues = pools.iter().map(WorkerPool::direct_queues).collect();
-    let _ = shared.session_queues.set(queues);
+    let schedulers = pools.iter().map(WorkerPool::scheduler).collect();
+    let _ = shared.schedulers.set(schedulers);
     for ((shard, listener), pool) in listeners.into_iter().enumerate().zip(pools) {
         let ctx = ShardCtx::new(shard, shared.clone(), pool);
         let waker = wakers[shard].clone();

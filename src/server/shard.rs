@@ -7,16 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::auth::{
-    retry_after_secs, ApiKeys, AuthThrottle, RateLimiter, THROTTLE_TRACKED_ADDRESSES,
-};
+use super::auth::{retry_after_secs, ApiKeys, AuthThrottle, RateLimiter};
 use super::config::ServeConfig;
-use super::fair::FairQueue;
 use super::http::{Method, RequestHead, Response, PROMETHEUS_TEXT};
 use super::metrics::{self, Endpoint, ShardMetrics};
 use super::sessions::{self, SessionRoute};
 use super::wire::{self, ApiError, DecodeRules, ExecSpec};
-use super::workers::{Completion, ConnKey, Job, Waker, Work, WorkerPool};
+use super::workers::{Completion, ConnKey, Job, Refused, Scheduler, Waker, Work, WorkerPool};
 use crate::api::{
     CancelToken, ExecFailure, ExecRequest, ExecResult, LaneFactory, Owner, SessionReply,
     TemplateAvailability,
@@ -52,13 +49,16 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Cancel whatever is still running and exit now.
     pub force: AtomicBool,
-    /// Every shard's per-worker session queues, `[shard][worker]`; set once
-    /// all shards' workers run.
-    pub session_queues: std::sync::OnceLock<Vec<Vec<crossbeam_channel::Sender<Job>>>>,
+    /// Every shard's run queue, by shard; set once all shards' workers
+    /// run. A session request goes to the queue of its session's shard.
+    pub schedulers: std::sync::OnceLock<Vec<Arc<Scheduler>>>,
     /// Open connections, total and per client address.
     pub conns: super::connlimit::ConnLimiter,
     /// Each API key's rate limit, shared by the shards (lock-free).
     pub rate: RateLimiter,
+    /// Failed authentications per client address, shared by the shards
+    /// (lock-free).
+    pub auth_throttle: AuthThrottle,
     /// Each API key's execs queued or running, all shards (lock-free).
     pub key_execs: Vec<std::sync::atomic::AtomicUsize>,
 }
@@ -128,36 +128,23 @@ pub struct ShardCtx {
     pub shared: Arc<Shared>,
     pub metrics: Arc<ShardMetrics>,
     pub pool: WorkerPool,
-    throttle: AuthThrottle,
     ids: IdGenerator,
     health_cache: Option<(Instant, Vec<u8>)>,
     /// Jobs submitted whose completion has not come back yet.
     pub jobs_in_flight: usize,
-    /// Stateless execs waiting for a worker, per key.
-    fair: FairQueue,
-    /// Fair-queued execs handed to the workers and not completed yet.
-    dispatched: usize,
     pub draining: bool,
 }
 
 impl ShardCtx {
     pub fn new(shard: usize, shared: Arc<Shared>, pool: WorkerPool) -> Self {
         let metrics = shared.shards[shard].clone();
-        let throttle = AuthThrottle::new(
-            shared.config.auth_fail_limit,
-            shared.config.auth_fail_window,
-            THROTTLE_TRACKED_ADDRESSES,
-        );
         ShardCtx {
             shard,
             metrics,
             pool,
-            throttle,
             ids: IdGenerator::new(shard),
             health_cache: None,
             jobs_in_flight: 0,
-            fair: FairQueue::default(),
-            dispatched: 0,
             draining: false,
             shared,
         }
@@ -239,7 +226,7 @@ impl ShardCtx {
             if let Some(keys) = &self.shared.keys {
                 // A throttled address is refused whatever key it sends: the
                 // key is not even checked, so guessing learns nothing.
-                if let Err(wait) = self.throttle.check(peer, now) {
+                if let Err(wait) = self.shared.auth_throttle.check(peer, now) {
                     let err = ApiError::new(
                         429,
                         "auth_throttled",
@@ -252,7 +239,7 @@ impl ShardCtx {
                     ));
                 }
                 let Some(key) = head.bearer.as_deref().and_then(|token| keys.lookup(token)) else {
-                    self.throttle.record_failure(peer, now);
+                    self.shared.auth_throttle.record_failure(peer, now);
                     let err = ApiError::new(
                         401,
                         "unauthorized",
@@ -388,7 +375,8 @@ impl ShardCtx {
             slot: 0,
             work: Work::Session(op),
             reply: None,
-            fair_owner: None,
+            owner,
+            worker: target.map(|(_, worker)| worker),
             counted,
         };
         if let Err(refusal) = self.send_session(job, target, head) {
@@ -409,15 +397,16 @@ impl ShardCtx {
         })
     }
 
-    /// Sends a session job to its worker (or any worker of this shard for
-    /// a new session), or the refusal.
+    /// Queues a session job for its worker, on the shard whose lane holds
+    /// the session (or for any worker of this shard, for a new session), in
+    /// that shard's fair queue like stateless execs; or the refusal.
     fn send_session(
         &mut self,
         job: Job,
         target: Option<(usize, usize)>,
         head: &RequestHead,
     ) -> Result<(), Response> {
-        let sent = match target {
+        let refused = match target {
             None => {
                 if self.room() == 0 {
                     return Err(self.busy(
@@ -425,43 +414,44 @@ impl ShardCtx {
                         "all workers are busy and the queue is full; retry later",
                     ));
                 }
-                self.pool.submit(job).is_ok()
+                self.pool.submit(job)
             }
-            Some((shard, worker)) => {
-                let queue = self
-                    .shared
-                    .session_queues
-                    .get()
-                    .and_then(|q| q.get(shard))
-                    .and_then(|w| w.get(worker));
-                let Some(queue) = queue else {
-                    let text = sessions::path_sandbox_text(&head.path);
-                    return Err(error_response(&ApiError::new(
-                        404,
-                        "sandbox_not_found",
-                        format!("no sandbox {text} on this node"),
-                    )));
+            Some((shard, _)) => {
+                let scheduler = self.shared.schedulers.get().and_then(|s| s.get(shard));
+                let Some(scheduler) = scheduler else {
+                    return Err(self.no_sandbox(head));
                 };
                 let job = Job {
                     reply: Some(self.pool.reply()),
                     ..job
                 };
-                match queue.try_send(job) {
-                    Ok(()) => true,
-                    Err(crossbeam_channel::TrySendError::Full(_)) => {
-                        return Err(self.busy(
-                            "sandbox_busy",
-                            "too many requests are queued for this sandbox; retry later",
-                        ))
-                    }
-                    Err(crossbeam_channel::TrySendError::Disconnected(_)) => false,
-                }
+                scheduler.submit(job)
             }
         };
-        if !sent {
-            return Err(self.busy("shutting_down", "the server is shutting down"));
+        match refused {
+            Ok(()) => Ok(()),
+            Err(Refused::NoWorker(_)) => Err(self.no_sandbox(head)),
+            Err(Refused::Full(_)) if target.is_some() => Err(self.busy(
+                "sandbox_busy",
+                "too many requests are queued for this sandbox; retry later",
+            )),
+            Err(Refused::Full(_)) => Err(self.busy(
+                "queue_full",
+                "all workers are busy and the queue is full; retry later",
+            )),
+            Err(Refused::Closed(_)) => {
+                Err(self.busy("shutting_down", "the server is shutting down"))
+            }
         }
-        Ok(())
+    }
+
+    fn no_sandbox(&self, head: &RequestHead) -> Response {
+        let text = sessions::path_sandbox_text(&head.path);
+        error_response(&ApiError::new(
+            404,
+            "sandbox_not_found",
+            format!("no sandbox {text} on this node"),
+        ))
     }
 
     /// Counts `n` execs against `owner`'s cap on execs in flight (all
@@ -551,14 +541,14 @@ impl ShardCtx {
         })
     }
 
-    /// Room for more execs in this shard's queue: waiting in the fair
-    /// queue and in the workers' channel together are at most `queue_depth`.
+    /// Room for more stateless execs in this shard's queue (at most
+    /// `queue_depth` wait).
     fn room(&self) -> usize {
-        self.pool.room().saturating_sub(self.fair.len())
+        self.pool.room()
     }
 
-    /// Admits a request's execs into the fair queue (all or none) and
-    /// hands what free workers can take to them.
+    /// Admits a request's execs into the fair queue (all or none); free
+    /// workers take them in fair order.
     fn submit(
         &mut self,
         endpoint: Endpoint,
@@ -579,6 +569,7 @@ impl ShardCtx {
             Err(refusal) => return Dispatch::Respond(refusal),
         };
         let mut tokens = Vec::with_capacity(n);
+        let mut not_queued = Vec::new();
         for (slot, spec) in specs.into_iter().enumerate() {
             let cancel = CancelToken::new();
             tokens.push(cancel.clone());
@@ -593,58 +584,52 @@ impl ShardCtx {
                 slot,
                 work: Work::Exec(req),
                 reply: None,
-                fair_owner: Some(owner),
+                owner,
+                worker: None,
                 // Each item is released as it completes.
                 counted: counted.map(|(key, _)| (key, 1)),
             };
-            self.fair.push(owner, job);
-            self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+            if let Err(refused) = self.pool.submit(job) {
+                // Only this thread adds stateless jobs and room was checked,
+                // so only shutdown refuses: the earlier items run and are
+                // counted; the others are answered as cancelled.
+                let job = match refused {
+                    Refused::Full(job) | Refused::Closed(job) | Refused::NoWorker(job) => job,
+                };
+                self.release_execs(job.counted);
+                tokens.last().expect("pushed above").cancel();
+                not_queued.push(slot);
+            }
         }
-        self.jobs_in_flight += n;
-        self.metrics.stats().execs_in_flight += n as u64;
-        self.pump();
+        let queued = n - not_queued.len();
+        if queued == 0 {
+            return Dispatch::Respond(self.busy("shutting_down", "the server is shutting down"));
+        }
+        self.jobs_in_flight += queued;
+        self.metrics.stats().execs_in_flight += queued as u64;
+        let mut results = vec![None; n];
+        for slot in not_queued {
+            results[slot] = Some(ExecResult {
+                exit_code: -1,
+                failure: Some(ExecFailure::Cancelled),
+                ..Default::default()
+            });
+        }
         Dispatch::Pending(PendingExec {
             endpoint,
             batch,
             session: None,
             session_reply: None,
-            results: vec![None; n],
-            remaining: n,
+            results,
+            remaining: queued,
             tokens,
         })
-    }
-
-    /// Hands fair-queued execs to the workers while one is free: the
-    /// workers' channel never holds a backlog that would bypass the fair
-    /// order.
-    fn pump(&mut self) {
-        let workers = self.config().workers_per_shard;
-        while self.dispatched < workers {
-            let Some(job) = self.fair.pop() else { break };
-            let owner = job.fair_owner.expect("fair-queued jobs have an owner");
-            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            match self.pool.submit(job) {
-                Ok(()) => self.dispatched += 1,
-                Err(job) => {
-                    // The channel is full of session work (or closing): try
-                    // again at the next completion.
-                    self.metrics.queued.fetch_add(1, Ordering::Relaxed);
-                    self.fair.unpop(owner, job);
-                    break;
-                }
-            }
-        }
     }
 
     /// Accounts for a finished job, whether or not its connection is still open.
     pub fn job_finished(&mut self, completion: &Completion) {
         self.jobs_in_flight -= 1;
         self.release_execs(completion.counted);
-        if let Some(owner) = completion.fair_owner {
-            self.fair.finished(owner);
-            self.dispatched -= 1;
-            self.pump();
-        }
         let mut stats = self.metrics.stats();
         stats.execs_in_flight = stats.execs_in_flight.saturating_sub(1);
         let ran_code = match &completion.session {

@@ -1,5 +1,5 @@
 //! A shard's exec workers: threads that each own one [`Lane`] and run jobs
-//! from the shard's bounded queue. Results go back to the shard through a
+//! from the shard's bounded fair queue ([`Scheduler`]). Results go back to the shard through a
 //! channel plus an eventfd the shard's event loop waits on, so the loop never
 //! blocks on a guest.
 
@@ -7,11 +7,13 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 
+use super::fair::FairQueue;
 use super::metrics::ShardMetrics;
 use crate::api::{
     ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, SessionOp, SessionReply,
@@ -51,9 +53,12 @@ pub struct Job {
     pub work: Work,
     /// None: the worker's own shard.
     pub reply: Option<Reply>,
-    /// The key a fair-queued exec was scheduled for (see `fair.rs`); None
-    /// for work that bypasses the fair queue (session operations).
-    pub fair_owner: Option<crate::api::Owner>,
+    /// The API key it is queued and its run time accounted for (see
+    /// `fair.rs`).
+    pub owner: crate::api::Owner,
+    /// The one worker that may run it (the one whose lane holds its
+    /// session), or None for any worker of the shard.
+    pub worker: Option<usize>,
     /// (API key index, execs) this job counts against the key's cap on
     /// execs in flight; handed back so the count is released.
     pub counted: Option<(usize, usize)>,
@@ -68,8 +73,6 @@ pub struct Completion {
     pub session: Option<SessionReply>,
     /// False when the job was cancelled before a worker started it.
     pub ran: bool,
-    /// [`Job::fair_owner`], handed back.
-    pub fair_owner: Option<crate::api::Owner>,
     /// [`Job::counted`], handed back.
     pub counted: Option<(usize, usize)>,
 }
@@ -126,15 +129,132 @@ impl Waker {
     }
 }
 
+/// Why [`Scheduler::submit`] gave a job back.
+pub enum Refused {
+    /// The queue it would wait in is full.
+    Full(Job),
+    /// The pool is shutting down.
+    Closed(Job),
+    /// No such worker (a session id naming a worker that does not exist).
+    NoWorker(Job),
+}
+
+struct SchedState {
+    queue: FairQueue,
+    closed: bool,
+}
+
+/// One shard's run queue: the fair queue of every job for its workers
+/// (stateless and session), shared by the shards that submit and the
+/// workers that take. Held only to push, pick or account one job (no run
+/// happens under it).
+pub struct Scheduler {
+    state: Mutex<SchedState>,
+    /// Workers wait here for work; woken on every push and finish (a finish
+    /// can release the reserve of [`FairQueue::pop`]).
+    ready: Condvar,
+    queue_depth: usize,
+    metrics: Arc<ShardMetrics>,
+}
+
+impl Scheduler {
+    fn new(workers: usize, queue_depth: usize, metrics: Arc<ShardMetrics>) -> Self {
+        Scheduler {
+            state: Mutex::new(SchedState {
+                queue: FairQueue::new(workers),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            queue_depth,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SchedState> {
+        // A panic under the lock leaves the queue consistent (each method
+        // updates it in one step): keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Free places for jobs any worker may take.
+    pub fn room(&self) -> usize {
+        self.queue_depth
+            .saturating_sub(self.lock().queue.waiting_any())
+    }
+
+    /// Queues a job for the worker [`Job::worker`] names (or any), in its
+    /// key's fair queue. At most `queue_depth` jobs wait for any worker,
+    /// and as many again for each one worker.
+    #[allow(clippy::result_large_err)]
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Refused::Closed(job));
+        }
+        let waiting = match job.worker {
+            Some(w) if w >= state.queue.workers() => return Err(Refused::NoWorker(job)),
+            Some(w) => state.queue.waiting_pinned(w),
+            None => state.queue.waiting_any(),
+        };
+        if waiting >= self.queue_depth {
+            return Err(Refused::Full(job));
+        }
+        let (owner, worker) = (job.owner, job.worker);
+        state.queue.push(owner, worker, job, Instant::now());
+        drop(state);
+        self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+        self.ready.notify_all();
+        Ok(())
+    }
+
+    /// The next job for `worker`, waiting for one; runs `tick` whenever
+    /// the worker has waited [`TICK`]. None once the pool closed and
+    /// nothing is left for this worker.
+    fn take(&self, worker: usize, mut tick: impl FnMut()) -> Option<Job> {
+        let mut state = self.lock();
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            let closed = state.closed;
+            if let Some(job) = state.queue.pop(worker, now, closed) {
+                self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
+                return Some(job);
+            }
+            if closed {
+                return None;
+            }
+            if now >= next_tick {
+                drop(state);
+                tick();
+                state = self.lock();
+                next_tick = Instant::now() + TICK;
+                continue;
+            }
+            state = self
+                .ready
+                .wait_timeout(state, next_tick - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// `worker`'s run ended: accounts its time to its key.
+    fn finished(&self, worker: usize) {
+        self.lock().queue.finished(worker, Instant::now());
+        self.ready.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
 /// The shard side of its worker threads.
 pub struct WorkerPool {
-    jobs: Option<Sender<Job>>,
-    /// One queue per worker for the sessions its lane owns.
-    direct: Vec<Sender<Job>>,
+    scheduler: Arc<Scheduler>,
     completions: Receiver<Completion>,
     reply: Reply,
-    capacity: usize,
-    metrics: Arc<ShardMetrics>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -150,7 +270,7 @@ impl WorkerPool {
         metrics: Arc<ShardMetrics>,
         waker: Arc<Waker>,
     ) -> Result<Self, WorkerError> {
-        let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(queue_depth);
+        let scheduler = Arc::new(Scheduler::new(workers, queue_depth, metrics.clone()));
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
         let reply = Reply {
@@ -158,13 +278,10 @@ impl WorkerPool {
             waker: waker.clone(),
         };
         let mut threads = Vec::with_capacity(workers);
-        let mut direct = Vec::with_capacity(workers);
         for worker in 0..workers {
             let (factory, metrics, waker) = (factory.clone(), metrics.clone(), waker.clone());
-            let (job_rx, done_tx, ready_tx) = (job_rx.clone(), done_tx.clone(), ready_tx.clone());
-            let (direct_tx, direct_rx) = crossbeam_channel::bounded::<Job>(queue_depth.max(1));
-            direct.push(direct_tx);
-            let handle = std::thread::Builder::new()
+            let (sched, done_tx, ready_tx) = (scheduler.clone(), done_tx.clone(), ready_tx.clone());
+            let spawned = std::thread::Builder::new()
                 .name(format!("kvmfork-s{shard}-w{worker}"))
                 .spawn(move || {
                     // First, before the lane's VMs exist: every guest this
@@ -186,25 +303,26 @@ impl WorkerPool {
                     metrics.set_lane_stats(worker, lane.stats());
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    let queues = Queues {
-                        shared: &job_rx,
-                        direct: &direct_rx,
-                    };
                     run_worker(
-                        shard, worker, lane, &*factory, queues, &done_tx, &metrics, &waker,
+                        shard, worker, lane, &*factory, &sched, &done_tx, &metrics, &waker,
                     );
-                })
-                .map_err(WorkerError::Spawn)?;
-            threads.push(handle);
+                });
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    scheduler.close();
+                    for handle in threads {
+                        let _ = handle.join();
+                    }
+                    return Err(WorkerError::Spawn(e));
+                }
+            }
         }
         drop(ready_tx);
         let mut pool = WorkerPool {
-            jobs: Some(job_tx),
-            direct,
+            scheduler,
             completions: done_rx,
             reply,
-            capacity: queue_depth,
-            metrics,
             threads,
         };
         for _ in 0..workers {
@@ -223,33 +341,21 @@ impl WorkerPool {
         Ok(pool)
     }
 
-    /// Free places in the queue. Only the shard thread sends, and workers only
-    /// take, so the room can grow but not shrink before the shard sends.
+    /// Free places for stateless jobs in this shard's queue.
     pub fn room(&self) -> usize {
-        self.jobs
-            .as_ref()
-            .map_or(0, |tx| self.capacity.saturating_sub(tx.len()))
+        self.scheduler.room()
     }
 
-    /// Queues a job; call only after checking [`WorkerPool::room`]. The job
-    /// comes back on refusal (it is the caller's to answer).
+    /// Queues a job on this shard; the job comes back on refusal (it is
+    /// the caller's to answer).
     #[allow(clippy::result_large_err)]
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        let Some(tx) = &self.jobs else {
-            return Err(job);
-        };
-        self.metrics.queued.fetch_add(1, Ordering::Relaxed);
-        tx.try_send(job).map_err(|e| {
-            self.metrics.queued.fetch_sub(1, Ordering::Relaxed);
-            match e {
-                TrySendError::Full(job) | TrySendError::Disconnected(job) => job,
-            }
-        })
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        self.scheduler.submit(job)
     }
 
-    /// The per-worker session queues (for every shard's use).
-    pub fn direct_queues(&self) -> Vec<Sender<Job>> {
-        self.direct.clone()
+    /// This shard's run queue (for every shard's session requests).
+    pub fn scheduler(&self) -> Arc<Scheduler> {
+        self.scheduler.clone()
     }
 
     /// Where other shards send this shard's completions.
@@ -261,10 +367,10 @@ impl WorkerPool {
         self.completions.try_recv().ok()
     }
 
-    /// Closes the queue and waits for the workers to finish their jobs and exit.
+    /// Closes the queue and waits for the workers to finish the jobs queued
+    /// for them and exit.
     pub fn shutdown(&mut self) {
-        self.jobs = None;
-        self.direct.clear();
+        self.scheduler.close();
         for handle in self.threads.drain(..) {
             let _ = handle.join();
         }
@@ -277,43 +383,20 @@ impl Drop for WorkerPool {
     }
 }
 
-struct Queues<'a> {
-    shared: &'a Receiver<Job>,
-    direct: &'a Receiver<Job>,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn run_worker(
     shard: usize,
     worker: usize,
     mut lane: Box<dyn Lane>,
     factory: &dyn LaneFactory,
-    queues: Queues,
+    scheduler: &Scheduler,
     done: &Sender<Completion>,
     metrics: &ShardMetrics,
     waker: &Waker,
 ) {
     loop {
-        // Session jobs first: they are the owner's and cannot go elsewhere.
-        let job = match queues.direct.try_recv() {
-            Ok(job) => job,
-            Err(_) => {
-                crossbeam_channel::select! {
-                    recv(queues.direct) -> job => match job { Ok(job) => job, Err(_) => return },
-                    recv(queues.shared) -> job => match job {
-                        Ok(job) => {
-                            metrics.queued.fetch_sub(1, Ordering::Relaxed);
-                            job
-                        }
-                        // The shard closed its queue: shut down.
-                        Err(_) => return,
-                    },
-                    default(TICK) => {
-                        lane.tick();
-                        continue;
-                    }
-                }
-            }
+        let Some(job) = scheduler.take(worker, || lane.tick()) else {
+            return;
         };
         let (result, session, ran) = match job.work {
             Work::Exec(req) if req.cancel.is_cancelled() => (cancelled_before_start(), None, false),
@@ -354,6 +437,7 @@ fn run_worker(
                 }
             },
         };
+        scheduler.finished(worker);
         metrics.set_lane_stats(worker, lane.stats());
         let completion = Completion {
             conn: job.conn,
@@ -361,7 +445,6 @@ fn run_worker(
             result,
             session,
             ran,
-            fair_owner: job.fair_owner,
             counted: job.counted,
         };
         match &job.reply {

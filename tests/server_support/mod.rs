@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvmfork::api::{
-    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language,
-    TemplateAvailability,
+    ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, LaneStats, Language, SessionError,
+    SessionId, SessionInfo, SessionOp, SessionReply, TemplateAvailability,
 };
 use kvmfork::engine::registry::{SlotState, TemplateSlots};
 use kvmfork::server::{Backend, ServeConfig, ServerHandle};
@@ -87,9 +87,14 @@ pub fn python_ready() -> Arc<TemplateSlots<()>> {
 
 impl LaneFactory for TestFactory {
     fn new_lane(&self, shard: usize) -> Result<Box<dyn Lane>, String> {
+        self.new_worker_lane(shard, 0)
+    }
+    fn new_worker_lane(&self, shard: usize, worker: usize) -> Result<Box<dyn Lane>, String> {
         Ok(Box::new(TestLane {
             events: self.events.clone(),
             shard,
+            worker,
+            sessions: 0,
             stats: LaneStats {
                 pooled_vms: 1,
                 ..Default::default()
@@ -128,7 +133,25 @@ impl LaneFactory for TestFactory {
 struct TestLane {
     events: Arc<Events>,
     shard: usize,
+    worker: usize,
+    /// Sessions created so far (their ids' nonces); a session's "state" is
+    /// nothing: its execs run the command language like stateless ones.
+    sessions: u128,
     stats: LaneStats,
+}
+
+fn test_session_info(id: &SessionId) -> SessionInfo {
+    SessionInfo {
+        sandbox_id: id.text.clone(),
+        language: Language::Python,
+        template: "test".into(),
+        created_at: 0.0,
+        expires_at: 0.0,
+        fork_time_ms: 0.0,
+        execution_count: 0,
+        memory_bytes: 0,
+        metadata: serde_json::Value::Null,
+    }
 }
 
 fn ok(stdout: impl Into<Vec<u8>>) -> ExecResult {
@@ -256,6 +279,40 @@ impl Lane for TestLane {
 
     fn stats(&self) -> LaneStats {
         self.stats.clone()
+    }
+
+    /// Minimal sessions: create (ids naming this lane's shard and worker)
+    /// and exec (the command language); other operations are refused.
+    fn session(&mut self, op: SessionOp) -> SessionReply {
+        match op {
+            SessionOp::Create { count, .. } => SessionReply::Created(
+                (0..count)
+                    .map(|_| {
+                        self.sessions += 1;
+                        let id = SessionId::new(
+                            SessionId::SANDBOX,
+                            "n0",
+                            self.shard,
+                            self.worker,
+                            self.sessions,
+                        );
+                        Ok(test_session_info(&id))
+                    })
+                    .collect(),
+            ),
+            SessionOp::Exec { id, req, .. } => {
+                let result = self.exec(&req);
+                SessionReply::Exec {
+                    info: test_session_info(&id),
+                    result,
+                }
+            }
+            _ => SessionReply::Error(SessionError::new(
+                501,
+                "sessions_unsupported",
+                "the test lane only creates sessions and runs in them",
+            )),
+        }
     }
 }
 
