@@ -96,7 +96,7 @@ struct kvmfork_boot_options {
     uint64_t heap_reserve_bytes; /* kvmfork.heap_reserve_mib= */
 };
 
-#define KVMFORK_DEFAULT_HEAP_RESERVE_MIB 32
+#define KVMFORK_DEFAULT_HEAP_RESERVE_MIB 256
 
 /* Mounts, console, environment. Failures are fatal. */
 void kvmfork_init_system(void);
