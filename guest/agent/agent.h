@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "contract.h"
+#include "heap.h"
 
 /* ---- mailbox.c: the shared page area and the doorbell ---- */
 
@@ -94,9 +95,9 @@ struct kvmfork_boot_options {
     bool selftest;
     uint64_t mailbox_gpa;
     uint64_t heap_reserve_bytes; /* kvmfork.heap_reserve_mib= */
+    bool heap_reserve_set;       /* given on the command line */
 };
 
-#define KVMFORK_DEFAULT_HEAP_RESERVE_MIB 32
 
 /* Mounts, console, environment. Failures are fatal. */
 void kvmfork_init_system(void);
@@ -114,7 +115,7 @@ void kvmfork_seed_kernel_rng(struct kvmfork_mailbox *mb, bool allow_missing_seed
 void kvmfork_memory_configure(void);
 /* Pre-fault a free heap reserve of heap_reserve_bytes and the stack; right
  * before the snapshot. */
-void kvmfork_memory_prefault(uint64_t heap_reserve_bytes);
+void kvmfork_memory_prefault(uint64_t heap_reserve_bytes, bool own_kernel);
 /* Minor page faults so far (getrusage: a syscall, self-test only). */
 long kvmfork_minor_faults(void);
 

@@ -77,6 +77,7 @@ void kvmfork_read_boot_options(struct kvmfork_boot_options *options)
     options->selftest = false;
     options->mailbox_gpa = KVMFORK_MAILBOX_GPA;
     options->heap_reserve_bytes = (uint64_t)KVMFORK_DEFAULT_HEAP_RESERVE_MIB << 20;
+    options->heap_reserve_set = false;
 
     char cmdline[4096];
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
@@ -108,6 +109,7 @@ void kvmfork_read_boot_options(struct kvmfork_boot_options *options)
             if (errno != 0 || end == value || *end != '\0' || mib > 4096)
                 kvmfork_fatal("bad %s (want 0..4096)", word);
             options->heap_reserve_bytes = mib << 20;
+            options->heap_reserve_set = true;
         }
     }
 }

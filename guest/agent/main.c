@@ -23,7 +23,8 @@
 
 static struct kvmfork_mailbox mailbox;
 
-static void boot_python(struct kvmfork_mailbox *mb, uint64_t heap_reserve_bytes)
+/* own_kernel: PID 1 of the guest (may set kernel knobs), not a host self-test. */
+static void boot_python(struct kvmfork_mailbox *mb, uint64_t heap_reserve_bytes, bool own_kernel)
 {
     kvmfork_tsc_calibration_begin();
     kvmfork_python_start();
@@ -31,7 +32,7 @@ static void boot_python(struct kvmfork_mailbox *mb, uint64_t heap_reserve_bytes)
     kvmfork_python_prepare_template();
     /* Before READY: the host reads it from the template's mailbox. */
     kvmfork_interrupt_publish(mb);
-    kvmfork_memory_prefault(heap_reserve_bytes);
+    kvmfork_memory_prefault(heap_reserve_bytes, own_kernel);
     kvmfork_tsc_calibration_end();
 }
 
@@ -76,7 +77,7 @@ static int run_as_pid1(void)
 
     kvmfork_seed_kernel_rng(&mailbox, options.selftest);
     kvmfork_memory_configure();
-    boot_python(&mailbox, options.heap_reserve_bytes);
+    boot_python(&mailbox, options.heap_reserve_bytes, true);
     if (!options.selftest)
         serve(&mailbox);
     kvmfork_log("template ready after %.1f s of uptime; running the self-test",
@@ -92,7 +93,7 @@ static int run_host_selftest(void)
         kvmfork_fatal("mapping a private mailbox: %s", strerror(-err));
     kvmfork_fatal_setup(KVMFORK_MODE_HOST_SELFTEST, &mailbox);
     kvmfork_memory_configure();
-    boot_python(&mailbox, (uint64_t)KVMFORK_DEFAULT_HEAP_RESERVE_MIB << 20);
+    boot_python(&mailbox, (uint64_t)KVMFORK_DEFAULT_HEAP_RESERVE_MIB << 20, false);
     kvmfork_selftest_finish(kvmfork_selftest_run(&mailbox, true));
 }
 

@@ -84,6 +84,7 @@ language_fixup() {
         -ffile-prefix-map="$work"=/build -I"$GUEST_DIR" -I"$dev/usr/include/node" -I"$dev/usr/include" \
         -I"$dev/usr/include/x86_64-linux-gnu" \
         -o "$root/usr/lib/kvmfork/kvmfork_mailbox.node" "$HERE/languages/node_mailbox.c" \
+        "$GUEST_DIR/agent/heap.c" \
         -L"$lib" -l:libcrypto.so.3 -Wl,-rpath-link,"$lib" -Wl,--build-id=none ||
         die "building the N-API addon failed"
     strip "$root/usr/lib/kvmfork/kvmfork_mailbox.node"

@@ -70,8 +70,13 @@ const MODE = process.argv.includes('--selftest')
   ? 'host-selftest'
   : process.env.KVMFORK_GUEST_SELFTEST === '1' ? 'guest-selftest' : 'serve';
 const mailboxAddress = process.env.KVMFORK_MAILBOX_GPA;
+const heapReserveMib = Number(process.env.KVMFORK_HEAP_RESERVE_MIB ?? C.NODE_HEAP_RESERVE_MIB);
 delete process.env.KVMFORK_MAILBOX_GPA;
 delete process.env.KVMFORK_GUEST_SELFTEST;
+delete process.env.KVMFORK_HEAP_RESERVE_MIB;
+// ArrayBuffer and Buffer memory from the never-trimmed brk heap, whose free
+// reserve is populated before the snapshot (prepareTemplate).
+addon.heapPolicy();
 
 function log(message) {
   fs.writeSync(2, `[${process.uptime().toFixed(3).padStart(9)}] kvmfork-agent(node): ${message}\n`);
@@ -828,6 +833,11 @@ function prepareTemplate() {
   for (const name of SESSION_GLOBALS) delete globalThis[name];
   sessionGlobalsReady = false;
   fullGc(); // a compact heap; both semi-spaces were touched by the warm-up
+  // PID 1 is the guest's init: only there may the addon set kernel knobs.
+  const heap = addon.prefaultHeap(heapReserveMib, process.pid === 1);
+  log(`pre-faulted ${heapReserveMib} MiB heap + 2 MiB stack in ${heap.seconds.toFixed(3)} s ` +
+      `(${heap.pageFaults} page faults, ${heap.anonHugeMib} MiB in huge pages, ${heap.freeMib} MiB free` +
+      `${process.pid === 1 && !heap.hugePages ? '; kernel without transparent huge pages' : ''})`);
   view.setBigUint64(C.MB_RESP_SEQ_OFF, 0n, true);
   view.setUint32(C.MB_RESP_STDOUT_LEN_OFF, 0, true);
   view.setUint32(C.MB_RESP_STDERR_LEN_OFF, 0, true);

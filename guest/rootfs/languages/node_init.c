@@ -84,6 +84,11 @@ int main(int argc, char **argv)
     setenv("KVMFORK_MAILBOX_GPA", gpa, 1);
     if (options.selftest)
         setenv("KVMFORK_GUEST_SELFTEST", "1", 1);
+    char reserve[24];
+    snprintf(reserve, sizeof reserve, "%llu",
+             options.heap_reserve_set ? (unsigned long long)(options.heap_reserve_bytes >> 20)
+                                      : (unsigned long long)KVMFORK_NODE_HEAP_RESERVE_MIB);
+    setenv("KVMFORK_HEAP_RESERVE_MIB", reserve, 1);
 
     static char *node_args[MAX_NODE_ARGS];
     static char storage[4096];

@@ -16,6 +16,12 @@
  *   loopAlive()         libuv's own test for "the event loop has work left"
  *                       (ref'd handles, timers, thread-pool requests): what
  *                       node checks before emitting 'beforeExit'
+ *   heapPolicy()        the malloc policy of ../../agent/heap.h (ArrayBuffer
+ *                       and Buffer memory is malloc'ed: no mmap, no trim)
+ *   prefaultHeap(mib, ownKernel)
+ *                       populates the heap reserve and the stack (heap.h);
+ *                       returns {hugePages, seconds, pageFaults,
+ *                       anonHugeMib, freeMib}
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +33,8 @@
 #include <sys/reboot.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "agent/heap.h"
 
 #include <node_api.h>
 #include <openssl/crypto.h>
@@ -281,6 +289,49 @@ static napi_status set_number(napi_env env, napi_value obj, const char *name, do
     return s == napi_ok ? napi_set_named_property(env, obj, name, v) : s;
 }
 
+static napi_value js_heap_policy(napi_env env, napi_callback_info info)
+{
+    (void)info;
+    if (kvmfork_heap_policy() != 0) {
+        napi_throw_error(env, NULL, "kvmfork_mailbox.heapPolicy: mallopt refused the heap policy");
+        return NULL;
+    }
+    return undefined(env);
+}
+
+static napi_value js_prefault_heap(napi_env env, napi_callback_info info)
+{
+    size_t argc = 2;
+    napi_value argv[2];
+    uint32_t mib = 0;
+    bool own_kernel = false;
+    CHECK(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+    if (argc < 2 || napi_get_value_uint32(env, argv[0], &mib) != napi_ok ||
+        napi_get_value_bool(env, argv[1], &own_kernel) != napi_ok || mib > 4096) {
+        napi_throw_type_error(env, NULL,
+                              "kvmfork_mailbox.prefaultHeap(mib, ownKernel): mib 0..4096, ownKernel a boolean");
+        return NULL;
+    }
+    struct kvmfork_heap_report r;
+    const char *failed = "";
+    int rc = kvmfork_heap_prefault((uint64_t)mib << 20, own_kernel, &r, &failed);
+    if (rc != 0) {
+        char message[160];
+        snprintf(message, sizeof message, "kvmfork_mailbox.prefaultHeap: %s: %s", failed, strerror(-rc));
+        napi_throw_error(env, NULL, message);
+        return NULL;
+    }
+    napi_value report, huge;
+    CHECK(env, napi_create_object(env, &report));
+    CHECK(env, napi_get_boolean(env, r.huge_pages, &huge));
+    CHECK(env, napi_set_named_property(env, report, "hugePages", huge));
+    CHECK(env, set_number(env, report, "seconds", r.seconds));
+    CHECK(env, set_number(env, report, "pageFaults", (double)r.page_faults));
+    CHECK(env, set_number(env, report, "anonHugeMib", (double)r.anon_huge_mib));
+    CHECK(env, set_number(env, report, "freeMib", (double)r.free_mib));
+    return report;
+}
+
 static napi_value init(napi_env env, napi_value exports)
 {
     static const struct {
@@ -288,7 +339,7 @@ static napi_value init(napi_env env, napi_value exports)
         double value;
     } constants[] = {
 #define C(name) {#name, (double)KVMFORK_##name}
-        C(MAILBOX_SIZE), C(MB_AGENT_STATE_OFF), C(MB_REQ_SEQ_OFF), C(MB_REQ_LANGUAGE_OFF),
+        C(NODE_HEAP_RESERVE_MIB), C(MAILBOX_SIZE), C(MB_AGENT_STATE_OFF), C(MB_REQ_SEQ_OFF), C(MB_REQ_LANGUAGE_OFF),
         C(MB_REQ_FLAGS_OFF), C(MB_REQ_TIMEOUT_MS_OFF), C(MB_REQ_CODE_LEN_OFF), C(MB_REQ_STDOUT_CAP_OFF),
         C(MB_REQ_STDERR_CAP_OFF), C(MB_FORK_GENERATION_OFF), C(MB_FORK_SEED_OFF), C(MB_SEED_LEN),
         C(MB_RESP_SEQ_OFF), C(MB_RESP_STATUS_OFF), C(MB_RESP_EXIT_CODE_OFF),
@@ -315,6 +366,7 @@ static napi_value init(napi_env env, napi_value exports)
         {"open", js_open},       {"ring", js_ring},     {"tscBegin", js_tsc_begin},
         {"tscEnd", js_tsc_end},  {"nowNs", js_now_ns},  {"reseed", js_reseed},
         {"fatal", js_fatal},     {"powerOff", js_power_off}, {"loopAlive", js_loop_alive},
+        {"heapPolicy", js_heap_policy}, {"prefaultHeap", js_prefault_heap},
     };
     for (size_t i = 0; i < sizeof functions / sizeof functions[0]; i++) {
         napi_value fn;
