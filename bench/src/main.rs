@@ -148,7 +148,8 @@ struct Args {
     /// its entry in bench/results.json, leaving the other measurements as they are.
     #[arg(long)]
     workloads_only: bool,
-    /// Run only this snippet of the suite (repeatable; names as in the table).
+    /// Run only the snippets whose names (as in the table) contain NAME,
+    /// case-insensitive (repeatable): `--workload np.ones --workload sort`.
     #[arg(long = "workload", value_name = "NAME")]
     workload: Vec<String>,
     /// Node template directory for the suite [default: the newest cached Node template].
@@ -294,6 +295,37 @@ fn scratch_dir() -> Result<tempfile::TempDir, BenchError> {
         })
 }
 
+/// What the workload suite needs beyond the Python template: the host's
+/// numpy (and node), and the Node template when Node snippets are selected.
+/// Checked before any measurement so a missing piece fails in a second,
+/// not after the other phases ran.
+fn workload_node_template(
+    args: &Args,
+    snippets: &[&'static workloads::Snippet],
+) -> Result<Option<PathBuf>, BenchError> {
+    let with_node = snippets
+        .iter()
+        .any(|s| s.language == workloads::Language::Node);
+    let mut needs = vec![peers::NUMPY];
+    if with_node {
+        needs.push(peers::NODE);
+    }
+    peers::ensure_installed(&needs)?;
+    if !with_node {
+        return Ok(None);
+    }
+    let t = match &args.node_template {
+        Some(t) => t.clone(),
+        None => peers::find_template("node").ok_or_else(|| {
+            BenchError::MissingNodeTemplate(peers::kvmfork_cache_dir().join("templates"))
+        })?,
+    };
+    if !t.join("state.snap").is_file() {
+        return Err(BenchError::MissingNodeTemplate(t));
+    }
+    Ok(Some(t))
+}
+
 /// The workload suite (bench/src/workloads.rs): one kvmfork server with the
 /// Python and Node templates, the fork server and the Node peer, each
 /// snippet through all three paths.
@@ -306,27 +338,7 @@ fn run_workloads(
 ) -> Result<Workloads, BenchError> {
     let started = Instant::now();
     let load_before = host::load_average();
-    let has = |language| snippets.iter().any(|s| s.language == language);
-    let with_node = has(workloads::Language::Node);
-    let mut needs = vec![peers::NUMPY];
-    if with_node {
-        needs.push(peers::NODE);
-    }
-    peers::ensure_installed(&needs)?;
-    let node_template = if with_node {
-        let t = match &args.node_template {
-            Some(t) => t.clone(),
-            None => peers::find_template("node").ok_or_else(|| {
-                BenchError::MissingNodeTemplate(peers::kvmfork_cache_dir().join("templates"))
-            })?,
-        };
-        if !t.join("state.snap").is_file() {
-            return Err(BenchError::MissingNodeTemplate(t));
-        }
-        Some(t)
-    } else {
-        None
-    };
+    let node_template = workload_node_template(args, snippets)?;
     let workdir = scratch_dir()?;
     let mut templates = vec![template];
     templates.extend(node_template.as_deref());
@@ -368,7 +380,7 @@ fn run_workloads(
     let script = workspace().join("bench/peers/fork_server.py");
     let fork_server =
         peers::start_fork_server(&args.python, &script, 1, 1, &preload, workdir.path())?;
-    let node_server = if with_node {
+    let node_server = if node_template.is_some() {
         let script = workspace().join("bench/peers/node_fork_server.js");
         // Two spares: one boots while the other runs.
         Some(peers::start_node_fork_server(
@@ -449,6 +461,9 @@ fn run(
     };
     let (kvmfork, template) = kvmfork_and_template(args)?;
     peers::ensure_installed(&[peers::BWRAP, peers::NGINX, peers::FONT])?;
+    if args.workload_runs > 0 {
+        workload_node_template(args, snippets)?;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workdir = scratch_dir()?;
     let host = host::Host::probe(&workspace());

@@ -184,20 +184,25 @@ pub const SNIPPETS: &[Snippet] = &[
     ),
 ];
 
-/// The snippets named (all of them when `names` is empty), in suite order.
+/// The snippets whose names contain one of `names` (case-insensitive; all of
+/// them when `names` is empty), in suite order: `--workload np.ones` picks
+/// the three numpy rows, a full name picks its row. A name that matches
+/// nothing is an error listing the suite.
 pub fn select(names: &[String]) -> Result<Vec<&'static Snippet>, String> {
+    let matches =
+        |pattern: &str, s: &Snippet| s.name.to_lowercase().contains(&pattern.to_lowercase());
     for name in names {
-        if !SNIPPETS.iter().any(|s| s.name == name) {
+        if name.trim().is_empty() || !SNIPPETS.iter().any(|s| matches(name, s)) {
             let known: Vec<String> = SNIPPETS.iter().map(|s| format!("{:?}", s.name)).collect();
             return Err(format!(
-                "no workload named {name:?}; the suite has {}",
+                "no workload matches {name:?}; the suite has {}",
                 known.join(", ")
             ));
         }
     }
     Ok(SNIPPETS
         .iter()
-        .filter(|s| names.is_empty() || names.iter().any(|n| n == s.name))
+        .filter(|s| names.is_empty() || names.iter().any(|n| matches(n, s)))
         .collect())
 }
 
@@ -525,10 +530,24 @@ mod tests {
         let picked = select(&["console.log(1+1)".into(), "print(1+1)".into()]).unwrap();
         let names: Vec<&str> = picked.iter().map(|s| s.name).collect();
         assert_eq!(names, ["print(1+1)", "console.log(1+1)"]);
+        let numpy: Vec<&str> = select(&["NP.ONES".into()])
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(numpy.len(), 3, "{numpy:?}");
+        assert_eq!(
+            select(&["sort".into(), "sort 10**6".into()]).unwrap().len(),
+            2
+        );
         let err = select(&["print(2+2)".into()]).unwrap_err();
         assert!(
             err.contains("\"print(2+2)\"") && err.contains("\"np.ones(10**7) (80 MB)\""),
             "{err}"
+        );
+        assert!(
+            select(&[" ".into()]).is_err(),
+            "a blank name matches everything"
         );
     }
 
