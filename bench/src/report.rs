@@ -353,7 +353,12 @@ pub fn workloads_section(w: &Workloads) -> String {
     let h = &w.host;
     let _ = writeln!(
         out,
-        "Run {} on commit {} ({} × {}, KVM {}, load {:.2} before, {:.2} after, {:.0} s).          Each snippet ran {} time{} on each path, the three paths interleaved per snippet (order rotated each round)          so they share the machine's noise; every run's stdout was checked against the value in the snippet's row of          [bench/src/workloads.rs](../bench/src/workloads.rs) — a wrong answer is a failure, not a timing.          Times are client-side wall time: HTTP connect to answer for kvmfork and the warm peers, spawn to exit for a fresh process.\n",
+        "Run {} on commit {} ({} × {}, KVM {}, load {:.2} before, {:.2} after, {:.0} s). \
+         After one unmeasured `print(1+1)` / `console.log(1+1)` per path, each snippet ran {} time{} on each path, \
+         the three paths interleaved per snippet (order rotated each round) \
+         so they share the machine's noise; every run's stdout was checked against the value in the snippet's row of \
+         [bench/src/workloads.rs](../bench/src/workloads.rs) — a wrong answer is a failure, not a timing. \
+         Times are client-side wall time: HTTP connect to answer for kvmfork and the warm peers, spawn to exit for a fresh process.\n",
         h.date,
         h.commit,
         h.cores,
@@ -409,7 +414,11 @@ pub fn workloads_section(w: &Workloads) -> String {
     );
     let _ = writeln!(
         out,
-        "The warm peers isolate nothing beyond a process: the fork server (`bench/peers/fork_server.py`,          modules preloaded: {}) `os.fork()`s a warm CPython per run; the Node peer (`bench/peers/node_fork_server.js`)          hands each run to a Node process it started ahead of time (Node cannot fork a warm process), so Node's boot is not          in its times. Template modules found: {}; host modules found: {}. kvmfork: `kvmfork {}` (each request          `timeout_seconds` {:.0}). Interpreters on the host: {}, {}.",
+        "The warm peers isolate nothing beyond a process: the fork server (`bench/peers/fork_server.py`, \
+         modules preloaded: {}) `os.fork()`s a warm CPython per run; the Node peer (`bench/peers/node_fork_server.js`) \
+         hands each run to a Node process it started ahead of time (Node cannot fork a warm process), so Node's boot is not \
+         in its times. Template modules found: {}; host modules found: {}. kvmfork: `kvmfork {}` (each request \
+         `timeout_seconds` {:.0}). Interpreters on the host: {}, {}.",
         w.fork_server_preload.join(", "),
         if w.template_modules.is_empty() { "numpy only".to_string() } else { format!("numpy, {}", w.template_modules.join(", ")) },
         if w.host_modules.is_empty() { "numpy only".to_string() } else { format!("numpy, {}", w.host_modules.join(", ")) },
@@ -912,7 +921,7 @@ mod tests {
         assert!(section.trim_end().ends_with(WORKLOADS_END), "{section}");
         for needle in [
             "Run 2026-12-04T19:00:00Z on commit def456",
-            "ran 3 times on each path",
+            "each snippet ran 3 times on each path",
             "| snippet | language | kvmfork HTTP, p50 | warm process ¹, p50 | fresh process ², p50 | kvmfork ÷ warm (p50) | kvmfork ÷ fresh (p50) |",
             // 0.5 ms against 5 ms and 21 ms.
             "| print(1+1) | python | 500 µs | 5.00 ms | 21.0 ms | 0.10× | 0.02× |",
