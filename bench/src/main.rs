@@ -144,6 +144,13 @@ struct Args {
     /// suite). PVM snippets that grow memory take tens of seconds each.
     #[arg(long, default_value_t = 3)]
     workload_runs: usize,
+    /// Time budget per snippet and path in the workload suite: after the run
+    /// that takes a path's total for a snippet past it, that path makes no
+    /// further run of it (0s: no budget). Keeps the default run within
+    /// minutes while PVM's guest page faults make the big snippets take
+    /// minutes each through kvmfork.
+    #[arg(long, default_value = "60s", value_parser = loadgen::cli::parse_duration)]
+    workload_budget: Duration,
     /// Run only the workload suite: replaces its section of benchmarks.md and
     /// its entry in bench/results.json, leaving the other measurements as they are.
     #[arg(long)]
@@ -422,9 +429,11 @@ fn run_workloads(
         },
         fresh: fresh(workloads::Language::Node),
     };
+    let budget = (!args.workload_budget.is_zero()).then_some(args.workload_budget);
     let rows = workloads::run_suite(
         snippets,
         args.workload_runs,
+        budget,
         &python_paths,
         &node_paths,
         &modules,
@@ -441,6 +450,7 @@ fn run_workloads(
         load_after: host::load_average(),
         wall_s: started.elapsed().as_secs_f64(),
         runs: args.workload_runs,
+        budget_s: budget.map(|b| b.as_secs_f64()),
         timeout_s: workloads::EXEC_TIMEOUT_S,
         kvmfork_serve_args: serve_args,
         template_modules: modules.template,

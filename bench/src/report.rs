@@ -354,7 +354,7 @@ pub fn workloads_section(w: &Workloads) -> String {
     let _ = writeln!(
         out,
         "Run {} on commit {} ({} × {}, KVM {}, load {:.2} before, {:.2} after, {:.0} s). \
-         After one unmeasured `print(1+1)` / `console.log(1+1)` per path, each snippet ran {} time{} on each path, \
+         After one unmeasured `print(1+1)` / `console.log(1+1)` per path, each snippet ran {} time{} on each path{}, \
          the three paths interleaved per snippet (order rotated each round) \
          so they share the machine's noise; every run's stdout was checked against the value in the snippet's row of \
          [bench/src/workloads.rs](../bench/src/workloads.rs) — a wrong answer is a failure, not a timing. \
@@ -369,6 +369,9 @@ pub fn workloads_section(w: &Workloads) -> String {
         w.wall_s,
         w.runs,
         if w.runs == 1 { "" } else { "s" },
+        w.budget_s.map_or(String::new(), |b| format!(
+            " (a path stops repeating a snippet once its runs of it took {b:.0} s in total; those cells say how many runs they had)"
+        )),
     );
     let what = if w.runs >= 5 { "p50 / p90" } else { "p50" };
     let _ = writeln!(
@@ -390,9 +393,9 @@ pub fn workloads_section(w: &Workloads) -> String {
             "| {} | {} | {} | {} | {} | {} | {} |",
             row.name,
             row.language,
-            row.kvmfork.cell(),
-            row.warm.cell(),
-            row.fresh.cell(),
+            row.kvmfork.cell_of(w.runs),
+            row.warm.cell_of(w.runs),
+            row.fresh.cell_of(w.runs),
             workload_ratio(&row.kvmfork, &row.warm, 3.0),
             workload_ratio(&row.kvmfork, &row.fresh, 1.0)
         );
@@ -882,6 +885,7 @@ mod tests {
             load_after: 4.0,
             wall_s: 420.0,
             runs,
+            budget_s: Some(120.0),
             timeout_s: 300.0,
             kvmfork_serve_args: vec![
                 "serve".into(),

@@ -109,6 +109,9 @@ pub struct Workloads {
     pub wall_s: f64,
     /// Checked runs per snippet and path.
     pub runs: usize,
+    /// A path stops running a snippet once its runs of it took this long
+    /// in total (after at least one); null: no limit.
+    pub budget_s: Option<f64>,
     /// The request's timeout_seconds.
     pub timeout_s: f64,
     pub kvmfork_serve_args: Vec<String>,
@@ -191,6 +194,19 @@ impl WorkloadPath {
     }
 }
 
+impl WorkloadPath {
+    /// [`cell`](Self::cell), saying how many runs there were when a time
+    /// budget made fewer than the `wanted` ones.
+    pub fn cell_of(&self, wanted: usize) -> String {
+        let n = self.runs_ms.len();
+        if self.error.is_none() && n > 0 && n < wanted {
+            format!("{} ({n} run{})", self.cell(), if n == 1 { "" } else { "s" })
+        } else {
+            self.cell()
+        }
+    }
+}
+
 impl Workloads {
     /// Snippets kvmfork failed (wrong output, error, timeout).
     pub fn kvmfork_failures(&self) -> usize {
@@ -247,6 +263,11 @@ mod tests {
         assert_eq!((p.p50_ms, p.p90_ms), (None, None));
         assert_eq!(p.cell(), "failed: exit code 1");
         assert_eq!(WorkloadPath::new("x").cell(), "not run");
+        let mut one = WorkloadPath::new("kvmfork");
+        one.runs_ms = vec![102_300.0];
+        one.summarise();
+        assert_eq!(one.cell_of(3), "102.3 s (1 run)");
+        assert_eq!(one.cell_of(1), "102.3 s");
     }
 
     #[test]

@@ -385,10 +385,14 @@ pub fn missing_module(snippet: &Snippet, have: &[String]) -> Option<&'static str
 /// Runs every snippet `runs` times on its language's three paths, the paths
 /// interleaved within each round (and the order rotated per round) so a
 /// noisy moment of the shared machine lands on all of them. A path that
-/// fails a snippet is not run again for it: the row shows the failure.
+/// fails a snippet is not run again for it: the row shows the failure. With
+/// a `budget`, a path whose runs of a snippet took that long in total makes
+/// no further run of it (at least one always runs): on PVM one 200 MB
+/// snippet takes minutes through kvmfork today.
 pub fn run_suite(
     snippets: &[&Snippet],
     runs: usize,
+    budget: Option<Duration>,
     python: &Paths,
     node: &Paths,
     modules: &Modules,
@@ -457,6 +461,10 @@ pub fn run_suite(
                 if result.error.is_some() {
                     continue;
                 }
+                let spent_ms: f64 = result.runs_ms.iter().sum();
+                if budget.is_some_and(|b| spent_ms >= b.as_secs_f64() * 1000.0) {
+                    continue;
+                }
                 match runner.run(snippet) {
                     Ok(took) => result.runs_ms.push(took.as_secs_f64() * 1000.0),
                     Err(e) => {
@@ -475,11 +483,11 @@ pub fn run_suite(
         progress(&format!(
             "  {}: kvmfork {}, {} {}, {} {}",
             snippet.name,
-            row.kvmfork.cell(),
+            row.kvmfork.cell_of(runs),
             row.warm.label,
-            row.warm.cell(),
+            row.warm.cell_of(runs),
             row.fresh.label,
-            row.fresh.cell()
+            row.fresh.cell_of(runs)
         ));
         rows.push(row);
     }
@@ -657,6 +665,58 @@ mod tests {
     }
 
     #[test]
+    fn a_budget_stops_a_slow_path_after_the_run_that_crossed_it() {
+        let snippet = Snippet {
+            name: "slow",
+            language: Language::Node,
+            code: "0.3",
+            expected: "done\n",
+            needs: &[],
+        };
+        let slow = Path3 {
+            label: "slow".into(),
+            runner: Ok(Runner::Spawn {
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "sleep \"$1\"; echo done".into(),
+                    "sh".into(),
+                ],
+            }),
+        };
+        let fast = |label: &str| Path3 {
+            label: label.into(),
+            runner: Ok(Runner::Spawn {
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo done".into(),
+                    "sh".into(),
+                ],
+            }),
+        };
+        let node = Paths {
+            kvmfork: slow,
+            warm: fast("warm"),
+            fresh: fast("fresh"),
+        };
+        let rows = run_suite(
+            &[&snippet],
+            4,
+            Some(Duration::from_millis(500)),
+            &sh_paths(),
+            &node,
+            &Modules::default(),
+            &|_| {},
+        );
+        // 0.3 s, 0.6 s (over the budget): stop. The fast paths make all 4.
+        assert_eq!(rows[0].kvmfork.runs_ms.len(), 2, "{:?}", rows[0].kvmfork);
+        assert_eq!(rows[0].warm.runs_ms.len(), 4);
+        assert_eq!(rows[0].fresh.runs_ms.len(), 4);
+        assert!(rows[0].kvmfork.p50_ms.unwrap() >= 300.0);
+    }
+
+    #[test]
     fn suite_records_timings_failures_and_skips() {
         let echo = Snippet {
             name: "echo",
@@ -674,6 +734,7 @@ mod tests {
         let rows = run_suite(
             &[&echo, &gated],
             5,
+            None,
             &sh_paths(),
             &sh_paths(),
             &Modules::default(),
