@@ -149,7 +149,7 @@ struct Args {
     /// further run of it (0s: no budget). Keeps the default run within
     /// minutes while PVM's guest page faults make the big snippets take
     /// minutes each through kvmfork.
-    #[arg(long, default_value = "60s", value_parser = loadgen::cli::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = loadgen::cli::parse_duration)]
     workload_budget: Duration,
     /// Run only the workload suite: replaces its section of benchmarks.md and
     /// its entry in bench/results.json, leaving the other measurements as they are.
@@ -344,6 +344,9 @@ fn run_workloads(
     snippets: &[&'static workloads::Snippet],
 ) -> Result<Workloads, BenchError> {
     let started = Instant::now();
+    // Probed now: the commit is the one whose code runs (the tree may
+    // change during a long run).
+    let host = host::Host::probe(&workspace());
     let load_before = host::load_average();
     let node_template = workload_node_template(args, snippets)?;
     let workdir = scratch_dir()?;
@@ -445,7 +448,7 @@ fn run_workloads(
         s.stop(Duration::from_secs(10));
     }
     Ok(Workloads {
-        host: host::Host::probe(&workspace()),
+        host,
         load_before,
         load_after: host::load_average(),
         wall_s: started.elapsed().as_secs_f64(),

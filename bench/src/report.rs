@@ -354,7 +354,7 @@ pub fn workloads_section(w: &Workloads) -> String {
     let _ = writeln!(
         out,
         "Run {} on commit {} ({} × {}, KVM {}, load {:.2} before, {:.2} after, {:.0} s). \
-         After one unmeasured `print(1+1)` / `console.log(1+1)` per path, each snippet ran {} time{} on each path{}, \
+         After {} unmeasured `print(1+1)` / `console.log(1+1)` per server (one per fresh-process path), each snippet ran {} time{} on each path{}, \
          the three paths interleaved per snippet (order rotated each round) \
          so they share the machine's noise; every run's stdout was checked against the value in the snippet's row of \
          [bench/src/workloads.rs](../bench/src/workloads.rs) — a wrong answer is a failure, not a timing. \
@@ -367,6 +367,7 @@ pub fn workloads_section(w: &Workloads) -> String {
         w.load_before,
         w.load_after,
         w.wall_s,
+        crate::workloads::WARMUP_RUNS_HTTP,
         w.runs,
         if w.runs == 1 { "" } else { "s" },
         w.budget_s.map_or(String::new(), |b| format!(

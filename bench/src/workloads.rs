@@ -25,6 +25,9 @@ const READ_TIMEOUT: Duration = Duration::from_secs(EXEC_TIMEOUT_S as u64 + 30);
 /// kernel's page tables); the guest has 512 MiB of RAM, so this is the most a
 /// snippet can use anyway, less what the guest kernel and the template hold.
 pub const MAX_SANDBOX_DIRTY_MIB: usize = 448;
+/// Unmeasured `print(1+1)` / `console.log(1+1)` runs per server before the
+/// suite (a fresh process gets one, for the page cache).
+pub const WARMUP_RUNS_HTTP: usize = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Language {
@@ -398,8 +401,10 @@ pub fn run_suite(
     modules: &Modules,
     progress: &dyn Fn(&str),
 ) -> Vec<WorkloadRow> {
-    // One unmeasured trivial run per path first: a server's first exec
-    // (an empty pool, cold caches) is not a snippet's cost.
+    // Unmeasured trivial runs first: a server's first execs are not a
+    // snippet's cost (kvmfork's first exec on each pooled VM takes ~20 ms
+    // on PVM, against ~0.5 ms once warm; measured: the first 8 of a new
+    // server took 13-25 ms).
     for (language, paths) in [(Language::Python, python), (Language::Node, node)] {
         if !snippets.iter().any(|s| s.language == language) {
             continue;
