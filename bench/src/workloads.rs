@@ -611,6 +611,10 @@ mod tests {
         let peer = br#"{"stdout":"2\n","stderr":"","exit_code":0}"#;
         assert!(check_exec_response(200, peer, "2\n").is_ok(), "peer shape");
         assert!(check_exec_response(200, ok, "3\n").is_err());
+        let failed =
+            br#"{"stdout":"2\n","stderr":"boom","exit_code":1,"timed_out":false,"error":null}"#;
+        let e = check_exec_response(200, failed, "2\n").unwrap_err();
+        assert!(e.contains("exit code 1") && e.contains("boom"), "{e}");
         let limited = br#"{"stdout":"","stderr":"","exit_code":-1,"timed_out":false,"error":{"code":"memory_limit","message":"m"}}"#;
         let e = check_exec_response(200, limited, "2\n").unwrap_err();
         assert!(e.contains("memory_limit"), "{e}");
