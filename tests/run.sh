@@ -19,7 +19,7 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
 fi
 
 step "system packages"
-pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light qemu-system-x86 busybox-static cpio python3-venv)
+pkgs=(prometheus haproxy curl fonts-dejavu-core bubblewrap nginx-light qemu-system-x86 busybox-static cpio python3-venv python3-numpy nodejs)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

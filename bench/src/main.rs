@@ -12,6 +12,7 @@ mod process;
 mod report;
 mod results;
 mod spawn;
+mod workloads;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -23,7 +24,7 @@ use loadgen::stats::LatencySummary;
 use thiserror::Error;
 
 use crate::load::LoadSpec;
-use crate::results::{HttpPoint, PeerServer, Results, Settings, SpawnRow, SpawnStats};
+use crate::results::{HttpPoint, PeerServer, Results, Settings, SpawnRow, SpawnStats, Workloads};
 use crate::spawn::SpawnPeer;
 
 #[derive(Debug, Error)]
@@ -32,6 +33,10 @@ pub enum BenchError {
     MissingKvmfork(PathBuf),
     #[error("no Python template in {0}: build it once with `target/release/kvmfork template build` (minutes on PVM hosts), or pass --template")]
     MissingTemplate(PathBuf),
+    #[error("no Node template in {0}: build it once with `target/release/kvmfork template build --language node` (minutes on PVM hosts), or pass --node-template")]
+    MissingNodeTemplate(PathBuf),
+    #[error("{0}")]
+    Usage(String),
     #[error("no Python interpreter at {0} (Debian: apt-get install python3)")]
     MissingPython(String),
     #[error("cannot install the peers' packages: {0}")]
@@ -135,6 +140,31 @@ struct Args {
     /// kvmfork serve --queue-depth: execs queued per shard before 503.
     #[arg(long, default_value_t = 2048)]
     queue_depth: usize,
+    /// Checked runs per snippet and path in the workload suite (0 skips the
+    /// suite). PVM snippets that grow memory take tens of seconds each.
+    #[arg(long, default_value_t = 3)]
+    workload_runs: usize,
+    /// Time budget per snippet and path in the workload suite: after the run
+    /// that takes a path's total for a snippet past it, that path makes no
+    /// further run of it (0s: no budget). Keeps the default run within
+    /// minutes while PVM's guest page faults make the big snippets take
+    /// minutes each through kvmfork.
+    #[arg(long, default_value = "30s", value_parser = loadgen::cli::parse_duration)]
+    workload_budget: Duration,
+    /// Run only the workload suite: replaces its section of benchmarks.md and
+    /// its entry in bench/results.json, leaving the other measurements as they are.
+    #[arg(long)]
+    workloads_only: bool,
+    /// Run only the snippets whose names (as in the table) contain NAME,
+    /// case-insensitive (repeatable): `--workload np.ones --workload sort`.
+    #[arg(long = "workload", value_name = "NAME")]
+    workload: Vec<String>,
+    /// Node template directory for the suite [default: the newest cached Node template].
+    #[arg(long)]
+    node_template: Option<PathBuf>,
+    /// Node for the Node peers (Debian's, like the guest's).
+    #[arg(long, default_value = "/usr/bin/node")]
+    node: String,
 }
 
 impl Args {
@@ -241,10 +271,8 @@ fn spawn_stats(result: &spawn::SpawnResult) -> SpawnStats {
     }
 }
 
-fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
-    let progress = Progress {
-        start: Instant::now(),
-    };
+/// The kvmfork binary and the Python template, checked.
+fn kvmfork_and_template(args: &Args) -> Result<(PathBuf, PathBuf), BenchError> {
     let kvmfork = args.kvmfork_path();
     if !kvmfork.is_file() {
         return Err(BenchError::MissingKvmfork(kvmfork));
@@ -261,15 +289,196 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
     if !Path::new(&args.python).is_file() {
         return Err(BenchError::MissingPython(args.python.clone()));
     }
-    peers::ensure_installed(&[peers::BWRAP, peers::NGINX, peers::FONT])?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workdir = tempfile::Builder::new()
+    Ok((kvmfork, template))
+}
+
+fn scratch_dir() -> Result<tempfile::TempDir, BenchError> {
+    tempfile::Builder::new()
         .prefix("kvmfork-bench-")
         .tempdir()
         .map_err(|source| BenchError::Write {
             path: std::env::temp_dir(),
             source,
-        })?;
+        })
+}
+
+/// What the workload suite needs beyond the Python template: the host's
+/// numpy (and node), and the Node template when Node snippets are selected.
+/// Checked before any measurement so a missing piece fails in a second,
+/// not after the other phases ran.
+fn workload_node_template(
+    args: &Args,
+    snippets: &[&'static workloads::Snippet],
+) -> Result<Option<PathBuf>, BenchError> {
+    let with_node = snippets
+        .iter()
+        .any(|s| s.language == workloads::Language::Node);
+    let mut needs = vec![peers::NUMPY];
+    if with_node {
+        needs.push(peers::NODE);
+    }
+    peers::ensure_installed(&needs)?;
+    if !with_node {
+        return Ok(None);
+    }
+    let t = match &args.node_template {
+        Some(t) => t.clone(),
+        None => peers::find_template("node").ok_or_else(|| {
+            BenchError::MissingNodeTemplate(peers::kvmfork_cache_dir().join("templates"))
+        })?,
+    };
+    if !t.join("state.snap").is_file() {
+        return Err(BenchError::MissingNodeTemplate(t));
+    }
+    Ok(Some(t))
+}
+
+/// The workload suite (bench/src/workloads.rs): one kvmfork server with the
+/// Python and Node templates, the fork server and the Node peer, each
+/// snippet through all three paths.
+fn run_workloads(
+    args: &Args,
+    progress: &Progress,
+    kvmfork: &Path,
+    template: &Path,
+    snippets: &[&'static workloads::Snippet],
+) -> Result<Workloads, BenchError> {
+    let started = Instant::now();
+    // Probed now: the commit is the one whose code runs (the tree may
+    // change during a long run).
+    let host = host::Host::probe(&workspace());
+    let load_before = host::load_average();
+    let node_template = workload_node_template(args, snippets)?;
+    let workdir = scratch_dir()?;
+    let mut templates = vec![template];
+    templates.extend(node_template.as_deref());
+    let extra = vec![
+        "--max-sandbox-dirty-mib".to_string(),
+        workloads::MAX_SANDBOX_DIRTY_MIB.to_string(),
+    ];
+    progress.step(&format!(
+        "workload suite: {} snippets × {} runs; kvmfork serve with {}",
+        snippets.len(),
+        args.workload_runs,
+        templates
+            .iter()
+            .map(|t| t.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    ));
+    let (server, serve_args) = peers::start_kvmfork_with(
+        kvmfork,
+        &templates,
+        workdir.path(),
+        args.queue_depth,
+        &extra,
+    )?;
+    let modules = workloads::Modules {
+        template: workloads::probe_template(server.addr)?,
+        host: workloads::probe_host(&args.python),
+    };
+    progress.step(&format!(
+        "  optional modules: template {:?}, host {:?}",
+        modules.template, modules.host
+    ));
+    // The fork server preloads what kvmfork's template has imported: numpy,
+    // and the optional modules both sides have.
+    let mut preload = vec!["numpy"];
+    preload.extend(workloads::OPTIONAL_MODULES.iter().copied().filter(|m| {
+        modules.template.iter().any(|t| t == m) && modules.host.iter().any(|h| h == m)
+    }));
+    let script = workspace().join("bench/peers/fork_server.py");
+    let fork_server =
+        peers::start_fork_server(&args.python, &script, 1, 1, &preload, workdir.path())?;
+    let node_server = if node_template.is_some() {
+        let script = workspace().join("bench/peers/node_fork_server.js");
+        // Two spares: one boots while the other runs.
+        Some(peers::start_node_fork_server(
+            &args.node,
+            &script,
+            2,
+            workdir.path(),
+        )?)
+    } else {
+        None
+    };
+    let http = |label: &str, addr| workloads::Path3 {
+        label: label.into(),
+        runner: Ok(workloads::Runner::Http { addr }),
+    };
+    let fresh = |language| {
+        let argv = workloads::fresh_argv(language, &args.python, &args.node);
+        workloads::Path3 {
+            label: format!("`{}`", argv.join(" ")),
+            runner: Ok(workloads::Runner::Spawn { argv }),
+        }
+    };
+    let python_paths = workloads::Paths {
+        kvmfork: http("kvmfork", server.addr),
+        warm: http(
+            &format!("fork server (os.fork, {} preloaded)", preload.join(", ")),
+            fork_server.addr,
+        ),
+        fresh: fresh(workloads::Language::Python),
+    };
+    let node_paths = workloads::Paths {
+        kvmfork: http("kvmfork", server.addr),
+        warm: match &node_server {
+            Some(s) => http("pre-spawned node process", s.addr),
+            None => workloads::Path3 {
+                label: "pre-spawned node process".into(),
+                runner: Err("not started".into()),
+            },
+        },
+        fresh: fresh(workloads::Language::Node),
+    };
+    let budget = (!args.workload_budget.is_zero()).then_some(args.workload_budget);
+    let rows = workloads::run_suite(
+        snippets,
+        args.workload_runs,
+        budget,
+        &python_paths,
+        &node_paths,
+        &modules,
+        &|line| progress.step(line),
+    );
+    server.stop(Duration::from_secs(30));
+    fork_server.stop(Duration::from_secs(10));
+    if let Some(s) = node_server {
+        s.stop(Duration::from_secs(10));
+    }
+    Ok(Workloads {
+        host,
+        load_before,
+        load_after: host::load_average(),
+        wall_s: started.elapsed().as_secs_f64(),
+        runs: args.workload_runs,
+        budget_s: budget.map(|b| b.as_secs_f64()),
+        timeout_s: workloads::EXEC_TIMEOUT_S,
+        kvmfork_serve_args: serve_args,
+        template_modules: modules.template,
+        host_modules: modules.host,
+        fork_server_preload: preload.iter().map(|m| m.to_string()).collect(),
+        python_version: version_of(&[&args.python, "--version"]),
+        node_version: format!("Node {}", version_of(&[&args.node, "--version"])),
+        rows,
+    })
+}
+
+fn run(
+    args: &Args,
+    snippets: &[&'static workloads::Snippet],
+) -> Result<(Results, Curves), BenchError> {
+    let progress = Progress {
+        start: Instant::now(),
+    };
+    let (kvmfork, template) = kvmfork_and_template(args)?;
+    peers::ensure_installed(&[peers::BWRAP, peers::NGINX, peers::FONT])?;
+    if args.workload_runs > 0 {
+        workload_node_template(args, snippets)?;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workdir = scratch_dir()?;
     let host = host::Host::probe(&workspace());
     let load_before = host::load_average();
     progress.step(&format!(
@@ -443,6 +652,14 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         });
     }
 
+    let workloads = if args.workload_runs > 0 {
+        Some(run_workloads(
+            args, &progress, &kvmfork, &template, snippets,
+        )?)
+    } else {
+        None
+    };
+
     let settings = Settings {
         code: code.into(),
         template: template.display().to_string(),
@@ -479,6 +696,7 @@ fn run(args: &Args) -> Result<(Results, Curves), BenchError> {
         kvmfork_health,
         nginx,
         spawn,
+        workloads,
     };
     Ok((results, curves))
 }
@@ -558,9 +776,84 @@ fn write(path: &Path, contents: &str) -> Result<(), BenchError> {
     })
 }
 
+/// `--workloads-only`: runs the suite and replaces its section of
+/// benchmarks.md and its entry in results.json.
+fn workloads_only(args: &Args, snippets: &[&'static workloads::Snippet]) -> ExitCode {
+    let progress = Progress {
+        start: Instant::now(),
+    };
+    let done = kvmfork_and_template(args).and_then(|(kvmfork, template)| {
+        run_workloads(args, &progress, &kvmfork, &template, snippets)
+    });
+    let w = match done {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let section = report::workloads_section(&w);
+    let plot_dir = args.out_dir.join("bench");
+    let page_path = args.out_dir.join("benchmarks.md");
+    let json_path = plot_dir.join("results.json");
+    let written = std::fs::create_dir_all(&plot_dir)
+        .map_err(|source| BenchError::Write {
+            path: plot_dir.clone(),
+            source,
+        })
+        .and_then(|()| {
+            let page = std::fs::read_to_string(&page_path).unwrap_or_default();
+            write(&page_path, &report::splice_workloads(&page, &section))?;
+            // Keep results.json in step with the page: the other phases' numbers stay.
+            let mut json = std::fs::read_to_string(&json_path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .filter(|v| v.is_object())
+                .unwrap_or_else(|| serde_json::json!({ "schema": results::SCHEMA }));
+            json["workloads"] = serde_json::to_value(&w).expect("results serialise");
+            write(
+                &json_path,
+                &(serde_json::to_string_pretty(&json).expect("results serialise") + "\n"),
+            )
+        });
+    if let Err(e) = written {
+        eprintln!("bench: {e}");
+        return ExitCode::from(2);
+    }
+    println!("{section}");
+    eprintln!(
+        "bench: wrote the workload section of {} and {}",
+        page_path.display(),
+        json_path.display()
+    );
+    if w.kvmfork_failures() > 0 {
+        eprintln!(
+            "bench: kvmfork failed {} snippets (see the table)",
+            w.kvmfork_failures()
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (results, curves) = match run(&args) {
+    if args.workloads_only && args.workload_runs == 0 {
+        eprintln!("bench: --workloads-only needs --workload-runs of at least 1");
+        return ExitCode::from(2);
+    }
+    // Names are checked before any measurement: a typo fails in a second, not after the run.
+    let snippets = match workloads::select(&args.workload) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bench: {}", BenchError::Usage(e));
+            return ExitCode::from(2);
+        }
+    };
+    if args.workloads_only {
+        return workloads_only(&args, &snippets);
+    }
+    let (results, curves) = match run(&args, &snippets) {
         Ok(done) => done,
         Err(e) => {
             eprintln!("bench: {e}");
@@ -589,6 +882,9 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     println!("{}", report::headline(&results));
+    if let Some(w) = &results.workloads {
+        println!("{}", report::workloads_section(w));
+    }
     eprintln!(
         "bench: wrote {} and {}",
         args.out_dir.join("benchmarks.md").display(),

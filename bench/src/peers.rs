@@ -113,6 +113,15 @@ fn find_template_in(cache: &Path, language: &str) -> Option<PathBuf> {
         .map(|(_, path)| path)
 }
 
+pub const NUMPY: Requirement = Requirement {
+    path: "/usr/lib/python3/dist-packages/numpy/__init__.py",
+    package: "python3-numpy",
+};
+pub const NODE: Requirement = Requirement {
+    path: "/usr/bin/node",
+    package: "nodejs",
+};
+
 /// `kvmfork serve` with auth and rate limiting off and a queue deep enough that
 /// 1000 connections wait instead of getting 503s.
 pub fn start_kvmfork(
@@ -121,8 +130,20 @@ pub fn start_kvmfork(
     workdir: &Path,
     queue_depth: usize,
 ) -> Result<(Server, Vec<String>), BenchError> {
+    start_kvmfork_with(kvmfork, &[template], workdir, queue_depth, &[])
+}
+
+/// [`start_kvmfork`] serving every template in `templates` (one per
+/// language), with `extra` serve flags.
+pub fn start_kvmfork_with(
+    kvmfork: &Path,
+    templates: &[&Path],
+    workdir: &Path,
+    queue_depth: usize,
+    extra: &[String],
+) -> Result<(Server, Vec<String>), BenchError> {
     let addr = process::free_port()?;
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "serve".into(),
         "--listen".into(),
         addr.to_string(),
@@ -130,9 +151,12 @@ pub fn start_kvmfork(
         "0".into(),
         "--queue-depth".into(),
         queue_depth.to_string(),
-        "--template".into(),
-        template.display().to_string(),
     ];
+    for template in templates {
+        args.push("--template".into());
+        args.push(template.display().to_string());
+    }
+    args.extend(extra.iter().cloned());
     let mut command = Command::new(kvmfork);
     // No keys file in an empty working directory and no $KVMFORK_API_KEYS_FILE: auth off.
     command
@@ -181,6 +205,49 @@ pub fn start_fork_server(
         Duration::from_secs(60),
     )?;
     process::check_exec(&server)?;
+    Ok(server)
+}
+
+/// bench/peers/node_fork_server.js: `spares` Node processes started ahead of
+/// time, one per exec. Checked with `console.log(1+1)` before use.
+pub fn start_node_fork_server(
+    node: &str,
+    script: &Path,
+    spares: usize,
+    workdir: &Path,
+) -> Result<Server, BenchError> {
+    let addr = process::free_port()?;
+    let mut command = Command::new(node);
+    command.arg(script).args([
+        "--listen",
+        &addr.to_string(),
+        "--spares",
+        &spares.to_string(),
+    ]);
+    let server = Server::start(
+        "node fork server",
+        command,
+        addr,
+        "/v1/health",
+        workdir.join("node-fork-server.log"),
+        Duration::from_secs(60),
+    )?;
+    let response = process::http_request(
+        addr,
+        "POST",
+        "/v1/exec",
+        Some(r#"{"code":"console.log(1+1)","language":"node"}"#),
+    )
+    .map_err(|e| BenchError::Probe {
+        what: server.name.clone(),
+        detail: e.to_string(),
+    })?;
+    crate::workloads::check_exec_response(response.status, &response.body, "2\n").map_err(
+        |detail| BenchError::Probe {
+            what: server.name.clone(),
+            detail,
+        },
+    )?;
     Ok(server)
 }
 
@@ -263,6 +330,22 @@ mod tests {
         assert_eq!(response.status, 200);
         let json: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         assert_eq!(json["stdout"], "42\n");
+        server.stop(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn node_fork_server_starts_and_computes() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = crate::workspace().join("bench/peers/node_fork_server.js");
+        let server = start_node_fork_server(NODE.path, &script, 1, dir.path()).unwrap();
+        let response = process::http_request(
+            server.addr,
+            "POST",
+            "/v1/exec",
+            Some(r#"{"code":"console.log(6*7)","language":"node"}"#),
+        )
+        .unwrap();
+        crate::workloads::check_exec_response(response.status, &response.body, "42\n").unwrap();
         server.stop(Duration::from_secs(10));
     }
 

@@ -156,8 +156,20 @@ pub fn http_request(
     path: &str,
     json_body: Option<&str>,
 ) -> std::io::Result<Response> {
+    http_request_with_timeout(addr, method, path, json_body, Duration::from_secs(60))
+}
+
+/// [`http_request`] waiting up to `read_timeout` for each read (a workload
+/// snippet may run for minutes before the answer's first byte).
+pub fn http_request_with_timeout(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+    read_timeout: Duration,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(read_timeout))?;
     let body = json_body.unwrap_or("");
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     if json_body.is_some() {

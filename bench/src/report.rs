@@ -6,7 +6,7 @@ use std::fmt::Write;
 use loadgen::stats::LatencySummary;
 
 use crate::fork_bench::Percentiles;
-use crate::results::{HttpPoint, Results, SpawnRow};
+use crate::results::{HttpPoint, Results, SpawnRow, WorkloadPath, Workloads};
 
 /// Milliseconds, with a unit that keeps 2-3 significant digits.
 pub fn ms(value_ms: f64) -> String {
@@ -312,6 +312,146 @@ fn http_table(out: &mut String, kvmfork: &[HttpPoint], peers: &[(&str, &[HttpPoi
     }
 }
 
+/// kvmfork's time as a multiple of a peer's ("578×", "1.4×", "0.45×"),
+/// bold past `target` (the issue's goal for that column).
+pub fn workload_ratio(kvmfork: &WorkloadPath, peer: &WorkloadPath, target: f64) -> String {
+    let (Some(k), Some(p)) = (kvmfork.p50_ms, peer.p50_ms) else {
+        return "—".into();
+    };
+    if k <= 0.0 || p <= 0.0 {
+        return "—".into();
+    }
+    let r = k / p;
+    let text = if r >= 10.0 {
+        format!("{r:.0}×")
+    } else if r >= 1.0 {
+        format!("{r:.1}×")
+    } else {
+        format!("{r:.2}×")
+    };
+    if r > target {
+        format!("**{text}**")
+    } else {
+        text
+    }
+}
+
+/// Marks around the workload section of benchmarks.md, so a workloads-only
+/// run (`bench/run --workloads-only`) can replace just that section.
+pub const WORKLOADS_BEGIN: &str = "<!-- workloads:begin -->";
+pub const WORKLOADS_END: &str = "<!-- workloads:end -->";
+
+/// The workload table with its provenance, between the markers.
+pub fn workloads_section(w: &Workloads) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{WORKLOADS_BEGIN}");
+    let _ = writeln!(
+        out,
+        "## Workload suite: real snippets, kvmfork against processes
+"
+    );
+    let h = &w.host;
+    let _ = writeln!(
+        out,
+        "Run {} on commit {} ({} × {}, KVM {}, load {:.2} before, {:.2} after, {:.0} s). \
+         After {} unmeasured `print(1+1)` / `console.log(1+1)` per server (one per fresh-process path), each snippet ran {} time{} on each path{}, \
+         the three paths interleaved per snippet (order rotated each round) \
+         so they share the machine's noise; every run's stdout was checked against the value in the snippet's row of \
+         [bench/src/workloads.rs](../bench/src/workloads.rs) — a wrong answer is a failure, not a timing. \
+         Times are client-side wall time: HTTP connect to answer for kvmfork and the warm peers, spawn to exit for a fresh process.\n",
+        h.date,
+        h.commit,
+        h.cores,
+        h.cpu_model,
+        h.kvm_kind,
+        w.load_before,
+        w.load_after,
+        w.wall_s,
+        crate::workloads::WARMUP_RUNS_HTTP,
+        w.runs,
+        if w.runs == 1 { "" } else { "s" },
+        w.budget_s.map_or(String::new(), |b| format!(
+            " (a path stops repeating a snippet once its runs of it took {b:.0} s in total; those cells say how many runs they had)"
+        )),
+    );
+    let what = if w.runs >= 5 { "p50 / p90" } else { "p50" };
+    let _ = writeln!(
+        out,
+        "| snippet | language | kvmfork HTTP, {what} | warm process ¹, {what} | fresh process ², {what} | kvmfork ÷ warm (p50) | kvmfork ÷ fresh (p50) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+    for row in &w.rows {
+        if let Some(why) = &row.skipped {
+            let _ = writeln!(
+                out,
+                "| {} | {} | skipped: {why} | | | | |",
+                row.name, row.language
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.name,
+            row.language,
+            row.kvmfork.cell_of(w.runs),
+            row.warm.cell_of(w.runs),
+            row.fresh.cell_of(w.runs),
+            workload_ratio(&row.kvmfork, &row.warm, 3.0),
+            workload_ratio(&row.kvmfork, &row.fresh, 1.0)
+        );
+    }
+    let labels = |language: &str, pick: fn(&crate::results::WorkloadRow) -> &WorkloadPath| {
+        w.rows
+            .iter()
+            .find(|r| r.language == language && r.skipped.is_none())
+            .map(|r| pick(r).label.clone())
+    };
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "¹ Python: {}; Node: {}. ² Python: {}; Node: {}. Ratios above the issue's targets (≤ 3× the warm peer, ≤ 1× a fresh process) are bold.\n",
+        labels("python", |r| &r.warm).unwrap_or_else(|| "not run".into()),
+        labels("node", |r| &r.warm).unwrap_or_else(|| "not run".into()),
+        labels("python", |r| &r.fresh).unwrap_or_else(|| "not run".into()),
+        labels("node", |r| &r.fresh).unwrap_or_else(|| "not run".into()),
+    );
+    let _ = writeln!(
+        out,
+        "The warm peers isolate nothing beyond a process: the fork server (`bench/peers/fork_server.py`, \
+         modules preloaded: {}) `os.fork()`s a warm CPython per run; the Node peer (`bench/peers/node_fork_server.js`) \
+         hands each run to a Node process it started ahead of time (Node cannot fork a warm process), so Node's boot is not \
+         in its times. Template modules found: {}; host modules found: {}. kvmfork: `kvmfork {}` (each request \
+         `timeout_seconds` {:.0}). Interpreters on the host: {}, {}.",
+        w.fork_server_preload.join(", "),
+        if w.template_modules.is_empty() { "numpy only".to_string() } else { format!("numpy, {}", w.template_modules.join(", ")) },
+        if w.host_modules.is_empty() { "numpy only".to_string() } else { format!("numpy, {}", w.host_modules.join(", ")) },
+        w.kvmfork_serve_args.join(" "),
+        w.timeout_s,
+        w.python_version,
+        w.node_version
+    );
+    let _ = writeln!(out, "{WORKLOADS_END}");
+    out
+}
+
+/// `page` with its workload section replaced by `section` (appended when it
+/// has none).
+pub fn splice_workloads(page: &str, section: &str) -> String {
+    if let (Some(start), Some(end)) = (page.find(WORKLOADS_BEGIN), page.find(WORKLOADS_END)) {
+        if start < end {
+            let mut tail = &page[end + WORKLOADS_END.len()..];
+            tail = tail.strip_prefix('\n').unwrap_or(tail);
+            return format!("{}{section}{tail}", &page[..start]);
+        }
+    }
+    let mut out = page.to_string();
+    if !out.is_empty() && !out.ends_with("\n\n") {
+        out.push_str(if out.ends_with('\n') { "\n" } else { "\n\n" });
+    }
+    out + section
+}
+
 /// The whole page.
 pub fn render(results: &Results, plots: &[(String, String)]) -> String {
     let h = &results.host;
@@ -516,6 +656,11 @@ pub fn render(results: &Results, plots: &[(String, String)]) -> String {
         &[("nginx", results.nginx.as_slice())],
     );
 
+    if let Some(w) = &results.workloads {
+        let _ = writeln!(out);
+        out += &workloads_section(w);
+    }
+
     if !plots.is_empty() {
         let _ = writeln!(out, "\n## Plots\n");
         for (title, file) in plots {
@@ -672,7 +817,183 @@ mod tests {
                 spawn_row(BWRAP, 30, true),
                 spawn_row(PYTHON_C_NUMPY, 200, false),
             ],
+            workloads: Some(sample_workloads(3)),
         }
+    }
+
+    fn path(label: &str, runs: &[f64], error: Option<&str>) -> WorkloadPath {
+        let mut p = WorkloadPath::new(label);
+        p.runs_ms = runs.to_vec();
+        p.error = error.map(str::to_string);
+        p.summarise();
+        p
+    }
+
+    fn sample_workloads(runs: usize) -> Workloads {
+        let row = |name: &str, language: &str, k: &[f64], w: &[f64], f: &[f64]| {
+            crate::results::WorkloadRow {
+                name: name.into(),
+                language: language.into(),
+                code: "code".into(),
+                expected_stdout: "2\n".into(),
+                skipped: None,
+                kvmfork: path("kvmfork", k, None),
+                warm: path(
+                    if language == "node" {
+                        "pre-spawned node process"
+                    } else {
+                        "fork server (os.fork, numpy preloaded)"
+                    },
+                    w,
+                    None,
+                ),
+                fresh: path(
+                    if language == "node" {
+                        "`node -e`"
+                    } else {
+                        "`python3 -c`"
+                    },
+                    f,
+                    None,
+                ),
+            }
+        };
+        let mut failed = row(
+            "np.ones(10**7) (80 MB)",
+            "python",
+            &[],
+            &[48.0, 50.0, 52.0],
+            &[90.0, 95.0, 99.0],
+        );
+        failed.kvmfork = path(
+            "kvmfork",
+            &[],
+            Some("error {\"code\":\"memory_limit\"}|x\ny"),
+        );
+        let mut skipped = row("pandas group-by 10**6 rows", "python", &[], &[], &[]);
+        skipped.skipped = Some("template lacks pandas".into());
+        Workloads {
+            host: crate::host::Host {
+                cpu_model: "Test CPU".into(),
+                cores: 2,
+                memory_gib: 23.5,
+                kernel: "6.1.0-test".into(),
+                kvm_kind: "PVM",
+                date: "2026-12-04T19:00:00Z".into(),
+                commit: "def456".into(),
+            },
+            load_before: 3.0,
+            load_after: 4.0,
+            wall_s: 420.0,
+            runs,
+            budget_s: Some(120.0),
+            timeout_s: 300.0,
+            kvmfork_serve_args: vec![
+                "serve".into(),
+                "--max-sandbox-dirty-mib".into(),
+                "448".into(),
+            ],
+            template_modules: vec![],
+            host_modules: vec![],
+            fork_server_preload: vec!["numpy".into()],
+            python_version: "Python 3.11.2".into(),
+            node_version: "Node v20.19.2".into(),
+            rows: vec![
+                row(
+                    "print(1+1)",
+                    "python",
+                    &[0.5, 0.4, 0.6],
+                    &[4.0, 5.0, 6.0],
+                    &[20.0, 21.0, 22.0],
+                ),
+                failed,
+                skipped,
+                row(
+                    "console.log(1+1)",
+                    "node",
+                    &[1.0, 1.2, 1.1],
+                    &[0.25, 0.3, 0.35],
+                    &[40.0, 41.0, 39.0],
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn workload_table_has_every_path_and_both_ratios() {
+        let section = workloads_section(&sample_workloads(3));
+        assert!(section.starts_with(WORKLOADS_BEGIN), "{section}");
+        assert!(section.trim_end().ends_with(WORKLOADS_END), "{section}");
+        for needle in [
+            "Run 2026-12-04T19:00:00Z on commit def456",
+            "each snippet ran 3 times on each path",
+            "| snippet | language | kvmfork HTTP, p50 | warm process ¹, p50 | fresh process ², p50 | kvmfork ÷ warm (p50) | kvmfork ÷ fresh (p50) |",
+            // 0.5 ms against 5 ms and 21 ms.
+            "| print(1+1) | python | 500 µs | 5.00 ms | 21.0 ms | 0.10× | 0.02× |",
+            // Over the targets: bold (1.1 / 0.3 = 3.7× the warm peer).
+            "| console.log(1+1) | node | 1.10 ms | 300 µs | 40.0 ms | **3.7×** | 0.03× |",
+            // A failure is a failure, not a timing; the cell stays one table cell.
+            "| np.ones(10**7) (80 MB) | python | failed: error {\"code\":\"memory_limit\"}\\|x y | 50.0 ms | 95.0 ms | — | — |",
+            "| pandas group-by 10**6 rows | python | skipped: template lacks pandas | | | | |",
+            "¹ Python: fork server (os.fork, numpy preloaded); Node: pre-spawned node process. ² Python: `python3 -c`; Node: `node -e`.",
+            "`kvmfork serve --max-sandbox-dirty-mib 448`",
+        ] {
+            assert!(section.contains(needle), "missing {needle:?} in:\n{section}");
+        }
+        for line in section.lines().filter(|l| l.starts_with("| ")) {
+            assert_eq!(line.replace("\\|", "").matches('|').count(), 8, "{line}");
+        }
+    }
+
+    #[test]
+    fn workload_table_shows_p90_from_five_runs() {
+        let mut w = sample_workloads(5);
+        w.rows[0].kvmfork = path("kvmfork", &[1.0, 2.0, 3.0, 4.0, 50.0], None);
+        let section = workloads_section(&w);
+        assert!(section.contains("kvmfork HTTP, p50 / p90"), "{section}");
+        assert!(
+            section.contains("| print(1+1) | python | 3.00 ms / 50.0 ms |"),
+            "{section}"
+        );
+    }
+
+    #[test]
+    fn workload_ratio_formats_and_bolds_past_the_target() {
+        let p = |ms: f64| path("x", &[ms], None);
+        assert_eq!(workload_ratio(&p(27_800.0), &p(48.0), 3.0), "**579×**");
+        assert_eq!(workload_ratio(&p(1360.0), &p(990.0), 3.0), "1.4×");
+        assert_eq!(workload_ratio(&p(1.0), &p(2.0), 1.0), "0.50×");
+        assert_eq!(workload_ratio(&p(2.0), &p(1.0), 1.0), "**2.0×**");
+        assert_eq!(
+            workload_ratio(&path("x", &[], Some("e")), &p(1.0), 3.0),
+            "—"
+        );
+    }
+
+    #[test]
+    fn splice_replaces_only_the_workload_section() {
+        let old = format!(
+            "# page\n\nbefore\n\n{WORKLOADS_BEGIN}\nold table\n{WORKLOADS_END}\n\n## Plots\n"
+        );
+        let new_section = format!("{WORKLOADS_BEGIN}\nnew table\n{WORKLOADS_END}\n");
+        let page = splice_workloads(&old, &new_section);
+        assert_eq!(
+            page,
+            format!("# page\n\nbefore\n\n{new_section}\n## Plots\n")
+        );
+        assert_eq!(splice_workloads(&page, &new_section), page, "idempotent");
+        let appended = splice_workloads("# page\n", &new_section);
+        assert_eq!(appended, format!("# page\n\n{new_section}"));
+        assert_eq!(splice_workloads("", &new_section), new_section);
+    }
+
+    #[test]
+    fn full_page_includes_the_workload_section() {
+        let page = render(&sample_results(), &[]);
+        assert!(page.contains("## Workload suite"), "{page}");
+        let mut none = sample_results();
+        none.workloads = None;
+        assert!(!render(&none, &[]).contains(WORKLOADS_BEGIN));
     }
 
     #[test]
@@ -737,6 +1058,9 @@ mod tests {
         assert!(page.contains(" connect)"), "{page}");
         let mut clean = results.clone();
         clean.kvmfork_exec.truncate(1);
+        // The sample suite has one snippet kvmfork failed: it counts too.
+        assert_eq!(clean.kvmfork_errors(), 1);
+        clean.workloads = None;
         assert_eq!(clean.kvmfork_errors(), 0);
         assert!(!render(&clean, &[]).contains("**kvmfork failed"));
     }

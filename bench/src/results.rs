@@ -26,6 +26,8 @@ pub struct Results {
     pub kvmfork_health: Vec<HttpPoint>,
     pub nginx: Vec<HttpPoint>,
     pub spawn: Vec<SpawnRow>,
+    /// The workload suite; absent when the run skipped it (--workload-runs 0).
+    pub workloads: Option<Workloads>,
 }
 
 pub const SCHEMA: &str = "kvmfork-bench/v1";
@@ -96,6 +98,125 @@ pub struct SpawnStats {
     pub latency: LatencySummary,
 }
 
+/// The workload suite: each snippet through kvmfork, a warm process peer and
+/// a fresh process, in one run (see bench/src/workloads.rs).
+#[derive(Debug, Clone, Serialize)]
+pub struct Workloads {
+    /// The run that produced the table: machine, date, commit.
+    pub host: Host,
+    pub load_before: f64,
+    pub load_after: f64,
+    pub wall_s: f64,
+    /// Checked runs per snippet and path.
+    pub runs: usize,
+    /// A path stops running a snippet once its runs of it took this long
+    /// in total (after at least one); null: no limit.
+    pub budget_s: Option<f64>,
+    /// The request's timeout_seconds.
+    pub timeout_s: f64,
+    pub kvmfork_serve_args: Vec<String>,
+    /// Optional modules (pandas, matplotlib) the template and the host have.
+    pub template_modules: Vec<String>,
+    pub host_modules: Vec<String>,
+    /// Modules the Python fork server imported before forking.
+    pub fork_server_preload: Vec<String>,
+    pub python_version: String,
+    pub node_version: String,
+    pub rows: Vec<WorkloadRow>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadRow {
+    pub name: String,
+    /// "python" or "node".
+    pub language: String,
+    pub code: String,
+    /// The exact stdout every run had to print.
+    pub expected_stdout: String,
+    /// Why the snippet was not run at all ("template lacks pandas").
+    pub skipped: Option<String>,
+    /// kvmfork's HTTP API.
+    pub kvmfork: WorkloadPath,
+    /// The warm process peer (fork server, pre-spawned Node).
+    pub warm: WorkloadPath,
+    /// A fresh process (`python3 -c`, `node -e`).
+    pub fresh: WorkloadPath,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadPath {
+    pub label: String,
+    /// Wall time of each checked run, in the order run.
+    pub runs_ms: Vec<f64>,
+    pub p50_ms: Option<f64>,
+    /// Only with 5 runs or more.
+    pub p90_ms: Option<f64>,
+    /// The first failure (a wrong answer, an error, a timeout); no run is
+    /// made after it.
+    pub error: Option<String>,
+}
+
+impl WorkloadPath {
+    pub fn new(label: &str) -> WorkloadPath {
+        WorkloadPath {
+            label: label.into(),
+            runs_ms: Vec::new(),
+            p50_ms: None,
+            p90_ms: None,
+            error: None,
+        }
+    }
+
+    /// Fills the percentiles from the runs. A path that failed any run gets
+    /// none: its timings are not of a correct run of the whole sample.
+    pub fn summarise(&mut self) {
+        if self.error.is_some() || self.runs_ms.is_empty() {
+            self.p50_ms = None;
+            self.p90_ms = None;
+            return;
+        }
+        let mut sorted = self.runs_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        self.p50_ms = Some(crate::workloads::percentile(&sorted, 0.5));
+        self.p90_ms = (sorted.len() >= 5).then(|| crate::workloads::percentile(&sorted, 0.9));
+    }
+
+    /// "p50" or "p50 / p90", or what went wrong.
+    pub fn cell(&self) -> String {
+        match (&self.error, self.p50_ms, self.p90_ms) {
+            (Some(e), _, _) => format!("failed: {}", e.replace('|', "\\|").replace('\n', " ")),
+            (None, Some(p50), Some(p90)) => {
+                format!("{} / {}", crate::report::ms(p50), crate::report::ms(p90))
+            }
+            (None, Some(p50), None) => crate::report::ms(p50),
+            (None, None, _) => "not run".into(),
+        }
+    }
+}
+
+impl WorkloadPath {
+    /// [`cell`](Self::cell), saying how many runs there were when a time
+    /// budget made fewer than the `wanted` ones.
+    pub fn cell_of(&self, wanted: usize) -> String {
+        let n = self.runs_ms.len();
+        if self.error.is_none() && n > 0 && n < wanted {
+            format!("{} ({n} run{})", self.cell(), if n == 1 { "" } else { "s" })
+        } else {
+            self.cell()
+        }
+    }
+}
+
+impl Workloads {
+    /// Snippets kvmfork failed (wrong output, error, timeout).
+    pub fn kvmfork_failures(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| r.kvmfork.error.is_some())
+            .count()
+    }
+}
+
 impl Results {
     /// The kvmfork point with the most successful requests per second.
     pub fn best(points: &[HttpPoint]) -> Option<&HttpPoint> {
@@ -114,6 +235,66 @@ impl Results {
             .iter()
             .chain(&self.kvmfork_health)
             .map(HttpPoint::errors)
-            .sum()
+            .sum::<u64>()
+            + self
+                .workloads
+                .as_ref()
+                .map_or(0, |w| w.kvmfork_failures() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_summarises_only_correct_runs() {
+        let mut p = WorkloadPath::new("kvmfork");
+        p.runs_ms = vec![30.0, 10.0, 20.0];
+        p.summarise();
+        assert_eq!((p.p50_ms, p.p90_ms), (Some(20.0), None));
+        assert_eq!(p.cell(), "20.0 ms");
+        p.runs_ms.extend([40.0, 50.0]);
+        p.summarise();
+        assert_eq!((p.p50_ms, p.p90_ms), (Some(30.0), Some(50.0)));
+        assert_eq!(p.cell(), "30.0 ms / 50.0 ms");
+        p.error = Some("exit code 1".into());
+        p.summarise();
+        assert_eq!((p.p50_ms, p.p90_ms), (None, None));
+        assert_eq!(p.cell(), "failed: exit code 1");
+        assert_eq!(WorkloadPath::new("x").cell(), "not run");
+        let mut one = WorkloadPath::new("kvmfork");
+        one.runs_ms = vec![102_300.0];
+        one.summarise();
+        assert_eq!(one.cell_of(3), "102.3 s (1 run)");
+        assert_eq!(one.cell_of(1), "102.3 s");
+    }
+
+    #[test]
+    fn workload_rows_serialise_with_their_schema_fields() {
+        let mut kvmfork = WorkloadPath::new("kvmfork");
+        kvmfork.runs_ms = vec![1.5];
+        kvmfork.summarise();
+        let row = WorkloadRow {
+            name: "print(1+1)".into(),
+            language: "python".into(),
+            code: "print(1+1)".into(),
+            expected_stdout: "2\n".into(),
+            skipped: None,
+            kvmfork,
+            warm: WorkloadPath::new("fork server"),
+            fresh: WorkloadPath::new("`python3 -c`"),
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "name": "print(1+1)", "language": "python", "code": "print(1+1)",
+                "expected_stdout": "2\n", "skipped": null,
+                "kvmfork": {"label": "kvmfork", "runs_ms": [1.5], "p50_ms": 1.5, "p90_ms": null, "error": null},
+                "warm": {"label": "fork server", "runs_ms": [], "p50_ms": null, "p90_ms": null, "error": null},
+                "fresh": {"label": "`python3 -c`", "runs_ms": [], "p50_ms": null, "p90_ms": null, "error": null},
+            })
+        );
     }
 }
