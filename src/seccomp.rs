@@ -436,8 +436,8 @@ mod tests {
             let program = filter(ThreadKind::TemplateLoader, SeccompAction::Errno(MISS)).unwrap();
             seccompiler::apply_filter(&program).unwrap();
             let keep = u64::MAX; // -1: leave this id alone
-            // Whether the call that returned `rc` was refused by the filter
-            // (errno read right after it).
+                                 // Whether the call that returned `rc` was refused by the filter
+                                 // (errno read right after it).
             let refused = |rc: libc::c_long| {
                 rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(MISS as i32)
             };
