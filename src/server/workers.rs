@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::fair::FairQueue;
+use super::fair::{FairQueue, KeyActivity};
 use super::metrics::ShardMetrics;
 use crate::api::{
     ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, SessionOp, SessionReply,
@@ -158,10 +158,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(workers: usize, queue_depth: usize, metrics: Arc<ShardMetrics>) -> Self {
+    fn new(workers: usize, queue: QueueSettings, metrics: Arc<ShardMetrics>) -> Self {
+        let queue_depth = queue.depth;
         Scheduler {
             state: Mutex::new(SchedState {
-                queue: FairQueue::new(workers),
+                queue: FairQueue::new(workers, queue.activity),
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -250,6 +251,13 @@ impl Scheduler {
     }
 }
 
+/// A shard's run queue: its depth ([`Scheduler::submit`]) and the
+/// node-wide key activity its reserve looks at (`fair.rs`).
+pub struct QueueSettings {
+    pub depth: usize,
+    pub activity: Arc<KeyActivity>,
+}
+
 /// The shard side of its worker threads.
 pub struct WorkerPool {
     scheduler: Arc<Scheduler>,
@@ -265,12 +273,12 @@ impl WorkerPool {
         shard: usize,
         workers: usize,
         seccomp: crate::seccomp::Mode,
-        queue_depth: usize,
+        queue: QueueSettings,
         factory: Arc<dyn LaneFactory>,
         metrics: Arc<ShardMetrics>,
         waker: Arc<Waker>,
     ) -> Result<Self, WorkerError> {
-        let scheduler = Arc::new(Scheduler::new(workers, queue_depth, metrics.clone()));
+        let scheduler = Arc::new(Scheduler::new(workers, queue, metrics.clone()));
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
         let reply = Reply {
