@@ -286,6 +286,21 @@ impl FairQueue {
         self.forget_idle(now);
     }
 
+    /// Takes every job waiting for `worker` only (its thread is gone: they
+    /// can run nowhere).
+    pub fn take_pinned(&mut self, worker: usize) -> Vec<Job> {
+        let mut taken = Vec::new();
+        for key in self.keys.values_mut() {
+            let (mine, rest) = std::mem::take(&mut key.waiting)
+                .into_iter()
+                .partition(|w| w.worker == Some(worker));
+            key.waiting = rest;
+            taken.extend(mine.into_iter().map(|w: Waiting| w.job));
+        }
+        self.waiting_pinned[worker] = 0;
+        taken
+    }
+
     /// Drops keys with nothing queued or running whose last job is older
     /// than [`RECENT`] (their usage has halved twice by then).
     fn forget_idle(&mut self, now: Instant) {
