@@ -170,6 +170,10 @@ enum TemplateCmd {
         /// Switch to this user first (serve's --user).
         #[arg(long)]
         user: Option<String>,
+        /// The server's pid: the builder exits if it is no longer its
+        /// parent (the server died before the builder could watch it).
+        #[arg(long)]
+        parent: Option<u32>,
     },
 }
 
@@ -249,15 +253,16 @@ fn template_dir(language: Language) -> Result<PathBuf, String> {
 /// building runs the guest build scripts (bash, make, a compiler, dpkg): no
 /// default-deny list for those would be worth the name, and seccomp
 /// filters are inherited across fork and exec.
-fn provide_templates(languages: &[String], user: Option<&str>) -> Result<ExitCode, String> {
-    // Dies with the server's template thread (a killed server leaves no
-    // builder behind).
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory arguments.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+fn provide_templates(
+    languages: &[String],
+    user: Option<&str>,
+    parent: Option<u32>,
+) -> Result<ExitCode, String> {
     if let Some(name) = user {
         let user = kvmfork::privileges::lookup(name)?;
         kvmfork::privileges::drop_to(&user)?;
     }
+    die_with_parent(parent);
     let mut out = std::io::stdout().lock();
     let mut failed = false;
     for name in languages {
@@ -277,6 +282,78 @@ fn provide_templates(languages: &[String], user: Option<&str>) -> Result<ExitCod
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The builder and its build scripts go when the server's template thread
+/// does (a killed server leaves no build behind). Set after `--user`'s
+/// switch, since the kernel clears the death signal when the uid changes.
+/// Run by `serve`, the builder leads its own process group, which holds the
+/// build scripts too: the death signal's handler kills the whole group.
+fn die_with_parent(parent: Option<u32>) {
+    /// SIGHUP's handler: SIGKILL to this process group (kill is
+    /// async-signal-safe).
+    extern "C" fn kill_group(_: libc::c_int) {
+        // SAFETY: no memory arguments; 0 is the caller's own group, which
+        // this process leads (checked before the handler was installed).
+        unsafe { libc::kill(0, libc::SIGKILL) };
+    }
+    // SAFETY: no arguments.
+    let leader = unsafe { libc::getpgrp() == libc::getpid() };
+    let signal = if leader {
+        // SAFETY: a zeroed sigaction with a handler that only calls kill;
+        // the struct outlives the call, the old action is not asked for.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = kill_group as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGHUP, &action, std::ptr::null_mut());
+        }
+        libc::SIGHUP
+    } else {
+        libc::SIGKILL
+    };
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number; no memory arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) };
+    // The parent may have died before the signal was set: then this
+    // process was reparented and nothing will send it.
+    // SAFETY: no arguments.
+    let ppid = unsafe { libc::getppid() };
+    if parent.is_some_and(|p| p as libc::pid_t != ppid) {
+        eprintln!("kvmfork template provide: the server (pid {parent:?}) is gone: exiting");
+        std::process::exit(1);
+    }
+}
+
+/// The template builder's process group (its pid), killed when the server
+/// stops or fails to start; 0 when there is none or it is being reaped.
+#[derive(Clone, Default)]
+struct BuilderGroup(std::sync::Arc<std::sync::atomic::AtomicI32>);
+
+impl BuilderGroup {
+    fn set(&self, pgid: i32) {
+        self.0.store(pgid, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// SIGKILL to the builder and its build scripts, if still running.
+    fn kill(&self) {
+        let pgid = self.0.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if pgid > 0 {
+            // SAFETY: no memory arguments; a negative pid names the group
+            // the builder leads (its pid, not yet reaped: the template
+            // thread clears it before waiting).
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Kills the builder's group when dropped: `serve` holds it until the
+/// server has stopped (or failed to start).
+struct BuilderGuard(BuilderGroup);
+
+impl Drop for BuilderGuard {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
 }
 
 /// Reads the builder process's line for `language`: the template's
@@ -313,7 +390,9 @@ fn provision_templates(
     registry: std::sync::Arc<kvmfork::engine::lane::TemplateRegistry>,
     seccomp: kvmfork::seccomp::Mode,
     user: Option<String>,
-) -> Result<(), String> {
+) -> Result<BuilderGuard, String> {
+    let group = BuilderGroup::default();
+    let guard = BuilderGuard(group.clone());
     let languages: Vec<String> = registry
         .languages()
         .iter()
@@ -332,7 +411,13 @@ fn provision_templates(
             if let Some(user) = &user {
                 command.args(["--user", user]);
             }
+            // Its own group, so the server can kill the build scripts too.
+            std::os::unix::process::CommandExt::process_group(&mut command, 0)
+                .args(["--parent", &std::process::id().to_string()]);
             let mut child = command.spawn();
+            if let Ok(c) = &child {
+                group.set(c.id() as i32);
+            }
             // Filtered from here on: the builder process was spawned above.
             if let Err(e) =
                 kvmfork::seccomp::install(kvmfork::seccomp::ThreadKind::TemplateLoader, seccomp)
@@ -340,6 +425,10 @@ fn provision_templates(
                 eprintln!("kvmfork serve: ERROR: {e}");
                 for language in registry.languages() {
                     let _ = registry.set_failed(language, e.to_string());
+                }
+                group.kill();
+                if let Ok(child) = &mut child {
+                    let _ = child.wait();
                 }
                 return;
             }
@@ -390,11 +479,14 @@ fn provision_templates(
                     }
                 }
             }
+            // Every answer is in: the builder is exiting. Cleared before
+            // the wait reaps it, so its pid is never killed once reused.
+            group.set(0);
             if let Ok(child) = &mut child {
                 let _ = child.wait();
             }
         })
-        .map(drop)
+        .map(|_| guard)
         .map_err(|e| format!("spawning the template thread: {e}"))
 }
 
@@ -554,11 +646,18 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 // Twice what one exec may write.
                 recycle_dirty_bytes: (2 * max_sandbox_dirty_mib as u64) << 20,
             };
+            // Kills the template builder when the server stops or fails to
+            // start (dropped on both ways out of this arm).
+            let mut _builder = None;
             let engine = if dirs.is_empty() {
                 let registry = std::sync::Arc::new(
                     kvmfork::engine::lane::TemplateRegistry::building(&languages),
                 );
-                provision_templates(registry.clone(), config.seccomp, config.user.clone())?;
+                _builder = Some(provision_templates(
+                    registry.clone(),
+                    config.seccomp,
+                    config.user.clone(),
+                )?);
                 kvmfork::engine::lane::Engine::with_registry(registry, pool)
             } else {
                 kvmfork::engine::lane::Engine::new(templates, pool)
@@ -569,8 +668,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Template {
-            command: TemplateCmd::Provide { language, user },
-        } => provide_templates(&language, user.as_deref()),
+            command:
+                TemplateCmd::Provide {
+                    language,
+                    user,
+                    parent,
+                },
+        } => provide_templates(&language, user.as_deref(), parent),
         Cmd::Template {
             command: TemplateCmd::Inspect { dir },
         } => {

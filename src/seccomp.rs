@@ -299,16 +299,23 @@ const WORKER: &[i64] = &[
 ];
 
 /// The template loader, beyond the worker's list (it loads a snapshot into
-/// a memfd and runs a probe guest like a worker): waiting for the builder
-/// process, and the set-id calls glibc makes on every thread when `--user`
-/// switches the process after the loader started (it is root until then
-/// anyway, and the switch cannot be undone).
+/// a memfd and runs a probe guest like a worker): waiting for and killing
+/// the builder process group, and the set-id calls glibc makes on every
+/// thread (its SIGSETXID broadcast) when `--user` switches the process after
+/// the loader started: `initgroups` (setgroups), `setresgid`, `setresuid`
+/// and the final `setuid(0)` check of `privileges::drop_to` (it must fail
+/// with EPERM, not kill the process). The loader is root until then anyway,
+/// and the switch cannot be undone. Worker, event-loop and helper threads
+/// start after the switch, so their lists need none of these.
 const TEMPLATE_LOADER: &[i64] = &[
     libc::SYS_wait4,
     libc::SYS_waitid,
+    libc::SYS_kill,
     libc::SYS_setgroups,
     libc::SYS_setresgid,
     libc::SYS_setresuid,
+    libc::SYS_setgid,
+    libc::SYS_setuid,
 ];
 
 /// The signal watcher: waits on signal-hook's socket pair (and its signal
@@ -415,6 +422,49 @@ mod tests {
                 assert!(program.len() > COMMON.len(), "{kind:?}");
             }
         }
+    }
+
+    /// glibc's set-id broadcast makes every thread repeat the calls of
+    /// `privileges::drop_to`, the template loader included (it is filtered
+    /// before `serve --user` switches): each must reach the kernel, not the
+    /// filter. Here with an errno action so a miss is seen, not fatal; the
+    /// calls keep the ids as they are (no-ops for root and anyone else).
+    #[test]
+    fn the_template_loader_allows_the_set_id_calls_of_drop_to() {
+        const MISS: u32 = 4095;
+        let errors = std::thread::spawn(|| {
+            let program = filter(ThreadKind::TemplateLoader, SeccompAction::Errno(MISS)).unwrap();
+            seccompiler::apply_filter(&program).unwrap();
+            let keep = u64::MAX; // -1: leave this id alone
+                                 // Whether the call that returned `rc` was refused by the filter
+                                 // (errno read right after it).
+            let refused = |rc: libc::c_long| {
+                rc == -1 && std::io::Error::last_os_error().raw_os_error() == Some(MISS as i32)
+            };
+            // SAFETY: no memory arguments.
+            let (gid, uid) = unsafe { (libc::getegid() as u64, libc::geteuid() as u64) };
+            let calls = [
+                // size 0, null list: a no-op for root, refused otherwise.
+                ("setgroups", libc::SYS_setgroups, [0, 0, 0]),
+                ("setresgid", libc::SYS_setresgid, [keep; 3]),
+                ("setresuid", libc::SYS_setresuid, [keep; 3]),
+                ("setgid", libc::SYS_setgid, [gid, 0, 0]),
+                ("setuid", libc::SYS_setuid, [uid, 0, 0]),
+            ];
+            let mut errors = Vec::new();
+            for (name, nr, [a, b, c]) in calls {
+                // SAFETY: set-id calls with no memory arguments, asking for
+                // the ids this thread already has (and only this thread:
+                // the raw call is per thread).
+                if refused(unsafe { libc::syscall(nr, a, b, c) }) {
+                    errors.push(name);
+                }
+            }
+            errors
+        })
+        .join()
+        .unwrap();
+        assert!(errors.is_empty(), "refused by the filter: {errors:?}");
     }
 
     /// The list holds the numbers the VMM's own definitions use, and no

@@ -273,14 +273,20 @@ fn children_of(pid: u32) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// The template thread of `serve` is filtered, and the build scripts run
-/// in a child process that is not (they run bash, make, a compiler, dpkg;
-/// filters are inherited across exec). Before the fix the thread built in
-/// the server process itself with no filter (`Seccomp: 0`), its build
-/// scripts being the server's own children. Here the guest sources' kernel
-/// script only sleeps, so the build is caught in the middle.
-#[test]
-fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtered() {
+/// Whether process `pid` runs (exists and is not a zombie waiting to be
+/// reaped by whoever adopted it).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .is_some_and(|state| !state.trim().starts_with('Z'))
+    })
+}
+
+/// `serve` building the Python template with guest sources whose kernel
+/// script only sleeps, caught in the middle: the server, its builder
+/// process and the script the builder runs.
+fn serve_mid_build() -> (Serve, u32, u32) {
     let cache = fresh_cache();
     let guest = cache.join("guest");
     std::fs::create_dir_all(guest.join("kernel")).unwrap();
@@ -288,7 +294,7 @@ fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtere
     let serve = spawn_serve(&["--language", "python"], cache, &guest);
     let pid = serve.child.id();
     let deadline = Instant::now() + Duration::from_secs(30);
-    let (builder, script) = loop {
+    loop {
         let builder = children_of(pid)
             .into_iter()
             .find(|(_, cmd)| cmd.contains("template provide --language python"));
@@ -297,7 +303,7 @@ fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtere
                 .into_iter()
                 .find(|(_, cmd)| cmd.contains("kernel/build.sh"))
             {
-                break (builder, script);
+                return (serve, builder, script);
             }
         }
         assert!(
@@ -306,7 +312,37 @@ fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtere
             children_of(pid)
         );
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+/// Waits up to 10 s for the builder and its script to be gone; kills what
+/// is left (so a failed run leaves no sleeper) and says what outlived the
+/// server.
+fn assert_build_gone(builder: u32, script: u32, how: &str) {
+    let gone = Instant::now() + Duration::from_secs(10);
+    while running(builder) || running(script) {
+        if Instant::now() > gone {
+            let left = (running(builder), running(script));
+            for pid in [builder, script] {
+                // SAFETY: no memory arguments; these are this test's own
+                // builder and sleep script.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            panic!("after {how}, (builder, script) still running: {left:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The template thread of `serve` is filtered, and the build scripts run
+/// in a child process that is not (they run bash, make, a compiler, dpkg;
+/// filters are inherited across exec). Before the fix the thread built in
+/// the server process itself with no filter (`Seccomp: 0`), its build
+/// scripts being the server's own children.
+#[test]
+fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtered() {
+    let (serve, builder, script) = serve_mid_build();
+    let pid = serve.child.id();
     let thread = std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .filter_map(|t| t.ok()?.file_name().to_str().map(String::from))
@@ -327,13 +363,31 @@ fn templates_are_built_in_an_unfiltered_child_and_the_template_thread_is_filtere
         health["templates"]["python"]["state"], "building",
         "{health}"
     );
-    // The builder goes with the server.
     drop(serve);
-    let gone = Instant::now() + Duration::from_secs(10);
-    while seccomp_of(&builder.to_string()) != "gone" {
-        assert!(Instant::now() < gone, "the builder outlived the server");
+    assert_build_gone(builder, script, "SIGKILL to the server");
+}
+
+/// A server killed outright (SIGKILL: no clean-up of its own) takes its
+/// builder and the builder's build script with it: the builder's death
+/// signal kills its process group. Before the fix only the builder died
+/// and the script (a grandchild) ran on.
+#[test]
+fn a_killed_server_leaves_no_build_running() {
+    let (serve, builder, script) = serve_mid_build();
+    drop(serve); // SIGKILL
+    assert_build_gone(builder, script, "SIGKILL to the server");
+}
+
+/// A server stopped by SIGTERM kills the builder's group as it exits.
+#[test]
+fn a_stopped_server_leaves_no_build_running() {
+    let (mut serve, builder, script) = serve_mid_build();
+    // SAFETY: no memory arguments; the pid is this test's own server.
+    unsafe { libc::kill(serve.child.id() as i32, libc::SIGTERM) };
+    let stopped = Instant::now() + Duration::from_secs(30);
+    while serve.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < stopped, "serve did not stop on SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: no memory arguments; the script is this test's own sleep.
-    unsafe { libc::kill(script as i32, libc::SIGKILL) };
+    assert_build_gone(builder, script, "SIGTERM to the server");
 }

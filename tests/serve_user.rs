@@ -2,8 +2,11 @@
 //! here with `useradd --system`, removed afterwards) in a group that may
 //! open /dev/kvm; the served process runs with that user's uid and gid,
 //! real, effective, saved and filesystem (/proc/PID/status), and still
-//! serves execs on the real Python template. Needs root, /dev/kvm and the
-//! template (tests/run.sh provides all three); without them it fails.
+//! serves execs on the real Python template, given with `--template` and
+//! found in the cache by the template builder process (whose filtered
+//! template thread in the server must survive glibc's set-id broadcast).
+//! Needs root, /dev/kvm and the template (tests/run.sh provides all three);
+//! without them it fails.
 //!
 //! /dev/kvm access: distributions' udev rules make it `root:kvm 0660`. When
 //! this host's device has no group access (some build hosts keep it
@@ -166,21 +169,49 @@ fn serve_runs_as_the_user_it_is_given_and_still_serves() {
     let account = kvmfork::privileges::lookup(&user).unwrap();
     assert_ne!(account.uid, 0);
     let template = copy_template(&dir);
+    // With the template given, and found in the cache by the builder
+    // process (no guest sources: nothing is built). The second run is the
+    // one whose filtered template thread sees the switch of user.
+    serve_as(&mut setup, &account, kvm_gid, Some(&template));
+    let cache = dir.join("cache").join("templates");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::os::unix::fs::symlink(&template, cache.join("python-serve-user")).unwrap();
+    run("chmod", &["-R", "a+rX", dir.to_str().unwrap()]);
+    serve_as(&mut setup, &account, kvm_gid, None);
+}
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmfork"))
+/// Runs `serve --user` (with `template`, or building from the cache) and
+/// checks its ids, then that it serves an exec; stops it.
+fn serve_as(
+    setup: &mut Setup,
+    account: &kvmfork::privileges::User,
+    kvm_gid: u32,
+    template: Option<&std::path::Path>,
+) {
+    if let Some(mut old) = setup.child.take() {
+        let _ = old.kill();
+        let _ = old.wait();
+    }
+    let user = account.name.clone();
+    let dir = setup.dir.clone();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kvmfork"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
         .args(["--workers-per-shard", "1", "--pool-size", "1"])
         .args(["--warm-sandboxes", "0", "--user", &user])
-        .args(["--template", template.to_str().unwrap()])
         .args([
             "--api-keys-file",
             "/nonexistent/kvmfork-serve-user-keys.json",
         ])
         .env("KVMFORK_CACHE_DIR", dir.join("cache"))
+        .env("KVMFORK_GUEST_DIR", dir.join("no-guest-sources"))
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kvmfork starts");
+        .stderr(Stdio::piped());
+    match template {
+        Some(t) => command.args(["--template", t.to_str().unwrap()]),
+        None => command.args(["--language", "python"]),
+    };
+    let mut child = command.spawn().expect("kvmfork starts");
     let stderr = child.stderr.take().unwrap();
     let pid = child.id();
     setup.child = Some(child);

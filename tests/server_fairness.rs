@@ -389,3 +389,73 @@ fn one_worker_stays_free_for_another_active_key() {
             .all(|r| r["stdout"] == "gate opened"));
     });
 }
+
+/// The one-worker reserve holds across shards. Key B ran an exec on shard
+/// 1 just now; key A then sends a batch of gates on shard 0, whose two
+/// workers it could fill. Before the fix shard 0's queue saw only its own
+/// keys, found B inactive there and gave A both workers, so B's next exec
+/// landing on shard 0 waited behind the gates (until two of them timed
+/// out, 5 s, as the gate only opens after B's answer). Now one worker stays
+/// free and B's exec runs at once.
+#[test]
+fn the_worker_reserve_counts_keys_active_on_other_shards() {
+    for_each_backend(|backend| {
+        let server = start(backend, Some(r#"["key-a", "key-b"]"#), |c| {
+            c.shards = 2;
+            c.workers_per_shard = 2;
+            c.queue_depth = 16;
+        });
+        let exec = |c: &mut server_support::Client, key: &str, body: &str, path: &str| {
+            let auth = format!("Bearer {key}");
+            c.send("POST", path, &[("Authorization", &auth)], Some(body));
+        };
+        // Keep-alive connections, two on shard 0 and one on shard 1
+        // (SO_REUSEPORT spreads connections by their address hash), found
+        // by A asking its lane's shard: B is never active on shard 0.
+        let mut on_shard: [Vec<server_support::Client>; 2] = [Vec::new(), Vec::new()];
+        for _ in 0..400 {
+            if on_shard[0].len() >= 2 && !on_shard[1].is_empty() {
+                break;
+            }
+            let mut c = server.connect();
+            exec(&mut c, "key-a", r#"{"code":"shard"}"#, "/v1/exec");
+            let shard: usize = c.read_response().json()["stdout"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            on_shard[shard].push(c);
+        }
+        let [mut zero, mut one] = on_shard;
+        assert!(zero.len() >= 2 && !one.is_empty(), "connections per shard");
+        let mut shard1 = one.remove(0);
+        let mut a = zero.remove(0);
+        let mut b = zero.remove(0);
+        exec(&mut shard1, "key-b", r#"{"code":"echo:b1"}"#, "/v1/exec");
+        assert_eq!(shard1.read_response().json()["stdout"], "b1");
+        let started = server.events.started.load(Ordering::SeqCst);
+        let batch = format!(
+            r#"{{"executions":[{}]}}"#,
+            [r#"{"code":"gate","timeout_seconds":5}"#; 4].join(",")
+        );
+        exec(&mut a, "key-a", &batch, "/v1/exec/batch");
+        server.events.wait_started(started + 1);
+        // Time for a second gate to start if the reserve let it.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        exec(&mut b, "key-b", r#"{"code":"echo:b2"}"#, "/v1/exec");
+        let resp = b.read_response();
+        assert_eq!(resp.json()["stdout"], "b2", "B's exec on shard 0");
+        server.events.open_gate();
+        // B did not wait for a gate to time out: all four were opened.
+        let results = a.read_response().json()["results"].clone();
+        assert_eq!(results.as_array().unwrap().len(), 4);
+        assert!(
+            results
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["stdout"] == "gate opened"),
+            "{results}"
+        );
+    });
+}

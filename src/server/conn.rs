@@ -515,7 +515,10 @@ mod tests {
             0,
             1,
             crate::seccomp::Mode::Off,
-            config.queue_depth,
+            crate::server::workers::QueueSettings {
+                depth: config.queue_depth,
+                activity: crate::server::fair::KeyActivity::new(0),
+            },
             factory.clone(),
             metrics[0].clone(),
             waker.clone(),

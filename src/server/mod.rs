@@ -305,7 +305,8 @@ pub fn start(
         languages,
     };
     let rate = auth::RateLimiter::new(keys.as_ref());
-    let key_execs = (0..keys.as_ref().map_or(0, |k| k.len()))
+    let keys_len = keys.as_ref().map_or(0, |k| k.len());
+    let key_execs = (0..keys_len)
         .map(|_| std::sync::atomic::AtomicUsize::new(0))
         .collect();
     let shared = Arc::new(Shared {
@@ -342,12 +343,16 @@ pub fn start(
     // Every shard's workers first: any shard may hand a session request to
     // any other shard's worker.
     let mut pools = Vec::with_capacity(config.shards);
+    let activity = fair::KeyActivity::new(keys_len);
     for shard in 0..config.shards {
         pools.push(WorkerPool::start(
             shard,
             config.workers_per_shard,
             config.seccomp,
-            config.queue_depth,
+            workers::QueueSettings {
+                depth: config.queue_depth,
+                activity: activity.clone(),
+            },
             factory.clone(),
             metrics[shard].clone(),
             wakers[shard].clone(),

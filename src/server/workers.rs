@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::fair::FairQueue;
+use super::fair::{FairQueue, KeyActivity};
 use super::metrics::ShardMetrics;
 use crate::api::{
     ExecFailure, ExecRequest, ExecResult, Lane, LaneFactory, SessionOp, SessionReply,
@@ -142,6 +142,9 @@ pub enum Refused {
 struct SchedState {
     queue: FairQueue,
     closed: bool,
+    /// Workers whose thread died (a panic outside a run): jobs for them
+    /// are refused.
+    dead: Vec<bool>,
 }
 
 /// One shard's run queue: the fair queue of every job for its workers
@@ -158,11 +161,13 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(workers: usize, queue_depth: usize, metrics: Arc<ShardMetrics>) -> Self {
+    fn new(workers: usize, queue: QueueSettings, metrics: Arc<ShardMetrics>) -> Self {
+        let queue_depth = queue.depth;
         Scheduler {
             state: Mutex::new(SchedState {
-                queue: FairQueue::new(workers),
+                queue: FairQueue::new(workers, queue.activity),
                 closed: false,
+                dead: vec![false; workers],
             }),
             ready: Condvar::new(),
             queue_depth,
@@ -192,7 +197,9 @@ impl Scheduler {
             return Err(Refused::Closed(job));
         }
         let waiting = match job.worker {
-            Some(w) if w >= state.queue.workers() => return Err(Refused::NoWorker(job)),
+            Some(w) if w >= state.queue.workers() || state.dead[w] => {
+                return Err(Refused::NoWorker(job))
+            }
             Some(w) => state.queue.waiting_pinned(w),
             None => state.queue.waiting_any(),
         };
@@ -201,8 +208,9 @@ impl Scheduler {
         }
         let (owner, worker) = (job.owner, job.worker);
         state.queue.push(owner, worker, job, Instant::now());
-        drop(state);
+        // Under the lock, before a worker can take it (and decrement).
         self.metrics.queued.fetch_add(1, Ordering::Relaxed);
+        drop(state);
         self.ready.notify_all();
         Ok(())
     }
@@ -244,10 +252,30 @@ impl Scheduler {
         self.ready.notify_all();
     }
 
+    /// `worker`'s thread is gone: no job may be queued for it, and those
+    /// waiting for it are handed back (to be answered).
+    fn worker_died(&self, worker: usize) -> Vec<Job> {
+        let mut state = self.lock();
+        state.dead[worker] = true;
+        state.queue.finished(worker, Instant::now());
+        let jobs = state.queue.take_pinned(worker);
+        self.metrics.queued.fetch_sub(jobs.len(), Ordering::Relaxed);
+        drop(state);
+        self.ready.notify_all();
+        jobs
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_all();
     }
+}
+
+/// A shard's run queue: its depth ([`Scheduler::submit`]) and the
+/// node-wide key activity its reserve looks at (`fair.rs`).
+pub struct QueueSettings {
+    pub depth: usize,
+    pub activity: Arc<KeyActivity>,
 }
 
 /// The shard side of its worker threads.
@@ -265,12 +293,12 @@ impl WorkerPool {
         shard: usize,
         workers: usize,
         seccomp: crate::seccomp::Mode,
-        queue_depth: usize,
+        queue: QueueSettings,
         factory: Arc<dyn LaneFactory>,
         metrics: Arc<ShardMetrics>,
         waker: Arc<Waker>,
     ) -> Result<Self, WorkerError> {
-        let scheduler = Arc::new(Scheduler::new(workers, queue_depth, metrics.clone()));
+        let scheduler = Arc::new(Scheduler::new(workers, queue, metrics.clone()));
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Completion>();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded::<Result<(), String>>(workers);
         let reply = Reply {
@@ -303,9 +331,22 @@ impl WorkerPool {
                     metrics.set_lane_stats(worker, lane.stats());
                     let _ = ready_tx.send(Ok(()));
                     drop(ready_tx);
-                    run_worker(
-                        shard, worker, lane, &*factory, &sched, &done_tx, &metrics, &waker,
-                    );
+                    let ran = catch_unwind(AssertUnwindSafe(|| {
+                        run_worker(
+                            shard, worker, lane, &*factory, &sched, &done_tx, &metrics, &waker,
+                        )
+                    }));
+                    if ran.is_err() {
+                        // Without this, jobs pinned to this worker (its
+                        // sessions') would wait forever.
+                        eprintln!(
+                            "kvmfork serve: shard {shard} worker {worker}: thread panicked; \
+                             its sessions are gone"
+                        );
+                        for job in sched.worker_died(worker) {
+                            answer(job, internal_failure(), false, &done_tx, &waker);
+                        }
+                    }
                 });
             match spawned {
                 Ok(handle) => threads.push(handle),
@@ -395,7 +436,21 @@ fn run_worker(
     waker: &Waker,
 ) {
     loop {
-        let Some(job) = scheduler.take(worker, || lane.tick()) else {
+        let next = scheduler.take(worker, || {
+            if catch_unwind(AssertUnwindSafe(|| lane.tick())).is_err() {
+                // As for a run's panic below: the lane's state is unknown.
+                eprintln!(
+                    "kvmfork serve: shard {shard} worker {worker}: lane tick panicked; replacing it"
+                );
+                match factory.new_worker_lane(shard, worker) {
+                    Ok(fresh) => lane = fresh,
+                    Err(e) => eprintln!(
+                        "kvmfork serve: shard {shard} worker {worker}: new lane failed: {e}"
+                    ),
+                }
+            }
+        });
+        let Some(job) = next else {
             return;
         };
         let (result, session, ran) = match job.work {
@@ -464,10 +519,112 @@ fn run_worker(
     }
 }
 
+/// A job a dead worker can no longer run.
+fn internal_failure() -> (ExecResult, Option<SessionReply>) {
+    let result = ExecResult {
+        exit_code: -1,
+        failure: Some(ExecFailure::Internal("the executor failed".into())),
+        ..Default::default()
+    };
+    let session = Some(SessionReply::Error(crate::api::SessionError::new(
+        500,
+        "internal",
+        "the executor failed; the sandboxes it held are gone",
+    )));
+    (result, session)
+}
+
+/// Sends `job`'s answer to the shard that waits for it.
+fn answer(
+    job: Job,
+    (result, session): (ExecResult, Option<SessionReply>),
+    ran: bool,
+    done: &Sender<Completion>,
+    waker: &Waker,
+) {
+    let completion = Completion {
+        conn: job.conn,
+        slot: job.slot,
+        result,
+        session,
+        ran,
+        counted: job.counted,
+    };
+    match &job.reply {
+        Some(reply) => {
+            if reply.done.send(completion).is_ok() {
+                reply.waker.wake();
+            }
+        }
+        None => {
+            if done.send(completion).is_ok() {
+                waker.wake();
+            }
+        }
+    }
+}
+
 fn cancelled_before_start() -> ExecResult {
     ExecResult {
         exit_code: -1,
         failure: Some(ExecFailure::Cancelled),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{CancelToken, ExecRequest, Language};
+
+    fn job(tag: usize, worker: Option<usize>) -> Job {
+        Job {
+            conn: ConnKey {
+                index: tag as u32,
+                generation: 0,
+            },
+            slot: tag,
+            work: Work::Exec(ExecRequest {
+                code: String::new(),
+                language: Language::Python,
+                timeout: std::time::Duration::from_secs(1),
+                cancel: CancelToken::new(),
+            }),
+            reply: None,
+            owner: Some(0),
+            worker,
+            counted: None,
+        }
+    }
+
+    /// Before the fix a worker thread that died left the jobs pinned to it
+    /// waiting forever, and new ones were queued for it. Now they come back
+    /// to be answered, the gauge with them, and the worker takes no more.
+    #[test]
+    fn a_dead_workers_jobs_are_handed_back_and_refused_after() {
+        let metrics = ShardMetrics::new(2);
+        let queue = QueueSettings {
+            depth: 4,
+            activity: KeyActivity::new(1),
+        };
+        let sched = Scheduler::new(2, queue, metrics.clone());
+        for tag in 0..3 {
+            assert!(sched.submit(job(tag, Some(1))).is_ok());
+        }
+        assert!(sched.submit(job(9, None)).is_ok());
+        assert_eq!(metrics.queued.load(Ordering::Relaxed), 4);
+        let back = sched.worker_died(1);
+        assert_eq!(
+            back.iter().map(|j| j.slot).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert_eq!(metrics.queued.load(Ordering::Relaxed), 1);
+        assert!(matches!(
+            sched.submit(job(3, Some(1))),
+            Err(Refused::NoWorker(_))
+        ));
+        // The stateless job is still there for the live worker.
+        assert_eq!(sched.take(0, || {}).map(|j| j.slot), Some(9));
+        assert_eq!(metrics.queued.load(Ordering::Relaxed), 0);
     }
 }
