@@ -1,4 +1,4 @@
-//! The template's pre-faulted heap reserve (guest/agent/memory.c) keeps its
+//! The template's pre-faulted heap reserve (guest/agent/heap.c) keeps its
 //! guarantees: what one tenant writes into it is gone for the next tenant of
 //! the same pooled VM, a run that outgrows it still works and is still held
 //! to the sandbox memory limit. On the real Python template; needs /dev/kvm
@@ -8,26 +8,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::real_template::{err, out, py, python_template};
+use common::real_template::{err, out, pool_with_limits, py};
 use kvmfork::api::ExecFailure;
-use kvmfork::engine::pool::{Pool, PoolConfig};
+use kvmfork::engine::pool::Pool;
 use kvmfork::engine::sandbox::Limits;
 
 fn pool(max_dirty_mib: usize) -> Pool {
-    Pool::new(
-        python_template(),
-        PoolConfig {
-            max_idle: 1,
-            prewarm: 1,
-            warm: 0,
-            limits: Limits {
-                max_dirty_pages: max_dirty_mib * 256,
-                ..Limits::default()
-            },
-            ..Default::default()
-        },
-    )
-    .expect("pool on the real template")
+    pool_with_limits(Limits {
+        max_dirty_pages: max_dirty_mib * 256,
+        ..Limits::default()
+    })
 }
 
 fn run(pool: &mut Pool, code: &str) -> kvmfork::api::ExecResult {

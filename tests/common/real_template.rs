@@ -26,12 +26,18 @@ pub fn python_template() -> Arc<Template> {
 }
 
 pub fn pool() -> Pool {
+    pool_with_limits(kvmfork::engine::sandbox::Limits::default())
+}
+
+/// A one-VM pool on the real template with these per-exec limits.
+pub fn pool_with_limits(limits: kvmfork::engine::sandbox::Limits) -> Pool {
     Pool::new(
         python_template(),
         PoolConfig {
             max_idle: 1,
             prewarm: 1,
             warm: 0,
+            limits,
             ..Default::default()
         },
     )
