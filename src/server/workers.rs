@@ -344,7 +344,7 @@ impl WorkerPool {
                              its sessions are gone"
                         );
                         for job in sched.worker_died(worker) {
-                            answer(job, internal_failure(), false, &done_tx, &waker);
+                            answer(job.split().1, internal_failure(), false, &done_tx, &waker);
                         }
                     }
                 });
@@ -453,7 +453,8 @@ fn run_worker(
         let Some(job) = next else {
             return;
         };
-        let (result, session, ran) = match job.work {
+        let (work, to) = job.split();
+        let (result, session, ran) = match work {
             Work::Exec(req) if req.cancel.is_cancelled() => (cancelled_before_start(), None, false),
             work => match catch_unwind(AssertUnwindSafe(|| match work {
                 Work::Exec(req) => (lane.exec(&req), None),
@@ -494,27 +495,8 @@ fn run_worker(
         };
         scheduler.finished(worker);
         metrics.set_lane_stats(worker, lane.stats());
-        let completion = Completion {
-            conn: job.conn,
-            slot: job.slot,
-            result,
-            session,
-            ran,
-            counted: job.counted,
-        };
-        match &job.reply {
-            Some(reply) => {
-                // The receiving shard may be gone (shutdown): nothing to do.
-                if reply.done.send(completion).is_ok() {
-                    reply.waker.wake();
-                }
-            }
-            None => {
-                if done.send(completion).is_err() {
-                    return;
-                }
-                waker.wake();
-            }
+        if !answer(to, (result, session), ran, &done, &waker) {
+            return; // the shard is gone
         }
     }
 }
@@ -534,32 +516,67 @@ fn internal_failure() -> (ExecResult, Option<SessionReply>) {
     (result, session)
 }
 
-/// Sends `job`'s answer to the shard that waits for it.
+/// Where a job's answer goes: the fields of `Job` besides its work.
+struct ReturnAddress {
+    conn: ConnKey,
+    slot: usize,
+    reply: Option<Reply>,
+    counted: Option<(usize, usize)>,
+}
+
+impl Job {
+    fn split(self) -> (Work, ReturnAddress) {
+        let Job {
+            conn,
+            slot,
+            work,
+            reply,
+            counted,
+            ..
+        } = self;
+        (
+            work,
+            ReturnAddress {
+                conn,
+                slot,
+                reply,
+                counted,
+            },
+        )
+    }
+}
+
+/// Sends a job's answer to the shard that waits for it. False only when the
+/// worker's own shard is gone (shutdown); another shard that is gone is
+/// nothing to do.
 fn answer(
-    job: Job,
+    to: ReturnAddress,
     (result, session): (ExecResult, Option<SessionReply>),
     ran: bool,
     done: &Sender<Completion>,
     waker: &Waker,
-) {
+) -> bool {
     let completion = Completion {
-        conn: job.conn,
-        slot: job.slot,
+        conn: to.conn,
+        slot: to.slot,
         result,
         session,
         ran,
-        counted: job.counted,
+        counted: to.counted,
     };
-    match &job.reply {
+    match &to.reply {
         Some(reply) => {
             if reply.done.send(completion).is_ok() {
                 reply.waker.wake();
             }
+            true
         }
         None => {
-            if done.send(completion).is_ok() {
+            let sent = done.send(completion).is_ok();
+            if sent {
                 waker.wake();
             }
+            sent
         }
     }
 }
