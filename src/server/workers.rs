@@ -495,7 +495,7 @@ fn run_worker(
         };
         scheduler.finished(worker);
         metrics.set_lane_stats(worker, lane.stats());
-        if !answer(to, (result, session), ran, &done, &waker) {
+        if !answer(to, (result, session), ran, done, waker) {
             return; // the shard is gone
         }
     }
